@@ -33,7 +33,7 @@ KERNEL_LOAD_ADDR = 0x100000
 
 RAM_LOW_MAX = 3 * GiB  # RAM below the 32-bit MMIO hole
 HIGH_RAM_START = 4 * GiB
-MAX_MEM_MIB = 64 * 1024  # identity map covers this much; refuse more with a clear error
+MAX_MEM_MIB = 16 * 1024  # the identity map between PAGE_TABLES_ADDR and CMDLINE_ADDR covers this
 MIN_MEM_MIB = 4
 
 MMIO_BASE = 0xD000_0000

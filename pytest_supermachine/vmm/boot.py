@@ -1,0 +1,257 @@
+"""Getting a guest to its first instruction: ELF loading, page tables, GDT, 64-bit entry.
+
+Everything written into guest memory goes through `GuestMemory`, so a malformed
+kernel image (segments past RAM, lying sizes) is refused with a clear error
+instead of writing outside the guest.
+
+The direct 64-bit entry used by the microguest is described in
+`guest/microguest/bootinfo.h`: long mode, identity map of RAM and of the 32-bit
+MMIO hole with 2 MiB pages, our GDT, RDI pointing at the boot info.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GuestMemoryError, MachineError
+from . import layout
+from ._native import ffi, lib
+from .memory import GuestMemory
+
+# Page-table entry bits.
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_USER = 1 << 2
+PTE_PWT = 1 << 3
+PTE_PCD = 1 << 4
+PTE_HUGE = 1 << 7
+
+CR0_PE = 1 << 0
+CR0_ET = 1 << 4
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+
+GDT_ENTRIES = (
+    0x0000000000000000,  # null
+    0x00AF9B000000FFFF,  # 0x08: 64-bit code, DPL 0
+    0x00CF93000000FFFF,  # 0x10: data, DPL 0
+    0x00CF9B000000FFFF,  # 0x18: 32-bit code (AP trampolines)
+)
+
+
+def identity_map_top(mem: GuestMemory) -> int:
+    """Highest address the boot page tables map: all RAM, and at least the 32-bit hole."""
+    top = max(max(r.end for r in mem.regions), layout.HIGH_RAM_START)
+    return (top + layout.GiB - 1) // layout.GiB * layout.GiB
+
+
+def write_page_tables(mem: GuestMemory) -> int:
+    """Identity-map [0, identity_map_top) with 2 MiB pages; returns CR3.
+
+    Pages are user-accessible so a test guest can run code at CPL3 without
+    building its own tables; the 32-bit MMIO hole is mapped uncached.
+    """
+    gib = identity_map_top(mem) // layout.GiB
+    pml4 = layout.PAGE_TABLES_ADDR
+    pdpt = pml4 + layout.PAGE_SIZE
+    first_pd = pdpt + layout.PAGE_SIZE
+    if first_pd + gib * layout.PAGE_SIZE > layout.CMDLINE_ADDR:
+        raise MachineError(
+            f"{gib} GiB of address space need more page tables than fit below "
+            f"{layout.CMDLINE_ADDR:#x}: use at most {layout.MAX_MEM_MIB} MiB of guest memory"
+        )
+    table = PTE_PRESENT | PTE_WRITE | PTE_USER
+    mem.write(pml4, struct.pack("<Q", pdpt | table) + bytes(layout.PAGE_SIZE - 8))
+    mem.write(pdpt, struct.pack(f"<{gib}Q", *(first_pd + i * layout.PAGE_SIZE | table
+                                              for i in range(gib)))
+              + bytes(layout.PAGE_SIZE - 8 * gib))
+    for i in range(gib):
+        entries = []
+        for j in range(512):
+            addr = (i << 30) | (j << 21)
+            flags = table | PTE_HUGE
+            if layout.RAM_LOW_MAX <= addr < layout.HIGH_RAM_START:
+                flags |= PTE_PCD | PTE_PWT
+            entries.append(addr | flags)
+        mem.write(first_pd + i * layout.PAGE_SIZE, struct.pack("<512Q", *entries))
+    return pml4
+
+
+def write_gdt(mem: GuestMemory) -> tuple[int, int]:
+    """Install the boot GDT; returns (base, limit)."""
+    mem.write(layout.GDT_ADDR, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
+    return layout.GDT_ADDR, len(GDT_ENTRIES) * 8 - 1
+
+
+def _segment(seg: Any, selector: int, *, code: bool) -> None:
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF
+    seg.selector = selector
+    seg.type = 0xB if code else 0x3
+    seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
+    seg.l = 1 if code else 0
+    seg.db = 0 if code else 1
+
+
+def setup_long_mode(sregs: Any, cr3: int, gdt: tuple[int, int]) -> None:
+    """Fill `struct kvm_sregs` for 64-bit mode with paging at `cr3` and our flat segments."""
+    _segment(sregs.cs, layout.SEL_CODE64, code=True)
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, layout.SEL_DATA, code=False)
+    sregs.gdt.base, sregs.gdt.limit = gdt
+    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_WP | CR0_PG
+    sregs.cr3 = cr3
+    sregs.cr4 = CR4_PAE
+    sregs.efer = EFER_LME | EFER_LMA
+
+
+# ----------------------------------------------------------------------------- ELF
+
+
+@dataclass(frozen=True)
+class ElfSegment:
+    paddr: int
+    offset: int
+    filesz: int
+    memsz: int
+
+
+@dataclass(frozen=True)
+class ElfNote:
+    name: bytes
+    type: int
+    desc: bytes
+
+
+@dataclass
+class ElfImage:
+    """A parsed ELF64 x86-64 executable: what to load where, and its notes (PVH entry)."""
+
+    path: Path
+    entry: int
+    segments: list[ElfSegment]
+    notes: list[ElfNote] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        """First guest-physical byte after the loaded image."""
+        return max(s.paddr + s.memsz for s in self.segments)
+
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+PT_LOAD = 1
+PT_NOTE = 4
+
+
+def parse_elf(path: Path) -> ElfImage:
+    """Parse and validate an ELF64 x86-64 executable, refusing anything malformed."""
+    data = Path(path).read_bytes()
+
+    def bad(why: str) -> MachineError:
+        return MachineError(f"{path}: not a loadable x86-64 ELF kernel: {why}")
+
+    if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
+        raise bad("no ELF magic")
+    ident, etype, machine, _v, entry, phoff, _sh, _fl, _eh, phentsize, phnum, *_ = _EHDR.unpack_from(data)
+    if ident[4] != 2 or ident[5] != 1:
+        raise bad("not 64-bit little endian")
+    if machine != 62:
+        raise bad(f"machine {machine} is not x86-64 (62)")
+    if etype != 2:
+        raise bad(f"type {etype} is not an executable")
+    if phentsize != _PHDR.size or phoff + phnum * phentsize > len(data):
+        raise bad("program headers out of the file")
+    segments: list[ElfSegment] = []
+    notes: list[ElfNote] = []
+    for i in range(phnum):
+        ptype, _flags, offset, _vaddr, paddr, filesz, memsz, _align = _PHDR.unpack_from(
+            data, phoff + i * phentsize
+        )
+        if ptype not in (PT_LOAD, PT_NOTE):
+            continue
+        if offset + filesz > len(data) or filesz > memsz and ptype == PT_LOAD:
+            raise bad(f"segment {i} extends past the end of the file")
+        if ptype == PT_LOAD and memsz:
+            segments.append(ElfSegment(paddr, offset, filesz, memsz))
+        elif ptype == PT_NOTE:
+            notes.extend(_parse_notes(data[offset : offset + filesz]))
+    if not segments:
+        raise bad("no loadable segments")
+    return ElfImage(Path(path), entry, segments, notes)
+
+
+def _parse_notes(blob: bytes) -> list[ElfNote]:
+    notes, pos = [], 0
+    while pos + 12 <= len(blob):
+        namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
+        pos += 12
+        name_end = pos + namesz
+        desc_start = pos + (namesz + 3) // 4 * 4
+        desc_end = desc_start + descsz
+        if desc_end > len(blob):
+            break
+        notes.append(ElfNote(blob[pos:name_end].rstrip(b"\0"), ntype, blob[desc_start:desc_end]))
+        pos = desc_start + (descsz + 3) // 4 * 4
+    return notes
+
+
+def load_elf(mem: GuestMemory, image: ElfImage) -> None:
+    """Copy every PT_LOAD segment to its physical address and zero its BSS."""
+    data = image.path.read_bytes()
+    for seg in image.segments:
+        try:
+            mem.write(seg.paddr, data[seg.offset : seg.offset + seg.filesz])
+            if seg.memsz > seg.filesz:
+                mem.view(seg.paddr + seg.filesz, seg.memsz - seg.filesz)[:] = bytes(
+                    seg.memsz - seg.filesz
+                )
+        except GuestMemoryError as e:
+            raise MachineError(
+                f"{image.path}: segment at {seg.paddr:#x} ({seg.memsz} bytes) does not fit in "
+                f"guest RAM of {mem.size >> 20} MiB: give the machine more memory ({e})"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- boot info
+
+
+@dataclass(frozen=True)
+class BootDevice:
+    """A device the guest should drive, as listed in the boot info."""
+
+    type: int
+    irq: int
+    mmio_base: int
+    mmio_size: int
+
+
+def write_boot_info(
+    mem: GuestMemory, *, vcpus: int, mode: int, arg: int, free_start: int,
+    devices: list[BootDevice] | tuple[BootDevice, ...] = (),
+) -> int:
+    """Write `struct sm_boot_info` (bootinfo.h) at BOOT_INFO_ADDR; returns its address."""
+    if len(devices) > lib.SM_MAX_BOOT_DEVICES:
+        raise MachineError(f"at most {lib.SM_MAX_BOOT_DEVICES} boot devices, got {len(devices)}")
+    info = ffi.new("struct sm_boot_info *")
+    info.magic = lib.SM_BOOT_INFO_MAGIC
+    info.version = lib.SM_BOOT_INFO_VERSION
+    info.mem_bytes = mem.size
+    info.low_mem_end = mem.regions[0].end
+    info.vcpus = vcpus
+    info.mode = mode
+    info.arg = arg
+    info.free_start = free_start
+    info.ndevices = len(devices)
+    for i, d in enumerate(devices):
+        e = info.devices[i]
+        e.type, e.irq, e.mmio_base, e.mmio_size = d.type, d.irq, d.mmio_base, d.mmio_size
+    mem.write(layout.BOOT_INFO_ADDR, bytes(ffi.buffer(info)))
+    return layout.BOOT_INFO_ADDR

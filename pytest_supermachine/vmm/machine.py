@@ -1,0 +1,428 @@
+"""A virtual machine and its lifecycle: create, boot, start, wait, pause, stop.
+
+Modelled on QEMU's python `qemu.machine`: one object owns one VM, its state
+is explicit, and the console log survives the machine so a failure can show
+what the guest said. The hot path (vCPU exits, console) runs in the C core;
+this class orchestrates.
+
+Lifecycle::
+
+    CREATED --start()--> RUNNING --(guest stops)--> EXITED --stop()--> STOPPED
+                            |  ^                                   ^
+                   pause()  v  | resume()                          |
+                          PAUSED -------------- stop() ------------+
+
+`stop()` is always safe and idempotent; the expensive part of teardown
+(closing the VM fd, unmapping RAM) runs on the reaper thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from ..errors import GuestCrashed, GuestTimeout, MachineError
+from . import boot, layout, reaper
+from ._native import ffi, lib
+from .devices.mmio_bus import DeviceBuses
+from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
+from .kvm import Kvm, Vcpu, Vm
+from .memory import GuestMemory
+
+_kvm_lock = threading.Lock()
+_shared_kvm: Kvm | None = None
+
+
+def shared_kvm() -> Kvm:
+    """The process's one open /dev/kvm (opened on first use, with a precise error if unusable)."""
+    global _shared_kvm
+    with _kvm_lock:
+        if _shared_kvm is None:
+            _shared_kvm = Kvm()
+        return _shared_kvm
+
+
+class ExitReason(enum.IntEnum):
+    """Why a machine stopped running (mirrors `enum sm_exit_reason` in _core.h)."""
+
+    NONE = 0
+    HALT = 1
+    SHUTDOWN = 2
+    RESET = 3
+    PANIC = 4
+    CANCELED = 5
+    ERROR = 6
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+    STOPPED = "stopped"
+
+
+_KVM_EXIT_NAMES = {
+    2: "IO", 5: "HLT", 6: "MMIO", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT",
+}
+_INTERNAL_SUBERRORS = {1: "emulation failure", 2: "simultaneous exception", 3: "delivery event"}
+
+
+@dataclass(frozen=True)
+class MachineExit:
+    """How and why a machine stopped; `describe()` says it in words."""
+
+    reason: ExitReason
+    vcpu: int
+    code: int
+    kvm_exit: int
+    suberror: int
+    detail: tuple[int, ...]
+
+    def describe(self) -> str:
+        who = f"vCPU {self.vcpu}" if self.vcpu >= 0 else "the host"
+        if self.reason is ExitReason.HALT:
+            return f"guest powered off (status {self.code}, {who})"
+        if self.reason is ExitReason.SHUTDOWN:
+            return f"guest triple-faulted ({who}): KVM_EXIT_SHUTDOWN"
+        if self.reason is ExitReason.RESET:
+            return f"guest requested a reset ({who})"
+        if self.reason is ExitReason.PANIC:
+            return f"guest panicked with code {self.code:#x} ({who})"
+        if self.reason is ExitReason.CANCELED:
+            return "stopped by the host"
+        if self.reason is ExitReason.ERROR:
+            if self.code < 0:
+                return f"KVM_RUN failed on {who}: {errno.errorcode.get(-self.code, -self.code)}"
+            name = _KVM_EXIT_NAMES.get(self.kvm_exit, str(self.kvm_exit))
+            sub = _INTERNAL_SUBERRORS.get(self.suberror, str(self.suberror))
+            data = " ".join(f"{d:#x}" for d in self.detail)
+            return f"KVM could not run the guest on {who}: exit {name} ({sub}) data {data}"
+        return self.reason.name.lower()
+
+
+@dataclass
+class MachineConfig:
+    """What to build: vCPUs, RAM, console. Validated when the machine is created."""
+
+    vcpus: int = 1
+    mem_mib: int = 256
+    console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES
+    console_stream: IO[bytes] | int | None = None
+    track_dirty_pages: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
+            raise MachineError(f"vcpus must be 1..{lib.SM_MAX_VCPUS}, got {self.vcpus}")
+        if not layout.MIN_MEM_MIB <= self.mem_mib <= layout.MAX_MEM_MIB:
+            raise MachineError(
+                f"mem_mib must be {layout.MIN_MEM_MIB}..{layout.MAX_MEM_MIB}, got {self.mem_mib}"
+            )
+
+
+@dataclass
+class MachineTimings:
+    """Wall-clock milestones of one machine, in seconds (monotonic)."""
+
+    created: float = 0.0
+    create_seconds: float = 0.0
+    started: float = 0.0
+    exited: float = 0.0
+    marks: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Machine:
+    """One KVM virtual machine with its RAM, vCPU threads, COM1 and device buses."""
+
+    def __init__(self, config: MachineConfig | None = None, *, kvm: Kvm | None = None,
+                 **overrides: Any):
+        self.config = config or MachineConfig()
+        for key, value in overrides.items():
+            if not hasattr(self.config, key):
+                raise TypeError(f"unknown machine option {key!r}")
+            setattr(self.config, key, value)
+        self.config.validate()
+        t0 = time.monotonic()
+        self.kvm = kvm or shared_kvm()
+        self.state = MachineState.CREATED
+        self.timings = MachineTimings(created=t0)
+        self._threads: list[threading.Thread] = []
+        self._final_console: bytes | None = None
+        self._exit: MachineExit | None = None
+        self._lock = threading.Lock()
+        self.vm: Vm = self.kvm.create_vm()
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self._core: Any = ffi.NULL
+        try:
+            self._build()
+        except BaseException:
+            self._teardown()
+            raise
+        self.timings.create_seconds = time.monotonic() - t0
+
+    def _build(self) -> None:
+        cfg = self.config
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.memory = GuestMemory.anonymous(cfg.mem_mib * layout.MiB)
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size,
+                                           self.memory.host_address(slot),
+                                           log_dirty=cfg.track_dirty_pages)
+        self.cpuid = self.kvm.guest_cpuid()
+        for i in range(cfg.vcpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid(self.cpuid.for_vcpu(i, cfg.vcpus))
+        lib.sm_core_init()
+        self.buses = DeviceBuses()
+        self._core = lib.sm_vm_new(self.vm.fd, cfg.vcpus, cfg.console_log_bytes, self.buses.handle)
+        if self._core == ffi.NULL:
+            raise MachineError("out of memory creating the VM's core state")
+        self.buses.attach(self._core)
+        for vcpu in self.vcpus:
+            lib.sm_vm_set_vcpu(self._core, vcpu.index, vcpu.fd, vcpu.run)
+        self.serial = Serial(self._core)
+        if cfg.console_stream is not None:
+            self.serial.attach_stream(cfg.console_stream)
+
+    # ------------------------------------------------------------------ boot
+
+    def boot_direct64(self, kernel: Path | str | boot.ElfImage, *, mode: int = 0, arg: int = 0,
+                      devices: Sequence[boot.BootDevice] = ()) -> None:
+        """Load a 64-bit ELF guest and point the BSP at its entry (microguest protocol).
+
+        See guest/microguest/bootinfo.h for the entry state.
+        """
+        self._require(MachineState.CREATED, "boot")
+        assert self.memory is not None
+        image = kernel if isinstance(kernel, boot.ElfImage) else boot.parse_elf(Path(kernel))
+        low_end = layout.CMDLINE_ADDR + layout.CMDLINE_MAX
+        if min(s.paddr for s in image.segments) < low_end:
+            raise MachineError(
+                f"{image.path}: loads below {low_end:#x}, over the boot page tables; "
+                f"link it at {layout.KERNEL_LOAD_ADDR:#x}"
+            )
+        boot.load_elf(self.memory, image)
+        cr3 = boot.write_page_tables(self.memory)
+        gdt = boot.write_gdt(self.memory)
+        free_start = (image.end + layout.PAGE_SIZE - 1) // layout.PAGE_SIZE * layout.PAGE_SIZE
+        info = boot.write_boot_info(self.memory, vcpus=self.config.vcpus, mode=mode, arg=arg,
+                                    free_start=free_start, devices=devices)
+        bsp = self.vcpus[0]
+        sregs = bsp.get_sregs()
+        boot.setup_long_mode(sregs, cr3, gdt)
+        bsp.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        regs.rip, regs.rdi, regs.rflags = image.entry, info, 0x2
+        bsp.set_regs(regs)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Start every vCPU thread; returns once all of them are inside the run loop."""
+        self._require(MachineState.CREATED, "start")
+        self.timings.started = time.monotonic()
+        for vcpu in self.vcpus:
+            t = threading.Thread(target=self._vcpu_main, args=(vcpu.index,),
+                                 name=f"supermachine-vcpu{vcpu.index}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        self.state = MachineState.RUNNING
+        rc = lib.sm_vm_wait_running(self._core, len(self.vcpus), 10_000)
+        if rc == -errno.ETIMEDOUT:
+            self.stop()
+            raise MachineError("vCPU threads did not start within 10 s")
+
+    def _vcpu_main(self, index: int) -> None:
+        lib.sm_vcpu_run(self._core, index)
+
+    def wait(self, timeout: float | None = None) -> MachineExit:
+        """Block until the guest stops; return why. Raises `GuestTimeout` (with console tail)."""
+        if self.state is MachineState.CREATED:
+            raise MachineError("wait() on a machine that was never started")
+        if self.state is not MachineState.STOPPED:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:  # short slices so Ctrl-C reaches Python
+                left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                rc = lib.sm_vm_wait_stopped(self._core, max(int(left * 1000), 0))
+                if rc != -errno.ETIMEDOUT:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise GuestTimeout(f"guest still running after {timeout:g} s",
+                                       self.serial.tail())
+            self._join_threads()
+            self._on_exit()
+        exit_ = self.exit_info()
+        if self.buses.error is not None:
+            raise MachineError(f"a device failed: {self.buses.error!r}") from self.buses.error
+        return exit_
+
+    def run_until_exit(self, timeout: float | None = None,
+                       expect: ExitReason | None = ExitReason.HALT) -> MachineExit:
+        """start() + wait(); raise `GuestCrashed` (with console tail) unless the exit is `expect`."""
+        self.start()
+        try:
+            exit_ = self.wait(timeout)
+        except GuestTimeout:
+            self.stop()
+            raise
+        if expect is not None and exit_.reason is not expect:
+            raise GuestCrashed(f"guest stopped unexpectedly: {exit_.describe()}", self.serial.tail())
+        return exit_
+
+    def _on_exit(self) -> None:
+        if self.state in (MachineState.RUNNING, MachineState.PAUSED):
+            self.state = MachineState.EXITED
+            self.timings.exited = time.monotonic()
+
+    def exit_info(self) -> MachineExit:
+        """Why the machine stopped (reason NONE while it runs)."""
+        if self._exit is not None:
+            return self._exit
+        info = ffi.new("struct sm_exit_info *")
+        lib.sm_vm_exit_info(self._core, info)
+        exit_ = MachineExit(ExitReason(info.reason), info.vcpu, info.code, info.kvm_exit,
+                            info.suberror, tuple(info.detail))
+        if exit_.reason is not ExitReason.NONE and self.state is not MachineState.RUNNING:
+            self._exit = exit_
+        return exit_
+
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for the guest's READY on the control port; returns seconds since start()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = min(0.2, deadline - time.monotonic())
+            rc = lib.sm_vm_wait_ready(self._core, max(int(left * 1000), 0))
+            if rc == 0:
+                return lib.sm_vm_ready_ns(self._core) / 1e9 - self.timings.started
+            if rc == -errno.ESRCH:
+                raise GuestCrashed(f"guest stopped before it was ready: "
+                                   f"{self.exit_info().describe()}", self.serial.tail())
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(f"guest not ready after {timeout:g} s", self.serial.tail())
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park every vCPU at a clean instruction boundary (pending I/O completed)."""
+        self._require(MachineState.RUNNING, "pause")
+        rc = lib.sm_vm_pause(self._core, int(timeout * 1000))
+        if rc == -errno.ESRCH:
+            self._join_threads()
+            self._on_exit()
+            raise MachineError(f"cannot pause: the guest stopped ({self.exit_info().describe()})")
+        if rc == -errno.ETIMEDOUT:
+            lib.sm_vm_resume(self._core)
+            raise MachineError(f"vCPUs did not park within {timeout:g} s")
+        self.state = MachineState.PAUSED
+
+    def resume(self) -> None:
+        self._require(MachineState.PAUSED, "resume")
+        self.state = MachineState.RUNNING
+        lib.sm_vm_resume(self._core)
+
+    @contextmanager
+    def paused(self, timeout: float = 5.0) -> Iterator[Machine]:
+        """The pause barrier: every vCPU parked for the body, resumed after (even on error)."""
+        self.pause(timeout)
+        try:
+            yield self
+        finally:
+            if self.state is MachineState.PAUSED:
+                self.resume()
+
+    def stop(self) -> None:
+        """Stop the guest and release the VM (teardown finishes on the reaper thread)."""
+        with self._lock:
+            if self.state is MachineState.STOPPED:
+                return
+            if self._core != ffi.NULL:
+                lib.sm_vm_stop(self._core)
+                self._join_threads()
+                self._on_exit()
+                self.exit_info()
+                if self._exit is None:
+                    self._exit = MachineExit(ExitReason.CANCELED, -1, 0, 0, 0, (0, 0, 0, 0))
+                self._final_console = self.serial.log()
+            self.state = MachineState.STOPPED
+            self._teardown()
+
+    close = stop
+
+    def _join_threads(self) -> None:
+        for t in self._threads:
+            t.join(timeout=10)
+            if t.is_alive():
+                raise MachineError(f"{t.name} did not leave the run loop within 10 s")
+        self._threads = []
+
+    def _teardown(self) -> None:
+        """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
+        core, vcpus, vm, memory, buses = self._core, self.vcpus, self.vm, self.memory, getattr(
+            self, "buses", None)
+        self._core, self.vcpus, self.memory = ffi.NULL, [], None
+
+        def release(buses: DeviceBuses | None = buses) -> None:
+            # `buses` rides along so its callback handle outlives the C state that points at it.
+            for vcpu in vcpus:
+                vcpu.close()
+            vm.close()
+            if memory is not None:
+                memory.close()
+            if core != ffi.NULL:
+                lib.sm_vm_free(core)
+
+        reaper.reap(release)
+
+    def _require(self, state: MachineState, action: str) -> None:
+        if self.state is not state:
+            raise MachineError(f"cannot {action} a machine that is {self.state.value}")
+
+    # ------------------------------------------------------------------ observing
+
+    @property
+    def console_bytes(self) -> bytes:
+        """Everything the guest wrote to COM1 that the log still holds."""
+        if self._final_console is not None:
+            return self._final_console
+        return self.serial.log()
+
+    @property
+    def console(self) -> str:
+        return self.console_bytes.decode("utf-8", "replace")
+
+    def stats(self) -> dict[str, int]:
+        if self._core == ffi.NULL:
+            return {}
+        s = ffi.new("struct sm_stats *")
+        lib.sm_vm_stats(self._core, s)
+        return {k: int(getattr(s, k)) for k in ("exits", "io_exits", "mmio_exits", "python_calls",
+                                                "unhandled_io", "control_nops", "kicks")}
+
+    def marks(self) -> list[tuple[int, float]]:
+        """Guest progress marks (control port MARK): (id, seconds since start())."""
+        out = ffi.new("struct sm_mark[]", lib.SM_MAX_MARKS)
+        n = lib.sm_vm_marks(self._core, out, lib.SM_MAX_MARKS)
+        return [(out[i].id, out[i].ns / 1e9 - self.timings.started) for i in range(n)]
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB "
+                f"{self.state.value}>")
