@@ -177,7 +177,7 @@ def parse_elf(path: Path) -> ElfImage:
         )
         if ptype not in (PT_LOAD, PT_NOTE):
             continue
-        if offset + filesz > len(data) or filesz > memsz and ptype == PT_LOAD:
+        if offset + filesz > len(data) or (filesz > memsz and ptype == PT_LOAD):
             raise bad(f"segment {i} extends past the end of the file")
         if ptype == PT_LOAD and memsz:
             segments.append(ElfSegment(paddr, offset, filesz, memsz))

@@ -301,6 +301,8 @@ def _open_kvm_device(path: str) -> int:
             "(VT-x/AMD-V) in the firmware and load the module (sudo modprobe kvm_intel or "
             "kvm_amd); in a cloud VM pick an instance type with nested virtualization"
         ) from None
+    except PermissionError:
+        raise KvmUnavailableError(f"permission denied looking at {path}: {UDEV_FIX}") from None
     if not stat.S_ISCHR(st.st_mode):
         raise KvmUnavailableError(f"{path} is not a character device: it cannot be KVM")
     try:

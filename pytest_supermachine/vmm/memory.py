@@ -29,7 +29,7 @@ class GuestMemory:
     def __init__(self, regions: Sequence[RamRegion], buffers: Sequence[mmap.mmap | bytearray]):
         if len(regions) != len(buffers):
             raise ValueError("one buffer per RAM region")
-        for region, buf in zip(regions, buffers):
+        for region, buf in zip(regions, buffers, strict=True):
             if len(buf) != region.size:
                 raise ValueError(f"buffer of {len(buf)} bytes for a region of {region.size}")
         self.regions: tuple[RamRegion, ...] = tuple(regions)
