@@ -36,8 +36,8 @@
 #define MG_TRAMPOLINE_ADDR 0x8000
 #define MG_SIPI_VECTOR (MG_TRAMPOLINE_ADDR >> 12)
 
-/* COUNT mode prints every 2^MG_COUNT_PRINT_SHIFT increments: ~5 lines/s at the
- * ~1.3e9 increments/s the CPL3 loop runs at under nested PVM here. */
+/* COUNT mode prints every 2^MG_COUNT_PRINT_SHIFT increments: 2-5 lines/s at the
+ * 0.5-1.3e9 increments/s the CPL3 loop runs at under nested PVM here. */
 #define MG_COUNT_PRINT_SHIFT 28
 
 /*
