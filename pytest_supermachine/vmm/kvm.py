@@ -553,6 +553,13 @@ class Vcpu:
             bad = list(values)[n]
             raise KvmError(f"KVM_SET_MSRS stopped at MSR {bad:#x} ({n} of {len(values)} set)")
 
+    def get_cpuid(self) -> CpuidTable:
+        """The CPUID this vCPU currently presents (what the guest sees)."""
+        p = ffi.new("struct kvm_cpuid2 *", {"entries": 256})
+        p.nent = 256
+        _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_GET_CPUID2, p), "KVM_GET_CPUID2")
+        return CpuidTable.from_cdata(p)
+
     def set_cpuid(self, table: CpuidTable) -> None:
         _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, table._cdata()), "KVM_SET_CPUID2")
 

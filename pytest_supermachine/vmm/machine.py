@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -297,6 +298,27 @@ class Machine:
         if exit_.reason is not ExitReason.NONE and self.state is not MachineState.RUNNING:
             self._exit = exit_
         return exit_
+
+    def wait_console(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait until the console log matches `pattern`; raise `GuestTimeout` or `GuestCrashed`.
+
+        The log is polled (every 2 ms) because console output is written by the C
+        core without waking Python; a guest that stops first is reported at once.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.console)
+            if match:
+                return match
+            if self.state is MachineState.STOPPED or self.exit_info().reason is not ExitReason.NONE:
+                raise GuestCrashed(f"guest stopped before printing {regex.pattern!r}: "
+                                   f"{self.exit_info().describe()}", self.serial.tail()
+                                   if self._final_console is None else self.console[-4000:])
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(f"console did not show {regex.pattern!r} within {timeout:g} s",
+                                   self.serial.tail())
+            time.sleep(0.002)
 
     def wait_ready(self, timeout: float) -> float:
         """Wait for the guest's READY on the control port; returns seconds since start()."""
