@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what pytest-supermachine needs on a fresh Debian/Ubuntu machine with /dev/kvm:
+# a C compiler, kernel and Python headers (the C core and the microguest are compiled
+# here), a virtualenv in .venv, and the package with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(gcc)
+command -v ld >/dev/null || need_apt+=(binutils)
+[ -f /usr/include/linux/kvm.h ] || need_apt+=(linux-libc-dev)
+[ -f /usr/include/stdint.h ] || need_apt+=(libc6-dev)
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || need_apt+=(python3)
+if command -v "$PY" >/dev/null; then
+  inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  [ -f "$inc/Python.h" ] || need_apt+=(python3-dev)
+  "$PY" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
