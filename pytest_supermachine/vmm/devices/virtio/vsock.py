@@ -1,0 +1,257 @@
+"""virtio-vsock device model (virtio 1.x, section 5.10): queues in, packets out.
+
+Layering (rust-vmm style): the transport (`mmio.VirtioMmioTransport`) owns
+registers, feature negotiation and the `VirtQueue` objects; this device turns
+descriptor chains into `VsockPacket` objects and back; the host side of every
+connection — sockets, credit, the per-connection state machine — lives in
+`vsock_mux.VsockMuxer`, which knows nothing about virtqueues.
+
+Queues: 0 = rx (device → driver), 1 = tx (driver → device), 2 = event.
+Configuration space: ``le64 guest_cid``.
+
+Guarantees:
+
+* Every guest byte is read and written through the queue's `DescriptorChain`
+  helpers, i.e. through `DeviceMemory`/`GuestMemory`: nothing here indexes a
+  host buffer with a guest number.
+* A tx packet that is too short for its header, or whose ``len`` is larger
+  than the bytes the chain holds or than `MAX_PKT_DATA`, is dropped and
+  answered with RST (if its addresses are ours); wrong CIDs are dropped
+  silently; the muxer answers unknown ops and types with RST. None of these
+  raise. An rx buffer too small for a header is a broken driver:
+  `VirtQueueError` → ``DEVICE_NEEDS_RESET`` (the transport's job).
+* Packets are consumed from tx as fast as the guest posts them (credit bounds
+  what the muxer must buffer); rx buffers are filled only when the muxer has
+  something to say, so an idle connection costs nothing.
+
+Event loop integration (see `VirtioVsock.fileno`): the VMM's event thread
+selects on the rx/tx ioeventfds (→ ``transport.notify(i)``) and on
+``vsock.fileno()`` (→ ``transport.process_device(vsock.process_host)``).
+Both paths run under the transport lock, so device and queues are never used
+concurrently; `connect`/`listen` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+from .device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_VSOCK,
+    Interrupt,
+    VirtioDevice,
+)
+from .queue import DescriptorChain, DeviceMemory, VirtQueue, VirtQueueError
+from .vsock_mux import (
+    EVENT_TRANSPORT_RESET,
+    HDR_SIZE,
+    HOST_CID,
+    MAX_PKT_DATA,
+    PendingConnection,
+    VsockListener,
+    VsockMuxer,
+    VsockPacket,
+)
+
+log = logging.getLogger(__name__)
+
+RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
+QUEUE_SIZES = (256, 256, 16)
+
+_EVENT = struct.Struct("<I")
+_CONFIG = struct.Struct("<Q")
+
+
+class VirtioVsock(VirtioDevice):
+    """The virtio-vsock device (id 19) with a host muxer behind it.
+
+    ``guest_cid`` is what the guest reads from configuration space (≥ 3).
+    `muxer` is the host side: ``vsock.muxer.connect(port)`` gives a stream
+    socket to a guest listener, ``vsock.muxer.listen(port)`` accepts guest
+    connections to host CID 2 (also reachable as `connect`/`listen` here).
+    """
+
+    device_type = VIRTIO_ID_VSOCK
+    queue_max_sizes = QUEUE_SIZES
+
+    def __init__(self, guest_cid: int = 3, *, muxer: VsockMuxer | None = None) -> None:
+        super().__init__()
+        if not 3 <= guest_cid <= 0xFFFFFFFE:
+            raise ValueError(f"guest CID must be in 3..0xFFFFFFFE, got {guest_cid}")
+        self.guest_cid = guest_cid
+        self.muxer = muxer if muxer is not None else VsockMuxer(guest_cid)
+        self._reset_event_pending = False
+        #: Counters for tests and diagnostics.
+        self.dropped_packets = 0
+
+    # -- wiring for the VMM --------------------------------------------------------
+    def fileno(self) -> int:
+        """An fd that is readable whenever `process_host` has work (host sockets, connect calls).
+
+        Register it in the VMM's selector and call
+        ``transport.process_device(vsock.process_host)`` when it is readable.
+        """
+        return self.muxer.fileno()
+
+    def connect(self, port: int, timeout: float | None = 10.0) -> Any:
+        """Blocking connect to guest ``port``; needs the event loop running. See `VsockMuxer.connect`."""
+        return self.muxer.connect(port, timeout)
+
+    def connect_nowait(self, port: int) -> PendingConnection:
+        return self.muxer.connect_nowait(port)
+
+    def listen(self, port: int, backlog: int = 16) -> VsockListener:
+        return self.muxer.listen(port, backlog)
+
+    def close(self) -> None:
+        """Release host resources (epoll fd, sockets); the device is unusable afterwards."""
+        self.muxer.close()
+
+    # -- negotiation and config ------------------------------------------------------
+    def device_features(self) -> int:
+        return 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
+
+    def config_space(self) -> bytes:
+        return _CONFIG.pack(self.guest_cid)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def activate(self, queues: list[VirtQueue], memory: DeviceMemory, interrupt: Interrupt) -> None:
+        super().activate(queues, memory, interrupt)
+        self.muxer.set_active(True)
+
+    def reset(self) -> None:
+        """Driver reset, in-place VM reset or restore: every connection is dropped.
+
+        Host sockets of dropped connections see EOF; host listeners stay (the
+        VMM registered them, not the guest). The guest's listeners live in
+        guest RAM, so the host simply connects again.
+        """
+        self.muxer.drop_all()
+        self.muxer.set_active(False)
+        super().reset()
+
+    def state(self) -> dict[str, Any]:
+        st = super().state()
+        st["guest_cid"] = self.guest_cid
+        return st
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Load `state()`. Connections are not part of it: the guest is told with a
+        TRANSPORT_RESET event (at the next opportunity) to forget the ones it had."""
+        super().restore_state(state)
+        self.guest_cid = int(state.get("guest_cid", self.guest_cid))
+        self.muxer.guest_cid = self.guest_cid
+        self._reset_event_pending = True
+
+    def transport_reset(self) -> None:
+        """Drop all connections and tell the guest (event queue) to drop its side too."""
+        self.muxer.drop_all()
+        self._reset_event_pending = True
+        if self.active:
+            self._deliver_events()
+
+    # -- data path ---------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """The driver kicked queue ``index``."""
+        if index == TX_QUEUE:
+            self._drain_tx()
+        elif index == RX_QUEUE:
+            self.muxer.rx_available()
+        self._deliver_events()
+        self._fill_rx()
+
+    def process_host(self) -> None:
+        """Host sockets or API calls have work: move what can be moved. Call under the
+        transport lock (``transport.process_device(vsock.process_host)``)."""
+        self.muxer.poll_host()
+        if self.active:
+            self._deliver_events()
+            self._fill_rx()
+
+    def _drain_tx(self) -> None:
+        queue = self.queues[TX_QUEUE]
+        added = False
+        while (chain := queue.pop()) is not None:
+            queue.add_used(chain.head, 0)
+            added = True
+            self._handle_tx(chain)
+        if added:
+            self.signal_used(queue)
+
+    def _handle_tx(self, chain: DescriptorChain) -> None:
+        if chain.readable_len < HDR_SIZE:
+            log.debug("vsock: tx chain of %d bytes has no room for a header", chain.readable_len)
+            self.dropped_packets += 1
+            return
+        head = chain.read(0, min(chain.readable_len, HDR_SIZE + MAX_PKT_DATA))
+        pkt, length = VsockPacket.decode(head)
+        if length > MAX_PKT_DATA or length != len(pkt.data):
+            log.debug(
+                "vsock: tx %r announces %d payload bytes, chain holds %d",
+                pkt,
+                length,
+                chain.readable_len - HDR_SIZE,
+            )
+            self.dropped_packets += 1
+            self.muxer.reject(pkt)
+            return
+        self.muxer.from_guest(pkt)
+
+    def _fill_rx(self) -> None:
+        if not self.muxer.has_pending():
+            return
+        queue = self.queues[RX_QUEUE]
+        added = False
+        while self.muxer.has_pending():
+            chain = queue.pop()
+            if chain is None:
+                self.muxer.rx_starved()
+                break
+            if chain.writable_len < HDR_SIZE:
+                raise VirtQueueError(
+                    f"vsock rx buffer of {chain.writable_len} bytes cannot hold a "
+                    f"{HDR_SIZE}-byte header"
+                )
+            pkt = self.muxer.next_packet(min(chain.writable_len - HDR_SIZE, MAX_PKT_DATA))
+            if pkt is None:
+                queue.undo_pop()
+                break
+            chain.write(0, pkt.header())
+            if pkt.data:
+                chain.write(HDR_SIZE, pkt.data)
+            queue.add_used(chain.head, HDR_SIZE + len(pkt.data))
+            added = True
+        if added:
+            self.signal_used(queue)
+
+    def _deliver_events(self) -> None:
+        if not self._reset_event_pending or len(self.queues) <= EVENT_QUEUE:
+            return
+        queue = self.queues[EVENT_QUEUE]
+        if not queue.active:
+            return
+        chain = queue.pop()
+        if chain is None:
+            return  # delivered when the driver posts an event buffer
+        if chain.writable_len < _EVENT.size:
+            raise VirtQueueError(f"vsock event buffer of {chain.writable_len} bytes is too small")
+        chain.write(0, _EVENT.pack(EVENT_TRANSPORT_RESET))
+        queue.add_used(chain.head, _EVENT.size)
+        self._reset_event_pending = False
+        self.signal_used(queue)
+
+
+__all__ = [
+    "HDR_SIZE",
+    "HOST_CID",
+    "MAX_PKT_DATA",
+    "PendingConnection",
+    "VirtioVsock",
+    "VsockListener",
+    "VsockMuxer",
+    "VsockPacket",
+]
