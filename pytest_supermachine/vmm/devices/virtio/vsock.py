@@ -34,6 +34,7 @@ concurrently; `connect`/`listen` may be called from any thread.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -97,7 +98,7 @@ class VirtioVsock(VirtioDevice):
         """
         return self.muxer.fileno()
 
-    def connect(self, port: int, timeout: float | None = 10.0) -> Any:
+    def connect(self, port: int, timeout: float | None = 10.0) -> socket.socket:
         """Blocking connect to guest ``port``; needs the event loop running. See `VsockMuxer.connect`."""
         return self.muxer.connect(port, timeout)
 
