@@ -764,6 +764,8 @@ class AgentClient:
                 self._failed = (AgentError, "the agent connection was closed by the host")
             self._cv.notify_all()
         with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in poll()
+        with contextlib.suppress(OSError):
             self._sock.close()
 
     def __enter__(self) -> AgentClient:

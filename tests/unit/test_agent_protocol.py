@@ -500,3 +500,24 @@ def test_read_ready_times_out():
 
 def test_peer_reference_agent_is_importable_standalone():
     assert AgentPeer.__doc__
+
+
+def test_close_wakes_a_thread_blocked_waiting_for_the_agent():
+    host, guest = socket.socketpair()
+    guest.sendall(P.Hello(max_frame=4096, max_inflight=4).frame(0))
+    client = AgentClient(host, timeout=2)
+    errors: list[BaseException] = []
+
+    def wait_forever():
+        try:
+            client.run("hang")  # no timeout: only close() can end this
+        except AgentError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait_forever)
+    t.start()
+    time.sleep(0.05)
+    client.close()
+    t.join(2)
+    assert not t.is_alive() and errors
+    guest.close()

@@ -24,6 +24,15 @@ Guarantees:
   what the muxer must buffer); rx buffers are filled only when the muxer has
   something to say, so an idle connection costs nothing.
 
+What a guest driver must do (the microguest's and Linux's both do; the
+reference is ``tests/vsock_guest.py``): keep rx buffers of at least 44 bytes
+posted (4 KiB is usual); put every packet in one tx chain (header and payload
+may span descriptors); send at most the host's credit
+(``buf_alloc - (tx_cnt - fwd_cnt)`` from the host's latest header); answer
+CREDIT_REQUEST with CREDIT_UPDATE and send CREDIT_UPDATE after consuming
+data; answer a full SHUTDOWN with RST; drop every connection (keep
+listeners) on a TRANSPORT_RESET event, which follows a snapshot restore.
+
 Event loop integration (see `VirtioVsock.fileno`): the VMM's event thread
 selects on the rx/tx ioeventfds (→ ``transport.notify(i)``) and on
 ``vsock.fileno()`` (→ ``transport.process_device(vsock.process_host)``).
