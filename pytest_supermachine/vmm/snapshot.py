@@ -32,15 +32,17 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import mmap
+import operator
 import os
 import secrets
 import stat
 import struct
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -494,9 +496,8 @@ def write_snapshot(
     snapshot_id = secrets.token_bytes(16)
     created_ns = time.time_ns()
 
-    def metadata_for(ram_offset: int) -> tuple[bytes, list[PageExtent], int]:
-        offsets, extents, ram_length = build(ram_offset)
-        meta = _encode_metadata(
+    def encode(offsets: Sequence[int | None], extents: Sequence[PageExtent]) -> bytes:
+        return _encode_metadata(
             regions,
             offsets,
             section_items,
@@ -506,11 +507,14 @@ def write_snapshot(
             created_ns,
             extents,
         )
-        return meta, extents, ram_length
 
-    probe, _, _ = metadata_for(0)  # the metadata length does not depend on the offsets
-    ram_offset = _align_up(HEADER_SIZE + len(probe))
-    metadata, extents, ram_length = metadata_for(ram_offset)
+    # The metadata's length does not depend on the offsets it records: one extent is
+    # _EXTENT.size bytes whatever it says, so the RAM area's start is known up front.
+    metadata_length = len(encode([None] * len(regions), [])) + _EXTENT.size * len(runs)
+    ram_offset = _align_up(HEADER_SIZE + metadata_length)
+    region_offsets, extents, ram_length = build(ram_offset)
+    metadata = encode(region_offsets, extents)
+    assert len(metadata) == metadata_length
     if len(metadata) > MAX_METADATA_BYTES:
         raise ValueError(f"snapshot metadata of {len(metadata)} bytes exceeds {MAX_METADATA_BYTES}")
     file_size = ram_offset + ram_length
@@ -664,6 +668,113 @@ class _Cursor:
         return int(_U64.unpack(self.take(8, what))[0])
 
 
+class _PageToc:
+    """The page table of contents of one file, as columns: cheap to validate and to search.
+
+    Extents are sorted by (region, first page) and do not overlap, so the extents of one
+    region are a contiguous slice and a page is found by bisection.
+    """
+
+    __slots__ = ("bounds", "count", "first", "offset", "region")
+
+    def __init__(
+        self,
+        region: list[int],
+        first: list[int],
+        count: list[int],
+        offset: list[int | None],
+        region_count: int,
+    ) -> None:
+        self.region, self.first, self.count, self.offset = region, first, count, offset
+        self.bounds = [
+            (bisect.bisect_left(region, r), bisect.bisect_right(region, r))
+            for r in range(region_count)
+        ]
+
+    def rows(self) -> Iterator[tuple[int, int, int, int | None]]:
+        """(region, first page, page count, file offset or None) per extent, in order."""
+        return zip(self.region, self.first, self.count, self.offset, strict=True)
+
+    def find(self, region: int, page: int) -> tuple[bool, int | None]:
+        """(recorded, file offset or None for zero) of one page."""
+        lo, hi = self.bounds[region]
+        i = bisect.bisect_right(self.first, page, lo, hi) - 1
+        if i >= lo and page < self.first[i] + self.count[i]:
+            base = self.offset[i]
+            return True, None if base is None else base + (page - self.first[i]) * PAGE_SIZE
+        return False, None
+
+
+def _checked_page_toc(
+    cur: _Cursor,
+    raw: memoryview,
+    regions: Sequence[RamRegion],
+    region_offsets: Sequence[int | None],
+    is_diff: bool,
+    ram_offset: int,
+    ram_length: int,
+) -> _PageToc:
+    """Validate the page TOC: every extent inside its region, sorted, non-overlapping, and its
+    bytes exactly where the layout puts them (full: the page's place in its region; diff:
+    packed back to back from the RAM area's start, filling it exactly).
+
+    Column-wise (map/zip over lists) because a full snapshot of a busy guest has tens of
+    thousands of extents and this runs on every restore.
+    """
+    rows = list(_EXTENT.iter_unpack(raw))
+    if not rows:
+        if is_diff and ram_length:
+            raise cur.fail("diff RAM area holds bytes but no page extent points at them")
+        return _PageToc([], [], [], [], len(regions))
+    region_col, kind_col, first_col, count_col, offset_col = (
+        list(c) for c in zip(*rows, strict=True)
+    )
+    pages = [r.size // PAGE_SIZE for r in regions]
+    if max(region_col) >= len(regions):
+        raise cur.fail("a page extent names a RAM region that does not exist")
+    if min(count_col) < 1:
+        raise cur.fail("a page extent has no pages")
+    ends = list(map(operator.add, first_col, count_col))
+    if not all(map(operator.le, ends, map(pages.__getitem__, region_col))):
+        raise cur.fail("a page extent runs past the end of its RAM region")
+    shifted = list(map(operator.lshift, region_col, itertools.repeat(64)))
+    start_keys = list(map(operator.or_, shifted, first_col))
+    end_keys = map(operator.or_, shifted, ends)
+    if not all(map(operator.ge, start_keys[1:], end_keys)):
+        raise cur.fail("page extents are out of order or overlap")
+    allowed = {_EXTENT_DATA, _EXTENT_ZERO} if is_diff else {_EXTENT_DATA}
+    unknown = set(kind_col) - allowed
+    if unknown:
+        raise cur.fail(
+            f"page extent kind {min(unknown)} in a {'diff' if is_diff else 'full'} snapshot"
+        )
+    is_data = [k == _EXTENT_DATA for k in kind_col]
+    if any(itertools.compress(offset_col, map(operator.not_, is_data))):
+        raise cur.fail("an all-zero page extent claims a file offset")
+    if is_diff:
+        sizes = map(
+            operator.mul, itertools.compress(count_col, is_data), itertools.repeat(PAGE_SIZE)
+        )
+        expected = list(itertools.accumulate(sizes, initial=ram_offset))
+        if expected[:-1] != list(itertools.compress(offset_col, is_data)) or expected[-1] != (
+            ram_offset + ram_length
+        ):
+            raise cur.fail("diff page data is not packed back to back filling the RAM area")
+    else:
+        bases = [o or 0 for o in region_offsets]
+        expected = list(
+            map(
+                operator.add,
+                map(bases.__getitem__, region_col),
+                map(operator.mul, first_col, itertools.repeat(PAGE_SIZE)),
+            )
+        )
+        if expected != offset_col:
+            raise cur.fail("a page extent's file offset is not its pages' place in the region")
+    offsets = [o if d else None for o, d in zip(offset_col, is_data, strict=True)]
+    return _PageToc(region_col, first_col, count_col, offsets, len(regions))
+
+
 class SnapshotFile:
     """One validated snapshot file, kept open (reads and mappings use this very inode).
 
@@ -681,7 +792,6 @@ class SnapshotFile:
     host_facts: dict[str, Any]
     ram_regions: tuple[RamRegion, ...]
     region_file_offsets: tuple[int | None, ...]
-    extents: tuple[PageExtent, ...]
     file_size: int
     snapshot_id: bytes
     created_ns: int
@@ -696,7 +806,13 @@ class SnapshotFile:
     @property
     def stored_pages(self) -> int:
         """How many pages have bytes in this file (zero pages are not counted)."""
-        return sum(e.page_count for e in self.extents if e.file_offset is not None)
+        toc = self._toc
+        return sum(c for c, o in zip(toc.count, toc.offset, strict=True) if o is not None)
+
+    @property
+    def extents(self) -> tuple[PageExtent, ...]:
+        """The page table of contents: which pages this file records, and where."""
+        return tuple(itertools.starmap(PageExtent, self._toc.rows()))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> SnapshotFile:
@@ -902,7 +1018,7 @@ class SnapshotFile:
         extent_count = cur.u64("extent count")
         if extent_count * _EXTENT.size != len(data) - cur.pos:
             raise cur.fail(f"{extent_count} page extents do not fill the rest of the metadata")
-        extents = self._checked_extents(
+        toc = _checked_page_toc(
             cur,
             cur.take(extent_count * _EXTENT.size, "page extents"),
             regions,
@@ -919,52 +1035,7 @@ class SnapshotFile:
         self.parent_hints = tuple(hints)
         self.snapshot_id = snapshot_id
         self.created_ns = created_ns
-        self.extents = extents
-        by_region: list[list[PageExtent]] = [[] for _ in regions]
-        for e in extents:
-            by_region[e.region].append(e)
-        self._extents_by_region = by_region
-        self._extent_starts = [[e.first_page for e in es] for es in by_region]
-
-    @staticmethod
-    def _checked_extents(
-        cur: _Cursor,
-        raw: memoryview,
-        regions: Sequence[RamRegion],
-        offsets: Sequence[int | None],
-        is_diff: bool,
-        ram_offset: int,
-        ram_length: int,
-    ) -> tuple[PageExtent, ...]:
-        """Every extent in range, sorted, non-overlapping; data where the layout says it is."""
-        extents: list[PageExtent] = []
-        region_pages = [r.size // PAGE_SIZE for r in regions]
-        previous = (-1, 0)  # (region, end page) of the previous extent
-        packed_cursor = ram_offset
-        for n, (region, kind, first, count, offset) in enumerate(_EXTENT.iter_unpack(raw)):
-            if region >= len(regions) or count == 0 or first + count > region_pages[region]:
-                raise cur.fail(f"page extent {n} ({region}:{first}+{count}) is outside guest RAM")
-            if region < previous[0] or (region == previous[0] and first < previous[1]):
-                raise cur.fail(f"page extent {n} is out of order or overlaps the one before")
-            previous = (region, first + count)
-            if kind == _EXTENT_ZERO and is_diff and offset == 0:
-                extents.append(PageExtent(region, first, count, None))
-                continue
-            if kind != _EXTENT_DATA:
-                raise cur.fail(f"page extent {n} has kind {kind} with offset {offset}")
-            if is_diff:
-                expected = packed_cursor
-                packed_cursor += count * PAGE_SIZE
-            else:
-                base = offsets[region]
-                assert base is not None
-                expected = base + first * PAGE_SIZE
-            if offset != expected:
-                raise cur.fail(f"page extent {n} is at file offset {offset}, expected {expected}")
-            extents.append(PageExtent(region, first, count, offset))
-        if is_diff and packed_cursor != ram_offset + ram_length:
-            raise cur.fail("diff page data does not fill the RAM area exactly")
-        return tuple(extents)
+        self._toc = toc
 
     # ------------------------------------------------------------------ use
 
@@ -992,14 +1063,9 @@ class SnapshotFile:
         Full snapshot: always a source (file_offset None for a zero page). Diff: None when
         the page did not change, i.e. its bytes are in an ancestor.
         """
-        starts = self._extent_starts[region]
-        i = bisect.bisect_right(starts, page) - 1
-        if i >= 0:
-            e = self._extents_by_region[region][i]
-            if page < e.first_page + e.page_count:
-                if e.file_offset is None:
-                    return PageSource(self, None)
-                return PageSource(self, e.file_offset + (page - e.first_page) * PAGE_SIZE)
+        recorded, offset = self._toc.find(region, page)
+        if recorded:
+            return PageSource(self, offset)
         return None if self.is_diff else PageSource(self, None)
 
     def map_ram(self) -> GuestMemory:
@@ -1159,17 +1225,14 @@ class SnapshotChain:
         if self._overrides is None:
             overrides: list[dict[int, PageSource]] = [{} for _ in self.ram_regions]
             for snap in self.files[1:]:
-                for e in snap.extents:
-                    table = overrides[e.region]
-                    if e.file_offset is None:
-                        zero = PageSource(snap, None)
-                        for page in range(e.first_page, e.first_page + e.page_count):
-                            table[page] = zero
+                zero = PageSource(snap, None)
+                for region, first, count, offset in snap._toc.rows():
+                    table = overrides[region]
+                    if offset is None:
+                        table.update(dict.fromkeys(range(first, first + count), zero))
                     else:
-                        for k in range(e.page_count):
-                            table[e.first_page + k] = PageSource(
-                                snap, e.file_offset + k * PAGE_SIZE
-                            )
+                        for k in range(count):
+                            table[first + k] = PageSource(snap, offset + k * PAGE_SIZE)
             self._overrides = overrides
         return self._overrides
 
@@ -1200,61 +1263,54 @@ class SnapshotChain:
     def overlay_diffs(
         self, memory: GuestMemory, pages: Sequence[PageSelection] | None = None
     ) -> None:
-        """Copy the newest diff version of pages into `memory` (all diff pages, or those in `pages`).
+        """Make `memory`, which shows the base, show the chain: copy diff pages over it.
 
-        Pages whose newest version is in the base are not touched: after mapping the base or
-        MADV_DONTNEED they already show the base's bytes.
+        `pages` None: every diff's pages, diff by diff from the oldest, so a newer diff
+        overwrites an older one (what `map_ram` does after mapping the base).
+
+        `pages` given (per region, like `write_snapshot`'s; e.g. the pages dirtied since the
+        last restore): only those, each from its newest diff. Pages whose newest version is
+        the base are left alone -- the caller has MADV_DONTNEED'ed them, so they already show
+        the base file again. That is the in-place reset.
         """
-        if tuple(memory.regions) != self.ram_regions:
+        regions = self.ram_regions
+        if tuple(memory.regions) != regions:
             raise ValueError(
                 f"memory layout {_layout_text(memory.regions)} is not the snapshot's "
-                f"{_layout_text(self.ram_regions)}"
+                f"{_layout_text(regions)}"
             )
-        overrides = self.diff_page_sources()
-        reads: dict[int, tuple[SnapshotFile, list[tuple[int, memoryview]]]] = {}
-        for index, region in enumerate(self.ram_regions):
-            table = overrides[index]
-            if pages is None:
-                wanted = sorted(table)
-            else:
-                wanted = [
-                    p
-                    for p in _selected_pages(pages[index], region.size // PAGE_SIZE, index)
-                    if p in table
-                ]
-            view = memory.view(region.gpa, region.size)
-            # Merge neighbouring pages that come from consecutive offsets of one file.
-            run_start = run_source = None
-            run_len = 0
-            for page in [*wanted, None]:
-                source = table[page] if page is not None else None
-                if (
-                    source is not None
-                    and run_source is not None
-                    and source.snapshot is run_source.snapshot
-                    and page == run_start + run_len
-                    and (
-                        (source.file_offset is None and run_source.file_offset is None)
-                        or (
-                            source.file_offset is not None
-                            and run_source.file_offset is not None
-                            and source.file_offset == run_source.file_offset + run_len * PAGE_SIZE
-                        )
-                    )
-                ):
-                    run_len += 1
-                    continue
-                if run_source is not None:
-                    target = view[run_start * PAGE_SIZE : (run_start + run_len) * PAGE_SIZE]
-                    if run_source.file_offset is None:
+        views = [memory.view(r.gpa, r.size) for r in regions]
+        if pages is None:
+            for snap in self.files[1:]:
+                reads: list[tuple[int, memoryview]] = []
+                for region, first, count, offset in snap._toc.rows():
+                    target = views[region][first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+                    if offset is None:
                         target[:] = bytes(len(target))
                     else:
-                        reads.setdefault(id(run_source.snapshot), (run_source.snapshot, []))[
-                            1
-                        ].append((run_source.file_offset, target))
-                run_start, run_source, run_len = page, source, 1
-        for snap, file_reads in reads.values():
-            snap.read_pages(file_reads)
+                        reads.append((offset, target))
+                snap.read_pages(reads)
+            return
+        if len(pages) != len(regions):
+            raise ValueError(f"`pages` has {len(pages)} entries for {len(regions)} RAM regions")
+        overrides = self.diff_page_sources()
+        reads_by_file: dict[int, list[tuple[int, memoryview]]] = {}
+        for index, region in enumerate(regions):
+            table = overrides[index]
+            for page in _selected_pages(pages[index], region.size // PAGE_SIZE, index):
+                source = table.get(page)
+                if source is None:
+                    continue
+                target = views[index][page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+                if source.file_offset is None:
+                    target[:] = _ZERO_PAGE
+                else:
+                    reads_by_file.setdefault(id(source.snapshot), []).append(
+                        (source.file_offset, target)
+                    )
+        for snap in self.files[1:]:
+            if id(snap) in reads_by_file:
+                snap.read_pages(reads_by_file[id(snap)])
 
     def read_ram(self, gpa: int, length: int) -> bytes:
         """Bytes of guest RAM as the chain defines them, read from the files (no mapping)."""
@@ -1367,11 +1423,11 @@ _CPUID_FEATURE_REGISTERS: dict[tuple[int, int], tuple[str, ...]] = {
 """CPUID registers that are feature bit masks: a guest bit the host lacks cannot be restored."""
 
 _CPUID_DYNAMIC_BITS: dict[tuple[int, int, str], int] = {
-    (0x1, 0, "ecx"): (1 << 24)
-    | (1 << 27)
-    | (1 << 31),  # TSC-deadline (a KVM cap), OSXSAVE, hypervisor
+    # TSC-deadline (a KVM capability, set by the VMM), OSXSAVE (mirrors CR4), hypervisor
+    (0x1, 0, "ecx"): (1 << 24) | (1 << 27) | (1 << 31),
     (0x1, 0, "edx"): 1 << 9,  # APIC: mirrors the APIC enable bit
     (0x7, 0, "ecx"): 1 << 4,  # OSPKE mirrors CR4.PKE
+    (0x80000008, 0, "ebx"): 1 << 2,  # XSAVEERPTR: set by the VMM on PVM (kvm.PVM_CPUID_MASK)
 }
 """Bits the VMM sets or the CPU reflects at run time; KVM_GET_SUPPORTED_CPUID need not list them."""
 
