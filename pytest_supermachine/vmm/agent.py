@@ -199,8 +199,23 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self._failed is not None:
             raise AgentProtocolError(self._failed)
-        self._buf += data
         frames: list[Frame] = []
+        if not self._buf and self._need is None:
+            # Fast path: whole frames straight out of `data`, no copy into the buffer.
+            view = memoryview(data).cast("B")
+            pos, end_of_data = 0, len(view)
+            while end_of_data - pos >= HEADER_SIZE:
+                length, type_, flags, rid = HEADER.unpack_from(view, pos)
+                self._check_header(length, type_, flags)
+                end = pos + HEADER_SIZE + length
+                if end > end_of_data:
+                    break
+                frames.append(Frame(type_, rid, bytes(view[pos + HEADER_SIZE : end])))
+                pos = end
+            if pos == end_of_data:
+                return frames
+            data = view[pos:]
+        self._buf += data
         buf = self._buf
         pos = 0
         try:
@@ -209,15 +224,7 @@ class FrameDecoder:
                     if len(buf) - pos < HEADER_SIZE:
                         break
                     length, type_, flags, rid = HEADER.unpack_from(buf, pos)
-                    if length > self.max_frame:
-                        self._fail(
-                            f"frame announces a {length}-byte payload, more than the "
-                            f"{self.max_frame} allowed"
-                        )
-                    if flags:
-                        self._fail(f"frame header has reserved flags {flags:#x} set")
-                    if type_ not in TYPE_NAMES:
-                        self._fail(f"unknown message type {type_:#x}")
+                    self._check_header(length, type_, flags)
                     pos += HEADER_SIZE
                     self._need = length
                     self._hdr = (type_, rid)
@@ -232,6 +239,16 @@ class FrameDecoder:
                 del buf[:pos]
         return frames
 
+    def _check_header(self, length: int, type_: int, flags: int) -> None:
+        if length > self.max_frame:
+            self._fail(
+                f"frame announces a {length}-byte payload, more than the {self.max_frame} allowed"
+            )
+        if flags:
+            self._fail(f"frame header has reserved flags {flags:#x} set")
+        if type_ not in TYPE_NAMES:
+            self._fail(f"unknown message type {type_:#x}")
+
     def close(self) -> None:
         """Declare end of stream: raises if it cut a frame in half."""
         if self._failed is not None:
@@ -240,7 +257,7 @@ class FrameDecoder:
             have = len(self._buf) + (HEADER_SIZE if self._need is not None else 0)
             self._fail(f"stream ended inside a frame ({have} bytes of it received)")
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         self._failed = message
         raise AgentProtocolError(message)
 
