@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -117,6 +118,51 @@ int sm_ioctl_int(int fd, unsigned long request, unsigned long arg)
         rc = ioctl(fd, request, arg);
     } while (rc < 0 && errno == EINTR);
     return rc < 0 ? -errno : rc;
+}
+
+/* Issue n ioctls in order, stopping at the first failure (index in *failed). KVM_SET_MSRS
+ * counts as failed unless it set every MSR. Restores and resets use it: one C call. */
+int sm_ioctl_batch(int n, const int *fds, const unsigned long *requests, void *const *args,
+                   int *failed)
+{
+    for (int i = 0; i < n; i++) {
+        int rc = sm_ioctl_ptr(fds[i], requests[i], args[i]);
+        if (rc >= 0 && requests[i] == KVM_SET_MSRS && (uint32_t)rc != ((struct kvm_msrs *)args[i])->nmsrs)
+            rc = -EIO;
+        if (rc < 0) {
+            *failed = i;
+            return rc;
+        }
+    }
+    *failed = -1;
+    return 0;
+}
+
+/* madvise() every run of set bits in `bitmap` (bit n = page n of the region at `base`).
+ * Returns the number of pages advised, or -errno. In-place reset drops exactly the pages
+ * the guest (or a device) dirtied, so the rest of the mapping stays faulted in. */
+int64_t sm_madvise_bitmap(void *base, const uint64_t *bitmap, uint64_t npages, int advice)
+{
+    int64_t done = 0;
+    uint64_t page = 0;
+    while (page < npages) {
+        uint64_t word = bitmap[page / 64] >> (page % 64);
+        if (!word) {
+            page = (page / 64 + 1) * 64;
+            continue;
+        }
+        page += (uint64_t)__builtin_ctzll(word);
+        if (page >= npages)
+            break;
+        uint64_t end = page;
+        while (end < npages && (bitmap[end / 64] >> (end % 64) & 1))
+            end++;
+        if (madvise((uint8_t *)base + page * 4096, (end - page) * 4096, advice) < 0)
+            return -errno;
+        done += (int64_t)(end - page);
+        page = end;
+    }
+    return done;
 }
 
 uint64_t sm_now_ns(void)
@@ -327,6 +373,13 @@ uint64_t sm_serial_log_read(struct sm_vm *vm, uint8_t *out, uint64_t max)
         out[i] = sp->log[(start + i) % sp->log_size];
     pthread_mutex_unlock(&vm->serial_lock);
     return n;
+}
+
+void sm_serial_log_clear(struct sm_vm *vm)
+{
+    pthread_mutex_lock(&vm->serial_lock);
+    vm->serial.log_total = 0;
+    pthread_mutex_unlock(&vm->serial_lock);
 }
 
 int sm_serial_feed(struct sm_vm *vm, const uint8_t *data, uint32_t len)
@@ -636,6 +689,23 @@ void sm_vm_clear_ready(struct sm_vm *vm)
     vm->ready_ns = 0;
     vm->nmarks = 0;
     pthread_mutex_unlock(&vm->lock);
+}
+
+/* Complete any I/O a stopped vCPU left pending (KVM finishes it on the next KVM_RUN, which
+ * immediate_exit makes return at once), so its registers are at a clean boundary. Only for
+ * vCPUs whose thread has left sm_vcpu_run. */
+int sm_vcpu_settle(struct sm_vm *vm, int index)
+{
+    if (index < 0 || index >= vm->nvcpus || !vm->vcpus[index].run)
+        return -EINVAL;
+    struct sm_vcpu *v = &vm->vcpus[index];
+    if (v->thread_live)
+        return -EBUSY;
+    v->run->immediate_exit = 1;
+    int rc = ioctl(v->fd, KVM_RUN, 0);
+    int err = rc < 0 ? errno : 0;
+    v->run->immediate_exit = 0;
+    return (rc < 0 && err != EINTR) ? -err : 0;
 }
 
 /* ------------------------------------------------------------- run loop */

@@ -64,6 +64,9 @@ int sm_core_init(void);
 int sm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int sm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 uint64_t sm_now_ns(void);
+int64_t sm_madvise_bitmap(void *base, const uint64_t *bitmap, uint64_t npages, int advice);
+int sm_ioctl_batch(int n, const int *fds, const unsigned long *requests, void *const *args,
+                   int *failed);
 
 struct sm_vm *sm_vm_new(int vm_fd, int nvcpus, uint64_t console_log_bytes, void *py_handle);
 void sm_vm_free(struct sm_vm *vm);
@@ -73,6 +76,7 @@ int sm_vm_remove_io_region(struct sm_vm *vm, int space, uint64_t base);
 void sm_vm_set_console_stream(struct sm_vm *vm, int fd);
 
 int sm_vcpu_run(struct sm_vm *vm, int index);
+int sm_vcpu_settle(struct sm_vm *vm, int index);
 int sm_vm_pause(struct sm_vm *vm, int64_t timeout_ms);
 void sm_vm_resume(struct sm_vm *vm);
 void sm_vm_stop(struct sm_vm *vm);
@@ -89,6 +93,7 @@ void sm_vm_clear_ready(struct sm_vm *vm);
 
 uint64_t sm_serial_log_total(struct sm_vm *vm);
 uint64_t sm_serial_log_read(struct sm_vm *vm, uint8_t *out, uint64_t max);
+void sm_serial_log_clear(struct sm_vm *vm);
 int sm_serial_feed(struct sm_vm *vm, const uint8_t *data, uint32_t len);
 void sm_serial_get_state(struct sm_vm *vm, struct sm_serial_state *out);
 void sm_serial_set_state(struct sm_vm *vm, const struct sm_serial_state *in);

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import enum
 import errno
+import mmap
+import os
 import re
 import threading
 import time
@@ -28,15 +30,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..errors import GuestCrashed, GuestTimeout, MachineError
-from . import boot, layout, reaper
+from . import boot, layout, reaper, vmstate
 from ._native import ffi, lib
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
-from .kvm import Kvm, Vcpu, Vm
+from .kvm import CpuidTable, Kvm, Vcpu, Vm
 from .memory import GuestMemory
+from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
 
 _kvm_lock = threading.Lock()
 _shared_kvm: Kvm | None = None
@@ -49,6 +52,14 @@ def shared_kvm() -> Kvm:
         if _shared_kvm is None:
             _shared_kvm = Kvm()
         return _shared_kvm
+
+
+class PageWriter(Protocol):
+    """A device that writes guest RAM from the host, which KVM's dirty log cannot see."""
+
+    def written_pages(self) -> set[int]: ...  # guest page frame numbers (gpa // 4096)
+
+    def clear_written_pages(self) -> None: ...
 
 
 class ExitReason(enum.IntEnum):
@@ -145,6 +156,7 @@ class Machine:
     """One KVM virtual machine with its RAM, vCPU threads, COM1 and device buses."""
 
     def __init__(self, config: MachineConfig | None = None, *, kvm: Kvm | None = None,
+                 _memory: GuestMemory | None = None, _cpuids: Sequence[CpuidTable] | None = None,
                  **overrides: Any):
         self.config = config or MachineConfig()
         for key, value in overrides.items():
@@ -164,27 +176,37 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self._core: Any = ffi.NULL
+        self._origin: SnapshotChain | None = None
+        self._origin_state: vmstate.PreparedState | None = None
+        self._dirty: list[int] = []
+        self.page_writers: list[PageWriter] = []
+        self.memory = _memory
         try:
-            self._build()
+            self._build(_cpuids)
         except BaseException:
             self._teardown()
             raise
         self.timings.create_seconds = time.monotonic() - t0
 
-    def _build(self) -> None:
+    def _build(self, cpuids: Sequence[CpuidTable] | None) -> None:
         cfg = self.config
         self.vm.create_irqchip()
         self.vm.create_pit2()
-        self.memory = GuestMemory.anonymous(cfg.mem_mib * layout.MiB)
+        if self.memory is None:
+            self.memory = GuestMemory.anonymous(cfg.mem_mib * layout.MiB)
+        elif self.memory.size != cfg.mem_mib * layout.MiB:
+            raise MachineError(f"memory of {self.memory.size} bytes for a {cfg.mem_mib} MiB machine")
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size,
                                            self.memory.host_address(slot),
                                            log_dirty=cfg.track_dirty_pages)
         self.cpuid = self.kvm.guest_cpuid()
+        self.vcpu_cpuid: list[CpuidTable] = list(cpuids) if cpuids else [
+            self.cpuid.for_vcpu(i, cfg.vcpus) for i in range(cfg.vcpus)]
         for i in range(cfg.vcpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
-            vcpu.set_cpuid(self.cpuid.for_vcpu(i, cfg.vcpus))
+            vcpu.set_cpuid(self.vcpu_cpuid[i])
         lib.sm_core_init()
         self.buses = DeviceBuses()
         self._core = lib.sm_vm_new(self.vm.fd, cfg.vcpus, cfg.console_log_bytes, self.buses.handle)
@@ -348,6 +370,10 @@ class Machine:
         self.state = MachineState.PAUSED
 
     def resume(self) -> None:
+        """Let a paused machine run again (or start one that has not started yet)."""
+        if self.state is MachineState.CREATED:
+            self.start()
+            return
         self._require(MachineState.PAUSED, "resume")
         self.state = MachineState.RUNNING
         lib.sm_vm_resume(self._core)
@@ -391,7 +417,9 @@ class Machine:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
         core, vcpus, vm, memory, buses = self._core, self.vcpus, self.vm, self.memory, getattr(
             self, "buses", None)
-        self._core, self.vcpus, self.memory = ffi.NULL, [], None
+        origin = self._origin
+        self._core, self.vcpus, self.memory, self._origin = ffi.NULL, [], None, None
+        self._origin_state = None
 
         def release(buses: DeviceBuses | None = buses) -> None:
             # `buses` rides along so its callback handle outlives the C state that points at it.
@@ -402,12 +430,167 @@ class Machine:
                 memory.close()
             if core != ffi.NULL:
                 lib.sm_vm_free(core)
+            if origin is not None:
+                origin.close()
 
         reaper.reap(release)
 
     def _require(self, state: MachineState, action: str) -> None:
         if self.state is not state:
             raise MachineError(f"cannot {action} a machine that is {self.state.value}")
+
+    # ------------------------------------------------------------------ snapshots
+
+    @classmethod
+    def restore(cls, path: str | Path, *, kvm: Kvm | None = None, start: bool = True,
+                console_stream: IO[bytes] | int | None = None,
+                console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES) -> Machine:
+        """A new machine continuing exactly where the snapshot at `path` (or its chain) was.
+
+        RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
+        guest touches, not the RAM size; machines restored from one file share its page
+        cache. Refuses (SnapshotError subclasses) corrupt files, broken chains and
+        snapshots from another CPU model or KVM ABI.
+        """
+        kvm = kvm or shared_kvm()
+        chain = SnapshotChain.open(path)
+        try:
+            chain.check_host(vmstate.host_facts(kvm))
+            sections = chain.sections
+            vcpus, mem_bytes = vmstate.machine_shape(sections)
+            cpuids = [CpuidTable.from_bytes(sections[f"vcpu/{i}/cpuid"]) for i in range(vcpus)]
+            memory = chain.map_ram()
+        except BaseException:
+            chain.close()
+            raise
+        try:
+            m = cls(MachineConfig(vcpus=vcpus, mem_mib=mem_bytes >> 20,
+                                  console_log_bytes=console_log_bytes,
+                                  console_stream=console_stream, track_dirty_pages=True),
+                    kvm=kvm, _memory=memory, _cpuids=cpuids)
+        except BaseException:
+            memory.close()
+            chain.close()
+            raise
+        try:
+            m._origin = chain
+            m._origin_state = vmstate.prepare(m, sections)
+            m._origin_state.apply()
+            m._dirty = [0] * len(memory.regions)
+            if start:
+                m.start()
+        except BaseException:
+            m.stop()
+            raise
+        return m
+
+    def snapshot(self, path: str | Path, *, full: bool = False, durable: bool = True) -> SnapshotRef:
+        """Write this machine's complete state to `path`; the guest keeps running.
+
+        A running machine is parked at the pause barrier for the capture and resumed
+        after. A machine restored from a snapshot writes a **diff** against it (only the
+        pages changed since the restore or last reset) unless `full`; a booted one
+        writes a full snapshot. A loaded machine that was never started can be
+        snapshotted too (its guest will start from its entry point on restore).
+        Returns a reference usable as a later diff's parent.
+        """
+        if self.state is MachineState.STOPPED:
+            raise MachineError(f"cannot snapshot a machine that is {self.state.value}")
+        was_running = self.state is MachineState.RUNNING
+        if was_running:
+            self.pause()
+        try:
+            if self.state is MachineState.EXITED:
+                for vcpu in self.vcpus:
+                    lib.sm_vcpu_settle(self._core, vcpu.index)
+            sections = vmstate.capture(self)
+            facts = vmstate.host_facts(self.kvm, self.vcpu_cpuid[0])
+            assert self.memory is not None
+            if self._origin is not None and not full:
+                self._harvest_dirty()
+                nbytes = [(r.size // layout.PAGE_SIZE + 7) // 8 for r in self.memory.regions]
+                pages = [bits.to_bytes(n, "little") for bits, n in zip(self._dirty, nbytes, strict=True)]
+                return write_snapshot(path, sections=sections, host_facts=facts,
+                                      memory=self.memory, pages=pages,
+                                      parent=self._origin.leaf.ref(), durable=durable)
+            return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
+                                  durable=durable)
+        finally:
+            if was_running and self.state is MachineState.PAUSED:
+                self.resume()
+
+    def _harvest_dirty(self) -> None:
+        """OR KVM's dirty log (which it clears) and the devices' host writes into `_dirty`."""
+        assert self.memory is not None
+        for slot, region in enumerate(self.memory.regions):
+            bitmap = self.vm.get_dirty_log(slot, region.size // layout.PAGE_SIZE)
+            self._dirty[slot] |= int.from_bytes(bitmap, "little")
+        for writer in self.page_writers:
+            for pfn in writer.written_pages():
+                gpa = pfn * layout.PAGE_SIZE
+                for slot, region in enumerate(self.memory.regions):
+                    if region.gpa <= gpa < region.end:
+                        self._dirty[slot] |= 1 << ((gpa - region.gpa) // layout.PAGE_SIZE)
+            writer.clear_written_pages()
+
+    def dirty_pages(self) -> int:
+        """Pages changed since the restore or last reset (guest and device writes)."""
+        if self._origin is None:
+            raise MachineError("dirty pages are tracked only for machines restored from a snapshot")
+        was_running = self.state is MachineState.RUNNING
+        if was_running:
+            self.pause()
+        try:
+            self._harvest_dirty()
+        finally:
+            if was_running:
+                self.resume()
+        return sum(bin(bits).count("1") for bits in self._dirty)
+
+    def reset(self, *, resume: bool = True) -> None:
+        """Return this machine in place to the snapshot it was restored from.
+
+        Parks the vCPUs, drops exactly the pages changed since (MADV_DONTNEED on the
+        private mapping makes them read the snapshot file again), copies back the pages
+        a diff chain overlays, re-applies vCPU, irqchip, PIT, clock and serial state,
+        and lets the guest run again (with `resume=False` it stays stopped at the
+        snapshot's instruction until `resume()`). The console log starts afresh. Works
+        whether the guest was running, paused or had stopped (crashed, powered off).
+        """
+        if self._origin is None or self._origin_state is None:
+            raise MachineError("reset() needs a machine restored from a snapshot (Machine.restore)")
+        if self.state is MachineState.STOPPED:
+            raise MachineError("cannot reset a machine that is stopped")
+        if self.state is MachineState.RUNNING:
+            try:
+                self.pause()
+            except MachineError:
+                if self.state is not MachineState.EXITED:
+                    raise
+        assert self.memory is not None
+        self._harvest_dirty()
+        chain_pages: list[bytes] = []
+        for slot, region in enumerate(self.memory.regions):
+            npages = region.size // layout.PAGE_SIZE
+            bitmap = self._dirty[slot].to_bytes((npages + 63) // 64 * 8, "little")
+            chain_pages.append(bitmap[: (npages + 7) // 8])
+            rc = lib.sm_madvise_bitmap(ffi.cast("void *", self.memory.host_address(slot)),
+                                       ffi.from_buffer("uint64_t[]", bitmap), npages,
+                                       mmap.MADV_DONTNEED)
+            if rc < 0:
+                raise MachineError(f"madvise(MADV_DONTNEED) failed: {os.strerror(-rc)}")
+        if self._origin.depth > 1:  # host copies: KVM's dirty log does not see them
+            self._origin.overlay_diffs(self.memory, chain_pages)
+        self._dirty = [0] * len(self.memory.regions)
+        self._origin_state.apply()
+        lib.sm_serial_log_clear(self._core)
+        lib.sm_vm_clear_ready(self._core)
+        self._exit = None
+        if self.state is not MachineState.PAUSED:  # the guest had stopped: its threads are gone
+            lib.sm_vm_rearm(self._core)
+            self.state = MachineState.CREATED
+        if resume:
+            self.resume()
 
     # ------------------------------------------------------------------ observing
 
