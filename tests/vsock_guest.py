@@ -118,7 +118,7 @@ class GuestVsock:
 
     def host_kicks(self) -> None:
         """What the VMM event thread does when the device's fd is readable."""
-        self.transport.process_device(self.device.process_host)
+        self.device.service(self.transport)
 
     def take_rx(self) -> list[M.VsockPacket]:
         """Packets the device put in the rx ring since last time; their buffers are re-posted."""

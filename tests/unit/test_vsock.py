@@ -17,11 +17,13 @@ import pytest
 from pytest_supermachine.vmm.agent import AGENT_PORT, AgentClient
 from pytest_supermachine.vmm.devices.virtio import vsock_mux as M
 from pytest_supermachine.vmm.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
+from pytest_supermachine.vmm.devices.virtio.mmio import VirtioMmioTransport
 from pytest_supermachine.vmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from pytest_supermachine.vmm.devices.virtio.vsock import (
     EVENT_TRANSPORT_RESET,
     VirtioVsock,
 )
+from pytest_supermachine.vmm.memory import GuestMemory
 from tests.agent_peer import AgentPeer
 from tests.vsock_guest import GuestConn, GuestVsock
 
@@ -171,6 +173,16 @@ def test_a_closed_listener_refuses_new_connections(guest):
 def test_accept_times_out_when_nobody_connects(guest):
     with pytest.raises(M.VsockTimeout):
         guest.muxer.listen(5254).accept(timeout=0.01)
+
+
+def test_service_consumes_readiness_even_before_the_driver_is_up():
+    device = VirtioVsock()
+    transport = VirtioMmioTransport(device, GuestMemory.from_bytearray(bytearray(1 << 16)))
+    device.connect_nowait(5000)
+    assert select.select([device.fileno()], [], [], 0)[0]
+    device.service(transport)
+    assert not select.select([device.fileno()], [], [], 0)[0]  # an event loop would not spin
+    device.close()
 
 
 def test_fileno_is_readable_after_a_connect_call(guest):

@@ -34,8 +34,8 @@ data; answer a full SHUTDOWN with RST; drop every connection (keep
 listeners) on a TRANSPORT_RESET event, which follows a snapshot restore.
 
 Event loop integration (see `VirtioVsock.fileno`): the VMM's event thread
-selects on the rx/tx ioeventfds (→ ``transport.notify(i)``) and on
-``vsock.fileno()`` (→ ``transport.process_device(vsock.process_host)``).
+selects on the rx/tx/event ioeventfds (→ ``transport.notify(i)``) and on
+``vsock.fileno()`` (→ ``vsock.service(transport)``).
 Both paths run under the transport lock, so device and queues are never used
 concurrently; `connect`/`listen` may be called from any thread.
 """
@@ -45,7 +45,8 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .device import (
     VIRTIO_F_EVENT_IDX,
@@ -76,6 +77,10 @@ _EVENT = struct.Struct("<I")
 _CONFIG = struct.Struct("<Q")
 
 
+class _Transport(Protocol):
+    def process_device(self, action: Callable[[], None]) -> None: ...
+
+
 class VirtioVsock(VirtioDevice):
     """The virtio-vsock device (id 19) with a host muxer behind it.
 
@@ -102,8 +107,8 @@ class VirtioVsock(VirtioDevice):
     def fileno(self) -> int:
         """An fd that is readable whenever `process_host` has work (host sockets, connect calls).
 
-        Register it in the VMM's selector and call
-        ``transport.process_device(vsock.process_host)`` when it is readable.
+        Register it in the VMM's selector and call ``vsock.service(transport)``
+        when it is readable.
         """
         return self.muxer.fileno()
 
@@ -173,6 +178,16 @@ class VirtioVsock(VirtioDevice):
             self.muxer.rx_available()
         self._deliver_events()
         self._fill_rx()
+
+    def service(self, transport: _Transport) -> None:
+        """What the VMM's event thread calls whenever `fileno` is readable.
+
+        Host-side readiness is always consumed (so a level-triggered loop never
+        spins, even while the driver is not up or the device needs a reset);
+        queue work runs under the transport's lock and error handling.
+        """
+        self.muxer.poll_host()
+        transport.process_device(self.process_host)
 
     def process_host(self) -> None:
         """Host sockets or API calls have work: move what can be moved. Call under the
