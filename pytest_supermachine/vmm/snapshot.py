@@ -574,22 +574,33 @@ def _diff_runs(view: memoryview, pages: list[int]) -> list[tuple[int, int, bool]
 def _check_parent_for_writing(
     parent: SnapshotRef, parent_path: Path, regions: Sequence[RamRegion]
 ) -> None:
+    """Cheap sanity check of a diff's parent: its header digest and its region table.
+
+    Reads one small block instead of validating the whole parent, because the VM is paused
+    while a snapshot is written; SnapshotChain.open validates the parent fully later.
+    """
     try:
-        snap = SnapshotFile.open(parent_path)
-    except SnapshotError as exc:
+        digest = peek_digest(parent_path)
+        with open(parent_path, "rb") as f:
+            table = f.read(HEADER_SIZE + 4 + MAX_REGIONS * _REGION.size)[HEADER_SIZE:]
+    except (SnapshotError, OSError) as exc:
         raise SnapshotParentError(f"cannot take a diff against {parent_path}: {exc}") from exc
-    with snap:
-        if snap.digest != parent.digest:
-            raise SnapshotParentError(
-                f"cannot take a diff against {parent_path}: it has digest {snap.digest.hex()[:16]}…, "
-                f"but the reference says {parent.digest.hex()[:16]}… (it was rebuilt); "
-                "take the diff against the current file (SnapshotRef.of(path))"
-            )
-        if tuple(snap.ram_regions) != tuple(regions):
-            raise SnapshotParentError(
-                f"cannot take a diff against {parent_path}: its RAM layout "
-                f"{_layout_text(snap.ram_regions)} differs from this memory's {_layout_text(regions)}"
-            )
+    if digest != parent.digest:
+        raise SnapshotParentError(
+            f"cannot take a diff against {parent_path}: it has digest {digest.hex()[:16]}…, "
+            f"but the reference says {parent.digest.hex()[:16]}… (it was rebuilt); "
+            "take the diff against the current file (SnapshotRef.of(path))"
+        )
+    count = _U32.unpack_from(table)[0] if len(table) >= 4 else 0
+    parent_regions = [
+        RamRegion(*_REGION.unpack_from(table, 4 + i * _REGION.size)[:2])
+        for i in range(min(count, (len(table) - 4) // _REGION.size))
+    ]
+    if parent_regions != list(regions):
+        raise SnapshotParentError(
+            f"cannot take a diff against {parent_path}: its RAM layout "
+            f"{_layout_text(parent_regions)} differs from this memory's {_layout_text(regions)}"
+        )
 
 
 def _layout_text(regions: Iterable[RamRegion]) -> str:
