@@ -431,7 +431,8 @@ def write_snapshot(
     Diff snapshot (`pages` and `parent` given): `pages[i]` lists the pages of region i that
     changed since `parent` (indices or a dirty bitmap); only those are stored, packed, and
     the ones that are now zero are recorded without bytes. The parent must exist with the
-    digest in `parent` and the same RAM layout.
+    digest in `parent` and the same RAM layout (checked from its header and region table
+    only; `SnapshotChain.open` validates it fully).
 
     Memory must not change while this runs (pause the vCPUs). `durable` fsyncs the file
     and the directory before returning; the rename is atomic either way. Returns a
@@ -454,9 +455,14 @@ def write_snapshot(
     facts_json = _encode_host_facts(host_facts)
     region_views = [memory.view(r.gpa, r.size) for r in regions]
 
+    # runs: (region, first page, page count, all-zero) in (region, page) order
     parent_hints: list[str] = []
     if parent is None:
-        runs = [(i, run) for i, view in enumerate(region_views) for run in _nonzero_page_runs(view)]
+        runs = [
+            (i, first, count, False)
+            for i, view in enumerate(region_views)
+            for first, count in _nonzero_page_runs(view)
+        ]
     else:
         parent_path = Path(os.path.abspath(parent.path))
         _check_parent_for_writing(parent, parent_path, regions)
@@ -464,33 +470,28 @@ def write_snapshot(
         if len(pages) != len(regions):
             raise ValueError(f"`pages` has {len(pages)} entries for {len(regions)} RAM regions")
         parent_hints = [os.path.relpath(parent_path, final.parent), str(parent_path)]
-        runs = []
-        for i, (selection, view) in enumerate(zip(pages, region_views, strict=True)):
-            runs += [
-                (i, run)
-                for run in _diff_runs(view, _selected_pages(selection, len(view) // PAGE_SIZE, i))
-            ]
+        runs = [
+            (i, first, count, is_zero)
+            for i, (selection, view) in enumerate(zip(pages, region_views, strict=True))
+            for first, count, is_zero in _changed_page_runs(
+                view, _selected_pages(selection, len(view) // PAGE_SIZE, i)
+            )
+        ]
 
     def build(ram_offset: int) -> tuple[list[int | None], list[PageExtent], int]:
-        extents: list[PageExtent] = []
-        if parent is None:
-            offsets: list[int | None] = []
-            cursor = ram_offset
-            for region in regions:
-                offsets.append(cursor)
-                cursor += region.size
-            for i, (first, count) in runs:
-                base = offsets[i]
-                assert base is not None
-                extents.append(PageExtent(i, first, count, base + first * PAGE_SIZE))
-            return offsets, extents, cursor - ram_offset
-        cursor = ram_offset
-        for i, (first, count, is_zero) in runs:
-            if is_zero:
-                extents.append(PageExtent(i, first, count, None))
-            else:
-                extents.append(PageExtent(i, first, count, cursor))
-                cursor += count * PAGE_SIZE
+        """Region offsets, extents and RAM length once the RAM area's start is known."""
+        if parent is None:  # regions back to back, each page at its own place
+            offsets = list(itertools.accumulate((r.size for r in regions), initial=ram_offset))
+            extents = [
+                PageExtent(i, first, count, offsets[i] + first * PAGE_SIZE)
+                for i, first, count, _ in runs
+            ]
+            return list(offsets[:-1]), extents, offsets[-1] - ram_offset
+        extents = []
+        cursor = ram_offset  # stored pages packed back to back
+        for i, first, count, is_zero in runs:
+            extents.append(PageExtent(i, first, count, None if is_zero else cursor))
+            cursor += 0 if is_zero else count * PAGE_SIZE
         return [None] * len(regions), extents, cursor - ram_offset
 
     snapshot_id = secrets.token_bytes(16)
@@ -557,8 +558,8 @@ def write_snapshot(
     return SnapshotRef(digest, final)
 
 
-def _diff_runs(view: memoryview, pages: list[int]) -> list[tuple[int, int, bool]]:
-    """Split the changed pages into runs of (first, count, all_zero)."""
+def _changed_page_runs(view: memoryview, pages: list[int]) -> list[tuple[int, int, bool]]:
+    """Split sorted changed pages into runs of (first, count, all_zero): zero pages get no bytes."""
     out: list[tuple[int, int, bool]] = []
     for first, count in _page_runs(pages):
         data = view[first * PAGE_SIZE : (first + count) * PAGE_SIZE].tobytes()
