@@ -1116,8 +1116,10 @@ class SnapshotFile:
     def close(self) -> None:
         """Close the file. Mappings made by map_ram stay valid (they hold their own reference)."""
         if self._fd >= 0:
-            self._finalizer.detach()
-            os.close(self._fd)
+            # At interpreter exit weakref.finalize may already have closed the fd (its atexit
+            # hook runs first); detach() then returns None and the fd number is not ours.
+            if self._finalizer.detach() is not None:
+                os.close(self._fd)
             self._fd = -1
 
     def __enter__(self) -> SnapshotFile:

@@ -79,7 +79,10 @@ def test_live_snapshot_then_continue_agrees_with_the_restored_path(make_machine,
     # it runs; the original finishes, and so does a machine restored from the snapshot.
     m = make_machine(GuestMode.OUT_LOOP, 50_000)
     m.start()
-    m.wait_console("mode=out_loop", timeout=30)
+    deadline = time.monotonic() + 30
+    while 1 not in [mark for mark, _ in m.marks()]:  # MARK 1: the loop has begun
+        assert time.monotonic() < deadline, "the guest never started its loop"
+        time.sleep(0.001)
     m.snapshot(tmp_path / "mid.snap")
     assert m.state is MachineState.RUNNING
     assert m.wait(timeout=120).reason is ExitReason.HALT

@@ -1,0 +1,143 @@
+"""Snapshot benchmark: restore from file, in-place reset vs fresh restore, save cost and size.
+
+    python bench/bench_snapshot.py [--reps 10]
+
+All on the microguest, one run:
+1. restore-from-file latency: to the first guest instruction (restore + start) and to the
+   microguest's first console line, from a snapshot of a loaded, never-started guest;
+2. reset latency after the guest dirtied 0 / 1k / 10k / 50k pages (DIRTY mode, then
+   power-off), versus the baseline of destroying the machine and restoring a fresh one;
+3. save time and on-disk size of a full and of a diff snapshot against changed pages.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit_json, print_table, summarize
+
+from pytest_supermachine.guest.microguest import GuestMode, build_microguest
+from pytest_supermachine.vmm import reaper
+from pytest_supermachine.vmm.machine import ExitReason, Machine
+
+MEM_MIB = 256
+
+
+def loaded_snapshot(elf: Path, tmp: Path, mode: int, arg: int = 0) -> Path:
+    path = tmp / f"loaded-{mode}-{arg}.snap"
+    with Machine(mem_mib=MEM_MIB) as m:
+        m.boot_direct64(elf, mode=mode, arg=arg)
+        m.snapshot(path, durable=False)
+    return path
+
+
+def restore_latency(path: Path, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    to_start, to_console = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        m = Machine.restore(path)
+        t1 = time.perf_counter()
+        m.wait_console("microguest: boot", timeout=30)
+        t2 = time.perf_counter()
+        to_start.append((t1 - t0) * 1e3)
+        to_console.append((t2 - t0) * 1e3)
+        m.stop()
+        reaper.drain()
+    return summarize(to_start), summarize(to_console)
+
+
+def reset_vs_restore(path: Path, pages: int, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    resets, restores = [], []
+    m = Machine.restore(path)
+    try:
+        for _ in range(reps):
+            assert m.wait(timeout=120).reason is ExitReason.HALT
+            t0 = time.perf_counter()
+            m.reset(resume=False)
+            resets.append((time.perf_counter() - t0) * 1e3)
+            m.resume()
+    finally:
+        m.stop()
+    for _ in range(reps):
+        m = Machine.restore(path)
+        assert m.wait(timeout=120).reason is ExitReason.HALT
+        t0 = time.perf_counter()
+        m.stop()
+        m = Machine.restore(path, start=False)
+        restores.append((time.perf_counter() - t0) * 1e3)
+        m.stop()
+        reaper.drain()
+    return summarize(resets), summarize(restores)
+
+
+def save_costs(path: Path, tmp: Path) -> dict[str, float]:
+    with Machine.restore(path) as m:
+        m.wait(timeout=120)
+        t0 = time.perf_counter()
+        m.snapshot(tmp / "diff.snap", durable=False)
+        t1 = time.perf_counter()
+        m.snapshot(tmp / "full.snap", full=True, durable=False)
+        t2 = time.perf_counter()
+    size = {name: os.stat(tmp / name).st_blocks * 512 / 1024 for name in ("diff.snap", "full.snap")}
+    for name in ("diff.snap", "full.snap"):
+        (tmp / name).unlink()
+    return {"diff_ms": (t1 - t0) * 1e3, "full_ms": (t2 - t1) * 1e3,
+            "diff_kib": size["diff.snap"], "full_kib": size["full.snap"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    elf = build_microguest()
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="sm-bench-") as d:
+        tmp = Path(d)
+        halt = loaded_snapshot(elf, tmp, GuestMode.HALT)
+        restore_latency(halt, 2)  # warm-up
+        to_start, to_console = restore_latency(halt, args.reps)
+        rows: list[tuple[str, dict[str, float] | float, str]] = [
+            ("restore -> first guest instruction (restore+start)", to_start, "ms"),
+            ("restore -> first console line", to_console, "ms"),
+        ]
+        results["restore_to_start_ms"] = round(to_start["median"], 3)
+        results["restore_to_console_ms"] = round(to_console["median"], 3)
+        reset_rows: list[tuple[str, dict[str, float] | float, str]] = []
+        save_rows: list[tuple[str, dict[str, float] | float, str]] = []
+        for pages in (0, 1000, 10_000, 50_000):
+            snap = loaded_snapshot(elf, tmp, GuestMode.DIRTY if pages else GuestMode.HALT, pages)
+            reset, fresh = reset_vs_restore(snap, pages, args.reps)
+            ratio = fresh["median"] / reset["median"]
+            reset_rows += [
+                (f"reset after {pages} dirty pages", reset, "ms"),
+                (f"  destroy + fresh restore (baseline), {pages} pages", fresh, "ms"),
+                (f"  reset speed-up over fresh restore, {pages} pages", ratio, "x"),
+            ]
+            results[f"reset_ms_{pages}"] = round(reset["median"], 3)
+            results[f"fresh_restore_ms_{pages}"] = round(fresh["median"], 3)
+            results[f"reset_speedup_{pages}"] = round(ratio, 2)
+            if pages:
+                cost = save_costs(snap, tmp)
+                save_rows += [
+                    (f"save diff, {pages} changed pages", cost["diff_ms"], "ms"),
+                    (f"save full, {pages} changed pages", cost["full_ms"], "ms"),
+                    (f"  diff on disk, {pages} changed pages", cost["diff_kib"], "KiB"),
+                    (f"  full on disk, {pages} changed pages", cost["full_kib"], "KiB"),
+                ]
+                results[f"save_{pages}"] = {k: round(v, 1) for k, v in cost.items()}
+    print_table(f"restore from file ({MEM_MIB} MiB microguest)", rows)
+    print_table("in-place reset vs destroy-and-restore", reset_rows)
+    print_table("saving snapshots (single run each)", save_rows)
+    emit_json("snapshot", results)
+
+
+if __name__ == "__main__":
+    main()
