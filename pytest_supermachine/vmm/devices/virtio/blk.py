@@ -137,7 +137,7 @@ class CowDisk:
         blocks = self._blocks
         first = offset // OVERLAY_BLOCK_SIZE
         last = (offset + length - 1) // OVERLAY_BLOCK_SIZE
-        if not any(b in blocks for b in range(first, last + 1)):
+        if not blocks or not any(b in blocks for b in range(first, last + 1)):
             return self._read_base(offset, length)
         out = bytearray()
         pos, end = offset, offset + length

@@ -25,8 +25,9 @@ Layout of the rings (all little endian)::
 
 from __future__ import annotations
 
+import mmap
 import struct
-from collections.abc import Iterable
+import threading
 from dataclasses import asdict, dataclass
 
 from ....errors import GuestMemoryError, SupermachineError
@@ -68,16 +69,22 @@ class DeviceMemory:
     because KVM's dirty log cannot see host-side writes. One instance per
     transport; it outlives device resets so no write is ever forgotten before
     the VMM collects it with `written_pages` / `clear_written_pages`.
+
+    `resolve` is the fast path the queue uses: it bounds-checks a range once
+    (through `GuestMemory.locate`) and returns the region's host buffer and
+    offset, which the caller may then index only *within that range*.
     """
 
-    __slots__ = ("_written", "guest")
+    __slots__ = ("_buffers", "_written", "guest")
 
     def __init__(self, guest: GuestMemory) -> None:
         self.guest = guest
+        self._buffers = tuple(guest.buffer(i) for i in range(len(guest.regions)))
         self._written: set[int] = set()
 
     # -- dirty page tracking -------------------------------------------------
-    def _record(self, gpa: int, length: int) -> None:
+    def mark_written(self, gpa: int, length: int) -> None:
+        """Record that the device wrote ``[gpa, gpa+length)`` by other means than this class."""
         if length <= 0:
             return
         first = gpa >> _PAGE_SHIFT
@@ -96,6 +103,11 @@ class DeviceMemory:
         self._written.clear()
 
     # -- access ----------------------------------------------------------------
+    def resolve(self, gpa: int, length: int) -> tuple[mmap.mmap | bytearray, int]:
+        """(host buffer, offset) of a range inside one RAM region; `GuestMemoryError` if not."""
+        index, offset = self.guest.locate(gpa, length)
+        return self._buffers[index], offset
+
     def check(self, gpa: int, length: int) -> None:
         """Raise `GuestMemoryError` unless ``[gpa, gpa+length)`` is guest RAM."""
         self.guest.locate(gpa, length)
@@ -109,12 +121,12 @@ class DeviceMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.guest.write(gpa, data)
-        self._record(gpa, len(data))
+        self.mark_written(gpa, len(data))
 
     def write_view(self, gpa: int, length: int) -> memoryview:
         """A view the device will write into; the pages are recorded as written now."""
         view = self.guest.view(gpa, length)
-        self._record(gpa, length)
+        self.mark_written(gpa, length)
         return view
 
     def read_u16(self, gpa: int) -> int:
@@ -122,7 +134,11 @@ class DeviceMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         self.guest.write_u16(gpa, value)
-        self._record(gpa, 2)
+        self.mark_written(gpa, 2)
+
+
+#: One segment of a chain: (host buffer, offset in it, length, guest-physical address).
+_Segment = tuple["mmap.mmap | bytearray", int, int, int]
 
 
 class DescriptorChain:
@@ -130,27 +146,35 @@ class DescriptorChain:
 
     `readable` are the device-readable ``(gpa, len)`` buffers, in order,
     followed by the device-writable ones in `writable` (the virtio spec
-    requires readable before writable). Every buffer was checked to lie in
-    guest RAM when the chain was popped; the byte helpers below still go
-    through `DeviceMemory`, so a write can never land outside RAM even if
-    guest memory was re-laid out meanwhile.
+    requires readable before writable). Every buffer was bounds-checked
+    through `GuestMemory.locate` when the chain was popped and is accessed
+    only within that checked range; writes are recorded as written pages.
     """
 
-    __slots__ = ("head", "memory", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("_rsegs", "_wsegs", "head", "memory", "readable_len", "writable_len")
 
     def __init__(
         self,
         head: int,
         memory: DeviceMemory,
-        readable: list[tuple[int, int]],
-        writable: list[tuple[int, int]],
+        readable: list[tuple[int, int]] | list[_Segment],
+        writable: list[tuple[int, int]] | list[_Segment],
     ) -> None:
+        """`readable`/`writable`: ``(gpa, len)`` pairs (checked here) or resolved segments."""
         self.head = head
         self.memory = memory
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = sum(n for _, n in readable)
-        self.writable_len = sum(n for _, n in writable)
+        self._rsegs = [s if len(s) == 4 else (*memory.resolve(*s), s[1], s[0]) for s in readable]
+        self._wsegs = [s if len(s) == 4 else (*memory.resolve(*s), s[1], s[0]) for s in writable]
+        self.readable_len = sum(s[2] for s in self._rsegs)
+        self.writable_len = sum(s[2] for s in self._wsegs)
+
+    @property
+    def readable(self) -> list[tuple[int, int]]:
+        return [(gpa, n) for _, _, n, gpa in self._rsegs]
+
+    @property
+    def writable(self) -> list[tuple[int, int]]:
+        return [(gpa, n) for _, _, n, gpa in self._wsegs]
 
     def __repr__(self) -> str:
         return (
@@ -161,16 +185,47 @@ class DescriptorChain:
         """Bytes ``[offset, offset+length)`` of the readable stream (clipped to its end)."""
         if length is None:
             length = self.readable_len - offset
-        return b"".join(bytes(v) for v in self._slices(self.readable, offset, length, write=False))
+        if offset < 0 or length <= 0:
+            return b""
+        out = []
+        for buf, off, n, _ in self._rsegs:
+            if offset >= n:
+                offset -= n
+                continue
+            k = min(n - offset, length)
+            out.append(buf[off + offset : off + offset + k])
+            length -= k
+            offset = 0
+            if not length:
+                break
+        return bytes(out[0]) if len(out) == 1 else b"".join(out)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write `data` at `offset` of the writable stream; returns bytes written (clipped)."""
-        src = memoryview(data).cast("B")
+        src: bytes | bytearray | memoryview = data
+        if isinstance(src, memoryview) and (src.ndim != 1 or src.format not in ("B", "b", "c")):
+            src = src.cast("B")
+        total = len(src)
+        if offset < 0 or not total:
+            return 0
         done = 0
-        for view in self._slices(self.writable, offset, len(src), write=True):
-            n = len(view)
-            view[:] = src[done : done + n]
-            done += n
+        record = self.memory.mark_written
+        for buf, off, n, gpa in self._wsegs:
+            if offset >= n:
+                offset -= n
+                continue
+            k = min(n - offset, total - done)
+            if done or k != total:
+                if not isinstance(src, memoryview):
+                    src = memoryview(src)
+                buf[off + offset : off + offset + k] = src[done : done + k]
+            else:
+                buf[off + offset : off + offset + k] = src
+            record(gpa + offset, k)
+            done += k
+            offset = 0
+            if done == total:
+                break
         return done
 
     def writable_views(self, offset: int, length: int) -> list[memoryview]:
@@ -178,24 +233,21 @@ class DescriptorChain:
 
         For zero-copy fills (``os.preadv``); clipped to the writable stream.
         """
-        return list(self._slices(self.writable, offset, length, write=True))
-
-    def _slices(
-        self, buffers: list[tuple[int, int]], offset: int, length: int, *, write: bool
-    ) -> Iterable[memoryview]:
+        views = []
         if offset < 0 or length <= 0:
-            return
-        mem = self.memory
-        for gpa, size in buffers:
-            if offset >= size:
-                offset -= size
+            return views
+        for buf, off, n, gpa in self._wsegs:
+            if offset >= n:
+                offset -= n
                 continue
-            n = min(size - offset, length)
-            yield mem.write_view(gpa + offset, n) if write else mem.read_view(gpa + offset, n)
-            length -= n
+            k = min(n - offset, length)
+            views.append(memoryview(buf)[off + offset : off + offset + k])
+            self.memory.mark_written(gpa + offset, k)
+            length -= k
             offset = 0
-            if length == 0:
-                return
+            if not length:
+                break
+        return views
 
 
 @dataclass
@@ -277,14 +329,13 @@ class VirtQueue:
     """
 
     __slots__ = (
-        "_avail_event_addr",
-        "_avail_idx_addr",
-        "_avail_ring",
-        "_desc",
+        "_avail_buf",
+        "_avail_off",
+        "_desc_buf",
+        "_desc_off",
         "_memory",
-        "_used_event_addr",
-        "_used_idx_addr",
-        "_used_ring",
+        "_used_buf",
+        "_used_off",
         "avail_addr",
         "desc_addr",
         "event_idx",
@@ -354,15 +405,15 @@ class VirtQueue:
         self._memory = None
 
     def _bind(self, memory: DeviceMemory) -> None:
+        # Each ring area was bounds-checked as a whole (`validate`); from here on
+        # it is indexed only with offsets derived from `size` and indices < size.
         size = self.size
+        self._desc_buf, self._desc_off = memory.resolve(self.desc_addr, VIRTQ_DESC_SIZE * size)
+        self._avail_buf, self._avail_off = memory.resolve(self.avail_addr, 6 + 2 * size)
+        self._used_buf, self._used_off = memory.resolve(
+            self.used_addr, 6 + VIRTQ_USED_ELEM_SIZE * size
+        )
         self._memory = memory
-        self._desc = self.desc_addr
-        self._avail_idx_addr = self.avail_addr + 2
-        self._avail_ring = self.avail_addr + 4
-        self._used_event_addr = self.avail_addr + 4 + 2 * size
-        self._used_idx_addr = self.used_addr + 2
-        self._used_ring = self.used_addr + 4
-        self._avail_event_addr = self.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * size
 
     @property
     def active(self) -> bool:
@@ -407,19 +458,14 @@ class VirtQueue:
             self.bind(memory)
 
     # -- the data path ---------------------------------------------------------
-    def _mem(self) -> DeviceMemory:
-        mem = self._memory
-        if mem is None:
+    def _avail_idx(self) -> int:
+        if self._memory is None:
             raise VirtQueueError("queue used before it was activated")
-        return mem
+        return _U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
 
     def pending(self) -> int:
         """Number of chains the driver has made available and the device not yet popped."""
-        mem = self._mem()
-        try:
-            avail_idx = mem.read_u16(self._avail_idx_addr)
-        except GuestMemoryError as e:  # pragma: no cover - validated at activation
-            raise VirtQueueError(str(e)) from None
+        avail_idx = self._avail_idx()
         pending = (avail_idx - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise VirtQueueError(
@@ -432,22 +478,35 @@ class VirtQueue:
         """The next available chain, or None when the ring is empty.
 
         With ``VIRTIO_F_EVENT_IDX``, an empty ring publishes ``avail_event =
-        next_avail`` (ask for a kick on the next buffer) and then looks once
-        more, so a buffer made available in between is never missed.
+        next_avail`` (ask for a kick on the next buffer), then a full memory
+        barrier, then looks once more, so a buffer made available in between
+        is never missed (the driver does the mirror image: idx, barrier, event).
         """
-        if self.pending() == 0:
+        next_avail = self.next_avail
+        avail_idx = self._avail_idx()
+        if avail_idx == next_avail:
             if not self.event_idx:
                 return None
-            mem = self._mem()
-            mem.write_u16(self._avail_event_addr, self.next_avail)
-            if self.pending() == 0:
+            self._publish_avail_event(next_avail)
+            _full_barrier()
+            avail_idx = self._avail_idx()
+            if avail_idx == next_avail:
                 return None
-        mem = self._mem()
-        slot = self._avail_ring + 2 * (self.next_avail % self.size)
-        head = mem.read_u16(slot)
-        chain = self._parse_chain(head)
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        size = self.size
+        if (avail_idx - next_avail) & 0xFFFF > size:
+            raise VirtQueueError(
+                f"avail idx {avail_idx} is {(avail_idx - next_avail) & 0xFFFF} ahead of the "
+                f"device's {next_avail}, more than the queue size {size}"
+            )
+        slot = self._avail_off + 4 + 2 * (next_avail % size)
+        chain = self._parse_chain(_U16.unpack_from(self._avail_buf, slot)[0])
+        self.next_avail = (next_avail + 1) & 0xFFFF
         return chain
+
+    def _publish_avail_event(self, value: int) -> None:
+        offset = 4 + VIRTQ_USED_ELEM_SIZE * self.size
+        _U16.pack_into(self._used_buf, self._used_off + offset, value)
+        self._memory._written.add((self.used_addr + offset) >> _PAGE_SHIFT)  # type: ignore[union-attr]
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (a device that could not take it yet, e.g. no rx room)."""
@@ -457,17 +516,18 @@ class VirtQueue:
         size = self.size
         if head >= size:
             raise VirtQueueError(f"available ring names descriptor {head}, queue size is {size}")
-        mem = self._mem()
-        guest = mem.guest
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
+        mem = self._memory
+        assert mem is not None
+        locate = mem.guest.locate
+        buffers = mem._buffers
+        readable: list[_Segment] = []
+        writable: list[_Segment] = []
         total = 0
-        table = self._desc
-        table_len = size
+        table_buf, table_off, table_len = self._desc_buf, self._desc_off, size
         index = head
         count = 0
         in_indirect = False
-        unpack = _DESC.unpack
+        unpack_from = _DESC.unpack_from
         while True:
             count += 1
             if count > table_len:
@@ -475,10 +535,8 @@ class VirtQueue:
                     f"descriptor chain from head {head} is longer than its table ({table_len}) "
                     "or loops"
                 )
-            try:
-                addr, length, flags, nxt = unpack(guest.view(table + VIRTQ_DESC_SIZE * index, 16))
-            except GuestMemoryError as e:
-                raise VirtQueueError(f"descriptor table outside guest RAM: {e}") from None
+            # index < table_len always holds here, so this stays inside the checked table.
+            addr, length, flags, nxt = unpack_from(table_buf, table_off + VIRTQ_DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise VirtQueueError("indirect descriptor inside an indirect table")
@@ -498,27 +556,27 @@ class VirtQueue:
                         f"indirect table of {n} descriptors exceeds queue size {size}"
                     )
                 try:
-                    guest.locate(addr, length)
+                    region, table_off = locate(addr, length)
                 except GuestMemoryError as e:
                     raise VirtQueueError(f"indirect table outside guest RAM: {e}") from None
                 in_indirect = True
-                table, table_len, index, count = addr, n, 0, 0
+                table_buf, table_len, index, count = buffers[region], n, 0, 0
                 continue
             if length == 0:
                 raise VirtQueueError(f"zero-length descriptor in chain from head {head}")
             try:
-                guest.locate(addr, length)
+                region, off = locate(addr, length)
             except GuestMemoryError as e:
                 raise VirtQueueError(f"descriptor buffer outside guest RAM: {e}") from None
             total += length
             if total > _U32_MAX:
                 raise VirtQueueError("descriptor chain covers more than 4 GiB")
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.append((addr, length))
+                writable.append((buffers[region], off, length, addr))
             elif writable:
                 raise VirtQueueError("device-readable descriptor after a device-writable one")
             else:
-                readable.append((addr, length))
+                readable.append((buffers[region], off, length, addr))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
@@ -528,13 +586,18 @@ class VirtQueue:
 
     def add_used(self, head: int, length: int) -> None:
         """Return chain `head` to the driver, `length` bytes written into its writable buffers."""
-        mem = self._mem()
-        slot = self._used_ring + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size)
-        mem.write(slot, _USED_ELEM.pack(head, length))
+        mem = self._memory
+        if mem is None:
+            raise VirtQueueError("queue used before it was activated")
+        slot = VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size)
+        _USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + slot, head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        # The element must be visible before the index: on x86 stores are not
-        # reordered with other stores, and this is program order.
-        mem.write_u16(self._used_idx_addr, self.next_used)
+        # The element must be visible before the index: x86 does not reorder
+        # stores with other stores, and this is program order.
+        _U16.pack_into(self._used_buf, self._used_off + 2, self.next_used)
+        written = mem._written
+        written.add((self.used_addr + 4 + slot) >> _PAGE_SHIFT)
+        written.add((self.used_addr + 2) >> _PAGE_SHIFT)
 
     def needs_notification(self) -> bool:
         """Should the device interrupt the driver for the used buffers added so far?
@@ -543,13 +606,32 @@ class VirtQueue:
         With event idx: iff ``used_event`` lies in the used entries added since
         the last time this returned (the ``vring_need_event`` rule).
         """
-        mem = self._mem()
+        if self._memory is None:
+            raise VirtQueueError("queue used before it was activated")
+        # Our used idx store must be visible before we read the driver's flags/event.
+        _full_barrier()
         if not self.event_idx:
-            return not mem.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+            flags = _U16.unpack_from(self._avail_buf, self._avail_off)[0]
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
         new = self.next_used
         old = self.signalled_used
         self.signalled_used = new
         if old is None:
             return True
-        used_event = mem.read_u16(self._used_event_addr)
+        used_event = _U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * self.size)[0]
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+_barrier_lock = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier (store-load ordering against vCPUs on other host CPUs).
+
+    Python has no fence primitive; taking an uncontended lock executes an
+    atomic read-modify-write, which is a full barrier on x86 (where this VMM
+    runs). The spec requires one between publishing an event index and
+    re-reading the other side's index (virtio 1.x, 2.7.7 / 2.7.10).
+    """
+    _barrier_lock.acquire()
+    _barrier_lock.release()
