@@ -6,7 +6,8 @@ All on the microguest, one run:
 1. restore-from-file latency: to the first guest instruction (restore + start) and to the
    microguest's first console line, from a snapshot of a loaded, never-started guest;
 2. reset latency after the guest dirtied 0 / 1k / 10k / 50k pages (DIRTY mode, then
-   power-off), versus the baseline of destroying the machine and restoring a fresh one;
+   power-off), for both reset strategies, versus the baseline of destroying the machine
+   and restoring a fresh one; and what each costs the guest's next run (re-faults);
 3. save time and on-disk size of a full and of a diff snapshot against changed pages.
 Prints a table and one JSON line.
 """
@@ -26,7 +27,7 @@ from _common import emit_json, print_table, summarize
 
 from pytest_supermachine.guest.microguest import GuestMode, build_microguest
 from pytest_supermachine.vmm import reaper
-from pytest_supermachine.vmm.machine import ExitReason, Machine
+from pytest_supermachine.vmm.machine import ExitReason, Machine, ResetStrategy
 
 MEM_MIB = 256
 
@@ -54,28 +55,45 @@ def restore_latency(path: Path, reps: int) -> tuple[dict[str, float], dict[str, 
     return summarize(to_start), summarize(to_console)
 
 
-def reset_vs_restore(path: Path, pages: int, reps: int) -> tuple[dict[str, float], dict[str, float]]:
-    resets, restores = [], []
+def reset_cycle(path: Path, reps: int, strategy: ResetStrategy
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """(reset latency, the guest's next run to power-off) for one reset strategy."""
+    resets, reruns = [], []
     m = Machine.restore(path)
     try:
+        assert m.wait(timeout=120).reason is ExitReason.HALT
         for _ in range(reps):
-            assert m.wait(timeout=120).reason is ExitReason.HALT
             t0 = time.perf_counter()
-            m.reset(resume=False)
-            resets.append((time.perf_counter() - t0) * 1e3)
+            m.reset(resume=False, strategy=strategy)
+            t1 = time.perf_counter()
             m.resume()
+            assert m.wait(timeout=120).reason is ExitReason.HALT
+            t2 = time.perf_counter()
+            resets.append((t1 - t0) * 1e3)
+            reruns.append((t2 - t1) * 1e3)
     finally:
         m.stop()
+    return summarize(resets), summarize(reruns)
+
+
+def fresh_restore(path: Path, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Baseline: destroy the machine and restore a fresh one; and that one's run."""
+    restores, runs = [], []
+    m = Machine.restore(path)
+    assert m.wait(timeout=120).reason is ExitReason.HALT
     for _ in range(reps):
-        m = Machine.restore(path)
-        assert m.wait(timeout=120).reason is ExitReason.HALT
         t0 = time.perf_counter()
         m.stop()
         m = Machine.restore(path, start=False)
-        restores.append((time.perf_counter() - t0) * 1e3)
-        m.stop()
+        t1 = time.perf_counter()
+        m.start()
+        assert m.wait(timeout=120).reason is ExitReason.HALT
+        t2 = time.perf_counter()
+        restores.append((t1 - t0) * 1e3)
+        runs.append((t2 - t1) * 1e3)
         reaper.drain()
-    return summarize(resets), summarize(restores)
+    m.stop()
+    return summarize(restores), summarize(runs)
 
 
 def save_costs(path: Path, tmp: Path) -> dict[str, float]:
@@ -114,16 +132,31 @@ def main() -> None:
         save_rows: list[tuple[str, dict[str, float] | float, str]] = []
         for pages in (0, 1000, 10_000, 50_000):
             snap = loaded_snapshot(elf, tmp, GuestMode.DIRTY if pages else GuestMode.HALT, pages)
-            reset, fresh = reset_vs_restore(snap, pages, args.reps)
-            ratio = fresh["median"] / reset["median"]
+            fresh, fresh_run = fresh_restore(snap, args.reps)
+            copy, copy_run = reset_cycle(snap, args.reps, ResetStrategy.COPY)
+            discard, discard_run = reset_cycle(snap, args.reps, ResetStrategy.DISCARD)
             reset_rows += [
-                (f"reset after {pages} dirty pages", reset, "ms"),
-                (f"  destroy + fresh restore (baseline), {pages} pages", fresh, "ms"),
-                (f"  reset speed-up over fresh restore, {pages} pages", ratio, "x"),
+                (f"{pages} dirty pages: reset, COPY back (default)", copy, "ms"),
+                ("    reset, DISCARD (MADV_DONTNEED)", discard, "ms"),
+                ("    destroy + fresh restore (baseline)", fresh, "ms"),
+                ("    speed-up of reset (COPY) over fresh restore",
+                 fresh["median"] / copy["median"], "x"),
+                ("    speed-up of reset (DISCARD) over fresh restore",
+                 fresh["median"] / discard["median"], "x"),
+                ("    next run to power-off after COPY reset", copy_run, "ms"),
+                ("    next run to power-off after DISCARD reset", discard_run, "ms"),
+                ("    next run to power-off after fresh restore", fresh_run, "ms"),
             ]
-            results[f"reset_ms_{pages}"] = round(reset["median"], 3)
-            results[f"fresh_restore_ms_{pages}"] = round(fresh["median"], 3)
-            results[f"reset_speedup_{pages}"] = round(ratio, 2)
+            results[f"pages_{pages}"] = {
+                "reset_copy_ms": round(copy["median"], 3),
+                "reset_discard_ms": round(discard["median"], 3),
+                "fresh_restore_ms": round(fresh["median"], 3),
+                "speedup_copy": round(fresh["median"] / copy["median"], 2),
+                "speedup_discard": round(fresh["median"] / discard["median"], 2),
+                "run_after_copy_ms": round(copy_run["median"], 2),
+                "run_after_discard_ms": round(discard_run["median"], 2),
+                "run_after_fresh_ms": round(fresh_run["median"], 2),
+            }
             if pages:
                 cost = save_costs(snap, tmp)
                 save_rows += [

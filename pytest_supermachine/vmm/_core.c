@@ -165,6 +165,33 @@ int64_t sm_madvise_bitmap(void *base, const uint64_t *bitmap, uint64_t npages, i
     return done;
 }
 
+/* memcpy every run of set bits in `bitmap` from `src` to `dst` (both page-aligned views of
+ * one RAM region). In-place reset copies the snapshot's bytes back over the pages the guest
+ * dirtied: they stay resident and writable, so the guest's next write does not fault. */
+int64_t sm_copy_bitmap(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages)
+{
+    int64_t done = 0;
+    uint64_t page = 0;
+    while (page < npages) {
+        uint64_t word = bitmap[page / 64] >> (page % 64);
+        if (!word) {
+            page = (page / 64 + 1) * 64;
+            continue;
+        }
+        page += (uint64_t)__builtin_ctzll(word);
+        if (page >= npages)
+            break;
+        uint64_t end = page;
+        while (end < npages && (bitmap[end / 64] >> (end % 64) & 1))
+            end++;
+        memcpy((uint8_t *)dst + page * 4096, (const uint8_t *)src + page * 4096,
+               (end - page) * 4096);
+        done += (int64_t)(end - page);
+        page = end;
+    }
+    return done;
+}
+
 uint64_t sm_now_ns(void)
 {
     struct timespec ts;

@@ -64,6 +64,7 @@ int sm_core_init(void);
 int sm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int sm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 uint64_t sm_now_ns(void);
+int64_t sm_copy_bitmap(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages);
 int64_t sm_madvise_bitmap(void *base, const uint64_t *bitmap, uint64_t npages, int advice);
 int sm_ioctl_batch(int n, const int *fds, const unsigned long *requests, void *const *args,
                    int *failed);

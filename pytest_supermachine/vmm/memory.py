@@ -9,6 +9,7 @@ into a descriptor can make the host touch memory outside guest RAM.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import struct
@@ -123,5 +124,8 @@ class GuestMemory:
         self._views = []
         for buf in self._buffers:
             if isinstance(buf, mmap.mmap):
-                buf.close()
+                # A caller still holding a view keeps the mapping alive; it is unmapped
+                # when the last view goes (mmap's own finaliser), not leaked.
+                with contextlib.suppress(BufferError):
+                    buf.close()
         self._buffers = []

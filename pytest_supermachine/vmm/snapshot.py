@@ -247,8 +247,11 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def _map_file_private(fd: int, offset: int, length: int, path: Path) -> mmap.mmap:
-    """MAP_PRIVATE read/write mapping of [offset, offset+length) of the file.
+def _map_file_private(
+    fd: int, offset: int, length: int, path: Path, *, readonly: bool = False
+) -> mmap.mmap:
+    """MAP_PRIVATE read/write mapping of [offset, offset+length) of the file
+    (with `readonly`, a MAP_SHARED read-only view of the page cache instead).
 
     Checks the range against the file's size right now (fstat), so a mapping never
     extends past EOF, where touching it would raise SIGBUS.
@@ -259,6 +262,8 @@ def _map_file_private(fd: int, offset: int, length: int, path: Path) -> mmap.mma
             f"snapshot {path}: RAM at bytes {offset}..{offset + length} does not fit in the "
             f"{size}-byte file (it changed after it was opened?); {_REBUILD_HINT}"
         )
+    if readonly:
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset)
     return mmap.mmap(
         fd,
         length,
@@ -1103,6 +1108,26 @@ class SnapshotFile:
                 buf.close()
             raise
         return GuestMemory(self.ram_regions, buffers)
+
+    def map_ram_readonly(self) -> list[mmap.mmap]:
+        """Read-only views of a full snapshot's RAM regions, straight from the page cache.
+
+        In-place reset copies dirtied pages back from these, which keeps the guest's
+        private copies resident (no fault on its next write) instead of dropping them.
+        """
+        if self.is_diff:
+            raise SnapshotError(f"snapshot {self.path} is a diff: map its chain's base instead")
+        buffers: list[mmap.mmap] = []
+        try:
+            for region, offset in zip(self.ram_regions, self.region_file_offsets, strict=True):
+                assert offset is not None
+                buffers.append(_map_file_private(self._fd_checked(), offset, region.size,
+                                                 self.path, readonly=True))
+        except BaseException:
+            for buf in buffers:
+                buf.close()
+            raise
+        return buffers
 
     def read_pages(self, reads: list[tuple[int, memoryview]]) -> None:
         """Fill target views from file offsets of this file (batched scatter reads)."""

@@ -11,7 +11,7 @@ import pytest
 
 from pytest_supermachine.guest.microguest import GuestMode
 from pytest_supermachine.vmm import reaper
-from pytest_supermachine.vmm.machine import ExitReason, Machine, MachineState
+from pytest_supermachine.vmm.machine import ExitReason, Machine, MachineState, ResetStrategy
 from pytest_supermachine.vmm.snapshot import SnapshotChain
 
 
@@ -133,25 +133,34 @@ def dirtying_snapshot(make_machine, tmp_path):
     return path
 
 
-def test_reset_after_10000_dirty_pages_gives_identical_ram_and_registers(dirtying_snapshot):
+@pytest.mark.parametrize("strategy", list(ResetStrategy))
+def test_reset_after_10000_dirty_pages_gives_identical_ram_and_registers(dirtying_snapshot,
+                                                                        strategy):
     with Machine.restore(dirtying_snapshot, start=False) as r:
         memory, regs = ram(r), registers(r)
         r.start()
         assert r.wait(timeout=120).reason is ExitReason.HALT
         assert "dirtied 10000 pages" in r.console
         assert r.dirty_pages() >= 10_000
-        r.reset(resume=False)
+        r.reset(resume=False, strategy=strategy)
         assert ram(r) == memory
         assert registers(r) == regs
 
 
-def test_reset_of_a_machine_restored_from_a_diff_chain(dirtying_snapshot, tmp_path):
-    with Machine.restore(dirtying_snapshot) as r:  # runs to power-off: 10 000 pages differ
-        r.wait(timeout=120)
-        r.snapshot(tmp_path / "after.snap")
-    with Machine.restore(tmp_path / "after.snap", start=False) as r:
+@pytest.mark.parametrize("strategy", list(ResetStrategy))
+def test_reset_of_a_machine_restored_from_a_diff_chain(counting_snapshot, tmp_path, strategy):
+    path, addr, *_ = counting_snapshot
+    with Machine.restore(path) as r:
+        let_it_count(r, addr)
+        r.pause()
+        r.snapshot(tmp_path / "layer.snap")
+    with Machine.restore(tmp_path / "layer.snap", start=False) as r:
         memory, regs = ram(r), registers(r)
-        r.reset(resume=False)  # nothing ran yet: reset must not disturb the overlaid diff pages
+        r.reset(resume=False, strategy=strategy)  # nothing ran: the overlay must be intact
+        assert ram(r) == memory
+        r.resume()
+        let_it_count(r, addr)  # dirty the diff's own pages (the counter), then go back
+        r.reset(resume=False, strategy=strategy)
         assert ram(r) == memory
         assert registers(r) == regs
 
