@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import array
+
 import pytest
 
-from pytest_supermachine.errors import SupermachineError
+from pytest_supermachine.errors import GuestMemoryError, SupermachineError
 from pytest_supermachine.vmm.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -16,6 +18,7 @@ from pytest_supermachine.vmm.devices.virtio.queue import (
     VirtQueue,
     VirtQueueError,
 )
+from pytest_supermachine.vmm.layout import HIGH_RAM_START, RamRegion
 from pytest_supermachine.vmm.memory import GuestMemory
 from tests.virtio_driver import DriverQueue, GuestAllocator
 
@@ -416,3 +419,52 @@ def test_chain_repr_names_its_buffers(s: Setup):
     s.drv.submit([b"x"], [])
     assert "readable=" in repr(s.q.pop())
     assert DescriptorChain(0, s.mem, [], []).read() == b""
+
+
+# -- memory with two regions (RAM above the 32-bit hole) ----------------------------------------
+
+
+def test_buffers_in_high_ram_are_used_and_a_buffer_across_the_hole_is_refused():
+    low, high = bytearray(MEM), bytearray(MEM)
+    guest = GuestMemory([RamRegion(0, MEM), RamRegion(HIGH_RAM_START, MEM)], [low, high])
+    mem = DeviceMemory(guest)
+    drv = DriverQueue(guest, GuestAllocator(0x1000, MEM), 0, SIZE)
+    q = VirtQueue(SIZE)
+    q.desc_addr, q.avail_addr, q.used_addr = drv.desc, drv.avail, drv.used_addr
+    q.activate(mem, event_idx=False, indirect=True)
+
+    guest.write(HIGH_RAM_START + 0x100, b"from high RAM")
+    drv.write_desc(0, HIGH_RAM_START + 0x100, 13, VIRTQ_DESC_F_NEXT, 1)
+    drv.write_desc(1, HIGH_RAM_START + 0x200, 4, VIRTQ_DESC_F_WRITE, 0)
+    drv.publish(0)
+    chain = q.pop()
+    assert chain.read() == b"from high RAM"
+    chain.write(0, b"ok!!")
+    assert bytes(high[0x200:0x204]) == b"ok!!"
+    assert (HIGH_RAM_START + 0x200) // 4096 in mem.written_pages()
+
+    drv.write_desc(2, MEM - 8, 16, 0, 0)  # would run from low RAM into the hole
+    drv.publish(2)
+    with pytest.raises(VirtQueueError, match="outside guest RAM"):
+        q.pop()
+
+
+def test_chain_from_gpa_pairs_checks_them(s: Setup):
+    chain = DescriptorChain(0, s.mem, [(0x8000, 4)], [(0x9000, 4)])
+    assert chain.readable_len == chain.writable_len == 4
+    with pytest.raises(GuestMemoryError):
+        DescriptorChain(0, s.mem, [(MEM - 2, 4)], [])
+
+
+def test_chain_write_accepts_any_buffer(s: Setup):
+    s.drv.submit([], [3, 5])
+    chain = s.q.pop()
+    assert chain.write(0, memoryview(array.array("H", [0x6261, 0x6463, 0x6665, 0x6867]))) == 8
+    assert b"".join(s.guest.read(g, n) for g, n in chain.writable) == b"abcdefgh"
+
+
+def test_publishing_avail_event_records_its_page():
+    s = Setup(event_idx=True)
+    assert s.q.pop() is None
+    avail_event_gpa = s.drv.used_addr + 4 + 8 * SIZE
+    assert avail_event_gpa // 4096 in s.mem.written_pages()
