@@ -23,9 +23,10 @@ import errno
 import mmap
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,11 @@ from typing import IO, Any, Protocol
 from ..errors import GuestCrashed, GuestTimeout, MachineError
 from . import boot, layout, reaper, vmstate
 from ._native import ffi, lib
+from .agent import AGENT_PORT, AgentClient, RunResult
+from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
+from .devices.virtio.vsock_mux import VsockListener
 from .kvm import CpuidTable, Kvm, Vcpu, Vm
 from .memory import GuestMemory
 from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
@@ -147,6 +151,12 @@ class MachineConfig:
     console_stream: IO[bytes] | int | None = None
     track_dirty_pages: bool = False
     reset_strategy: ResetStrategy = ResetStrategy.COPY
+    vsock: bool = True
+    disks: tuple[DiskSpec, ...] = ()
+
+    def device_specs(self) -> list[DeviceSpec]:
+        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
+        return [*([VsockSpec()] if self.vsock else []), *self.disks]
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
@@ -196,6 +206,8 @@ class Machine:
         self._origin_state: vmstate.PreparedState | None = None
         self._dirty: list[int] = []
         self._origin_views: list[tuple[mmap.mmap, Any]] = []
+        self._agent: AgentClient | None = None
+        self._agent_lock = threading.Lock()
         self.page_writers: list[PageWriter] = []
         self.memory = _memory
         try:
@@ -235,11 +247,13 @@ class Machine:
         self.serial = Serial(self._core)
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
+        self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
+        self.page_writers.append(self.devices)
 
     # ------------------------------------------------------------------ boot
 
     def boot_direct64(self, kernel: Path | str | boot.ElfImage, *, mode: int = 0, arg: int = 0,
-                      devices: Sequence[boot.BootDevice] = ()) -> None:
+                      devices: Sequence[boot.BootDevice] | None = None) -> None:
         """Load a 64-bit ELF guest and point the BSP at its entry (microguest protocol).
 
         See guest/microguest/bootinfo.h for the entry state.
@@ -257,6 +271,8 @@ class Machine:
         cr3 = boot.write_page_tables(self.memory)
         gdt = boot.write_gdt(self.memory)
         free_start = (image.end + layout.PAGE_SIZE - 1) // layout.PAGE_SIZE * layout.PAGE_SIZE
+        if devices is None:
+            devices = self.devices.boot_devices()
         info = boot.write_boot_info(self.memory, vcpus=self.config.vcpus, mode=mode, arg=arg,
                                     free_start=free_start, devices=devices)
         bsp = self.vcpus[0]
@@ -272,6 +288,7 @@ class Machine:
     def start(self) -> None:
         """Start every vCPU thread; returns once all of them are inside the run loop."""
         self._require(MachineState.CREATED, "start")
+        self.devices.start()
         self.timings.started = time.monotonic()
         for vcpu in self.vcpus:
             t = threading.Thread(target=self._vcpu_main, args=(vcpu.index,),
@@ -304,8 +321,9 @@ class Machine:
             self._join_threads()
             self._on_exit()
         exit_ = self.exit_info()
-        if self.buses.error is not None:
-            raise MachineError(f"a device failed: {self.buses.error!r}") from self.buses.error
+        for error in (self.buses.error, self.devices.error):
+            if error is not None:
+                raise MachineError(f"a device failed: {error!r}") from error
         return exit_
 
     def run_until_exit(self, timeout: float | None = None,
@@ -432,14 +450,18 @@ class Machine:
 
     def _teardown(self) -> None:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
+        self._drop_agent()
         core, vcpus, vm, memory, buses = self._core, self.vcpus, self.vm, self.memory, getattr(
             self, "buses", None)
+        devices = getattr(self, "devices", None)
         origin, origin_views = self._origin, self._origin_views
         self._core, self.vcpus, self.memory, self._origin = ffi.NULL, [], None, None
         self._origin_state, self._origin_views = None, []
 
         def release(buses: DeviceBuses | None = buses) -> None:
             # `buses` rides along so its callback handle outlives the C state that points at it.
+            if devices is not None:
+                devices.close()
             for vcpu in vcpus:
                 vcpu.close()
             vm.close()
@@ -478,6 +500,7 @@ class Machine:
             chain.check_host(vmstate.host_facts(kvm))
             sections = chain.sections
             vcpus, mem_bytes = vmstate.machine_shape(sections)
+            specs = [spec_from_dict(d) for d in vmstate.machine_devices(sections)]
             cpuids = [CpuidTable.from_bytes(sections[f"vcpu/{i}/cpuid"]) for i in range(vcpus)]
             memory = chain.map_ram()
         except BaseException:
@@ -486,7 +509,9 @@ class Machine:
         try:
             m = cls(MachineConfig(vcpus=vcpus, mem_mib=mem_bytes >> 20,
                                   console_log_bytes=console_log_bytes,
-                                  console_stream=console_stream, track_dirty_pages=True),
+                                  console_stream=console_stream, track_dirty_pages=True,
+                                  vsock=any(isinstance(x, VsockSpec) for x in specs),
+                                  disks=tuple(x for x in specs if isinstance(x, DiskSpec))),
                     kvm=kvm, _memory=memory, _cpuids=cpuids)
         except BaseException:
             memory.close()
@@ -496,6 +521,8 @@ class Machine:
             m._origin = chain
             m._origin_state = vmstate.prepare(m, sections)
             m._origin_state.apply()
+            m.devices.restore([f.sections for f in chain.files])
+            m.devices.clear_written_pages()  # restoring queues is not a guest-visible change
             m._dirty = [0] * len(memory.regions)
             if start:
                 m.start()
@@ -520,24 +547,31 @@ class Machine:
         if was_running:
             self.pause()
         try:
-            if self.state is MachineState.EXITED:
-                for vcpu in self.vcpus:
-                    lib.sm_vcpu_settle(self._core, vcpu.index)
-            sections = vmstate.capture(self)
-            facts = vmstate.host_facts(self.kvm, self.vcpu_cpuid[0])
-            assert self.memory is not None
-            if self._origin is not None and not full:
-                self._harvest_dirty()
-                nbytes = [(r.size // layout.PAGE_SIZE + 7) // 8 for r in self.memory.regions]
-                pages = [bits.to_bytes(n, "little") for bits, n in zip(self._dirty, nbytes, strict=True)]
-                return write_snapshot(path, sections=sections, host_facts=facts,
-                                      memory=self.memory, pages=pages,
-                                      parent=self._origin.leaf.ref(), durable=durable)
-            return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
-                                  durable=durable)
+            with self.devices.quiesced():
+                return self._write_snapshot(path, full=full, durable=durable)
         finally:
             if was_running and self.state is MachineState.PAUSED:
                 self.resume()
+
+    def _write_snapshot(self, path: str | Path, *, full: bool, durable: bool) -> SnapshotRef:
+        """Capture and write; the vCPUs are parked (or stopped) and the devices quiesced."""
+        if self.state is MachineState.EXITED:
+            for vcpu in self.vcpus:
+                lib.sm_vcpu_settle(self._core, vcpu.index)
+        assert self.memory is not None
+        diff = self._origin is not None and not full
+        sections = vmstate.capture(self)
+        sections.update(self.devices.capture(diff=diff))
+        facts = vmstate.host_facts(self.kvm, self.vcpu_cpuid[0])
+        if not diff:
+            return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
+                                  durable=durable)
+        assert self._origin is not None
+        self._harvest_dirty()
+        nbytes = [(r.size // layout.PAGE_SIZE + 7) // 8 for r in self.memory.regions]
+        pages = [bits.to_bytes(n, "little") for bits, n in zip(self._dirty, nbytes, strict=True)]
+        return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
+                              pages=pages, parent=self._origin.leaf.ref(), durable=durable)
 
     def _harvest_dirty(self) -> None:
         """OR KVM's dirty log (which it clears) and the devices' host writes into `_dirty`."""
@@ -575,28 +609,10 @@ class Machine:
                                   for view in self._origin.base.map_ram_readonly()]
         return self._origin_views[slot][1]
 
-    def reset(self, *, resume: bool = True, strategy: ResetStrategy | None = None) -> None:
-        """Return this machine in place to the snapshot it was restored from.
-
-        Parks the vCPUs, returns exactly the pages changed since to the snapshot's
-        bytes (see ResetStrategy: copied back, or dropped with MADV_DONTNEED so they
-        read the file again), copies back the pages a diff chain overlays, re-applies
-        vCPU, irqchip, PIT, clock and serial state, and lets the guest run again (with `resume=False` it stays stopped at the
-        snapshot's instruction until `resume()`). The console log starts afresh. Works
-        whether the guest was running, paused or had stopped (crashed, powered off).
-        """
-        if self._origin is None or self._origin_state is None:
-            raise MachineError("reset() needs a machine restored from a snapshot (Machine.restore)")
-        if self.state is MachineState.STOPPED:
-            raise MachineError("cannot reset a machine that is stopped")
-        if self.state is MachineState.RUNNING:
-            try:
-                self.pause()
-            except MachineError:
-                if self.state is not MachineState.EXITED:
-                    raise
+    def _reset_memory(self, strategy: ResetStrategy) -> None:
+        """Return every page dirtied since the origin to the origin's bytes."""
+        assert self._origin is not None
         assert self.memory is not None
-        strategy = strategy or self.config.reset_strategy
         self._harvest_dirty()
         chain_pages: list[bytes] = []
         for slot, region in enumerate(self.memory.regions):
@@ -612,11 +628,38 @@ class Machine:
             else:
                 rc = lib.sm_madvise_bitmap(target, bits, npages, mmap.MADV_DONTNEED)
             if rc < 0:
-                raise MachineError(f"madvise(MADV_DONTNEED) failed: {os.strerror(-rc)}")
+                raise MachineError(f"returning dirtied pages failed: {os.strerror(-rc)}")
         if self._origin.depth > 1:  # host copies: KVM's dirty log does not see them
             self._origin.overlay_diffs(self.memory, chain_pages)
         self._dirty = [0] * len(self.memory.regions)
-        self._origin_state.apply()
+
+    def reset(self, *, resume: bool = True, strategy: ResetStrategy | None = None) -> None:
+        """Return this machine in place to the snapshot it was restored from.
+
+        Parks the vCPUs, returns exactly the pages changed since to the snapshot's
+        bytes (see ResetStrategy: copied back, or dropped with MADV_DONTNEED so they
+        read the file again), copies back the pages a diff chain overlays, re-applies
+        vCPU, irqchip, PIT, clock, serial and device state (disk writes since are
+        dropped, vsock connections closed), and lets the guest run again (with
+        `resume=False` it stays at the snapshot's instruction until `resume()`). The
+        console log starts afresh. Works whether the guest was running, paused or had
+        stopped (crashed, powered off).
+        """
+        if self._origin is None or self._origin_state is None:
+            raise MachineError("reset() needs a machine restored from a snapshot (Machine.restore)")
+        if self.state is MachineState.STOPPED:
+            raise MachineError("cannot reset a machine that is stopped")
+        if self.state is MachineState.RUNNING:
+            try:
+                self.pause()
+            except MachineError:
+                if self.state is not MachineState.EXITED:
+                    raise
+        self._drop_agent()
+        with self.devices.quiesced():
+            self._reset_memory(strategy or self.config.reset_strategy)
+            self._origin_state.apply()
+            self.devices.reset()
         lib.sm_serial_log_clear(self._core)
         lib.sm_vm_clear_ready(self._core)
         self._exit = None
@@ -625,6 +668,59 @@ class Machine:
             self.state = MachineState.CREATED
         if resume:
             self.resume()
+
+    # ------------------------------------------------------------------ the guest agent
+
+    def agent(self, timeout: float = 30.0) -> AgentClient:
+        """The connection to the guest agent (vsock port 5253), opened on first use.
+
+        Restore and reset close it (the guest's side is gone); the next call reconnects.
+        """
+        with self._agent_lock:
+            if self._agent is not None and not self._agent.closed:
+                return self._agent
+            if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
+                raise MachineError(f"no guest agent: the machine is {self.state.value} "
+                                   f"({self.exit_info().describe()})"
+                                   if self.state is MachineState.EXITED else
+                                   f"no guest agent: the machine is {self.state.value}")
+            sock = self.devices.vsock().connect(AGENT_PORT, timeout=timeout)
+            self._agent = AgentClient(sock, timeout=timeout, console_tail=self.serial.tail)
+            return self._agent
+
+    def _drop_agent(self) -> None:
+        with self._agent_lock:
+            if self._agent is not None:
+                self._agent.close()
+                self._agent = None
+
+    def run(self, cmd: str | Sequence[str], *, timeout: float | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            input: bytes | str | None = None, check: bool = False) -> RunResult:
+        """Run a command in the guest through its agent; see `AgentClient.run`.
+
+        A string runs through the guest's shell, a list as argv. `timeout` kills the
+        command in the guest and returns `timed_out=True`; a guest that stops
+        answering raises `AgentTimeout` with the console tail; `check` raises
+        `CommandFailed` on a non-zero exit.
+        """
+        return self.agent().run(cmd, timeout=timeout, env=env, cwd=cwd, input=input, check=check)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace a file in the guest."""
+        self.agent().write_file(path, data, mode)
+
+    def read_file(self, path: str) -> bytes:
+        """The contents of a file in the guest."""
+        return self.agent().read_file(path)
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A host stream socket connected to a guest vsock listener on `port`."""
+        return self.devices.vsock().connect(port, timeout=timeout)
+
+    def listen(self, port: int, backlog: int = 16) -> VsockListener:
+        """Accept guest-initiated vsock connections to host port `port`."""
+        return self.devices.vsock().listen(port, backlog)
 
     # ------------------------------------------------------------------ observing
 

@@ -86,7 +86,7 @@ def capture(machine: Machine) -> dict[str, bytes]:
     sections: dict[str, bytes] = {
         "machine": json.dumps({
             "format": STATE_FORMAT, "vcpus": len(machine.vcpus),
-            "mem_bytes": machine.config.mem_mib << 20,
+            "mem_bytes": machine.config.mem_mib << 20, "devices": machine.devices.specs(),
         }, sort_keys=True).encode(),
     }
     for name, chip in _IRQCHIPS:
@@ -123,6 +123,14 @@ def machine_shape(sections: Mapping[str, bytes]) -> tuple[int, int]:
     if fmt != STATE_FORMAT:
         raise MachineError(f"snapshot VM state format {fmt} is not the supported {STATE_FORMAT}")
     return vcpus, mem_bytes
+
+
+def machine_devices(sections: Mapping[str, bytes]) -> list[dict[str, Any]]:
+    """The device specs recorded in a snapshot's 'machine' section (slot order)."""
+    devices = json.loads(sections["machine"]).get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise MachineError("snapshot's 'machine' section has a malformed device list")
+    return devices
 
 
 @dataclass

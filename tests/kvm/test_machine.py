@@ -162,3 +162,24 @@ def test_guest_image_that_does_not_fit_in_ram_is_refused(microguest_elf):
         from pytest_supermachine.vmm.boot import ElfImage, ElfSegment
 
         m.boot_direct64(ElfImage(microguest_elf, 0x100000, [ElfSegment(0x3FF000, 0, 0x2000, 0x2000)]))
+
+
+def test_boot_info_lists_the_attached_virtio_devices(make_machine, tmp_path):
+    from pytest_supermachine.vmm._native import ffi
+    from pytest_supermachine.vmm.devices.hub import DiskSpec
+    from pytest_supermachine.vmm.layout import BOOT_INFO_ADDR
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    m = make_machine(GuestMode.HALT, disks=(DiskSpec(str(disk)),))
+    raw = m.memory.read(BOOT_INFO_ADDR, ffi.sizeof("struct sm_boot_info"))
+    info = ffi.cast("struct sm_boot_info *", ffi.from_buffer(raw))
+    devices = [(d.type, d.irq, d.mmio_base) for d in (info.devices[i] for i in range(info.ndevices))]
+    assert devices == [(19, 5, 0xD0000000), (2, 6, 0xD0001000)]
+
+
+def test_guest_reading_a_device_window_sees_virtio_mmio_magic(make_machine):
+    m = make_machine(GuestMode.HALT)
+    transport = m.buses.mmio.find(0xD0000000).device
+    assert transport.read(0, 4) == b"virt"
+    assert int.from_bytes(transport.read(8, 4), "little") == 19  # device id: vsock
