@@ -12,6 +12,7 @@ MMIO hole with 2 MiB pages, our GDT, RDI pointing at the boot info.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,141 @@ def write_boot_info(
         e.type, e.irq, e.mmio_base, e.mmio_size = d.type, d.irq, d.mmio_base, d.mmio_size
     mem.write(layout.BOOT_INFO_ADDR, bytes(ffi.buffer(info)))
     return layout.BOOT_INFO_ADDR
+
+
+# ----------------------------------------------------------------------------- Linux: PVH entry
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+HVM_START_MAGIC = 0x336EC578
+E820_RAM = 1
+E820_RESERVED = 2
+MPTABLE_ADDR = 0x9FC00  # top KiB of base memory: where Linux looks for the MP floating pointer
+START_INFO_ADDR = 0x6000
+MODLIST_ADDR = 0x6100
+MEMMAP_ADDR = 0x6200
+APIC_DEFAULT_BASE = 0xFEE00000
+IOAPIC_DEFAULT_BASE = 0xFEC00000
+
+_START_INFO = struct.Struct("<IIIIQQQQII")
+_MODLIST_ENTRY = struct.Struct("<QQQQ")
+_MEMMAP_ENTRY = struct.Struct("<QQII")
+
+
+def pvh_entry(image: ElfImage) -> int:
+    """The 32-bit PVH entry point from the kernel's Xen ELF note, or a clear error."""
+    for note in image.notes:
+        if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY and len(note.desc) >= 4:
+            return int.from_bytes(note.desc[:8] if len(note.desc) >= 8 else note.desc[:4],
+                                  "little") & 0xFFFFFFFF
+    raise MachineError(
+        f"{image.path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build the kernel "
+        "with CONFIG_PVH=y, or boot its bzImage instead"
+    )
+
+
+def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
+    """(addr, size, type) entries: base memory below the MP table, RAM from 1 MiB, high RAM."""
+    entries = [(0, MPTABLE_ADDR, E820_RAM), (MPTABLE_ADDR, 0xA0000 - MPTABLE_ADDR, E820_RESERVED),
+               (0xF0000, 0x10000, E820_RESERVED)]
+    low = mem.regions[0]
+    entries.append((layout.KERNEL_LOAD_ADDR, low.end - layout.KERNEL_LOAD_ADDR, E820_RAM))
+    entries += [(r.gpa, r.size, E820_RAM) for r in mem.regions[1:]]
+    return entries
+
+
+def _checksum(data: bytes) -> int:
+    return (-sum(data)) & 0xFF
+
+
+def write_mptable(mem: GuestMemory, vcpus: int, irqs: int = layout.IOAPIC_PINS) -> None:
+    """An Intel MP table (spec 1.4) so a guest without ACPI finds every CPU and the IOAPIC.
+
+    CPUs have APIC ids 0..vcpus-1 (vCPU 0 the BSP), the IOAPIC id is `vcpus`, and
+    every IOAPIC pin 0..irqs-1 is wired to the same ISA IRQ number (edge, active high),
+    which is what the devices' irqfds and the virtio_mmio.device= tokens assume.
+    """
+    entries = []
+    for cpu in range(vcpus):
+        flags = 1 | (2 if cpu == 0 else 0)  # enabled, BSP
+        entries.append(struct.pack("<BBBBIIQ", 0, cpu, 0x14, flags, 0x600, 0x201, 0))
+    entries.append(struct.pack("<BB6s", 1, 0, b"ISA   "))
+    ioapic_id = vcpus
+    entries.append(struct.pack("<BBBBI", 2, ioapic_id, 0x11, 1, IOAPIC_DEFAULT_BASE))
+    for irq in range(irqs):
+        entries.append(struct.pack("<BBHBBBB", 3, 0, 0, 0, irq, ioapic_id, irq))
+    entries.append(struct.pack("<BBHBBBB", 4, 3, 0, 0, 0, 0, 0))  # ExtINT -> LINT0
+    entries.append(struct.pack("<BBHBBBB", 4, 1, 0, 0, 0, 0xFF, 1))  # NMI -> LINT1
+    body = b"".join(entries)
+    table_addr = MPTABLE_ADDR + 16
+    header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), 4, 0,
+                                   b"SUPERMCH", b"MICROVM     ", 0, 0, len(entries),
+                                   APIC_DEFAULT_BASE, 0, 0, 0))
+    header[7] = _checksum(bytes(header) + body)
+    if table_addr + len(header) + len(body) > 0xA0000:
+        raise MachineError(f"MP table for {vcpus} vCPUs does not fit below 640 KiB")
+    floating = bytearray(struct.pack("<4sIBBB5s", b"_MP_", table_addr, 1, 4, 0, bytes(5)))
+    floating[10] = _checksum(bytes(floating))
+    mem.write(MPTABLE_ADDR, bytes(floating))
+    mem.write(table_addr, bytes(header) + body)
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """Where the PVH boot put things: the entry point and the start-info address (EBX)."""
+
+    entry: int
+    start_info: int
+
+
+def load_linux_pvh(mem: GuestMemory, kernel: Path | ElfImage, *, cmdline: str,
+                   initrd: bytes | None, vcpus: int) -> LinuxBoot:
+    """Load a vmlinux for its PVH entry: ELF segments, cmdline, initrd, e820, MP table.
+
+    The entry state the caller must set: 32-bit protected mode, paging off, flat
+    segments, EBX = start_info (see `setup_protected_mode`).
+    """
+    image = kernel if isinstance(kernel, ElfImage) else parse_elf(Path(kernel))
+    entry = pvh_entry(image)
+    load_elf(mem, image)
+    encoded = cmdline.encode() + b"\0"
+    if len(encoded) > layout.CMDLINE_MAX:
+        raise MachineError(f"kernel command line is {len(encoded)} bytes; at most "
+                           f"{layout.CMDLINE_MAX} fit")
+    mem.write(layout.CMDLINE_ADDR, encoded)
+    nr_modules, modlist = 0, 0
+    if initrd:
+        low_end = mem.regions[0].end
+        addr = (low_end - len(initrd)) // layout.PAGE_SIZE * layout.PAGE_SIZE
+        if addr < image.end + layout.MiB:
+            raise MachineError(f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
+                               f"in {low_end >> 20} MiB of RAM: give the machine more memory")
+        mem.write(addr, initrd)
+        mem.write(MODLIST_ADDR, _MODLIST_ENTRY.pack(addr, len(initrd), 0, 0))
+        nr_modules, modlist = 1, MODLIST_ADDR
+    memmap = e820_map(mem)
+    mem.write(MEMMAP_ADDR, b"".join(_MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in memmap))
+    mem.write(START_INFO_ADDR, _START_INFO.pack(HVM_START_MAGIC, 1, 0, nr_modules, modlist,
+                                                layout.CMDLINE_ADDR, 0, MEMMAP_ADDR,
+                                                len(memmap), 0))
+    write_mptable(mem, vcpus)
+    return LinuxBoot(entry, START_INFO_ADDR)
+
+
+def setup_protected_mode(sregs: Any, gdt: tuple[int, int]) -> None:
+    """Fill `struct kvm_sregs` for 32-bit protected mode, paging off, flat segments (PVH)."""
+    _segment(sregs.cs, layout.SEL_CODE32, code=True)
+    sregs.cs.l, sregs.cs.db = 0, 1
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _segment(seg, layout.SEL_DATA, code=False)
+    sregs.gdt.base, sregs.gdt.limit = gdt
+    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.cr0 = CR0_PE | CR0_ET
+    sregs.cr3 = 0
+    sregs.cr4 = 0
+    sregs.efer = 0
+
+
+def virtio_mmio_cmdline(devices: Sequence[BootDevice]) -> str:
+    """`virtio_mmio.device=<size>@<base>:<irq>` tokens for Linux, one per device."""
+    return " ".join(f"virtio_mmio.device={d.mmio_size >> 10}K@{d.mmio_base:#x}:{d.irq}"
+                    for d in devices)
