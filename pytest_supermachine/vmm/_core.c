@@ -138,56 +138,53 @@ int sm_ioctl_batch(int n, const int *fds, const unsigned long *requests, void *c
     return 0;
 }
 
-/* madvise() every run of set bits in `bitmap` (bit n = page n of the region at `base`).
- * Returns the number of pages advised, or -errno. In-place reset drops exactly the pages
- * the guest (or a device) dirtied, so the rest of the mapping stays faulted in. */
+/* The next run of set bits in `bitmap` at or after *page: sets [*page, *end) and returns 1,
+ * or returns 0 when there is none. Bit n stands for page n of one RAM region. */
+static int next_dirty_run(const uint64_t *bitmap, uint64_t npages, uint64_t *page, uint64_t *end)
+{
+    uint64_t p = *page;
+    while (p < npages) {
+        uint64_t word = bitmap[p / 64] >> (p % 64);
+        if (!word) {
+            p = (p / 64 + 1) * 64;
+            continue;
+        }
+        p += (uint64_t)__builtin_ctzll(word);
+        if (p >= npages)
+            break;
+        uint64_t e = p;
+        while (e < npages && (bitmap[e / 64] >> (e % 64) & 1))
+            e++;
+        *page = p;
+        *end = e;
+        return 1;
+    }
+    return 0;
+}
+
+/* madvise() every run of set bits in `bitmap` over the region at `base`. Returns the number
+ * of pages advised, or -errno. Reset (DISCARD) drops exactly the pages that were dirtied. */
 int64_t sm_madvise_bitmap(void *base, const uint64_t *bitmap, uint64_t npages, int advice)
 {
     int64_t done = 0;
-    uint64_t page = 0;
-    while (page < npages) {
-        uint64_t word = bitmap[page / 64] >> (page % 64);
-        if (!word) {
-            page = (page / 64 + 1) * 64;
-            continue;
-        }
-        page += (uint64_t)__builtin_ctzll(word);
-        if (page >= npages)
-            break;
-        uint64_t end = page;
-        while (end < npages && (bitmap[end / 64] >> (end % 64) & 1))
-            end++;
+    for (uint64_t page = 0, end; next_dirty_run(bitmap, npages, &page, &end); page = end) {
         if (madvise((uint8_t *)base + page * 4096, (end - page) * 4096, advice) < 0)
             return -errno;
         done += (int64_t)(end - page);
-        page = end;
     }
     return done;
 }
 
-/* memcpy every run of set bits in `bitmap` from `src` to `dst` (both page-aligned views of
- * one RAM region). In-place reset copies the snapshot's bytes back over the pages the guest
- * dirtied: they stay resident and writable, so the guest's next write does not fault. */
+/* memcpy every run of set bits in `bitmap` from `src` to `dst` (page-aligned views of one RAM
+ * region). Reset (COPY) copies the snapshot's bytes back over the pages the guest dirtied:
+ * they stay resident and writable, so the guest's next write to them does not fault. */
 int64_t sm_copy_bitmap(void *dst, const void *src, const uint64_t *bitmap, uint64_t npages)
 {
     int64_t done = 0;
-    uint64_t page = 0;
-    while (page < npages) {
-        uint64_t word = bitmap[page / 64] >> (page % 64);
-        if (!word) {
-            page = (page / 64 + 1) * 64;
-            continue;
-        }
-        page += (uint64_t)__builtin_ctzll(word);
-        if (page >= npages)
-            break;
-        uint64_t end = page;
-        while (end < npages && (bitmap[end / 64] >> (end % 64) & 1))
-            end++;
+    for (uint64_t page = 0, end; next_dirty_run(bitmap, npages, &page, &end); page = end) {
         memcpy((uint8_t *)dst + page * 4096, (const uint8_t *)src + page * 4096,
                (end - page) * 4096);
         done += (int64_t)(end - page);
-        page = end;
     }
     return done;
 }
