@@ -1,0 +1,237 @@
+/*
+ * sm-agent: the Linux guest agent (docs/agent-protocol.md, version 1) and the
+ * initramfs init, in one static binary. Declarations shared by agent.c
+ * (options, event loop, listener, ready signal), conn.c (connections, frames,
+ * files), proc.c (commands) and init.c (PID 1 setup).
+ *
+ * One thread, one epoll loop. Every fd is non-blocking; every object that owns
+ * an fd in the epoll set embeds a `struct watch` whose address is the epoll
+ * cookie, so dispatch needs no lookup table.
+ */
+#ifndef SM_AGENT_H
+#define SM_AGENT_H
+
+#define _GNU_SOURCE
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define AGENT_SOFTWARE "sm-agent 1 (linux)"
+
+/* ------------------------------------------------------------ protocol -- */
+
+#define AG_MAGIC 0x47414D53u /* "SMAG" little-endian */
+#define AG_VERSION 1u
+#define AG_HDR 12u
+#define AG_MIN_FRAME 4096u
+#define AG_MAX_FRAME_LIMIT (16u << 20)
+/*
+ * What we accept: 1 MiB keeps the per-connection receive buffer small in a
+ * 64 MiB guest while making each awaited PUT_FILE chunk big enough that file
+ * uploads are not round-trip bound.
+ */
+#define AG_MAX_FRAME (1u << 20)
+#define AG_MAX_INFLIGHT 64u
+#define AG_MAX_PING 4096u
+#define AG_CAPS 0xffu /* EXEC SHELL STDIN ENV CWD FILES KILL TIMEOUT */
+
+#define AGENT_PORT 5253u
+#define READY_PORT 5254u
+#define HOST_CID 2u
+
+enum msg_type {
+    MSG_HELLO = 0x01,
+    MSG_READY = 0x02,
+    MSG_PING = 0x03,
+    MSG_PONG = 0x04,
+    MSG_OK = 0x05,
+    MSG_ERROR = 0x06,
+    MSG_EXEC = 0x10,
+    MSG_STDIN = 0x11,
+    MSG_STDIN_EOF = 0x12,
+    MSG_STDOUT = 0x13,
+    MSG_STDERR = 0x14,
+    MSG_EXIT = 0x15,
+    MSG_KILL = 0x16,
+    MSG_PUT_FILE = 0x20,
+    MSG_GET_FILE = 0x21,
+    MSG_FILE_DATA = 0x22,
+};
+
+#define EXEC_STDIN 1u
+#define EXEC_SHELL 2u
+#define EXIT_SIGNALED 1u
+#define EXIT_TIMED_OUT 2u
+#define PUT_APPEND 1u
+#define FILE_MORE 1u
+
+/* The supermachine control port (pytest_supermachine/guest/microguest/bootinfo.h). */
+#define SM_CONTROL_PORT 0x510
+#define SM_CTL_READY 2u
+
+/* ------------------------------------------------------------ limits -- */
+
+/* Bytes read from a pipe or a file per output frame (a pipe holds 64 KiB by default). */
+#define OUT_CHUNK (64u * 1024)
+/*
+ * Backpressure: above OUT_HIGH queued output bytes a connection stops reading
+ * its commands' pipes, its files and its own socket; below OUT_LOW it resumes.
+ * Memory per connection stays near OUT_HIGH + one frame however slow the host.
+ */
+#define OUT_HIGH (1u << 20)
+#define OUT_LOW (256u * 1024)
+/* Stdin bytes queued for commands that do not read them yet before the socket pauses. */
+#define STDIN_HIGH (2u << 20)
+/* After its leader exits, a command's pipes are drained at most this much each. */
+#define FINAL_DRAIN_MAX (1u << 20)
+/* How long a connection that is being closed may take to flush its last frames. */
+#define CLOSE_LINGER_MS 2000
+
+/* ------------------------------------------------------------ helpers -- */
+
+static inline uint16_t ld16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static inline uint32_t ld32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t ld64(const uint8_t *p) { return ld32(p) | (uint64_t)ld32(p + 4) << 32; }
+static inline void st16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline void st32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+}
+static inline void st64(uint8_t *p, uint64_t v) { st32(p, (uint32_t)v), st32(p + 4, (uint32_t)(v >> 32)); }
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+uint64_t now_ns(void); /* CLOCK_MONOTONIC */
+void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ------------------------------------------------------------ event loop -- */
+
+enum watch_kind { W_LISTEN, W_CONN, W_SIGNAL, W_READY, W_PIPE_IN, W_PIPE_OUT, W_PIPE_ERR };
+
+struct watch {
+    enum watch_kind kind;
+    int fd;
+    uint32_t events; /* what is registered with epoll now (0 = not registered) */
+    void *obj;
+};
+
+void watch_set(struct watch *w, uint32_t events); /* add/modify/remove as needed */
+void watch_close(struct watch *w);                /* remove from epoll and close the fd */
+
+/* ------------------------------------------------------------ connections -- */
+
+struct chunk {
+    struct chunk *next;
+    uint32_t len, off;
+    uint8_t data[];
+};
+
+struct proc;
+
+/* A GET_FILE being streamed: one frame per pump while the output queue has room. */
+struct fileget {
+    struct fileget *next;
+    uint32_t rid;
+    int fd;
+    int regular; /* a short read is the end */
+};
+
+enum conn_state { CONN_HELLO, CONN_OPEN, CONN_CLOSING };
+
+struct conn {
+    struct watch w;
+    struct conn *next;
+    enum conn_state state;
+    uint32_t host_max_frame;
+    /* receive: header, then a payload buffer sized to the frame being read */
+    uint8_t hdr[AG_HDR];
+    uint32_t hdr_have;
+    uint8_t *payload;
+    uint32_t need, have;
+    /* send queue */
+    struct chunk *out_head, *out_tail;
+    size_t out_bytes;
+    int paused; /* output above OUT_HIGH: producers stopped */
+    /* requests */
+    struct proc *procs; /* open EXECs of this connection */
+    struct fileget *gets;
+    unsigned open_requests;
+    size_t stdin_bytes; /* queued for all its commands */
+    uint64_t close_deadline;
+    int shut_wr;
+};
+
+extern struct conn *conns;
+
+void conn_accept(int listen_fd);
+void conn_event(struct conn *c, uint32_t events);
+void conn_queue_frame(struct conn *c, uint16_t type, uint32_t rid, const void *a, uint32_t alen,
+                      const void *b, uint32_t blen);
+/* A frame whose payload the caller fills: returns the payload pointer (room bytes). */
+struct chunk *conn_frame_alloc(uint32_t room);
+void conn_frame_push(struct conn *c, struct chunk *ch, uint16_t type, uint32_t rid, uint32_t plen);
+void conn_send_error(struct conn *c, uint32_t rid, uint32_t err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void conn_update(struct conn *c); /* re-evaluate interest after the queue or requests changed */
+void conn_timers(uint64_t now, int64_t *wait_ms);
+uint32_t conn_out_room(const struct conn *c); /* payload bytes per output frame */
+uint32_t hello_payload(uint8_t *p);             /* at least 28 + 64 bytes */
+
+/* ------------------------------------------------------------ commands -- */
+
+struct outbuf { /* stdin bytes waiting for the command to read them */
+    struct outbuf *next;
+    uint32_t len, off;
+    uint8_t data[];
+};
+
+struct proc {
+    struct proc *next;      /* in the connection's list */
+    struct proc *all_next;  /* in the global list (reaping finds orphans by pid) */
+    struct conn *conn;      /* NULL once the connection is gone (killed, awaiting reap) */
+    uint32_t rid;
+    pid_t pid;              /* also the process group id */
+    uint64_t start_ns, deadline_ns;
+    int timed_out;
+    struct watch in, out, err;
+    struct outbuf *stdin_head, *stdin_tail;
+    int stdin_eof;          /* STDIN_EOF seen: close the pipe once the queue is written */
+};
+
+struct exec_req {
+    uint32_t flags, timeout_ms;
+    char *cwd;   /* NULL = the agent's */
+    char **argv; /* NULL-terminated */
+    char **env;  /* NULL-terminated additions/overrides */
+};
+
+extern const char *opt_shell;
+extern const char *opt_cwd;
+
+/* Start a command; 0 or an errno (the request is then answered by the caller). */
+int proc_spawn(struct conn *c, uint32_t rid, const struct exec_req *req);
+struct proc *proc_find(struct conn *c, uint32_t rid);
+void proc_stdin(struct proc *p, const uint8_t *data, uint32_t len);
+void proc_stdin_eof(struct proc *p);
+void proc_kill(struct proc *p, int sig);
+void proc_event(struct watch *w, uint32_t events);
+void proc_detach_all(struct conn *c); /* the connection closes: kill its commands */
+void proc_update_interest(struct conn *c);
+void proc_timers(uint64_t now, int64_t *wait_ms);
+void proc_reap(void);
+int proc_signal_fd(void); /* signalfd for SIGCHLD, made once */
+
+/* ------------------------------------------------------------ init -- */
+
+struct init_result {
+    const char *shell; /* for EXEC_SHELL; NULL = /bin/sh */
+};
+
+/* PID 1 duties before serving: mounts, hostname, lo, optional root switch. */
+void init_system(const char *cmdline_override, struct init_result *out);
+void init_debug_shell(void);
+
+#endif
