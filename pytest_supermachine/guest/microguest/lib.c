@@ -24,13 +24,36 @@ static void unlock_console(void) { __atomic_store_n(&console_lock, 0, __ATOMIC_R
  */
 static void con_putc(char c) { mg_outb(COM1, (uint8_t)c); }
 
-static void con_puts(const char *s)
+/*
+ * One formatter for the console (CPL0, one `out` per character) and for
+ * buffers (any CPL: the agent formats at CPL3 and prints through a syscall).
+ */
+struct sink {
+    void (*put)(struct sink *, char);
+    char *buf;
+    size_t size, len;
+};
+
+static void sink_console(struct sink *s, char c)
 {
-    while (*s)
-        con_putc(*s++);
+    (void)s;
+    con_putc(c);
 }
 
-static void put_unsigned(uint64_t v, unsigned base, int prefix)
+static void sink_buffer(struct sink *s, char c)
+{
+    if (s->len + 1 < s->size)
+        s->buf[s->len] = c;
+    s->len++;
+}
+
+static void put_str(struct sink *s, const char *str)
+{
+    while (*str)
+        s->put(s, *str++);
+}
+
+static void put_unsigned(struct sink *s, uint64_t v, unsigned base, int prefix)
 {
     char buf[24];
     int i = 0;
@@ -40,20 +63,20 @@ static void put_unsigned(uint64_t v, unsigned base, int prefix)
         v /= base;
     } while (v);
     if (prefix)
-        con_puts("0x");
+        put_str(s, "0x");
     while (i)
-        con_putc(buf[--i]);
+        s->put(s, buf[--i]);
 }
 
 /*
- * A tiny printf: %s, %c, %u/%x (unsigned int), %lu/%lx (uint64_t); %x and %lx
+ * A tiny printf: %s, %c, %u/%x/%d (int), %lu/%lx/%ld (64-bit); %x and %lx
  * print a 0x prefix so every address in the log reads the same way.
  */
-void mg_vprintf(const char *fmt, va_list ap)
+static void format(struct sink *s, const char *fmt, va_list ap)
 {
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
-            con_putc(*fmt);
+            s->put(s, *fmt);
             continue;
         }
         int is_long = 0;
@@ -63,24 +86,59 @@ void mg_vprintf(const char *fmt, va_list ap)
         }
         switch (*fmt) {
         case 's':
-            con_puts(va_arg(ap, const char *));
+            put_str(s, va_arg(ap, const char *));
             break;
         case 'c':
-            con_putc((char)va_arg(ap, int));
+            s->put(s, (char)va_arg(ap, int));
             break;
         case 'u':
-            put_unsigned(is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 10, 0);
+            put_unsigned(s, is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 10, 0);
             break;
+        case 'd': {
+            int64_t v = is_long ? va_arg(ap, int64_t) : va_arg(ap, int);
+            if (v < 0) {
+                s->put(s, '-');
+                put_unsigned(s, -(uint64_t)v, 10, 0);
+            } else {
+                put_unsigned(s, (uint64_t)v, 10, 0);
+            }
+            break;
+        }
         case 'x':
-            put_unsigned(is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 16, 1);
+            put_unsigned(s, is_long ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 16, 1);
             break;
         case '\0':
             return;
         default:
-            con_putc('%');
-            con_putc(*fmt);
+            s->put(s, '%');
+            s->put(s, *fmt);
         }
     }
+}
+
+void mg_vprintf(const char *fmt, va_list ap)
+{
+    struct sink s = {sink_console, 0, 0, 0};
+    format(&s, fmt, ap);
+}
+
+/* Like vsnprintf: always NUL-terminates (size > 0), returns the untruncated length. */
+size_t mg_vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
+{
+    struct sink s = {sink_buffer, buf, size, 0};
+    format(&s, fmt, ap);
+    if (size)
+        buf[s.len < size ? s.len : size - 1] = '\0';
+    return s.len;
+}
+
+size_t mg_snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    size_t n = mg_vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return n;
 }
 
 void mg_printf(const char *fmt, ...)
