@@ -13,10 +13,43 @@ Console lines the guest prints (COM1), for host-side matching:
     microguest: dirtied <n> pages                         DIRTY
     microguest: cpu <apic id> online / all <n> cpus online SMP
     microguest: counter at 0x<hex> / count <n>            COUNT
-    microguest: agent mode not built yet                  AGENT
+    microguest: agent listening on vsock port 5253 cid <cid> tsc_khz <khz>   AGENT
+    microguest: agent: <why>                              AGENT giving up (then PANIC)
     microguest: exception <vec> rip=0x<hex> err=0x<hex>   any CPU exception (then PANIC)
 
 Numbers are decimal, addresses hex with 0x.
+
+AGENT mode is a test guest for the VMM's devices and the agent protocol
+(docs/agent-protocol.md): it drives virtio-vsock (and virtio-blk if the boot
+info lists one) itself, listens on vsock port 5253, writes SM_CTL_READY to the
+control port, sends READY to host port 5254, and serves HELLO, EXEC (with
+stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE and PING on any number of
+connections (up to 8 at once, 16 requests in flight on each). Commands are
+built-ins, looked up by argv[0]'s basename (or the EXEC_SHELL line split at
+white space)::
+
+    echo ARGS / err ARGS   ARGS joined by spaces + newline on stdout / stderr
+    true / false / exit N  exit 0 / 1 / N
+    signal N               end as if killed by signal N
+    cat [PATH...]          files (or stdin) to stdout
+    write PATH             stdin into the RAM file store
+    sleep MS               halt-based wait; KILL and timeouts end it
+    emit N                 N bytes 0,1,..,255,0,1,.. on stdout
+    dirty PAGES            +1 to the first byte of PAGES scratch pages, prints PAGES
+    crash                  invalid opcode (ud2) at CPL3: exception report, PANIC 6
+    hang                   cli; hlt forever: nothing answers any more
+    blk-read SECTOR N      the raw bytes of N sectors on stdout
+    blk-write SECTOR HEX   write the bytes HEX spells at SECTOR (rest of a sector kept)
+    blk-flush / blk-id / blk-size   FLUSH, the serial (GET_ID), capacity in sectors
+    env / pwd / info / help         the EXEC's env, its cwd, key=value facts, this list
+
+An unknown command is ``ERROR ENOENT`` for an argv (like a failed execve) and
+exit 127 with ``sh: NAME: not found`` on stderr for a command line (like
+/bin/sh). Bad arguments exit 2 with a message on stderr. The file store is
+flat (a path is just bytes; cwd is only reported by ``pwd``): 64 files of at
+most 16 MiB in a heap of up to 64 MiB (half the free RAM); beyond that ENOSPC.
+`dirty` uses the RAM above the heap (``info`` prints ``scratch_pages``).
+It needs a TSC-deadline LAPIC timer and at least 32 MiB of RAM.
 """
 
 from __future__ import annotations
@@ -36,7 +69,7 @@ class GuestMode(IntEnum):
     SMP = 4  # INIT-SIPI-SIPI all APs, each prints, power off 0 when all are online
     COUNT = 5  # count forever at CPL3 in the u64 at free_start (rounded up to 8)
     OUT_LOOP = 6  # `arg` control-port NOPs between MARK 1 and MARK 2, power off 0
-    AGENT = 7  # not built yet: PANIC AGENT_NOT_BUILT
+    AGENT = 7  # serve the agent protocol over virtio-vsock (see the module docstring)
 
     @property
     def banner_name(self) -> str:
@@ -47,7 +80,11 @@ class GuestMode(IntEnum):
 class PanicCode(IntEnum):
     """Arguments of SM_CTL_PANIC besides CPU exception vectors (0-31)."""
 
-    AGENT_NOT_BUILT = 0xA6
+    AGENT_NO_VSOCK = 0xA6
+    AGENT_NO_MEMORY = 0xA7
+    AGENT_DEVICE = 0xA8
+    AGENT_NO_TIMER = 0xA9
+    AGENT_STACK = 0xAA
     BAD_BOOT_INFO = 0xB1
     UNKNOWN_MODE = 0xB2
     TOO_MANY_CPUS = 0xB3
@@ -61,6 +98,7 @@ class Mark(IntEnum):
     OUT_LOOP_END = 2
     SMP_START = 3
     SMP_ALL_ONLINE = 4
+    AGENT_DEVICES = 5
 
 
 #: Page the AP trampoline is copied to (SIPI vector 0x08): the VMM must leave it free.

@@ -110,6 +110,16 @@ uint64_t mg_syscall(uint64_t nr, uint64_t arg)
     case MG_SYS_PRINT_COUNT:
         mg_printf("microguest: count %lu\n", arg);
         return 0;
+    case MG_SYS_PUTS:
+        /* The identity map is user-accessible: the string is readable as is. */
+        mg_printf("%s", (const char *)arg);
+        return 0;
+    case MG_SYS_CONTROL:
+        mg_outl(SM_CONTROL_PORT, (uint32_t)arg);
+        return 0;
+    case MG_SYS_HANG:
+        mg_printf("microguest: agent: hanging with interrupts off (on request)\n");
+        mg_halt_forever();
     default:
         mg_printf("microguest: bad syscall %lu\n", nr);
         mg_panic(MG_PANIC_BAD_SYSCALL);
@@ -169,6 +179,15 @@ static void send_ipi(uint32_t icr)
         __builtin_ia32_pause();
 }
 
+/* Software-enable the LAPIC (KVM starts it enabled in the MSR, disabled in the SVR). */
+void mg_lapic_enable(void)
+{
+    uint64_t apic_base = rdmsr(MSR_APIC_BASE);
+    if (!(apic_base & APIC_BASE_ENABLE))
+        wrmsr(MSR_APIC_BASE, apic_base | APIC_BASE_ENABLE);
+    *lapic(LAPIC_SVR) = 0x100 | MG_VEC_SPURIOUS;
+}
+
 /*
  * INIT then SIPI twice to every other CPU (shorthand "all excluding self",
  * so APIC ids need not be 1..n-1). KVM completes IPIs at once, so the
@@ -186,10 +205,7 @@ void mg_start_aps(void)
     memcpy((void *)MG_TRAMPOLINE_ADDR, mg_trampoline_start,
            (size_t)(mg_trampoline_end - mg_trampoline_start));
 
-    uint64_t apic_base = rdmsr(MSR_APIC_BASE);
-    if (!(apic_base & APIC_BASE_ENABLE))
-        wrmsr(MSR_APIC_BASE, apic_base | APIC_BASE_ENABLE);
-    *lapic(LAPIC_SVR) = 0x100 | 0xff; /* software enable, spurious vector 0xff */
+    mg_lapic_enable();
 
     send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
     send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_STARTUP | MG_SIPI_VECTOR);
@@ -203,4 +219,133 @@ void mg_ap_main(void)
     mg_printf("microguest: cpu %u online\n", mg_lapic_id());
     __atomic_fetch_add(&mg_cpus_online, 1, __ATOMIC_SEQ_CST);
     mg_halt_forever();
+}
+
+/* ------------------------------------------------------ AGENT: interrupts -- */
+
+#define LAPIC_EOI 0xb0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_LVT_LINT1 0x360
+#define LVT_MASKED (1u << 16)
+#define LVT_TSC_DEADLINE (2u << 17)
+#define IOAPIC_BASE 0xfec00000ul
+#define IOAPIC_REDTBL(pin) (0x10 + 2 * (pin))
+#define IOAPIC_PINS 24
+#define PIC1_DATA 0x21
+#define PIC2_DATA 0xa1
+
+static void ioapic_write(uint32_t reg, uint32_t value)
+{
+    *(volatile uint32_t *)IOAPIC_BASE = reg;            /* IOREGSEL */
+    *(volatile uint32_t *)(IOAPIC_BASE + 0x10) = value; /* IOWIN */
+}
+
+/*
+ * AGENT mode's interrupt plumbing, once at boot: an IDT entry for every vector
+ * (unexpected ones are counted and EOIed, never fatal), the 8259s masked (the
+ * LAPIC's LINT0 would otherwise deliver them as ExtINT), LINT0/1 masked, the
+ * LAPIC timer in TSC-deadline mode, and for boot device i an IOAPIC entry:
+ * edge, active high, fixed delivery of MG_VEC_DEVICE + i to this CPU.
+ * Returns the number of devices routed, or -1 without a TSC-deadline timer.
+ */
+int mg_irq_init(const struct sm_boot_info *bi)
+{
+    uint32_t eax = 1, ebx, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (!(ecx & (1u << 24)))
+        return -1;
+    for (unsigned v = 32; v < 256; v++)
+        set_gate(v, mg_irq_other, 0);
+    set_gate(MG_VEC_TIMER, mg_irq_timer, 0);
+    set_gate(MG_VEC_SPURIOUS, mg_irq_spurious, 0);
+    mg_outb(PIC1_DATA, 0xff);
+    mg_outb(PIC2_DATA, 0xff);
+    mg_lapic_enable();
+    mg_lapic_eoi_addr = (uint64_t)lapic(LAPIC_EOI);
+    *lapic(LAPIC_LVT_LINT0) = LVT_MASKED;
+    *lapic(LAPIC_LVT_LINT1) = LVT_MASKED;
+    *lapic(LAPIC_LVT_TIMER) = LVT_TSC_DEADLINE | MG_VEC_TIMER;
+    uint32_t apic_id = mg_lapic_id();
+    int routed = 0;
+    for (uint32_t i = 0; i < bi->ndevices && i < MG_MAX_IRQ_DEVICES; i++) {
+        const struct sm_boot_device *d = &bi->devices[i];
+        if (d->irq >= IOAPIC_PINS)
+            continue;
+        mg_irq_mmio[i] = d->mmio_base;
+        set_gate(MG_VEC_DEVICE + i, (void (*)(void))mg_irq_device_stubs[i], 0);
+        ioapic_write(IOAPIC_REDTBL(d->irq) + 1, apic_id << 24);
+        ioapic_write(IOAPIC_REDTBL(d->irq), MG_VEC_DEVICE + i); /* edge, high, fixed, unmasked */
+        routed++;
+    }
+    return routed;
+}
+
+/* ------------------------------------------------------ AGENT: TSC rate -- */
+
+#define PIT_HZ 1193182u
+#define PIT_CH2 0x42
+#define PIT_CMD 0x43
+#define PIT_SPEAKER 0x61
+#define CALIBRATE_US 2000u
+#define CALIBRATE_MAX_RUNS 8
+
+static uint8_t mg_inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/*
+ * TSC ticks in CALIBRATE_US by PIT channel 2 in mode 0 (OUT2 rises in port
+ * 0x61 bit 5 when the count runs out), and the uncertainty of that number:
+ * the start lies between the TSC reads around the write that starts the
+ * count, the end between the read before the last poll that saw OUT2 low and
+ * the read after the one that saw it high. A preempted vCPU widens a bracket
+ * instead of silently stretching the run.
+ */
+static uint64_t pit_run(uint64_t *uncertainty)
+{
+    uint32_t count = PIT_HZ / (1000000u / CALIBRATE_US);
+    mg_outb(PIT_SPEAKER, (uint8_t)((mg_inb(PIT_SPEAKER) & ~0x02) | 0x01)); /* gate on, speaker off */
+    mg_outb(PIT_CMD, 0xb0);                                                 /* ch2, lo/hi, mode 0 */
+    mg_outb(PIT_CH2, (uint8_t)count);
+    uint64_t s0 = rdtsc();
+    mg_outb(PIT_CH2, (uint8_t)(count >> 8)); /* counting starts here */
+    uint64_t s1 = rdtsc(), before_prev = s0, before = s1;
+    while (!(mg_inb(PIT_SPEAKER) & 0x20)) {
+        before_prev = before;
+        before = rdtsc();
+    }
+    uint64_t e1 = rdtsc();
+    *uncertainty = (s1 - s0 + e1 - before_prev) / 2;
+    return (e1 + before_prev) / 2 - (s1 + s0) / 2;
+}
+
+/*
+ * The TSC rate in kHz, against the PIT: the guest's CPUID here has no
+ * TSC-frequency leaf, and the in-kernel PIT is an exact 1.193182 MHz. Runs
+ * repeat (up to CALIBRATE_MAX_RUNS) until one is bracketed to 0.5%; the
+ * tightest is used. A quiet host needs one 2 ms run (polls are port exits of
+ * a few us); a loaded one, where the vCPU gets preempted, a few more.
+ */
+uint32_t mg_calibrate_tsc_khz(void)
+{
+    uint64_t best = 0, best_unc = ~0ull;
+    for (int i = 0; i < CALIBRATE_MAX_RUNS && best_unc * 200 > best; i++) {
+        uint64_t unc, ticks = pit_run(&unc);
+        if (unc < best_unc) {
+            best = ticks;
+            best_unc = unc;
+        }
+    }
+    return (uint32_t)(best * 1000u / CALIBRATE_US);
 }

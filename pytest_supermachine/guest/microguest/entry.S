@@ -176,6 +176,8 @@ mg_user_gate_ud2:
 
 /* From the #UD entry: RAX = number, RDI = argument; frame = RIP, CS, RFLAGS, RSP, SS. */
 syscall_entry:
+    cmp     $MG_SYS_WAIT, %rax
+    je      wait_entry
     cmp     $MG_SYS_EXIT, %rax
     je      4f
     push    %rcx
@@ -216,6 +218,126 @@ syscall_entry:
     pop     %rbx
     ret
 
+/*
+ * MG_SYS_WAIT, the agent's idle path, in as few emulated instructions as we
+ * can: arm (or, with 0, disarm) the TSC-deadline timer, then sti; hlt. CPL3
+ * runs with IF=0, so an interrupt raised since CPL3 last looked at its rings
+ * is pending in the LAPIC and ends the hlt at once (sti's shadow makes
+ * sti; hlt atomic): no wake-up is lost. The handlers run on this stack and
+ * return after the hlt. mg_user_gate is a C call, so RAX/RCX/RDX are ours.
+ */
+wait_entry:
+    mov     %rdi, %rax
+    mov     %rdi, %rdx
+    shr     $32, %rdx
+    mov     $MG_MSR_TSC_DEADLINE, %ecx
+    wrmsr
+    sti
+    hlt
+    cli
+    addq    $2, (%rsp)                  /* resume after the ud2 */
+    iretq
+
+/* ------------------------------------------------------- interrupts -- */
+/*
+ * Interrupts are only ever taken inside wait_entry's hlt (CPL3 and the rest
+ * of CPL0 run with IF=0), so these entries never switch stacks and clobber
+ * nothing CPL3 cares about beyond what they save.
+ *
+ * Device i: read its InterruptStatus, write it back to InterruptACK, keep the
+ * bits for CPL3 (a config change means DEVICE_NEEDS_RESET), EOI. Two MMIO
+ * exits and a dozen emulated instructions: the rings themselves are read at
+ * CPL3, natively.
+ */
+    .macro IRQ_DEVICE idx
+    .balign 16
+irq_device_\idx:
+    push    %rax
+    mov     $\idx, %eax
+    jmp     irq_device_common
+    .endm
+
+    .irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    IRQ_DEVICE \i
+    .endr
+
+irq_device_common:
+    push    %rcx
+    push    %rdx
+    mov     mg_irq_mmio(,%rax,8), %rcx
+    mov     0x60(%rcx), %edx            /* InterruptStatus */
+    mov     %edx, 0x64(%rcx)            /* InterruptACK */
+    or      %edx, mg_irq_status(,%rax,4)
+    mov     mg_lapic_eoi_addr(%rip), %rcx
+    movl    $0, (%rcx)
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    iretq
+
+/* The TSC-deadline timer: waking up was the point; just EOI. */
+    .globl mg_irq_timer
+mg_irq_timer:
+    push    %rcx
+    mov     mg_lapic_eoi_addr(%rip), %rcx
+    movl    $0, (%rcx)
+    pop     %rcx
+    iretq
+
+/* Any other vector (nothing else is unmasked): count it, EOI, carry on. */
+    .globl mg_irq_other
+mg_irq_other:
+    push    %rcx
+    incl    mg_irq_other_count(%rip)
+    mov     mg_lapic_eoi_addr(%rip), %rcx
+    movl    $0, (%rcx)
+    pop     %rcx
+    iretq
+
+/* The LAPIC's spurious vector must not be EOIed. */
+    .globl mg_irq_spurious
+mg_irq_spurious:
+    iretq
+
+    .section .rodata
+    .balign 8
+    .globl mg_irq_device_stubs
+mg_irq_device_stubs:
+    .irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .quad   irq_device_\i
+    .endr
+
+/* --------------------------------------------------- CPL3 coroutines -- */
+    .text
+/*
+ * void mg_ctx_switch(uint64_t *save_sp, uint64_t load_sp): the agent's task
+ * switch, at CPL3. Only callee-saved registers need saving: it is a C call.
+ */
+    .globl mg_ctx_switch
+mg_ctx_switch:
+    push    %rbp
+    push    %rbx
+    push    %r12
+    push    %r13
+    push    %r14
+    push    %r15
+    mov     %rsp, (%rdi)
+    mov     %rsi, %rsp
+    pop     %r15
+    pop     %r14
+    pop     %r13
+    pop     %r12
+    pop     %rbx
+    pop     %rbp
+    ret
+
+/* A new context's first switch "returns" here with r12 = argument, r13 = function. */
+    .globl mg_ctx_start
+mg_ctx_start:
+    mov     %r12, %rdi
+    call    *%r13
+    ud2                                 /* task functions never return */
+
 /* ------------------------------------------------------------- data -- */
     .data
     .balign 8
@@ -226,6 +348,12 @@ mg_ap_cr0:      .long 0     /* the BSP's control registers, for the APs */
 mg_ap_cr3:      .long 0
 mg_ap_cr4:      .long 0
 mg_ap_efer:     .long 0
+    .globl mg_irq_mmio, mg_irq_status, mg_irq_other_count, mg_lapic_eoi_addr
+mg_irq_mmio:    .skip 8 * MG_MAX_IRQ_DEVICES
+mg_irq_status:  .skip 4 * MG_MAX_IRQ_DEVICES
+mg_irq_other_count: .long 0
+    .balign 8
+mg_lapic_eoi_addr: .quad 0xfee000b0
 
     /* Stacks live in .bss: the loader zeroes it, untouched pages stay clean. */
     .bss
@@ -235,6 +363,6 @@ mg_bsp_stack_top:
     .globl mg_int_stack_top, mg_user_stack_top
 mg_int_stack:   .skip 8192      /* TSS.RSP0: entries from CPL3 land here */
 mg_int_stack_top:
-mg_user_stack:  .skip 8192
+mg_user_stack:  .skip 32768     /* CPL3: the agent main loop runs on it */
 mg_user_stack_top:
 mg_ap_stacks:   .skip (MG_MAX_CPUS - 1) * MG_AP_STACK_SIZE

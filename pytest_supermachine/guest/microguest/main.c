@@ -85,6 +85,20 @@ static void mode_out_loop(const struct sm_boot_info *bi)
     mg_poweroff(0);
 }
 
+/*
+ * AGENT: the CPL0 part is this function (interrupt routing, the TSC rate);
+ * the agent itself runs at CPL3 from here on (agent.c) and never returns.
+ */
+static void mode_agent(const struct sm_boot_info *bi)
+{
+    if (mg_irq_init(bi) < 0) {
+        mg_printf("microguest: agent needs a TSC-deadline LAPIC timer (CPUID.1:ECX[24])\n");
+        mg_panic(MG_PANIC_AGENT_NO_TIMER);
+    }
+    uint32_t tsc_khz = mg_calibrate_tsc_khz();
+    mg_enter_user((mg_user_fn)mg_agent_main, (uint64_t)bi, tsc_khz, (uint64_t)mg_user_stack_top);
+}
+
 void mg_main(struct sm_boot_info *bi);
 
 void mg_main(struct sm_boot_info *bi)
@@ -124,9 +138,8 @@ void mg_main(struct sm_boot_info *bi)
         mode_out_loop(bi);
         break;
     case SM_MODE_AGENT:
-        /* Later: agent.c (protocol) over virtio.c (vsock/blk drivers). */
-        mg_printf("microguest: agent mode not built yet\n");
-        mg_panic(MG_PANIC_AGENT_NOT_BUILT);
+        mode_agent(bi);
+        break;
     default:
         mg_printf("microguest: unknown mode %u\n", bi->mode);
         mg_panic(MG_PANIC_UNKNOWN_MODE);
