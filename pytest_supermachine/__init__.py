@@ -1,10 +1,16 @@
 """pytest-supermachine: every test gets its own KVM microVM, by snapshot reset instead of boot.
 
-Public API only; see README.md. The VMM lives in `pytest_supermachine.vmm` and
-never imports pytest.
+Public API only; see README.md and docs/plugin.md. The VMM lives in
+`pytest_supermachine.vmm` and never imports pytest.
+
+``Machine``, ``RunResult`` and the other VMM names are loaded on first access (``layer`` too, as it
+needs pytest), so importing this package loads no C extension, opens no device
+and stays cheap for the ``supermachine`` command.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     GuestCrashed,
@@ -15,14 +21,61 @@ from .errors import (
     SupermachineError,
 )
 
+if TYPE_CHECKING:
+    from .fixtures.factory import MicrovmFactory, SnapshotInfo
+    from .fixtures.layers import LayerError, layer
+    from .images.registry import Image, register_image
+    from .vmm.agent import AgentError, AgentTimeout, CommandFailed, RunResult
+    from .vmm.machine import Machine
+    from .vmm.snapshot import SnapshotError
+
 __version__ = "0.1.0"
 
+_LAZY = {
+    "layer": ".fixtures.layers",
+    "LayerError": ".fixtures.layers",
+    "Machine": ".vmm.machine",
+    "RunResult": ".vmm.agent",
+    "AgentError": ".vmm.agent",
+    "AgentTimeout": ".vmm.agent",
+    "CommandFailed": ".vmm.agent",
+    "SnapshotError": ".vmm.snapshot",
+    "MicrovmFactory": ".fixtures.factory",
+    "SnapshotInfo": ".fixtures.factory",
+    "Image": ".images.registry",
+    "register_image": ".images.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "AgentError",
+    "AgentTimeout",
+    "CommandFailed",
     "GuestCrashed",
     "GuestTimeout",
+    "Image",
     "KvmError",
     "KvmUnavailableError",
+    "LayerError",
+    "Machine",
     "MachineError",
+    "MicrovmFactory",
+    "RunResult",
+    "SnapshotError",
+    "SnapshotInfo",
     "SupermachineError",
     "__version__",
+    "layer",
+    "register_image",
 ]

@@ -1,35 +1,187 @@
-"""The pytest plugin (entry point `pytest11: supermachine`).
+"""The pytest plugin (entry point ``pytest11: supermachine``): options, fixtures, reporting, capsules.
 
-Loading it has no side effects: no /dev/kvm access, no builds, no VMs at import
-or collection time. VMs are created lazily by the fixtures (a later issue); for
-now the plugin registers its option group, ini names and marker, and reports
-the KVM mode in the header.
+Loading it has no side effects: importing this module imports no VMM code, opens
+no device and builds nothing. Settings are resolved at configure time (text only);
+VMs and snapshots are made by the fixtures (fixtures/microvm.py) when a test that
+uses one is set up, so ``--collect-only`` and runs that use no VM never touch KVM
+beyond the report header's one-line probe.
+
+Where things live: settings (options, ini, env, marker) in fixtures/settings.py,
+the cache in fixtures/store.py, layers in fixtures/layers.py, the warm pool in
+fixtures/pool.py, snapshots and machines in fixtures/factory.py, failure capsules
+in fixtures/capsules.py, replay in fixtures/replay.py, xdist in fixtures/xdist.py,
+our hook specifications in hookspecs.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import time
+from collections.abc import Generator
+from typing import Any
+
 import pytest
+
+from .fixtures import xdist
+from .fixtures.microvm import microvm, microvm_factory, microvm_image
+from .fixtures.session import (
+    CAPSULE_KEY,
+    LEASES_KEY,
+    STATE_KEY,
+    SessionState,
+    new_session_id,
+    state_of,
+)
+from .fixtures.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
+
+__all__ = ["microvm", "microvm_factory", "microvm_image"]
+
+#: Settings a replay must reproduce when they came from the command line or environment.
+_REPLAYED_SETTINGS = ("image", "vcpus", "mem_mib", "cache_dir")
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("supermachine", "pytest-supermachine: a KVM microVM per test")
-    group.addoption(
-        "--supermachine-image",
-        dest="supermachine_image",
-        default=None,
-        help="guest image for the microvm fixture (default: ini supermachine_image, else 'microguest')",
-    )
-    parser.addini("supermachine_image", "default guest image for the microvm fixture", default="")
+    add_options(parser)
+    group = parser.getgroup("supermachine")
+    group.addoption("--supermachine-replay", dest="supermachine_replay", metavar="CAPSULE",
+                    default=None, help="rerun the test of failure capsule CAPSULE from its "
+                    "pre-test snapshot (what `supermachine replay` runs)")
+    group.addoption("--supermachine-replay-runs", dest="supermachine_replay_runs", type=int,
+                    default=1, metavar="N", help="with --supermachine-replay: how many runs")
+    group.addoption("--supermachine-replay-result", dest="supermachine_replay_result",
+                    default=None, help=argparse.SUPPRESS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "microvm(image=None, vcpus=None, mem_mib=None): configure the VM this test gets",
+        f"{MARKER_NAME}({', '.join(f'{a}=None' for a in MARKER_ARGS)}): the image and shape "
+        "of the VM this test's microvm and layer fixtures get (pytest-supermachine)",
     )
+    settings = Settings.from_config(config)
+    from_controller = xdist.worker_session(config)
+    if from_controller is not None:
+        session_id, start = from_controller
+    else:
+        start = time.time()
+        session_id = new_session_id(start)
+    state = SessionState(config, settings, session_id, start,
+                         is_worker=hasattr(config, "workerinput"))
+    config.stash[STATE_KEY] = state
+
+    replay_capsule = config.getoption("supermachine_replay")
+    if replay_capsule:
+        from .fixtures.replay import ReplayPlugin, load_replay_state
+
+        state.replay = load_replay_state(replay_capsule,
+                                         config.getoption("supermachine_replay_runs"),
+                                         config.getoption("supermachine_replay_result"))
+        config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
+    else:
+        from .fixtures.capsules import CapsuleWriter
+
+        replay_args: list[str] = []
+        for opt in OPTIONS:
+            source = settings.sources.get(opt.name, "")
+            if opt.name in _REPLAYED_SETTINGS and source.startswith(("command", "environment")):
+                replay_args += [opt.cli, str(getattr(settings, opt.name))]
+        state.capsules = CapsuleWriter(state.capsule_dir(), session_id=session_id,
+                                       retention=settings.capsule_retention,
+                                       count=settings.capsule_retention_count,
+                                       replay_args=replay_args)
+    config.pluginmanager.register(_Outcomes(state), "supermachine-outcomes")
+    xdist.register(config, state)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     from .doctor import kvm_summary
+    from .images.registry import canonical_name
 
-    return f"supermachine: {kvm_summary()}"
+    state = state_of(config)
+    s = state.settings
+    image = s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
+    return [f"supermachine: {kvm_summary()}",
+            f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
+            + (", rebuilding snapshots" if s.rebuild else "")]
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, None]:
+    item.stash[LEASES_KEY] = []  # a rerun of the item starts with no machines, no capsule
+    with contextlib.suppress(KeyError):
+        del item.stash[CAPSULE_KEY]
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.when not in ("setup", "call") or not report.failed:
+        return
+    leases = [lease for lease in item.stash.get(LEASES_KEY, []) if not lease.released]
+    state = state_of(item.config)
+    writer = state.capsules
+    if not leases or writer is None or not writer.enabled or CAPSULE_KEY in item.stash:
+        return
+    from .fixtures.capsules import read_manifest, report_text
+
+    settings = state.settings.for_item(item)
+    try:
+        path = writer.write(item, report, leases, {
+            "image": leases[0].snapshot.image, "vcpus": leases[0].snapshot.vcpus,
+            "mem_mib": leases[0].snapshot.mem_mib, "configured_image": settings.image})
+        manifest = read_manifest(path)
+    except Exception as e:  # a capsule must never hide the failure it is about
+        report.sections.append(("supermachine failure capsule",
+                                f"not written: {type(e).__name__}: {e}"))
+        state.stats.capsule_errors.append(f"{item.nodeid}: {type(e).__name__}: {e}")
+        return
+    item.stash[CAPSULE_KEY] = path
+    report.sections.append(("supermachine failure capsule", report_text(path, manifest)))
+    state.stats.capsules.append(str(path))
+    item.config.hook.pytest_supermachine_capsule_written(item=item, path=path, manifest=manifest)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(STATE_KEY, None)
+    if state is None:
+        return
+    if state.is_worker:
+        xdist.send_worker_stats(session.config, state.stats)
+        return
+    if state.capsules is not None and state.replay is None and not session.config.option.collectonly:
+        state.capsules.apply_retention(state.outcomes)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None or not state.stats.active:
+        return
+    terminalreporter.write_sep("-", "supermachine")
+    for line in state.stats.summary_lines():
+        terminalreporter.write_line(line)
+
+
+class _Outcomes:
+    """Records each test's overall outcome (for capsule retention) where all reports arrive."""
+
+    def __init__(self, state: SessionState) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        outcomes = self.state.outcomes
+        if report.failed:
+            outcomes[report.nodeid] = "failed"
+        elif report.when == "call" and report.passed and outcomes.get(report.nodeid) != "failed":
+            outcomes[report.nodeid] = "passed"
+        elif report.skipped and report.nodeid not in outcomes:
+            outcomes[report.nodeid] = "skipped"
