@@ -863,6 +863,8 @@ class AgentClient:
             shell,
         )
         shown = repr(cmd if shell else list(cmd))  # type: ignore[arg-type]
+        if len(shown) > 200:  # error messages name the command, not a megabyte of it
+            shown = f"{shown[:160]}…({len(shown)} chars)"
         try:
             payload = msg.encode_payload()
         except AgentProtocolError as exc:  # NUL bytes in argv/env/cwd: a caller error
