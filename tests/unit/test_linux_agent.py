@@ -805,9 +805,9 @@ def test_initramfs_has_the_expected_entries_and_modes():
     init = entries["init"]
     assert init.mode == stat.S_IFREG | 0o755 and init.data == agent_build.build_agent().read_bytes()
     assert entries["bin/busybox"].mode == stat.S_IFREG | 0o755
-    assert (
-        entries["bin/sh"].mode == stat.S_IFLNK | 0o777 and entries["bin/sh"].data == b"/bin/busybox"
-    )
+    sh = entries["bin/sh"]
+    assert sh.mode == stat.S_IFLNK | 0o777 and sh.data == b"busybox"  # relative: see init.c
+    assert entries["usr/bin/awk"].data == b"../../bin/busybox"
     assert entries["dev/console"].mode == stat.S_IFCHR | 0o600 and entries["dev/console"].rdev == (
         5,
         1,
@@ -841,3 +841,205 @@ def test_extra_files_get_modes_and_parents():
     assert entries["etc/app.conf"].mode == stat.S_IFREG | 0o644
     with pytest.raises(ValueError):
         irf.build_initramfs({"../escape": b""})
+
+
+# ----------------------------------------------------------------------------- init as PID 1
+#
+# The initramfs, unpacked into a directory, booted as the root of fresh mount,
+# PID, UTS (and network) namespaces: the agent is PID 1 there and does init's
+# work for real (devtmpfs, proc, sysfs, tmpfs, hostname, lo, switch root onto a
+# loop device). Needs root; the mounts live and die with the namespaces.
+
+
+def _namespaces_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (mount, PID and UTS namespaces)"
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--uts", "--net", "--pid", "--fork", "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        return f"cannot create namespaces here: {probe.stderr.decode().strip()}"
+    if not irf.BUSYBOX.is_file():
+        return f"needs {irf.BUSYBOX}: apt-get install {irf.BUSYBOX_PACKAGE}"
+    return None
+
+
+needs_namespaces = pytest.mark.skipif(
+    _namespaces_problem() is not None, reason=str(_namespaces_problem())
+)
+
+
+def _loop_problem() -> str | None:
+    missing = [t for t in ("losetup", "mkfs.ext4", "debugfs") if shutil.which(t) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (apt-get install util-linux e2fsprogs)"
+    if not Path("/dev/loop-control").exists():
+        return "needs loop devices (/dev/loop-control)"
+    return None
+
+
+needs_loop = pytest.mark.skipif(_loop_problem() is not None, reason=str(_loop_problem()))
+
+
+@pytest.fixture(scope="module")
+def unpacked_initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("initramfs")
+    for e in irf.parse_cpio(irf.build_initramfs().read_bytes()):
+        p = root / e.name
+        if stat.S_ISDIR(e.mode):
+            p.mkdir(exist_ok=True)
+            p.chmod(stat.S_IMODE(e.mode))
+        elif stat.S_ISLNK(e.mode):
+            p.symlink_to(e.data.decode())
+        elif stat.S_ISREG(e.mode):
+            p.write_bytes(e.data)
+            p.chmod(stat.S_IMODE(e.mode))
+        # device nodes: devtmpfs provides them
+    (root / "sock").mkdir()
+    return root
+
+
+class Pid1:
+    """The initramfs root booted in namespaces with the agent as PID 1."""
+
+    def __init__(self, root: Path, listen: str, cmdline: str, *, net: bool, log: Path) -> None:
+        self.log = log
+        args = ["unshare", "--mount", "--uts", "--pid", "--fork", "--kill-child"]
+        args += ["--propagation", "private", *(["--net"] if net else []), f"--root={root}"]
+        args += ["/init", "--listen", listen, "--cmdline", cmdline]
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(args, stderr=f, stdout=f)
+        self.address = str(root / listen[6:]) if listen.startswith("unix:/") else "\0" + listen[6:]
+
+    def connect(self) -> AgentClient:
+        deadline = time.monotonic() + 15
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.address)
+                return AgentClient(s, timeout=10)
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"the PID 1 agent never listened:\n{self.console()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def console(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.kill()  # unshare --kill-child: PID 1 dies, and the namespaces with it
+        self.proc.wait(10)
+
+
+@needs_namespaces
+def test_init_as_pid1_mounts_names_and_reaps(unpacked_initramfs, tmp_path):
+    vm = Pid1(
+        unpacked_initramfs,
+        "unix:/sock/pid1.sock",
+        "console=ttyS0 sm.hostname=testvm quiet",
+        net=True,
+        log=tmp_path / "console",
+    )
+    try:
+        c = vm.connect()
+        assert c.run("hostname").stdout == b"testvm\n"
+        assert c.run("cat /proc/1/cmdline").stdout.startswith(b"/init\0")
+        mounts = c.run("cat /proc/mounts").stdout.decode()
+        for fs, where in [
+            ("devtmpfs", "/dev"),
+            ("proc", "/proc"),
+            ("sysfs", "/sys"),
+            ("tmpfs", "/tmp"),
+            ("tmpfs", "/run"),
+            ("tmpfs", "/dev/shm"),
+        ]:
+            assert f"{fs} {where} {fs}" in mounts, mounts
+        assert c.run("stat -c %a /tmp").stdout == b"1777\n"
+        assert b"inet 127.0.0.1/8" in c.run("ip addr show lo").stdout
+        assert c.run("echo hi > /dev/null && ls /dev/fd/").ok
+        assert c.run("echo $PATH $HOME").stdout == (
+            b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin /root\n"
+        )
+        # a double fork leaves an orphan to PID 1: the agent reaps it, no zombie stays
+        c.run("sh -c 'sleep 0.2 &'")
+        time.sleep(0.6)
+        states = c.run("cat /proc/[0-9]*/stat").stdout.decode()
+        assert ") Z " not in states, states
+        c.close()
+    finally:
+        vm.stop()
+    assert "cannot" not in vm.console(), vm.console()
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A small ext4 image from a directory (no /bin/sh in it), attached to a loop device."""
+    src = tmp_path / "rootsrc"
+    (src / "data").mkdir(parents=True)
+    (src / "data" / "hello").write_text("from the disk\n")
+    (src / "etc").mkdir()
+    image = tmp_path / "root.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(src), str(image), "16M"], check=True)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        yield image, dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@needs_namespaces
+@needs_loop
+def test_init_switches_to_a_read_only_ext4_root_under_a_tmpfs_overlay(
+    unpacked_initramfs, ext4_disk, tmp_path
+):
+    image, dev = ext4_disk
+    before = image.read_bytes()
+    name = f"@sm-agent-test-{os.getpid()}-overlay"
+    vm = Pid1(unpacked_initramfs, f"unix:{name}", f"sm.root={dev}", net=False, log=tmp_path / "c")
+    try:
+        c = vm.connect()
+        # no /bin/sh on the disk: command lines run with the initramfs busybox
+        assert c.run("cat /data/hello").stdout == b"from the disk\n"
+        assert c.run("test ! -e /init && test -e /data").ok  # the disk is the root now
+        mounts = c.run(["/.supermachine/bin/cat", "/proc/mounts"]).stdout.decode()
+        assert "overlay / overlay" in mounts and "devtmpfs /dev" in mounts, mounts
+        c.write_file("/data/new", b"written in the guest")
+        assert c.run("rm /data/hello && ls /data").stdout == b"new\n"
+        assert c.read_file("/data/new") == b"written in the guest"
+        c.close()
+    finally:
+        vm.stop()
+    assert image.read_bytes() == before, "the read-only base was modified"
+    assert "root is " + dev in vm.console()
+
+
+@needs_namespaces
+@needs_loop
+def test_init_with_overlay_off_mounts_the_disk_read_write(unpacked_initramfs, ext4_disk, tmp_path):
+    image, dev = ext4_disk
+    name = f"@sm-agent-test-{os.getpid()}-rw"
+    vm = Pid1(
+        unpacked_initramfs,
+        f"unix:{name}",
+        f"sm.root={dev} sm.overlay=0 sm.rootfstype=ext4",
+        net=False,
+        log=tmp_path / "c",
+    )
+    try:
+        c = vm.connect()
+        c.write_file("/data/kept", b"persisted")
+        assert c.run("sync").ok
+        c.close()
+    finally:
+        vm.stop()
+    out = subprocess.run(
+        ["debugfs", "-R", "cat /data/kept", str(image)], capture_output=True, check=True
+    )
+    assert out.stdout == b"persisted"

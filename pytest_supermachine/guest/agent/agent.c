@@ -4,8 +4,8 @@
  *   sm-agent [--listen ADDR] [--ready ADDR|none] [--port-ready|--no-port-ready]
  *            [--shell PATH] [--cwd DIR] [--init|--no-init] [--cmdline TEXT]
  *
- *   ADDR: vsock:PORT (listen, any CID) / vsock:CID:PORT (ready), unix:PATH,
- *         tcp:HOST:PORT (numeric IPv4; port 0 = any, the log line names it)
+ *   ADDR: vsock:PORT (listen, any CID) / vsock:CID:PORT (ready), unix:PATH
+ *         (unix:@NAME: abstract), tcp:HOST:PORT (numeric IPv4; port 0 = any, the log line names it)
  *
  * Defaults: listen on vsock:5253; once listening, write SM_CTL_READY to the
  * supermachine control port and send READY to vsock:2:5254. The port write and
@@ -168,6 +168,10 @@ static int parse_addr(const char *s, int want_cid, struct addr *a)
         a->u.un.sun_family = AF_UNIX;
         memcpy(a->u.un.sun_path, s + 5, n);
         a->len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+        if (s[5] == '@') { /* abstract: lives in the network namespace, not in a directory */
+            a->u.un.sun_path[0] = 0;
+            a->len--;
+        }
         return 0;
     }
     if (strncmp(s, "tcp:", 4) == 0) {
@@ -195,7 +199,7 @@ static int listen_on(struct addr *a)
     int fd = socket(a->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    if (a->family == AF_UNIX)
+    if (a->family == AF_UNIX && a->u.un.sun_path[0])
         unlink(a->u.un.sun_path); /* a stale socket from an earlier run */
     if (a->family == AF_INET) {
         int one = 1;

@@ -18,7 +18,7 @@
  *      into it, bind the initramfs /bin (busybox) at /.supermachine/bin, and
  *      switch root into it (mount --move + chroot, what busybox switch_root
  *      does; the initramfs files stay, ~3 MB, because that bind uses them);
- *   4. PATH, HOME=/root; cwd /.
+ *   4. PATH (ending in /.supermachine/bin after a switch), HOME=/root; cwd /.
  *
  * The commands the agent runs then see the switched root. EXEC_SHELL uses
  * /bin/sh there, or /.supermachine/bin/sh when the root has none (distroless
@@ -211,7 +211,12 @@ void init_system(const char *cmdline_override, struct init_result *out)
     }
 
     /* 4. environment for the commands */
-    setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+    /* the busybox tools come last: a root's own programs win, a distroless root has some */
+    setenv("PATH",
+           access(TOOLS_DIR "/busybox", X_OK) == 0
+               ? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" TOOLS_DIR
+               : "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           1);
     setenv("HOME", "/root", 1);
     if (chdir("/") < 0)
         logmsg("init: chdir /: %s", strerror(errno));

@@ -27,7 +27,7 @@ from ...errors import GuestBuildError
 from .build import build_agent
 
 #: Bumped whenever this module lays out the same inputs differently.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 ARCHIVE_NAME = "initramfs.cpio"
 #: Debian's busybox-static installs a statically linked busybox here.
 BUSYBOX = Path("/bin/busybox")
@@ -229,7 +229,9 @@ def initramfs_entries(
     files["bin/busybox"] = (stat.S_IFREG | 0o755, busybox, (0, 0))
     for applet in applets:
         if applet != "bin/busybox" and applet not in files:
-            files[applet] = (stat.S_IFLNK | 0o777, b"/bin/busybox", (0, 0))
+            # relative, so /bin still works where init binds it into a switched root
+            target = os.path.relpath("bin/busybox", os.path.dirname(applet) or ".")
+            files[applet] = (stat.S_IFLNK | 0o777, target.encode(), (0, 0))
     for raw, data in (extra_files or {}).items():
         name = raw.strip("/")
         if not name or ".." in name.split("/") or name == TRAILER:
