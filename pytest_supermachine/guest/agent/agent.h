@@ -120,6 +120,7 @@ struct watch {
 
 void watch_set(struct watch *w, uint32_t events); /* add/modify/remove as needed */
 void watch_close(struct watch *w);                /* remove from epoll and close the fd */
+void defer_free(void *p);                         /* free after the current batch of events */
 
 /* ------------------------------------------------------------ connections -- */
 

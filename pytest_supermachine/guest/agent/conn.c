@@ -208,7 +208,7 @@ static void conn_destroy(struct conn *c)
             *pp = c->next;
             break;
         }
-    free(c);
+    defer_free(c); /* later events of this batch may still point at it */
 }
 
 /* A protocol error: one ERROR on request 0, flush it, close (doc §2). */
@@ -404,11 +404,12 @@ static void handle_put(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t 
     name[plen] = 0;
     int fd;
     if (flags & PUT_APPEND) {
-        fd = open(name, O_WRONLY | O_APPEND | O_CLOEXEC);
+        fd = open(name, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     } else {
         /* created by us: the requested mode exactly (fchmod, not subject to umask);
            an existing file keeps its mode, like the reference agent */
-        fd = open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+        /* O_NONBLOCK: a FIFO without a reader is ENXIO, not a hung agent */
+        fd = open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, mode);
         if (fd >= 0) {
             if (fchmod(fd, mode) < 0) {
                 int err = errno;
@@ -417,7 +418,7 @@ static void handle_put(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t 
                 return;
             }
         } else if (errno == EEXIST) {
-            fd = open(name, O_WRONLY | O_TRUNC | O_CLOEXEC);
+            fd = open(name, O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         }
     }
     if (fd < 0) {
@@ -707,6 +708,11 @@ void conn_update(struct conn *c)
         c->paused = 1;
     if (was != c->paused)
         proc_update_interest(c);
+    /* write now rather than after another epoll round trip: an EXIT or PONG usually
+       fits the socket buffer at once. A dead peer shows up as EPOLLERR/HUP later. */
+    if (c->out_head && c->state != CONN_CLOSING && flush(c) == 0 && c->paused &&
+        c->out_bytes < OUT_LOW)
+        return conn_update(c);
     uint32_t ev = 0;
     if (input_wanted(c))
         ev |= EPOLLIN;

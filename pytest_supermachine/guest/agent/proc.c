@@ -43,8 +43,6 @@ static struct proc *all_procs;
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-void defer_free(void *p);
-
 /* ------------------------------------------------------------ lookup -- */
 
 struct proc *proc_find(struct conn *c, uint32_t rid)
