@@ -1,0 +1,511 @@
+"""The guest kernel: Debian's linux-source-6.1, our config fragment, and per-host patches.
+
+Why build our own kernel instead of using the host's or a distro image: a test VM
+must boot in milliseconds on hardware KVM and at all under nested PVM, which needs
+a tiny, module-free kernel with the PVH entry, virtio-mmio cmdline devices and
+vsock built in, plus (on PVM) a few patches. The recipe lives in
+``fixtures_images/kernel/``: ``pvh.config`` (merged onto ``make tinyconfig``) and
+``pvm/*.patch``. Everything that changes the bytes of the result goes into the
+cache key, so a recipe edit rebuilds exactly once and every xdist worker shares
+that one build.
+
+No VM or pytest code here: this module only turns a recipe into two files.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import selectors
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from pytest_supermachine.cache import cache_dir, content_key
+from pytest_supermachine.errors import GuestBuildError
+
+#: Debian ships the kernel source as one tarball; its name carries the series.
+LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
+#: The Debian package that installs `LINUX_SOURCE`.
+LINUX_SOURCE_PACKAGE = "linux-source-6.1"
+#: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see DESIGN.md §7).
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+#: The recipe directory, next to the package in a source checkout.
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures_images" / "kernel"
+FRAGMENT_NAME = "pvh.config"
+#: Bumped whenever this module changes how the same inputs become artifacts.
+RECIPE_VERSION = "1"
+#: Environment variable that overrides host detection ("kvm" or "pvm").
+VARIANT_ENV = "SUPERMACHINE_KERNEL_VARIANT"
+
+#: Lines of the build log quoted in a `GuestBuildError`.
+LOG_TAIL_LINES = 60
+
+#: ``progress(phase, elapsed_seconds, lines)``: phase is one of "wait" (another
+#: process holds the build lock), "extract", "patch", "configure", "compile",
+#: "done" (also reported for a cache hit); ``lines`` counts the output lines of
+#: the current phase's commands (the make output during "compile"). Called at
+#: least once a second while a phase runs.
+ProgressCallback = Callable[[str, float, int], None]
+
+# Host tool -> Debian package, for a precise "apt-get install" hint.
+_BUILD_TOOLS: dict[str, str] = {
+    "make": "make",
+    "gcc": "gcc",
+    "ld": "binutils",
+    "bc": "bc",
+    "bison": "bison",
+    "flex": "flex",
+    "perl": "perl",
+    "tar": "tar",
+    "xz": "xz-utils",
+    "gzip": "gzip",
+    "patch": "patch",
+}
+# Headers the kernel's host programs need (objtool links libelf).
+_BUILD_HEADERS: dict[str, str] = {
+    "/usr/include/gelf.h": "libelf-dev",
+}
+
+# Pinned so that `uname -v` and the kernel image bytes do not depend on the
+# build machine or the time of the build.
+_REPRODUCIBLE_ENV = {
+    "KBUILD_BUILD_USER": "supermachine",
+    "KBUILD_BUILD_HOST": "supermachine",
+    "KBUILD_BUILD_TIMESTAMP": "Thu Jan  1 00:00:00 UTC 1970",
+    "KBUILD_BUILD_VERSION": "1",
+    "LC_ALL": "C",
+}
+
+# CPU features the PVM variant's kernel must not use. Under kvm_pvm the guest's
+# CPL0 code is emulated, and the emulator lacks these instructions, or the host's
+# settings for them leak through. Each one was either hit while booting here or
+# sits on a hot kernel path behind an alternative:
+#   xsave, avx   XSAVE/XRSTOR at FPU init and every context switch (hit);
+#   cx16         CMPXCHG16B (hit by a stock kernel);
+#   popcnt       POPCNT in hweight64() via alternatives (hit: "emulation failure"
+#                right after the alternatives self-test);
+#   smap         CLAC/STAC in every entry and uaccess (hit);
+#   fsgsbase     RDGSBASE/WRGSBASE in paranoid entry and context switch;
+#   rdpid        RDPID in GET_PERCPU_BASE of paranoid entry (NMI, #MC, #DB);
+#   pcid, invpcid  INVPCID in TLB flushes, CR3 with PCID bits;
+#   pku          RDPKRU/WRPKRU at context switch;
+#   rdrand, rdseed  early entropy;
+#   smep, umip   CR4 bits the emulator need not know about.
+# `clearcpuid=xsave` does what `noxsave` does (both clear X86_FEATURE_XSAVE in
+# cpu_parse_early_param()), without `noxsave`'s side effect of being passed to
+# init as an unknown argument. The VMM's CPUID should hide the same features
+# (and XSAVE's dependants); listing them here makes a forgotten CPUID bit
+# harmless. The value must stay under 128 bytes (cpu_parse_early_param()).
+PVM_CLEARED_CPU_FEATURES: tuple[str, ...] = (
+    "xsave",
+    "avx",
+    "cx16",
+    "popcnt",
+    "smap",
+    "fsgsbase",
+    "rdpid",
+    "pcid",
+    "invpcid",
+    "pku",
+    "rdrand",
+    "rdseed",
+    "smep",
+    "umip",
+)
+
+PVM_CMDLINE: tuple[str, ...] = (
+    "clearcpuid=" + ",".join(PVM_CLEARED_CPU_FEATURES),
+    # reboot=t (the default fallback) ends in INT3 with an empty IDT, which the
+    # emulator cannot deliver; the i8042 reset (0xFE to port 0x64) is a clean
+    # PIO exit that the VMM treats as "guest stopped".
+    "reboot=k",
+    # Both options come from our patches (fixtures_images/kernel/pvm/).
+    "no_int3_selftest",
+    "no_initmem_poison",
+)
+
+
+class KernelVariant(str, enum.Enum):
+    """Which kernel a host needs.
+
+    ``kvm``: upstream code, full CPUID, for hardware virtualisation.
+    ``pvm``: the patches in ``fixtures_images/kernel/pvm/`` plus `cmdline_extra`,
+    for kvm_pvm where guest kernel code is emulated (DESIGN.md §7). The VMM must
+    also give a ``pvm`` guest a reduced CPUID; see `cmdline_extra` and the patches.
+    """
+
+    KVM = "kvm"
+    PVM = "pvm"
+
+    @property
+    def cmdline_extra(self) -> list[str]:
+        """Kernel command-line tokens the boot code must append for this variant."""
+        return list(PVM_CMDLINE) if self is KernelVariant.PVM else []
+
+    def patches(self, recipe_dir: Path = RECIPE_DIR) -> list[Path]:
+        """The patches of this variant, in the order they are applied (by file name)."""
+        if self is KernelVariant.KVM:
+            return []
+        return sorted((recipe_dir / self.value).glob("*.patch"), key=lambda p: p.name)
+
+
+@dataclass(frozen=True)
+class KernelArtifacts:
+    """A built kernel in the cache.
+
+    ``vmlinux`` is the uncompressed ELF with the PVH entry note (the fast way in:
+    no decompressor); ``bzimage`` the Linux boot protocol image of the same build.
+    ``cmdline_extra`` must be appended to the kernel command line by the boot code.
+    """
+
+    vmlinux: Path
+    bzimage: Path
+    cmdline_extra: list[str]
+    key: str
+    variant: KernelVariant
+    config: Path
+
+
+def detect_variant(sys_module: Path = Path("/sys/module")) -> KernelVariant:
+    """`pvm` when the host's KVM is kvm_pvm, else `kvm`.
+
+    ``$SUPERMACHINE_KERNEL_VARIANT`` overrides the detection (for building the
+    other variant on purpose, e.g. to ship it to a hardware host).
+    """
+    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    if forced:
+        try:
+            return KernelVariant(forced)
+        except ValueError:
+            raise GuestBuildError(
+                f"${VARIANT_ENV}={forced!r} is not a kernel variant; use one of "
+                + ", ".join(v.value for v in KernelVariant)
+            ) from None
+    return KernelVariant.PVM if (sys_module / "kvm_pvm").exists() else KernelVariant.KVM
+
+
+def ensure_linux_source(source: Path = LINUX_SOURCE) -> Path:
+    """Return the kernel source tarball, or say exactly how to install it."""
+    if not source.is_file():
+        raise GuestBuildError(
+            f"kernel source {source} not found: install it with\n"
+            f"    apt-get install {LINUX_SOURCE_PACKAGE}\n"
+            "(Debian 12 / bookworm; as root, after `apt-get update`)"
+        )
+    return source
+
+
+def check_build_tools() -> None:
+    """Raise naming the Debian packages to install if a build tool is missing."""
+    missing = sorted(
+        {pkg for tool, pkg in _BUILD_TOOLS.items() if shutil.which(tool) is None}
+        | {pkg for header, pkg in _BUILD_HEADERS.items() if not Path(header).exists()}
+    )
+    if missing:
+        raise GuestBuildError(
+            "building the guest kernel needs host tools that are missing; install them with\n"
+            f"    apt-get install {' '.join(missing)}\n"
+            "(or all at once: apt-get install build-essential bc bison flex libelf-dev)"
+        )
+
+
+def source_version(source: Path = LINUX_SOURCE) -> str:
+    """Identify the installed kernel source cheaply (no decompression).
+
+    The tarball name only says "6.1"; Debian updates the point release under the
+    same name, so the installed package version is part of the identity. Without
+    dpkg (a hand-placed tarball) the file's size and mtime stand in for it.
+    """
+    name = source.name.removesuffix(".tar.xz")
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", LINUX_SOURCE_PACKAGE],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return f"{name} {out.stdout.strip()}"
+    try:
+        st = source.stat()
+    except OSError:
+        return f"{name} (missing)"
+    return f"{name} size={st.st_size} mtime={st.st_mtime_ns}"
+
+
+def kernel_cache_key(
+    variant: KernelVariant,
+    *,
+    recipe_dir: Path = RECIPE_DIR,
+    version: str | None = None,
+    source: Path = LINUX_SOURCE,
+) -> str:
+    """hash(recipe version, source version, fragment, patches, variant).
+
+    Patches are hashed by name and content, so renaming (= reordering) one
+    changes the key too. ``version`` defaults to `source_version(source)`.
+    """
+    parts: list[bytes | str] = [
+        "kernel",
+        RECIPE_VERSION,
+        version if version is not None else source_version(source),
+        variant.value,
+        (recipe_dir / FRAGMENT_NAME).read_bytes(),
+    ]
+    for patch in variant.patches(recipe_dir):
+        parts += [patch.name, patch.read_bytes()]
+    return content_key(*parts)
+
+
+_CONFIG_LINE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
+_UNSET_LINE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """Kconfig text -> {symbol: value}; ``# CONFIG_X is not set`` maps to "n"."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if m := _CONFIG_LINE.match(line):
+            values[m.group(1)] = m.group(2)
+        elif m := _UNSET_LINE.match(line):
+            values[m.group(1)] = "n"
+    return values
+
+
+def config_mismatches(fragment: str, config: str) -> list[str]:
+    """What the fragment asks for that the final .config does not have.
+
+    Kconfig silently drops a request whose dependencies are unmet (or whose
+    symbol was renamed); this is how we notice. Returns one readable line per
+    problem, empty when the config honours the fragment.
+    """
+    wanted = parse_config(fragment)
+    got = parse_config(config)
+    problems = []
+    for symbol, value in wanted.items():
+        have = got.get(symbol, "n")
+        if value == "n":
+            if have not in ("n", ""):
+                problems.append(f"{symbol}: fragment says 'is not set', config has {have}")
+        elif have != value:
+            shown = "not set" if have == "n" else have
+            problems.append(f"{symbol}: fragment wants {value}, config has {shown}")
+    return problems
+
+
+def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "(no build log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class _Builder:
+    """One build in one work directory; runs commands with logging and progress."""
+
+    def __init__(
+        self,
+        work: Path,
+        log: Path,
+        progress: ProgressCallback | None,
+        niceness: int,
+    ) -> None:
+        self.work = work
+        self.log_path = log
+        self.progress = progress
+        self.niceness = niceness
+        self.start = time.monotonic()
+        self.env = {**os.environ, **_REPRODUCIBLE_ENV}
+
+    def report(self, phase: str, lines: int = 0) -> None:
+        if self.progress is not None:
+            self.progress(phase, time.monotonic() - self.start, lines)
+
+    def run(self, phase: str, argv: Sequence[str | os.PathLike[str]], cwd: Path) -> int:
+        """Run one command, appending its output to the log; return its line count."""
+        cmd = [os.fspath(a) for a in argv]
+        if self.niceness:
+            cmd = ["nice", "-n", str(self.niceness), *cmd]
+        lines = 0
+        with self.log_path.open("ab") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            assert proc.stdout is not None
+            os.set_blocking(proc.stdout.fileno(), False)
+            pending = b""
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    ready = sel.select(timeout=1.0)
+                    if ready:
+                        chunk = proc.stdout.read(65536)
+                        if not chunk:
+                            break
+                        log.write(chunk)
+                        pending += chunk
+                        lines += pending.count(b"\n")
+                        pending = pending[pending.rfind(b"\n") + 1 :]
+                    self.report(phase, lines)
+            rc = proc.wait()
+            log.write(f"[exit {rc}]\n".encode())
+        if rc != 0:
+            raise GuestBuildError(
+                f"kernel build failed in phase {phase!r}: `{' '.join(cmd)}` exited {rc}\n"
+                f"(work dir {self.work}, full log {self.log_path})\n"
+                f"--- build log tail ---\n{_log_tail(self.log_path)}"
+            )
+        return lines
+
+
+def _entry_complete(entry: Path) -> bool:
+    return all((entry / name).is_file() for name in ("manifest.json", "vmlinux", "bzImage"))
+
+
+def _artifacts(entry: Path, key: str, variant: KernelVariant) -> KernelArtifacts:
+    return KernelArtifacts(
+        vmlinux=entry / "vmlinux",
+        bzimage=entry / "bzImage",
+        cmdline_extra=variant.cmdline_extra,
+        key=key,
+        variant=variant,
+        config=entry / "config",
+    )
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Copy then rename, so a reader never sees a half-written artifact."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def build_kernel(
+    variant: KernelVariant | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    recipe_dir: Path = RECIPE_DIR,
+    source: Path = LINUX_SOURCE,
+    root: Path | None = None,
+    jobs: int | None = None,
+    niceness: int = 10,
+    keep_work: bool = False,
+) -> KernelArtifacts:
+    """Build (or find in the cache) the guest kernel for ``variant``.
+
+    The entry ``<cache>/kernel/<key>/`` holds ``vmlinux``, ``bzImage``, ``config``,
+    ``build.log`` and ``manifest.json`` (written last: its presence means
+    complete). A `FileLock` next to the entry makes concurrent callers (xdist
+    workers) build once and the others wait, reporting phase "wait". The source
+    tree and objects (~1 GiB) are deleted after a successful build unless
+    ``keep_work``; after a failure they stay for inspection and are replaced by
+    the next attempt. ``niceness`` lowers the compiler's priority so a build does
+    not starve the tests running beside it.
+    """
+    variant = variant or detect_variant()
+    ensure_linux_source(source)
+    key = kernel_cache_key(variant, recipe_dir=recipe_dir, source=source)
+    base = (root if root is not None else cache_dir()) / "kernel"
+    entry = base / key
+    start = time.monotonic()
+
+    def done() -> KernelArtifacts:
+        if progress is not None:
+            progress("done", time.monotonic() - start, 0)
+        return _artifacts(entry, key, variant)
+
+    if _entry_complete(entry):
+        return done()
+    base.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(base / f"{key}.lock"))
+    if progress is not None:
+        progress("wait", 0.0, 0)
+    with lock:
+        if _entry_complete(entry):
+            return done()
+        check_build_tools()
+        entry.mkdir(exist_ok=True)
+        work = entry / "work"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        log = entry / "build.log"
+        log.write_bytes(f"kernel {key} variant={variant.value}\n".encode())
+        b = _Builder(work, log, progress, niceness)
+        b.start = start
+        _build_tree(b, variant, work, recipe_dir, source, jobs or os.cpu_count() or 1)
+        _install(work / ".config", entry / "config")
+        _install(work / "vmlinux", entry / "vmlinux")
+        _install(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
+        manifest = {
+            "key": key,
+            "variant": variant.value,
+            "source": source_version(source),
+            "patches": [p.name for p in variant.patches(recipe_dir)],
+            "cmdline_extra": variant.cmdline_extra,
+            "build_seconds": round(time.monotonic() - start, 1),
+        }
+        tmp = entry / f".manifest.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, entry / "manifest.json")
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return done()
+
+
+def _build_tree(
+    b: _Builder,
+    variant: KernelVariant,
+    work: Path,
+    recipe_dir: Path,
+    source: Path,
+    jobs: int,
+) -> None:
+    """extract -> patch -> configure (+verify) -> compile, inside ``work``."""
+    b.report("extract")
+    b.run("extract", ["tar", "-xf", source, "-C", work, "--strip-components=1"], cwd=work)
+
+    b.report("patch")
+    for patch in variant.patches(recipe_dir):
+        b.run("patch", ["patch", "-p1", "--forward", "--batch", "-i", patch.resolve()], cwd=work)
+
+    b.report("configure")
+    fragment = recipe_dir / FRAGMENT_NAME
+    b.run("configure", ["make", "tinyconfig"], cwd=work)
+    b.run(
+        "configure",
+        ["scripts/kconfig/merge_config.sh", "-m", ".config", fragment.resolve()],
+        cwd=work,
+    )
+    b.run("configure", ["make", "olddefconfig"], cwd=work)
+    problems = config_mismatches(fragment.read_text(), (work / ".config").read_text())
+    if problems:
+        raise GuestBuildError(
+            f"the kernel config does not honour {fragment}: Kconfig dropped or changed\n  "
+            + "\n  ".join(problems)
+            + "\n(a dependency is missing from the fragment, or the symbol does not exist "
+            "in this kernel version)"
+        )
+
+    b.report("compile")
+    b.run("compile", ["make", f"-j{jobs}", "vmlinux", "bzImage"], cwd=work)

@@ -1,0 +1,175 @@
+"""The pure parts of the kernel recipe: cache keys, variant choice, config checks.
+
+No kernel is built here; the build itself is exercised by the linux tier.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pytest_supermachine.errors import GuestBuildError
+from pytest_supermachine.images import kernel
+from pytest_supermachine.images.kernel import (
+    KernelVariant,
+    config_mismatches,
+    detect_variant,
+    ensure_linux_source,
+    kernel_cache_key,
+)
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    """A copy of the real recipe that a test may edit."""
+    dst = tmp_path / "recipe"
+    shutil.copytree(kernel.RECIPE_DIR, dst)
+    return dst
+
+
+def key(variant: KernelVariant, recipe: Path, version: str = "linux-source-6.1 6.1.192-1") -> str:
+    return kernel_cache_key(variant, recipe_dir=recipe, version=version)
+
+
+def test_real_recipe_is_complete() -> None:
+    """The shipped recipe has the fragment and the PVM patches, each explaining itself."""
+    assert (kernel.RECIPE_DIR / kernel.FRAGMENT_NAME).is_file()
+    patches = KernelVariant.PVM.patches()
+    names = [p.name for p in patches]
+    assert names == sorted(names) and len(names) >= 3
+    for patch in patches:
+        text = patch.read_text()
+        header = text.split("\n--- a/", 1)[0]
+        # A prose header (why it exists, what breaks without it) before the diff.
+        assert len(header.splitlines()) >= 3, patch.name
+        assert "Why" in header, patch.name
+        assert "\n+++ b/" in text, patch.name
+
+
+def test_key_is_stable(recipe: Path) -> None:
+    assert key(KernelVariant.PVM, recipe) == key(KernelVariant.PVM, recipe)
+
+
+def test_key_depends_on_variant(recipe: Path) -> None:
+    assert key(KernelVariant.PVM, recipe) != key(KernelVariant.KVM, recipe)
+
+
+def test_key_depends_on_source_version(recipe: Path) -> None:
+    a = key(KernelVariant.KVM, recipe, "linux-source-6.1 6.1.192-1")
+    b = key(KernelVariant.KVM, recipe, "linux-source-6.1 6.1.193-1")
+    assert a != b
+
+
+def test_key_depends_on_fragment(recipe: Path) -> None:
+    before = {v: key(v, recipe) for v in KernelVariant}
+    with (recipe / kernel.FRAGMENT_NAME).open("a") as f:
+        f.write("CONFIG_IKCONFIG=y\n")
+    for v in KernelVariant:
+        assert key(v, recipe) != before[v]
+
+
+def test_key_depends_on_patch_content_and_name(recipe: Path) -> None:
+    kvm_before = key(KernelVariant.KVM, recipe)
+    pvm_before = key(KernelVariant.PVM, recipe)
+    patch = KernelVariant.PVM.patches(recipe)[0]
+    patch.write_text(patch.read_text() + "\n")
+    pvm_edited = key(KernelVariant.PVM, recipe)
+    assert pvm_edited != pvm_before
+    # Renaming reorders the series: that is a different kernel too.
+    patch.rename(patch.with_name("9999-" + patch.name))
+    assert key(KernelVariant.PVM, recipe) != pvm_edited
+    # The kvm variant applies no patches, so patch edits do not rebuild it.
+    assert key(KernelVariant.KVM, recipe) == kvm_before
+
+
+def test_key_depends_on_added_patch(recipe: Path) -> None:
+    before = key(KernelVariant.PVM, recipe)
+    (recipe / "pvm" / "9999-extra.patch").write_text("Why: test.\n")
+    assert key(KernelVariant.PVM, recipe) != before
+
+
+def test_detect_variant_from_sys_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kernel.VARIANT_ENV, raising=False)
+    (tmp_path / "kvm").mkdir()
+    assert detect_variant(tmp_path) is KernelVariant.KVM
+    (tmp_path / "kvm_pvm").mkdir()
+    assert detect_variant(tmp_path) is KernelVariant.PVM
+
+
+def test_detect_variant_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "kvm_pvm").mkdir()
+    monkeypatch.setenv(kernel.VARIANT_ENV, "kvm")
+    assert detect_variant(tmp_path) is KernelVariant.KVM
+    monkeypatch.setenv(kernel.VARIANT_ENV, "bogus")
+    with pytest.raises(GuestBuildError, match="bogus"):
+        detect_variant(tmp_path)
+
+
+def test_cmdline_extra() -> None:
+    assert KernelVariant.KVM.cmdline_extra == []
+    pvm = KernelVariant.PVM.cmdline_extra
+    assert "reboot=k" in pvm and "no_int3_selftest" in pvm
+    (clear,) = [t for t in pvm if t.startswith("clearcpuid=")]
+    cleared = clear.split("=", 1)[1].split(",")
+    # Each of these was an emulation failure while booting under kvm_pvm.
+    assert {"xsave", "smap", "popcnt"} <= set(cleared)
+    # Tokens without "=" that the kernel does not register are passed to init.
+    assert all("=" in t or t.startswith("no_") or t == "quiet" for t in pvm)
+    # cpu_parse_early_param() copies the value into a 128-byte buffer.
+    assert len(clear.split("=", 1)[1]) < 128
+    # Each call returns a fresh list: callers may append to it.
+    KernelVariant.PVM.cmdline_extra.append("x")
+    assert "x" not in KernelVariant.PVM.cmdline_extra
+
+
+def test_config_mismatches_names_dropped_options() -> None:
+    fragment = (
+        "# comment\n"
+        "CONFIG_A=y\n"
+        "CONFIG_B=y\n"
+        "CONFIG_NR=8\n"
+        "# CONFIG_C is not set\n"
+        "# CONFIG_D is not set\n"
+    )
+    config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_NR=64\nCONFIG_C=y\n"
+    problems = config_mismatches(fragment, config)
+    assert len(problems) == 3
+    joined = "\n".join(problems)
+    assert "CONFIG_B" in joined and "CONFIG_NR" in joined and "CONFIG_C" in joined
+    assert "CONFIG_A" not in joined and "CONFIG_D" not in joined
+
+
+def test_config_mismatches_clean() -> None:
+    fragment = (kernel.RECIPE_DIR / kernel.FRAGMENT_NAME).read_text()
+    assert config_mismatches(fragment, fragment) == []
+
+
+def test_missing_source_says_what_to_install(tmp_path: Path) -> None:
+    with pytest.raises(GuestBuildError, match=r"apt-get install linux-source-6\.1"):
+        ensure_linux_source(tmp_path / "linux-source-6.1.tar.xz")
+
+
+def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
+    """A complete cache entry is returned without building (or locking)."""
+    source = tmp_path / "linux-source-6.1.tar.xz"
+    source.write_bytes(b"not really")
+    k = kernel_cache_key(KernelVariant.PVM, recipe_dir=recipe, source=source)
+    entry = tmp_path / "cache" / "kernel" / k
+    entry.mkdir(parents=True)
+    for name in ("vmlinux", "bzImage", "config", "manifest.json"):
+        (entry / name).write_bytes(b"x")
+    phases: list[str] = []
+    art = kernel.build_kernel(
+        KernelVariant.PVM,
+        recipe_dir=recipe,
+        source=source,
+        root=tmp_path / "cache",
+        progress=lambda phase, elapsed, lines: phases.append(phase),
+    )
+    assert art.vmlinux == entry / "vmlinux" and art.bzimage == entry / "bzImage"
+    assert art.key == k and art.cmdline_extra == KernelVariant.PVM.cmdline_extra
+    assert phases == ["done"]
