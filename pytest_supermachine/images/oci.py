@@ -643,7 +643,9 @@ def unpack_oci_tree(tarball: Path, dest: Path) -> UnpackedImage:
     Returns the image config and the attributes the host tree cannot hold
     (owners, exact modes, device nodes; see the module docstring). Raises
     `OciFormatError` (a `GuestBuildError`) naming the layer and entry for a
-    malformed archive, a digest mismatch, or an entry that tries to escape.
+    malformed archive, a digest mismatch, or an entry that tries to escape;
+    ``dest`` then holds a partial tree for the caller to remove (nothing outside
+    ``dest`` is ever touched).
     """
     tarball, dest = Path(tarball), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,9 @@ What `mkfs.ext4 -d` alone gets wrong, and how it is fixed here:
   files and whenever they were copied. The e2fsprogs version is part of the
   cache key for that reason.
 
+The root directory itself is always 0755, 0:0, with the epoch as its times
+(``-E root_owner=0:0``); the source directory's own mode is not used.
+
 Images are built under ``cache_dir()/rootfs/<key>/`` with a `FileLock`, so
 concurrent callers (xdist workers) build once; ``manifest.json`` is written
 last and its presence means the entry is complete. Output files are written to

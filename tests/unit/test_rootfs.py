@@ -397,3 +397,18 @@ def test_an_unprivileged_users_tree_becomes_root_owned(monkeypatch: pytest.Monke
         assert build_ext4_from_dir(src).read_bytes() == image.read_bytes()
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_names_that_are_not_utf8_survive(tmp_path: Path) -> None:
+    """Names are bytes on Linux: a Latin-1 name reaches the image, and the debugfs pass finds it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    name = os.fsdecode(b"caf\xe9")
+    (src / name).write_bytes(b"x")
+    os.utime(src / name, (MTIME, MTIME))
+    image = build_ext4_from_dir(src)
+    entries = ls(image, "/")
+    assert name in entries
+    info = inode_stat(image, f"<{entries[name][0]}>")
+    assert int(info["mtime"], 16) == MTIME and info["ctime"] == info["mtime"]
+    fsck(image)
