@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pytest-supermachine needs on a fresh Debian/Ubuntu machine with /dev/kvm:
-# a C compiler, kernel and Python headers (the C core and the microguest are compiled
-# here), a virtualenv in .venv, and the package with its test extras. Idempotent.
+# a C compiler, kernel and Python headers (the C core, the microguest and the guest agent
+# are compiled here), e2fsprogs and busybox-static (guest images), a virtualenv in .venv,
+# and the package with its test extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 command -v ld >/dev/null || need_apt+=(binutils)
 [ -f /usr/include/linux/kvm.h ] || need_apt+=(linux-libc-dev)
 [ -f /usr/include/stdint.h ] || need_apt+=(libc6-dev)
+[ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)      # ext4 rootfs images
+[ -x /bin/busybox ] || need_apt+=(busybox-static)                                 # Linux initramfs
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need_apt+=(python3)
 if command -v "$PY" >/dev/null; then
