@@ -53,9 +53,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    # Not cached in globals(): a reloaded submodule (pytester's in-process runs drop the
+    # modules a run imported) must not leave us handing out its stale classes.
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 __all__ = [
