@@ -1,0 +1,93 @@
+"""Settings: one declaration per option, precedence marker > CLI > env > ini > default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_supermachine.fixtures.settings import OPTIONS, Settings, SettingsError
+
+
+def resolve(cli=None, env=None, ini=None, **kw) -> Settings:
+    return Settings.resolve(cli=cli or {}, env=env or {}, ini=ini or {}, **kw)
+
+
+def test_every_option_has_matching_cli_env_and_ini_names():
+    for opt in OPTIONS:
+        assert opt.cli == "--supermachine-" + opt.name.replace("_", "-")
+        assert opt.ini == "supermachine_" + opt.name
+        assert opt.env == "SUPERMACHINE_" + opt.name.upper()
+        assert hasattr(Settings(), opt.name)
+
+
+def test_defaults():
+    s = resolve()
+    assert (s.image, s.vcpus, s.mem_mib, s.pool_size) == ("default", None, None, 4)
+    assert (s.capsule_retention, s.capsule_retention_count, s.rebuild) == ("failed", 3, False)
+    assert s.sources == {}
+
+
+def test_cli_beats_env_beats_ini():
+    ini = {"supermachine_image": "from-ini", "supermachine_pool_size": "1",
+           "supermachine_vcpus": "3"}
+    env = {"SUPERMACHINE_IMAGE": "from-env", "SUPERMACHINE_POOL_SIZE": "2"}
+    cli = {"image": "from-cli"}
+    s = resolve(cli, env, ini)
+    assert (s.image, s.pool_size, s.vcpus) == ("from-cli", 2, 3)
+    assert s.sources["image"] == "command line (--supermachine-image)"
+    assert s.sources["pool_size"] == "environment (SUPERMACHINE_POOL_SIZE)"
+    assert s.sources["vcpus"] == "ini (supermachine_vcpus)"
+
+
+def test_empty_values_count_as_unset():
+    s = resolve({"image": None}, {"SUPERMACHINE_IMAGE": ""}, {"supermachine_image": "ini"})
+    assert s.image == "ini"
+
+
+@pytest.mark.parametrize(("name", "raw", "expected"), [
+    ("rebuild", "yes", True), ("rebuild", "0", False), ("rebuild", "True", True),
+    ("ready_timeout", "2.5", 2.5), ("capsule_retention", "ALL", "all"),
+    ("pool_size", "0", 0), ("mem_mib", "128", 128),
+])
+def test_values_are_parsed(name, raw, expected):
+    assert getattr(resolve(env={f"SUPERMACHINE_{name.upper()}": raw}), name) == expected
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), [
+    ("vcpus", "0", "must be at least 1"),
+    ("pool_size", "-1", "must not be negative"),
+    ("capsule_retention", "some", "must be one of all, failed, none"),
+    ("rebuild", "maybe", "expected a boolean"),
+    ("ready_timeout", "0", "positive number of seconds"),
+])
+def test_bad_values_name_their_source(name, raw, message):
+    with pytest.raises(SettingsError, match=rf"{name} from ini \(supermachine_{name}\): .*{message}"):
+        resolve(ini={f"supermachine_{name}": raw})
+
+
+def test_relative_paths_resolve_against_their_source(tmp_path):
+    s = resolve({"capsule_dir": "caps"}, ini={"supermachine_cache_dir": "cache"},
+                invocation_dir=tmp_path / "cwd", ini_dir=tmp_path / "ini")
+    assert s.capsule_dir == tmp_path / "cwd" / "caps"
+    assert s.cache_dir == tmp_path / "ini" / "cache"
+    assert s.resolved_capsule_dir(tmp_path) == tmp_path / "cwd" / "caps"
+    assert resolve().resolved_capsule_dir(tmp_path) == tmp_path / ".supermachine" / "failures"
+
+
+def test_marker_beats_everything_and_is_checked():
+    s = resolve({"vcpus": "2", "image": "cli"})
+    marked = s.with_marker({"vcpus": 4, "image": "other"})
+    assert (marked.vcpus, marked.image, marked.sources["vcpus"]) == (4, "other", "marker")
+    assert s.with_marker({}) is s
+    with pytest.raises(SettingsError, match="unknown argument.*cpus"):
+        s.with_marker({"cpus": 2})
+    with pytest.raises(SettingsError, match="vcpus=...*must be at least 1"):
+        s.with_marker({"vcpus": 0})
+
+
+def test_cache_dir_default_is_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("SUPERMACHINE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert resolve().resolved_cache_dir() == tmp_path / "pytest-supermachine"
+    assert resolve({"cache_dir": "/x"}).resolved_cache_dir() == Path("/x")
