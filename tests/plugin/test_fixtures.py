@@ -163,3 +163,19 @@ def test_no_summary_section_when_no_vm_was_used(project):
     result = project.run()
     result.assert_outcomes(passed=1)
     assert "VMs handed out" not in result.stdout.str()
+
+
+def test_ini_settings_apply_and_the_command_line_beats_them(project):
+    project.ini("supermachine_pool_size = 0", "supermachine_vcpus = 2")
+    project.write("test_a.py", """
+import pytest
+
+@pytest.mark.parametrize("i", range(2))
+def test_it(microvm, i):
+    assert len(microvm.vcpus) == 2
+""")
+    result = project.run()
+    result.assert_outcomes(passed=2)
+    assert summary_numbers(result)["restored"] == 2
+    result = project.run("--supermachine-pool-size=1")
+    assert summary_numbers(result)["reset"] == 1

@@ -185,3 +185,31 @@ def takes_nothing():
     result = project.run()
     result.stdout.fnmatch_lines(["*LayerError: layer takes_nothing must take (vm)*"])
     assert result.ret == 2
+
+
+def test_rebuild_rebuilds_each_snapshot_once_even_under_xdist(project):
+    project.cold_cache()
+    project.write("test_a.py", CHAIN)
+    project.run().assert_outcomes(passed=2)
+    project.clear_builds()
+    result = project.run_subprocess("--supermachine-rebuild", "-n", "2")
+    result.assert_outcomes(passed=2)
+    assert sorted(line.split()[1] for line in project.builds()) == [
+        "first", "microguest", "second", "third"]
+    project.clear_builds()
+    project.run().assert_outcomes(passed=2)
+    assert project.builds() == []
+
+
+def test_cache_list_shows_bases_and_layers(project):
+    project.cold_cache()
+    project.write("test_a.py", CHAIN)
+    project.run().assert_outcomes(passed=2)
+    result = project.cli("cache", "list", "--cache-dir", str(project.cache))
+    result.stdout.fnmatch_lines([
+        "snapshot cache: * (4 entries, *",
+        "* base  microguest  (1 vCPU 64 MiB*",
+        "* layer first on microguest  (*",
+        "* layer second on first  (*",
+        "* layer third on second  (*",
+    ])
