@@ -229,6 +229,34 @@ def test_ready_frame_announces_the_agent(agent):
     assert agent.ready.version == P.PROTOCOL_VERSION
 
 
+def test_ready_is_retried_until_the_host_listens(agent_bin, tmp_path):
+    ready_path = tmp_path / "late-ready.sock"
+    proc = subprocess.Popen(
+        [
+            str(agent_bin),
+            "--listen",
+            f"unix:{tmp_path / 'a.sock'}",
+            "--ready",
+            f"unix:{ready_path}",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.3)  # the first attempts find nobody
+        ready = socket.socket(socket.AF_UNIX)
+        ready.bind(str(ready_path))
+        ready.listen(1)
+        ready.settimeout(10)
+        conn, _ = ready.accept()
+        with conn:
+            assert P.read_ready(conn, timeout=10).software.startswith(b"sm-agent")
+        ready.close()
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert b"(retrying)" in err
+
+
 def test_handshake_learns_the_agents_identity_and_limits(client):
     assert client.agent.capabilities == P.CAP_ALL
     assert client.agent.max_inflight == 64

@@ -262,10 +262,11 @@ static struct {
     int enabled;
     struct watch w;
     int attempts;
-    uint64_t retry_at; /* 0 = not waiting */
+    uint64_t retry_at; /* next attempt, or the end of the one in progress; 0 = none */
 } ready;
 
 #define READY_ATTEMPTS 12
+#define READY_CONNECT_MS 3000
 
 static void ready_try(void);
 
@@ -278,6 +279,8 @@ static void ready_retry(const char *why)
         ready.enabled = 0;
         return;
     }
+    if (ready.attempts == 1)
+        logmsg("READY to %s: %s (retrying)", ready.addr.text, why);
     uint64_t delay_ms = MIN(25u << ready.attempts, 1000u);
     ready.retry_at = now_ns() + delay_ms * 1000000;
 }
@@ -292,6 +295,8 @@ static void ready_try(void)
     if (connect(fd, &ready.addr.u.sa, ready.addr.len) < 0 && errno != EINPROGRESS)
         return ready_retry(strerror(errno));
     watch_set(&ready.w, EPOLLOUT);
+    /* a peer that never answers must not stall readiness for good */
+    ready.retry_at = now_ns() + (uint64_t)READY_CONNECT_MS * 1000000;
 }
 
 static void ready_event(void)
@@ -315,6 +320,7 @@ static void ready_event(void)
     shutdown(ready.w.fd, SHUT_WR);
     watch_close(&ready.w);
     ready.enabled = 0;
+    ready.retry_at = 0;
 }
 
 static void ready_timer(uint64_t now, int64_t *wait_ms)
@@ -322,8 +328,18 @@ static void ready_timer(uint64_t now, int64_t *wait_ms)
     if (!ready.enabled || !ready.retry_at)
         return;
     if (now >= ready.retry_at) {
-        ready_try();
-        return;
+        if (ready.w.fd >= 0)
+            ready_retry("connect timed out"); /* still in progress */
+        else
+            ready_try();
+        /* either may have set the next deadline: the loop must wake up for it */
+        if (!ready.enabled || !ready.retry_at)
+            return;
+        now = now_ns();
+        if (now >= ready.retry_at) {
+            *wait_ms = 0;
+            return;
+        }
     }
     int64_t ms = (int64_t)((ready.retry_at - now) / 1000000) + 1;
     if (*wait_ms < 0 || ms < *wait_ms)
