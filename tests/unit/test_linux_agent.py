@@ -497,6 +497,22 @@ def test_64_concurrent_runs_are_multiplexed_on_one_connection(client):
     assert elapsed < 20, f"64 x 1 s took {elapsed:.1f} s (64 s in series)"
 
 
+def test_concurrent_big_outputs_interleave_without_loss(client):
+    """Many producers on one connection share the send queue and its backpressure."""
+    results: dict[int, P.RunResult] = {}
+
+    def one(i: int) -> None:
+        results[i] = client.run(f"head -c {1_000_000 + i} /dev/zero | tr '\\0' '{i % 10}'")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in results.items():
+        assert r.stdout == str(i % 10).encode() * (1_000_000 + i)
+
+
 def test_more_than_64_open_requests_get_ebusy(raw):
     raw.hello()
     for rid in range(1, 65):
