@@ -490,9 +490,10 @@ static void handle_get(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t 
 }
 
 /*
- * Stream every open GET_FILE while the send queue has room. A frame is sent
- * with FILE_MORE unless the read after it found the end, so each file reads
- * one chunk ahead; the chunk in hand waits in `held`.
+ * Stream every open GET_FILE while the send queue has room, one FILE_DATA per
+ * read. A regular file ends at its first short read (that frame goes without
+ * FILE_MORE); anything else (procfs, devices) ends at an empty read, which
+ * sends an empty last frame.
  */
 static void get_pump(struct conn *c)
 {
