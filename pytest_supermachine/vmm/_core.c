@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -80,6 +81,7 @@ struct sm_vm {
     uint64_t ready_ns;
     int nmarks;
     struct sm_mark marks[SM_MAX_MARKS];
+    int exit_efd; /* readable once the machine has an exit reason (host waiters poll it) */
 };
 
 static int sm_kick_signal;
@@ -473,6 +475,7 @@ struct sm_vm *sm_vm_new(int vm_fd, int nvcpus, uint64_t console_log_bytes, void 
     for (int i = 0; i < nvcpus; i++)
         vm->vcpus[i].fd = -1;
     serial_init(&vm->serial, console_log_bytes);
+    vm->exit_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     return vm;
 }
 
@@ -481,6 +484,8 @@ void sm_vm_free(struct sm_vm *vm)
     if (!vm)
         return;
     free(vm->serial.log);
+    if (vm->exit_efd >= 0)
+        close(vm->exit_efd);
     pthread_cond_destroy(&vm->cond);
     pthread_mutex_destroy(&vm->lock);
     pthread_mutex_destroy(&vm->serial_lock);
@@ -553,8 +558,14 @@ static void kick_all_locked(struct sm_vm *vm, int except)
 static void request_stop(struct sm_vm *vm, const struct sm_exit_info *why, int self)
 {
     pthread_mutex_lock(&vm->lock);
-    if (vm->exit.reason == SM_EXIT_NONE)
+    if (vm->exit.reason == SM_EXIT_NONE) {
         vm->exit = *why;
+        if (vm->exit_efd >= 0) {
+            uint64_t one = 1;
+            if (write(vm->exit_efd, &one, sizeof one) < 0) { /* counter full: already readable */
+            }
+        }
+    }
     vm->request = SM_REQ_STOP;
     kick_all_locked(vm, self);
     pthread_cond_broadcast(&vm->cond);
@@ -571,6 +582,9 @@ void sm_vm_stop(struct sm_vm *vm)
 void sm_vm_rearm(struct sm_vm *vm)
 {
     pthread_mutex_lock(&vm->lock);
+    uint64_t drained;
+    if (vm->exit_efd >= 0 && read(vm->exit_efd, &drained, sizeof drained) < 0) { /* was empty */
+    }
     memset(&vm->exit, 0, sizeof vm->exit);
     vm->request = SM_REQ_RUN;
     vm->ready_ns = 0;
@@ -667,6 +681,8 @@ int sm_vm_wait_running(struct sm_vm *vm, int count, int64_t timeout_ms)
     pthread_mutex_unlock(&vm->lock);
     return rc;
 }
+
+int sm_vm_exit_fd(struct sm_vm *vm) { return vm->exit_efd; }
 
 int sm_vm_running_vcpus(struct sm_vm *vm)
 {

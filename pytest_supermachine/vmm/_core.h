@@ -85,6 +85,7 @@ void sm_vm_rearm(struct sm_vm *vm);
 int sm_vm_wait_stopped(struct sm_vm *vm, int64_t timeout_ms);
 int sm_vm_wait_ready(struct sm_vm *vm, int64_t timeout_ms);
 int sm_vm_wait_running(struct sm_vm *vm, int count, int64_t timeout_ms);
+int sm_vm_exit_fd(struct sm_vm *vm);
 int sm_vm_running_vcpus(struct sm_vm *vm);
 void sm_vm_exit_info(struct sm_vm *vm, struct sm_exit_info *out);
 void sm_vm_stats(struct sm_vm *vm, struct sm_stats *out);

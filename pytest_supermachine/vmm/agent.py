@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NoReturn
 
-from ..errors import GuestTimeout, SupermachineError
+from ..errors import GuestCrashed, GuestTimeout, SupermachineError
 
 # ----------------------------------------------------------------------------- constants
 
@@ -96,6 +96,10 @@ class AgentTimeout(AgentError, GuestTimeout):
 
     def __init__(self, message: str, console_tail: str = "") -> None:
         GuestTimeout.__init__(self, message, console_tail)
+
+
+class AgentGuestStopped(AgentError, GuestCrashed):
+    """The machine stopped (crash, power-off) while the host waited for the agent."""
 
 
 class CommandFailed(AgentError):
@@ -1026,7 +1030,12 @@ class AgentClient:
             self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        raise cls(message)
+        self._raise_failed()  # the first reason, which may be another thread's
+
+    def abort(self, cls: type[AgentError], message: str) -> None:
+        """Fail every pending and future call with `cls(message)` (from any thread)."""
+        with contextlib.suppress(AgentError):
+            self._fail(cls, message)
 
     def _raise_failed(self) -> NoReturn:
         assert self._failed is not None

@@ -36,7 +36,7 @@ from typing import IO, Any, Protocol
 from ..errors import GuestCrashed, GuestTimeout, MachineError
 from . import boot, layout, reaper, vmstate
 from ._native import ffi, lib
-from .agent import AGENT_PORT, AgentClient, RunResult
+from .agent import AGENT_PORT, AgentClient, AgentGuestStopped, RunResult
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
@@ -249,6 +249,7 @@ class Machine:
             self.serial.attach_stream(cfg.console_stream)
         self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
         self.page_writers.append(self.devices)
+        self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
 
     # ------------------------------------------------------------------ boot
 
@@ -713,6 +714,16 @@ class Machine:
             sock = self.devices.vsock().connect(AGENT_PORT, timeout=timeout)
             self._agent = AgentClient(sock, timeout=timeout, console_tail=self.serial.tail)
             return self._agent
+
+    def _on_guest_stopped(self) -> None:
+        """Event thread: the machine got an exit reason; fail agent calls now, not at timeout."""
+        agent = self._agent  # no lock: agent() may hold it while it waits on this thread
+        exit_ = self.exit_info()
+        if agent is not None and exit_.reason is not ExitReason.CANCELED:
+            tail = self.serial.tail()
+            agent.abort(AgentGuestStopped,
+                        f"the guest stopped while the host waited for its agent: "
+                        f"{exit_.describe()}\n--- console tail ---\n{tail}")
 
     def _drop_agent(self) -> None:
         with self._agent_lock:

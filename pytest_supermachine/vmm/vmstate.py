@@ -61,8 +61,10 @@ def host_facts(kvm: Kvm, guest_cpuid: CpuidTable | None = None) -> dict[str, Any
         return [[e.function, e.index, e.eax, e.ebx, e.ecx, e.edx] for e in t.entries]
 
     facts = host_cpu_facts()
+    # for_vcpu(0, 1): KVM reports the APIC id of whichever host CPU answered; a fact must not
+    # change from one process to the next.
     facts.update(kvm_api_version=kvm.api_version, pvm=kvm.pvm,
-                 supported_cpuid=table(kvm.supported_cpuid()))
+                 supported_cpuid=table(kvm.supported_cpuid().for_vcpu(0, 1)))
     if guest_cpuid is not None:
         facts["guest_cpuid"] = table(guest_cpuid)
         del facts["supported_cpuid"]

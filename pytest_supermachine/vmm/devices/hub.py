@@ -25,7 +25,7 @@ import os
 import selectors
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -215,6 +215,14 @@ class DeviceHub:
         mmio.register(slot.mmio_base, slot.mmio_size, transport)
 
     # ------------------------------------------------------------------ serving
+
+    def watch(self, fd: int, handler: Callable[[], None]) -> None:
+        """Also call `handler` from the event thread whenever eventfd `fd` fires (it is drained)."""
+        self._selector.register(fd, selectors.EVENT_READ, (True, handler))
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
 
     def start(self) -> None:
         """Start the event thread (idempotent)."""
