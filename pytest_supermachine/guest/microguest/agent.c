@@ -625,6 +625,7 @@ static void dispatch(struct vs_conn *c)
 
 static MG_NORETURN void serve(void)
 {
+    int woke = 0;
     for (;;) {
         ag_progress = 0;
         vsock_poll();
@@ -635,8 +636,20 @@ static MG_NORETURN void serve(void)
         for (uint32_t i = 0; i < VS_MAX_CONNS; i++)
             dispatch(&vs_conns[i]); /* tasks may have released stalled stdin */
         vsock_flush();
-        if (ag_progress)
+        if (ag_progress) {
+            woke = 0;
             continue;
+        }
+        /*
+         * An interrupt with nothing to show is a configuration change: a device
+         * in DEVICE_NEEDS_RESET (the interrupt entry does not read the cause, to
+         * save an exit per interrupt). One that coincides with used buffers is
+         * only noticed at the next empty wake-up; the VMM logs it either way.
+         */
+        if (woke) {
+            vsock_check();
+            blk_check();
+        }
         /* Idle: let the devices interrupt, look once more (they may have raced us), halt. */
         vsock_irq(1);
         blk_irq(1);
@@ -644,6 +657,7 @@ static MG_NORETURN void serve(void)
             mg_user_gate(MG_SYS_WAIT, sched_next_deadline());
         vsock_irq(0);
         blk_irq(0);
+        woke = 1;
     }
 }
 

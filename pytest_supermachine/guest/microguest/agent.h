@@ -113,7 +113,7 @@ struct vq {
 
 struct virtio_dev {
     volatile uint8_t *mmio;
-    uint32_t irq_index; /* boot device index: mg_irq_status[irq_index] */
+    uint32_t irq_index; /* boot device index (its vector is MG_VEC_DEVICE + index) */
     uint64_t features;  /* accepted device-specific features (bits 0-31) */
 };
 
@@ -165,7 +165,7 @@ void vsock_poll(void);  /* rx, events, tx completions: feed connections */
 void vsock_flush(void); /* connections' tx buffers and control packets out; kick */
 void vsock_irq(int enable);
 int vsock_pending(void); /* the device left something in a used ring */
-int vsock_failed(void);
+void vsock_check(void); /* panics if the device needs a reset */
 void vsock_close(struct vs_conn *c); /* SHUTDOWN once everything written has been sent */
 void vsock_abort(struct vs_conn *c); /* RST now, drop */
 
@@ -200,6 +200,7 @@ int blk_read_only(void);
 void blk_poll(void);
 void blk_irq(int enable);
 int blk_pending(void);
+void blk_check(void);
 
 /* From a task (see blk.c): take a request slot, run requests on its buffer, give it back. */
 struct task;
@@ -211,7 +212,7 @@ void blk_end(int slot);
 
 #define TASK_MAX 32
 #define TASK_STACK (16u * 1024)
-#define TASK_ARGS (8u * 1024)
+#define TASK_ARGS (16u * 1024) /* argv, env, cwd as C strings: room for a 4 KiB blk-write */
 #define TASK_MAX_ARGS 64
 #define TASK_MAX_ENV 32
 

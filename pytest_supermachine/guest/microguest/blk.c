@@ -103,8 +103,6 @@ void blk_poll(void)
 {
     if (!present)
         return;
-    if (virtio_needs_reset(&dev))
-        ag_panic(MG_PANIC_AGENT_DEVICE, "virtio-blk needs a reset (driver bug)");
     uint32_t id, len;
     while (vq_pop_used(&q, &id, &len)) {
         if (id % 3 == 0 && id / 3 < BLK_SLOTS)
@@ -120,3 +118,9 @@ void blk_irq(int enable)
 }
 
 int blk_pending(void) { return present && vq_has_used(&q); }
+
+void blk_check(void)
+{
+    if (present && virtio_needs_reset(&dev))
+        ag_panic(MG_PANIC_AGENT_DEVICE, "virtio-blk needs a reset (driver bug)");
+}

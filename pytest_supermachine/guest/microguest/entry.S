@@ -244,10 +244,13 @@ wait_entry:
  * of CPL0 run with IF=0), so these entries never switch stacks and clobber
  * nothing CPL3 cares about beyond what they save.
  *
- * Device i: read its InterruptStatus, write it back to InterruptACK, keep the
- * bits for CPL3 (a config change means DEVICE_NEEDS_RESET), EOI. Two MMIO
- * exits and a dozen emulated instructions: the rings themselves are read at
- * CPL3, natively.
+ * Device i: InterruptACK both causes without reading InterruptStatus, EOI.
+ * Each register access is an exit that the VMM serves in Python on this
+ * vCPU's thread (~30 us here), and the cause does not matter: CPL3 looks at
+ * all rings after every wake-up, and checks the device status itself when a
+ * wake-up brings nothing (a configuration change: DEVICE_NEEDS_RESET). The
+ * ACK keeps InterruptStatus clear, so a VMM that signals only its 0 -> 1
+ * change, or resamples a level-triggered line, still works.
  */
     .macro IRQ_DEVICE idx
     .balign 16
@@ -263,14 +266,10 @@ irq_device_\idx:
 
 irq_device_common:
     push    %rcx
-    push    %rdx
     mov     mg_irq_mmio(,%rax,8), %rcx
-    mov     0x60(%rcx), %edx            /* InterruptStatus */
-    mov     %edx, 0x64(%rcx)            /* InterruptACK */
-    or      %edx, mg_irq_status(,%rax,4)
+    movl    $3, 0x64(%rcx)              /* InterruptACK: used-buffer and config causes */
     mov     mg_lapic_eoi_addr(%rip), %rcx
     movl    $0, (%rcx)
-    pop     %rdx
     pop     %rcx
     pop     %rax
     iretq
@@ -348,9 +347,8 @@ mg_ap_cr0:      .long 0     /* the BSP's control registers, for the APs */
 mg_ap_cr3:      .long 0
 mg_ap_cr4:      .long 0
 mg_ap_efer:     .long 0
-    .globl mg_irq_mmio, mg_irq_status, mg_irq_other_count, mg_lapic_eoi_addr
+    .globl mg_irq_mmio, mg_irq_other_count, mg_lapic_eoi_addr
 mg_irq_mmio:    .skip 8 * MG_MAX_IRQ_DEVICES
-mg_irq_status:  .skip 4 * MG_MAX_IRQ_DEVICES
 mg_irq_other_count: .long 0
     .balign 8
 mg_lapic_eoi_addr: .quad 0xfee000b0

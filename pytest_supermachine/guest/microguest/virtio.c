@@ -117,17 +117,8 @@ void virtio_driver_ok(struct virtio_dev *d)
 
 uint32_t virtio_config32(struct virtio_dev *d, uint32_t offset) { return rd(d, REG_CONFIG + offset); }
 
-/*
- * The interrupt entry records InterruptStatus bits; a configuration change is
- * how a device reports DEVICE_NEEDS_RESET. Only then is Status read (an exit).
- */
-int virtio_needs_reset(struct virtio_dev *d)
-{
-    if (!(mg_irq_status[d->irq_index] & 2u))
-        return 0;
-    mg_irq_status[d->irq_index] &= ~2u;
-    return (rd(d, REG_STATUS) & STATUS_NEEDS_RESET) != 0;
-}
+/* One Status read (an exit): only when a wake-up brought nothing to do (agent.c). */
+int virtio_needs_reset(struct virtio_dev *d) { return (rd(d, REG_STATUS) & STATUS_NEEDS_RESET) != 0; }
 
 /* x86 keeps stores in order: a compiler barrier publishes the entry before the index. */
 void vq_push(struct vq *q, uint16_t head)

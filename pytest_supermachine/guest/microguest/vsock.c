@@ -53,7 +53,7 @@ static uint32_t tx_nfree;
 static uint64_t cid;
 static uint32_t listen_port;
 static uint32_t next_port = VS_FIRST_PORT;
-static int tx_pushed, failed;
+static int tx_pushed;
 static int credit_requested[VS_MAX_CONNS];
 
 /* RSTs owed for connections we do not (or no longer) have: (our port, host port). */
@@ -101,7 +101,11 @@ int vsock_init(const struct sm_boot_device *bd, uint32_t irq_index)
 
 uint64_t vsock_cid(void) { return cid; }
 void vsock_listen(uint32_t port) { listen_port = port; }
-int vsock_failed(void) { return failed; }
+void vsock_check(void)
+{
+    if (virtio_needs_reset(&dev))
+        ag_panic(MG_PANIC_AGENT_DEVICE, "virtio-vsock needs a reset (driver bug)");
+}
 
 /* ------------------------------------------------------------ connections -- */
 
@@ -274,12 +278,31 @@ static void handle_packet(const uint8_t *h, uint32_t total, int after_reset)
     }
 }
 
+/*
+ * A tx slot is reused only once a later tx completion is visible. The VMM's
+ * vsock device (vsock.py, _drain_tx) publishes a chain as used *before* it
+ * reads the packet out of it, and this driver polls the used ring natively
+ * while the host thread is in between: reusing the newest slot at once
+ * overwrote packets in flight (measured: corrupt streams under load). The
+ * device drains strictly in order, used entry k+1 is published after chain k
+ * was read, so holding back only the newest completed slot is enough; it
+ * costs one of VS_TXQ slots. Freed slots are not progress: completions wait
+ * in the ring without an interrupt until the next wake-up, so counting them
+ * would hide that wake-up's real cause (agent.c); what waited for a slot makes
+ * progress when it sends.
+ */
+static int tx_held = -1;
+
 static void tx_reclaim(void)
 {
     uint32_t id, len;
-    while (vq_pop_used(&txq, &id, &len))
-        if (id < VS_TXQ)
-            tx_free[tx_nfree++] = (uint16_t)id;
+    while (vq_pop_used(&txq, &id, &len)) {
+        if (id >= VS_TXQ)
+            continue;
+        if (tx_held >= 0)
+            tx_free[tx_nfree++] = (uint16_t)tx_held;
+        tx_held = (int)id;
+    }
 }
 
 /*
@@ -293,10 +316,6 @@ static void tx_reclaim(void)
  */
 void vsock_poll(void)
 {
-    if (virtio_needs_reset(&dev)) {
-        failed = 1;
-        ag_panic(MG_PANIC_AGENT_DEVICE, "virtio-vsock needs a reset (driver bug)");
-    }
     tx_reclaim();
     uint32_t id, len;
     int after_reset = 0;
