@@ -638,3 +638,24 @@ def test_connection_reset_by_the_host_is_forgotten(vm: Machine) -> None:
         raw.close()
     time.sleep(0.2)
     assert vm.run("echo ok").stdout == b"ok\n"
+
+
+def test_device_that_needs_a_reset_stops_the_guest_with_a_reason(
+    fresh: Callable[..., Machine],
+) -> None:
+    # A broken rx ring: the device fails while delivering the host's connect,
+    # raises a configuration interrupt, and the guest finds it needs a reset.
+    m = fresh()
+    assert m.run("true").ok
+    m._drop_agent()
+    time.sleep(0.3)  # the close is over: the next thing the device does is our connect
+    rxq = m.devices.devices[0].transport.queues[0]
+    with m.paused():  # the next rx buffer the device takes names descriptor 999
+        state = rxq.state()
+        m.memory.write(rxq.avail_addr + 4 + 2 * (state.next_avail % state.size),
+                       struct.pack("<H", 999))
+    with pytest.raises(Exception):  # noqa: B017 - refused or timed out, either is fine here
+        m.connect(P.AGENT_PORT, timeout=1)
+    exit_ = m.wait(timeout=30)
+    assert (exit_.reason, exit_.code) == (ExitReason.PANIC, PanicCode.AGENT_DEVICE)
+    assert "virtio-vsock needs a reset" in m.console
