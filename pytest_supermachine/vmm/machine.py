@@ -18,6 +18,7 @@ Lifecycle::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import mmap
@@ -27,7 +28,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,11 +36,11 @@ from typing import IO, Any, Protocol
 from ..errors import GuestCrashed, GuestTimeout, MachineError
 from . import boot, layout, reaper, vmstate
 from ._native import ffi, lib
-from .agent import AGENT_PORT, AgentClient, AgentGuestStopped, RunResult
+from .agent import AGENT_PORT, READY_PORT, AgentClient, AgentGuestStopped, RunResult
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
-from .devices.virtio.vsock_mux import VsockListener
+from .devices.virtio.vsock_mux import VsockError, VsockListener
 from .kvm import CpuidTable, Kvm, Vcpu, Vm
 from .memory import GuestMemory
 from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
@@ -250,6 +250,7 @@ class Machine:
         self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
+        self._ready_listener: VsockListener | None = None
 
     # ------------------------------------------------------------------ boot
 
@@ -405,13 +406,26 @@ class Machine:
             time.sleep(0.002)
 
     def wait_ready(self, timeout: float) -> float:
-        """Wait for the guest's READY on the control port; returns seconds since start()."""
+        """Wait for the guest agent's READY; returns seconds since start().
+
+        READY is a write to the control port (timestamped in C) or, for a guest that
+        cannot do port I/O, a connection to vsock port READY_PORT (timestamped here;
+        agents retry that connection, so listening from here on is early enough). If
+        the caller listens on READY_PORT itself, only the control port counts.
+        """
         deadline = time.monotonic() + timeout
+        if self._ready_listener is None and self.config.vsock:
+            with contextlib.suppress(VsockError):
+                self._ready_listener = self.devices.vsock().listen(READY_PORT)
         while True:
-            left = min(0.2, deadline - time.monotonic())
+            left = min(0.05 if self._ready_listener else 0.2, deadline - time.monotonic())
             rc = lib.sm_vm_wait_ready(self._core, max(int(left * 1000), 0))
             if rc == 0:
                 return lib.sm_vm_ready_ns(self._core) / 1e9 - self.timings.started
+            if self._ready_listener is not None and self._ready_listener.pending():
+                sock, _port = self._ready_listener.accept(timeout=1)
+                sock.close()
+                return time.monotonic() - self.timings.started
             if rc == -errno.ESRCH:
                 raise GuestCrashed(f"guest stopped before it was ready: "
                                    f"{self.exit_info().describe()}", self.serial.tail())
@@ -440,7 +454,7 @@ class Machine:
         self.state = MachineState.RUNNING
         lib.sm_vm_resume(self._core)
 
-    @contextmanager
+    @contextlib.contextmanager
     def paused(self, timeout: float = 5.0) -> Iterator[Machine]:
         """The pause barrier: every vCPU parked for the body, resumed after (even on error)."""
         self.pause(timeout)
