@@ -123,13 +123,17 @@ class GuestVsock:
     def take_rx(self) -> list[M.VsockPacket]:
         """Packets the device put in the rx ring since last time; their buffers are re-posted."""
         pkts = []
+        events = 0
+        for head, _ in self.evq.used():  # events first, as real drivers order them
+            self.events.append(self.mem.read_u32(self._ev_gpa))
+            self.evq.publish(head)
+            events += 1
+        if events:  # re-posting the buffer is how a driver says it handled the event
+            self.evq.kick()
         for head, length in self.rxq.used():
             raw = self.mem.read(self._rx_bufs[head], length)
             pkts.append(M.VsockPacket.decode(raw)[0])
             self.rxq.publish(head)
-        for head, _ in self.evq.used():
-            self.events.append(self.mem.read_u32(self._ev_gpa))
-            self.evq.publish(head)
         if pkts:
             self.rxq.kick()
         self.received.extend(pkts)

@@ -124,5 +124,12 @@ def _microguest() -> Image:
     return MicroguestImage()
 
 
+def _linux() -> Image:
+    from .linux import LinuxImage
+
+    return LinuxImage()
+
+
 register_image("microguest", _microguest)
+register_image("linux", _linux)
 register_alias("default", "microguest")

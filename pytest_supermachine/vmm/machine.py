@@ -36,7 +36,14 @@ from typing import IO, Any, Protocol
 from ..errors import GuestCrashed, GuestTimeout, MachineError
 from . import boot, layout, reaper, vmstate
 from ._native import ffi, lib
-from .agent import AGENT_PORT, READY_PORT, AgentClient, AgentGuestStopped, RunResult
+from .agent import (
+    AGENT_PORT,
+    READY_PORT,
+    AgentClient,
+    AgentGuestStopped,
+    RunResult,
+    read_ready,
+)
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
@@ -423,9 +430,11 @@ class Machine:
             if rc == 0:
                 return lib.sm_vm_ready_ns(self._core) / 1e9 - self.timings.started
             if self._ready_listener is not None and self._ready_listener.pending():
+                ready_at = time.monotonic() - self.timings.started
                 sock, _port = self._ready_listener.accept(timeout=1)
-                sock.close()
-                return time.monotonic() - self.timings.started
+                with sock:
+                    read_ready(sock, timeout=max(deadline - time.monotonic(), 1.0))
+                return ready_at
             if rc == -errno.ESRCH:
                 raise GuestCrashed(f"guest stopped before it was ready: "
                                    f"{self.exit_info().describe()}", self.serial.tail())

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZES = (256, 256, 16)
+#: How long packets wait for a driver to acknowledge a TRANSPORT_RESET (see `_fill_rx`).
+RESET_ACK_TIMEOUT = 2.0
 
 _EVENT = struct.Struct("<I")
 _CONFIG = struct.Struct("<Q")
@@ -100,6 +103,9 @@ class VirtioVsock(VirtioDevice):
         self.guest_cid = guest_cid
         self.muxer = muxer if muxer is not None else VsockMuxer(guest_cid)
         self._reset_event_pending = False
+        #: When the last TRANSPORT_RESET was delivered and the driver has not yet re-posted
+        #: an event buffer (i.e. not yet handled it); see `_fill_rx`.
+        self._reset_unacked_since: float | None = None
         #: Counters for tests and diagnostics.
         self.dropped_packets = 0
 
@@ -172,6 +178,8 @@ class VirtioVsock(VirtioDevice):
     # -- data path ---------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """The driver kicked queue ``index``."""
+        if index == EVENT_QUEUE:
+            self._reset_unacked_since = None  # it handled the reset and re-posted the buffer
         if index == TX_QUEUE:
             self._drain_tx()
         elif index == RX_QUEUE:
@@ -229,6 +237,16 @@ class VirtioVsock(VirtioDevice):
     def _fill_rx(self) -> None:
         if not self.muxer.has_pending():
             return
+        if self._reset_unacked_since is not None:
+            # Hold packets of new connections until the driver has handled the reset:
+            # Linux handles events and rx in separate work items, so a REQUEST that
+            # overtook the reset would be established, then torn down by it, and the
+            # host would wait for an answer that never comes. Drivers re-post the event
+            # buffer (a kick of the event queue) once they handled it; a driver that
+            # never does is released after RESET_ACK_TIMEOUT.
+            if time.monotonic() - self._reset_unacked_since < RESET_ACK_TIMEOUT:
+                return
+            self._reset_unacked_since = None
         queue = self.queues[RX_QUEUE]
         added = False
         while self.muxer.has_pending():
@@ -267,6 +285,7 @@ class VirtioVsock(VirtioDevice):
         chain.write(0, _EVENT.pack(EVENT_TRANSPORT_RESET))
         queue.add_used(chain.head, _EVENT.size)
         self._reset_event_pending = False
+        self._reset_unacked_since = time.monotonic()
         self.signal_used(queue)
 
 
