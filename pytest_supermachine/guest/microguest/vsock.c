@@ -307,16 +307,21 @@ static void tx_reclaim(void)
 
 /*
  * Events before packets. The device queues TRANSPORT_RESET (after a restore or
- * an in-place reset) before anything of the new connections, and the rings do
- * not say how entries of different queues interleave: were rx handled first,
- * the reset would drop a connection the host has just opened. Packets for
- * unknown connections in the same batch are leftovers from before the reset
- * and get no RST: after a restore the host numbers its ports afresh, so one
- * could hit a new connection that happens to have the same ports.
+ * an in-place reset) before anything of the new connections, but from its own
+ * thread while we poll: had we looked at the (empty) event ring and then found
+ * a new REQUEST in rx, the reset seen on the next pass would drop that fresh
+ * connection. So the rx used index is read first and rx handled only up to it:
+ * the device stores the event before those rx entries, x86 keeps its stores
+ * and our loads in order, so any reset that precedes them is seen first.
+ * Packets for unknown connections in the same batch as a reset are leftovers
+ * from before it and get no RST: after a restore the host numbers its ports
+ * afresh, so one could hit a new connection that happens to have the same ports.
  */
 void vsock_poll(void)
 {
     tx_reclaim();
+    uint16_t rx_seen = rxq.used[1];
+    MG_BARRIER();
     uint32_t id, len;
     int after_reset = 0;
     while (vq_pop_used(&evq, &id, &len)) {
@@ -335,7 +340,7 @@ void vsock_poll(void)
     }
     uint16_t before = rxq.avail_idx;
     int reposted = 0;
-    while (vq_pop_used(&rxq, &id, &len)) {
+    while (rxq.last_used != rx_seen && vq_pop_used(&rxq, &id, &len)) {
         if (id >= VS_RXQ)
             continue;
         handle_packet(rx_bufs + id * VS_RX_BUF, MG_MIN(len, VS_RX_BUF), after_reset);
