@@ -317,6 +317,26 @@ def test_several_connections_at_once(vm: Machine) -> None:
     assert vm.run("true").ok  # closed connections were cleaned up
 
 
+def test_every_connection_can_fill_its_max_inflight(vm: Machine) -> None:
+    clients = [P.AgentClient(vm.connect(P.AGENT_PORT), timeout=30) for _ in range(3)]
+    codes: list[int] = []
+
+    def worker(c: P.AgentClient) -> None:
+        codes.append(c.run("sleep 300", timeout=30).returncode)
+
+    try:
+        limit = clients[0].agent.max_inflight
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients for _ in range(limit)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for c in clients:
+            c.close()
+    assert codes == [0] * (3 * limit)
+
+
 def test_dirty_pages(vm: Machine) -> None:
     assert vm.run("dirty 64").stdout == b"64\n"
     info = dict(line.split("=", 1) for line in vm.run("info").stdout.decode().splitlines())
@@ -626,6 +646,18 @@ def test_agent_mode_without_vsock_panics_with_a_reason(microguest_elf: Path) -> 
         exit_ = m.wait(timeout=30)
         assert (exit_.reason, exit_.code) == (ExitReason.PANIC, PanicCode.AGENT_NO_VSOCK)
         assert "no virtio-vsock device" in m.console
+    finally:
+        m.stop()
+
+
+def test_agent_mode_in_too_little_ram_panics_with_a_reason(microguest_elf: Path) -> None:
+    m = Machine(mem_mib=8)
+    try:
+        m.boot_direct64(microguest_elf, mode=GuestMode.AGENT)
+        m.start()
+        exit_ = m.wait(timeout=30)
+        assert (exit_.reason, exit_.code) == (ExitReason.PANIC, PanicCode.AGENT_NO_MEMORY)
+        assert "not enough RAM for the agent's buffers" in m.console
     finally:
         m.stop()
 

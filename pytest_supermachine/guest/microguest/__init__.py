@@ -24,7 +24,7 @@ AGENT mode is a test guest for the VMM's devices and the agent protocol
 info lists one) itself, listens on vsock port 5253, writes SM_CTL_READY to the
 control port, sends READY to host port 5254, and serves HELLO, EXEC (with
 stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE and PING on any number of
-connections (up to 8 at once, 16 requests in flight on each). Commands are
+connections (up to 8 at once, 16 requests in flight on each, all of them at once). Commands are
 built-ins, looked up by argv[0]'s basename (or the EXEC_SHELL line split at
 white space)::
 
@@ -49,7 +49,8 @@ exit 127 with ``sh: NAME: not found`` on stderr for a command line (like
 flat (a path is just bytes; cwd is only reported by ``pwd``): 64 files of at
 most 16 MiB in a heap of up to 64 MiB (half the free RAM); beyond that ENOSPC.
 `dirty` uses the RAM above the heap (``info`` prints ``scratch_pages``).
-It needs a TSC-deadline LAPIC timer and at least 32 MiB of RAM.
+It needs a TSC-deadline LAPIC timer and about 14 MiB of RAM for itself (32 MiB or
+more leaves room for files and `dirty`).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ void *ag_alloc(uint64_t bytes)
     uint64_t p = bump;
     bytes = mg_align_up(bytes, MG_PAGE_SIZE);
     if (bytes > bump_end - bump)
-        ag_panic(MG_PANIC_AGENT_NO_MEMORY, "not enough RAM for the agent's buffers (give it >= 32 MiB)");
+        ag_panic(MG_PANIC_AGENT_NO_MEMORY, "not enough RAM for the agent's buffers (~14 MiB; give the machine 32 MiB or more)");
     bump += bytes;
     return (void *)p;
 }

@@ -210,7 +210,8 @@ void blk_end(int slot);
 
 /* --------------------------------------------------------------- tasks -- */
 
-#define TASK_MAX 32
+/* Every connection can have all its requests open at once: EBUSY only past max_inflight. */
+#define TASK_MAX (VS_MAX_CONNS * AG_MAX_INFLIGHT)
 #define TASK_STACK (16u * 1024)
 #define TASK_ARGS (16u * 1024) /* argv, env, cwd as C strings: room for a 4 KiB blk-write */
 #define TASK_MAX_ARGS 64
