@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pytest-supermachine needs on a fresh Debian/Ubuntu machine with /dev/kvm:
 # a C compiler, kernel and Python headers (the C core, the microguest and the guest agent
-# are compiled here), e2fsprogs and busybox-static (guest images), a virtualenv in .venv,
-# and the package with its test extras. Idempotent.
+# are compiled here), e2fsprogs, busybox-static and the kernel source + build tools
+# (guest images), a virtualenv in .venv, and the package with its test extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,12 @@ command -v ld >/dev/null || need_apt+=(binutils)
 [ -f /usr/include/stdint.h ] || need_apt+=(libc6-dev)
 [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)      # ext4 rootfs images
 [ -x /bin/busybox ] || need_apt+=(busybox-static)                                 # Linux initramfs
+# The Linux guest's kernel is built from Debian's source with our recipe (images/kernel.py).
+[ -f /usr/src/linux-source-6.1.tar.xz ] || need_apt+=(linux-source-6.1)
+for tool in make bc bison flex perl patch xz; do
+  command -v $tool >/dev/null || need_apt+=("$([ $tool = xz ] && echo xz-utils || echo $tool)")
+done
+[ -f /usr/include/gelf.h ] || need_apt+=(libelf-dev)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need_apt+=(python3)
 if command -v "$PY" >/dev/null; then
