@@ -641,10 +641,11 @@ static MG_NORETURN void serve(void)
             continue;
         }
         /*
-         * An interrupt with nothing to show is a configuration change: a device
-         * in DEVICE_NEEDS_RESET (the interrupt entry does not read the cause, to
-         * save an exit per interrupt). One that coincides with used buffers is
-         * only noticed at the next empty wake-up; the VMM logs it either way.
+         * A device interrupt with nothing to show is a configuration change: a
+         * device in DEVICE_NEEDS_RESET (the interrupt entry does not read the
+         * cause, to save an exit per interrupt). One that coincides with used
+         * buffers is only noticed at the next empty wake-up; the VMM logs it
+         * either way. A stale timer interrupt costs nothing here.
          */
         if (woke) {
             vsock_check();
@@ -653,8 +654,11 @@ static MG_NORETURN void serve(void)
         /* Idle: let the devices interrupt, look once more (they may have raced us), halt. */
         vsock_irq(1);
         blk_irq(1);
-        if (!vsock_pending() && !blk_pending())
+        if (!vsock_pending() && !blk_pending()) {
+            for (uint32_t i = 0; i < MG_MAX_IRQ_DEVICES; i++)
+                mg_irq_seen[i] = 0;
             mg_user_gate(MG_SYS_WAIT, sched_next_deadline());
+        }
         vsock_irq(0);
         blk_irq(0);
         woke = 1;

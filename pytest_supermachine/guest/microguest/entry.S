@@ -225,14 +225,20 @@ syscall_entry:
  * is pending in the LAPIC and ends the hlt at once (sti's shadow makes
  * sti; hlt atomic): no wake-up is lost. The handlers run on this stack and
  * return after the hlt. mg_user_gate is a C call, so RAX/RCX/RDX are ours.
+ * The MSR is written only when the deadline changes: one that is still armed
+ * fires on its own, and one that already fired has either woken us or is
+ * pending; CPL3 never waits for a deadline it has seen pass.
  */
 wait_entry:
+    cmp     mg_tsc_deadline(%rip), %rdi
+    je      1f                          /* unchanged (usually 0 -> 0): save the exit */
+    mov     %rdi, mg_tsc_deadline(%rip)
     mov     %rdi, %rax
     mov     %rdi, %rdx
     shr     $32, %rdx
     mov     $MG_MSR_TSC_DEADLINE, %ecx
     wrmsr
-    sti
+1:  sti
     hlt
     cli
     addq    $2, (%rsp)                  /* resume after the ud2 */
@@ -268,6 +274,7 @@ irq_device_common:
     push    %rcx
     mov     mg_irq_mmio(,%rax,8), %rcx
     movl    $3, 0x64(%rcx)              /* InterruptACK: used-buffer and config causes */
+    movl    $1, mg_irq_seen(,%rax,4)    /* which device woke us (CPL3 clears it) */
     mov     mg_lapic_eoi_addr(%rip), %rcx
     movl    $0, (%rcx)
     pop     %rcx
@@ -347,11 +354,13 @@ mg_ap_cr0:      .long 0     /* the BSP's control registers, for the APs */
 mg_ap_cr3:      .long 0
 mg_ap_cr4:      .long 0
 mg_ap_efer:     .long 0
-    .globl mg_irq_mmio, mg_irq_other_count, mg_lapic_eoi_addr
+    .globl mg_irq_mmio, mg_irq_seen, mg_irq_other_count, mg_lapic_eoi_addr
 mg_irq_mmio:    .skip 8 * MG_MAX_IRQ_DEVICES
+mg_irq_seen:    .skip 4 * MG_MAX_IRQ_DEVICES
 mg_irq_other_count: .long 0
     .balign 8
 mg_lapic_eoi_addr: .quad 0xfee000b0
+mg_tsc_deadline: .quad 0            /* what IA32_TSC_DEADLINE was last set to */
 
     /* Stacks live in .bss: the loader zeroes it, untouched pages stay clean. */
     .bss

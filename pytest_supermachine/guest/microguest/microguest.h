@@ -149,8 +149,9 @@ extern void *const mg_irq_device_stubs[MG_MAX_IRQ_DEVICES];
 void mg_irq_timer(void);
 void mg_irq_other(void);
 void mg_irq_spurious(void);
-extern uint64_t mg_irq_mmio[MG_MAX_IRQ_DEVICES]; /* device windows, for the ACK */
-extern volatile uint32_t mg_irq_other_count;     /* unexpected vectors */
+extern uint64_t mg_irq_mmio[MG_MAX_IRQ_DEVICES];          /* device windows, for the ACK */
+extern volatile uint32_t mg_irq_seen[MG_MAX_IRQ_DEVICES]; /* set by device i's entry */
+extern volatile uint32_t mg_irq_other_count;              /* unexpected vectors */
 extern uint64_t mg_lapic_eoi_addr;
 
 /* entry.S: CPL3 coroutine switch (agent tasks). Saves callee-saved registers. */

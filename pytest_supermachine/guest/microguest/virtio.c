@@ -117,8 +117,16 @@ void virtio_driver_ok(struct virtio_dev *d)
 
 uint32_t virtio_config32(struct virtio_dev *d, uint32_t offset) { return rd(d, REG_CONFIG + offset); }
 
-/* One Status read (an exit): only when a wake-up brought nothing to do (agent.c). */
-int virtio_needs_reset(struct virtio_dev *d) { return (rd(d, REG_STATUS) & STATUS_NEEDS_RESET) != 0; }
+/*
+ * Did this device's interrupt (the last wake-up brought nothing to do, agent.c)
+ * report DEVICE_NEEDS_RESET? One Status read, an exit, only if it interrupted.
+ */
+int virtio_needs_reset(struct virtio_dev *d)
+{
+    if (!mg_irq_seen[d->irq_index])
+        return 0;
+    return (rd(d, REG_STATUS) & STATUS_NEEDS_RESET) != 0;
+}
 
 /* x86 keeps stores in order: a compiler barrier publishes the entry before the index. */
 void vq_push(struct vq *q, uint16_t head)
