@@ -173,3 +173,23 @@ def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
     assert art.vmlinux == entry / "vmlinux" and art.bzimage == entry / "bzImage"
     assert art.key == k and art.cmdline_extra == KernelVariant.PVM.cmdline_extra
     assert phases == ["done"]
+
+
+def test_failed_step_raises_with_log_tail(tmp_path: Path) -> None:
+    """A failing build command names the phase and quotes the end of the log."""
+    log = tmp_path / "build.log"
+    seen: list[tuple[str, int]] = []
+    b = kernel._Builder(tmp_path, log, lambda p, e, n: seen.append((p, n)), niceness=0)
+    assert b.run("configure", ["sh", "-c", "echo one; echo two"], cwd=tmp_path) == 2
+    with pytest.raises(GuestBuildError) as info:
+        b.run("compile", ["sh", "-c", "echo 'fs/x.c:1: error: boom'; exit 3"], cwd=tmp_path)
+    message = str(info.value)
+    assert "'compile'" in message and "exited 3" in message
+    assert "error: boom" in message and str(log) in message
+    assert ("configure", 2) in seen
+
+
+def test_missing_tools_named_as_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel.shutil, "which", lambda tool: None if tool == "bison" else "/x")
+    with pytest.raises(GuestBuildError, match=r"apt-get install bison\b"):
+        kernel.check_build_tools()
