@@ -23,8 +23,8 @@ AGENT mode is a test guest for the VMM's devices and the agent protocol
 (docs/agent-protocol.md): it drives virtio-vsock (and virtio-blk if the boot
 info lists one) itself, listens on vsock port 5253, writes SM_CTL_READY to the
 control port, sends READY to host port 5254, and serves HELLO, EXEC (with
-stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE and PING on any number of
-connections (up to 8 at once, 16 requests in flight on each, all of them at once). Commands are
+stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE and PING on up to 8
+connections at once, each with up to 16 requests in flight. Commands are
 built-ins, looked up by argv[0]'s basename (or the EXEC_SHELL line split at
 white space)::
 
