@@ -91,7 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
         for opt in OPTIONS:
             source = settings.sources.get(opt.name, "")
             if opt.name in _REPLAYED_SETTINGS and source.startswith(("command", "environment")):
-                replay_args += [opt.cli, str(getattr(settings, opt.name))]
+                # one word per option (see replay_command: ini discovery and separate values)
+                replay_args.append(f"{opt.cli}={getattr(settings, opt.name)}")
         state.capsules = CapsuleWriter(state.capsule_dir(), session_id=session_id,
                                        retention=settings.capsule_retention,
                                        count=settings.capsule_retention_count,

@@ -14,7 +14,7 @@ An `Image` knows three things the plugin needs and nothing about pytest:
 Images are registered as factories so that importing this module (which the
 plugin does at start-up) builds nothing and opens no device. ``microguest`` is
 always available; ``default`` names the image tests get unless they ask for
-another (the microguest until the Linux image lands; then the Linux image).
+another: the Linux guest (``linux``).
 Other plugins add images with `register_image` or the
 ``pytest_supermachine_image`` hook.
 """
@@ -87,7 +87,7 @@ def register_alias(name: str, target: str) -> None:
 
 
 def canonical_name(name: str) -> str:
-    """`name` with aliases followed (``default`` → ``microguest`` today)."""
+    """`name` with aliases followed (``default`` → ``linux``)."""
     seen = set()
     while name in _aliases and name not in seen:
         seen.add(name)
@@ -132,4 +132,4 @@ def _linux() -> Image:
 
 register_image("microguest", _microguest)
 register_image("linux", _linux)
-register_alias("default", "microguest")
+register_alias("default", "linux")

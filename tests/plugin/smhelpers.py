@@ -66,7 +66,14 @@ class Project:
         self.ini("")
 
     def ini(self, *lines: str) -> None:
-        """The project's pytest.ini: ``[pytest]`` and `lines`."""
+        """The project's pytest.ini: ``[pytest]`` and `lines`.
+
+        The plugin tier runs on the microguest (milliseconds per VM) unless a test sets
+        ``supermachine_image`` itself: the product's default image is the Linux guest,
+        whose own tier is tests/linux.
+        """
+        if not any(line.strip().startswith("supermachine_image") for line in lines):
+            lines = ("supermachine_image = microguest", *lines)
         (self.path / "pytest.ini").write_text("\n".join(["[pytest]", *lines]) + "\n")
 
     def cold_cache(self) -> Path:

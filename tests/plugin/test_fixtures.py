@@ -92,7 +92,7 @@ def test_unknown_image_names_the_available_ones(project):
     project.write("test_a.py", "def test_x(microvm):\n    pass\n")
     result = project.run("--supermachine-image=nope")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*no guest image named 'nope'; available: default, microguest*"])
+    result.stdout.fnmatch_lines(["*no guest image named 'nope'; available: default, linux, microguest*"])
 
 
 def test_bad_option_value_is_a_usage_error_naming_its_source(project, monkeypatch):
@@ -152,7 +152,7 @@ def test_header_and_summary_lines(project):
     result = project.run()
     result.stdout.fnmatch_lines([
         "supermachine: /dev/kvm*",
-        f"supermachine: image default (microguest), cache {project.cache}, pool 4",
+        f"supermachine: image microguest, cache {project.cache}, pool 4",
     ])
     result.stdout.fnmatch_lines(["*- supermachine -*", "VMs handed out: 1 *mean handout * ms*",
                                  "snapshots: * built*, * reused from the cache"])

@@ -21,10 +21,10 @@ def test_subcommands_parse():
         p.parse_args(["cache"])
 
 
-def test_image_list_names_microguest_and_default(capsys):
+def test_image_list_names_linux_microguest_and_default(capsys):
     assert main(["image", "list"]) == 0
     out = capsys.readouterr().out
-    assert "default      -> microguest" in out
+    assert "default      -> linux" in out
     assert "microguest   freestanding test guest" in out
 
 
@@ -42,9 +42,11 @@ def test_replay_of_something_that_is_not_a_capsule_is_one_line(tmp_path, capsys)
 
 def test_replay_command_reruns_the_nodeid_with_the_recorded_settings(tmp_path):
     manifest = {"nodeid": "t.py::test_x", "rootdir": "/proj",
-                "replay_args": ["--supermachine-image", "microguest"]}
+                "replay_args": ["--supermachine-image=microguest"]}
     cmd = replay_command(Path("/cap"), manifest, 5, tmp_path / "r.json", ["-x"])
     assert cmd[:5] == [sys.executable, "-m", "pytest", "t.py::test_x", "--rootdir=/proj"]
-    assert cmd[cmd.index("--supermachine-replay") + 1] == "/cap"
-    assert cmd[cmd.index("--supermachine-replay-runs") + 1] == "5"
-    assert "--supermachine-image" in cmd and cmd[-1] == "-x"
+    # one word per option: a separate value outside the rootdir would hide the project's ini
+    assert "--supermachine-replay=/cap" in cmd
+    assert "--supermachine-replay-runs=5" in cmd
+    assert f"--supermachine-replay-result={tmp_path / 'r.json'}" in cmd
+    assert "--supermachine-image=microguest" in cmd and cmd[-1] == "-x"

@@ -209,9 +209,11 @@ class VirtioVsock(VirtioDevice):
         queue = self.queues[TX_QUEUE]
         added = False
         while (chain := queue.pop()) is not None:
+            # Read the packet before publishing the slot: once it is in the used ring the
+            # driver may reuse the buffer, and we would read its next packet instead.
+            self._handle_tx(chain)
             queue.add_used(chain.head, 0)
             added = True
-            self._handle_tx(chain)
         if added:
             self.signal_used(queue)
 
