@@ -473,7 +473,6 @@ def build_kernel(
             "variant": variant.value,
             "source": source_version(source),
             "patches": [p.name for p in variant.patches(recipe_dir)],
-            "cmdline_extra": variant.cmdline_extra,
             "build_seconds": round(time.monotonic() - start, 1),
         }
         tmp = entry / f".manifest.json.tmp{os.getpid()}"
