@@ -394,3 +394,96 @@ def virtio_mmio_cmdline(devices: Sequence[BootDevice]) -> str:
     """`virtio_mmio.device=<size>@<base>:<irq>` tokens for Linux, one per device."""
     return " ".join(f"virtio_mmio.device={d.mmio_size >> 10}K@{d.mmio_base:#x}:{d.irq}"
                     for d in devices)
+
+
+# ----------------------------------------------------------------------------- Linux: bzImage
+
+ZERO_PAGE_ADDR = layout.BOOT_INFO_ADDR  # struct boot_params ("zero page"), 4 KiB
+SETUP_HEADER_OFFSET = 0x1F1
+BOOT_FLAG_MAGIC = 0xAA55
+HDRS_MAGIC = b"HdrS"
+MIN_BOOT_PROTOCOL = 0x020C  # 2.12: 64-bit entry (xloadflags) and 64-bit initrd fields
+XLF_KERNEL_64 = 1 << 0
+LOADED_HIGH = 1 << 0
+CAN_USE_HEAP = 1 << 7
+E820_TABLE_OFFSET = 0x2D0
+E820_ENTRIES_OFFSET = 0x1E8
+E820_MAX_ENTRIES = 128
+
+
+# The 64-bit boot protocol wants __BOOT_CS = 0x10 (64-bit code) and __BOOT_DS = 0x18 (data),
+# which is not the layout of our own GDT: the bzImage entry gets this one.
+BZIMAGE_GDT_ADDR = 0x540
+BZIMAGE_GDT = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+BOOT_CS, BOOT_DS = 0x10, 0x18
+
+
+def setup_bzimage_long_mode(mem: GuestMemory, sregs: Any) -> None:
+    """Long mode as the 64-bit boot protocol asks: identity paging, __BOOT_CS/__BOOT_DS."""
+    mem.write(BZIMAGE_GDT_ADDR, struct.pack("<4Q", *BZIMAGE_GDT))
+    setup_long_mode(sregs, write_page_tables(mem), (BZIMAGE_GDT_ADDR, 4 * 8 - 1))
+    sregs.cs.selector = BOOT_CS
+    for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.selector = BOOT_DS
+
+
+def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
+                       initrd: bytes | None) -> LinuxBoot:
+    """Load a bzImage for the Linux x86 64-bit boot protocol (Documentation/x86/boot.rst).
+
+    The zero page gets the image's setup header, the e820 map, the command line and
+    the initrd; the protected-mode kernel goes to 1 MiB; the entry is its 64-bit
+    entry point (load address + 0x200), to be entered in long mode with identity
+    paging and RSI = the zero page (`setup_bzimage_long_mode`; `LinuxBoot.start_info`
+    here is that zero page).
+    """
+    data = Path(bzimage).read_bytes()
+
+    def bad(why: str) -> MachineError:
+        return MachineError(f"{bzimage}: not a bootable bzImage: {why}")
+
+    if len(data) < 0x1000:
+        raise bad("shorter than its setup header")
+    if struct.unpack_from("<H", data, 0x1FE)[0] != BOOT_FLAG_MAGIC or data[0x202:0x206] != HDRS_MAGIC:
+        raise bad("no boot sector / HdrS signature")
+    version = struct.unpack_from("<H", data, 0x206)[0]
+    if version < MIN_BOOT_PROTOCOL:
+        raise bad(f"boot protocol {version >> 8}.{version & 0xFF} is older than 2.12")
+    xloadflags = struct.unpack_from("<H", data, 0x236)[0]
+    if not xloadflags & XLF_KERNEL_64:
+        raise bad("it has no 64-bit entry point (XLF_KERNEL_64)")
+    setup_sects = data[0x1F1] or 4
+    kernel = data[(setup_sects + 1) * 512 :]
+    header_end = 0x202 + data[0x201]  # the header's own length byte (jump offset) bounds it
+    zero_page = bytearray(layout.PAGE_SIZE)
+    zero_page[SETUP_HEADER_OFFSET:header_end] = data[SETUP_HEADER_OFFSET:header_end]
+    encoded = cmdline.encode() + b"\0"
+    if len(encoded) > layout.CMDLINE_MAX:
+        raise MachineError(f"kernel command line is {len(encoded)} bytes; at most "
+                           f"{layout.CMDLINE_MAX} fit")
+    mem.write(layout.CMDLINE_ADDR, encoded)
+    struct.pack_into("<B", zero_page, 0x210, 0xFF)  # type_of_loader: undefined
+    loadflags = data[0x211] | LOADED_HIGH | CAN_USE_HEAP
+    struct.pack_into("<B", zero_page, 0x211, loadflags)
+    struct.pack_into("<H", zero_page, 0x224, 0xDE00)  # heap_end_ptr
+    struct.pack_into("<I", zero_page, 0x228, layout.CMDLINE_ADDR)  # cmd_line_ptr
+    try:
+        mem.write(layout.KERNEL_LOAD_ADDR, kernel)
+    except GuestMemoryError:
+        raise MachineError(f"{bzimage}: kernel of {len(kernel) >> 20} MiB does not fit in guest "
+                           f"RAM of {mem.size >> 20} MiB: give the machine more memory") from None
+    if initrd:
+        low_end = mem.regions[0].end
+        addr = (low_end - len(initrd)) // layout.PAGE_SIZE * layout.PAGE_SIZE
+        init_size = struct.unpack_from("<I", data, 0x260)[0]  # memory the kernel needs at 1 MiB
+        if addr < layout.KERNEL_LOAD_ADDR + max(init_size, len(kernel)) + layout.MiB:
+            raise MachineError(f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
+                               f"in {low_end >> 20} MiB of RAM: give the machine more memory")
+        mem.write(addr, initrd)
+        struct.pack_into("<II", zero_page, 0x218, addr, len(initrd))  # ramdisk_image, _size
+    memmap = e820_map(mem)[:E820_MAX_ENTRIES]
+    struct.pack_into("<B", zero_page, E820_ENTRIES_OFFSET, len(memmap))
+    for i, (addr, size, kind) in enumerate(memmap):
+        struct.pack_into("<QQI", zero_page, E820_TABLE_OFFSET + 20 * i, addr, size, kind)
+    mem.write(ZERO_PAGE_ADDR, bytes(zero_page))
+    return LinuxBoot(layout.KERNEL_LOAD_ADDR + 0x200, ZERO_PAGE_ADDR)

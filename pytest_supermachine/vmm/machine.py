@@ -292,13 +292,16 @@ class Machine:
         regs.rip, regs.rdi, regs.rflags = image.entry, info, 0x2
         bsp.set_regs(regs)
 
-    def boot_linux(self, vmlinux: Path | str, *, cmdline: str = "",
+    def boot_linux(self, kernel: Path | str, *, cmdline: str = "",
                    initrd: bytes | Path | str | None = None) -> str:
-        """Load a Linux `vmlinux` for its PVH entry; returns the full command line used.
+        """Load a Linux kernel; returns the full command line used.
 
-        The command line gets `console=ttyS0` and one `virtio_mmio.device=` token per
-        attached device appended, so the guest finds exactly the devices this machine
-        has. Power-off is the i8042 reset (boot with `reboot=k`), reported as RESET.
+        `kernel` is a `vmlinux` (entered through its PVH entry: no decompressor, the
+        fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
+        mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
+        token per attached device appended, so the guest finds exactly the devices
+        this machine has. Power-off is the i8042 reset (boot with `reboot=k`),
+        reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
         assert self.memory is not None
@@ -306,15 +309,25 @@ class Machine:
                                     boot.virtio_mmio_cmdline(self.devices.boot_devices())) if x)
         if initrd is not None and not isinstance(initrd, bytes):
             initrd = Path(initrd).read_bytes()
-        linux = boot.load_linux_pvh(self.memory, Path(vmlinux), cmdline=full, initrd=initrd,
-                                    vcpus=self.config.vcpus)
+        kernel = Path(kernel)
+        with open(kernel, "rb") as f:
+            is_elf = f.read(4) == b"\x7fELF"
         gdt = boot.write_gdt(self.memory)
         bsp = self.vcpus[0]
         sregs = bsp.get_sregs()
-        boot.setup_protected_mode(sregs, gdt)
-        bsp.set_sregs(sregs)
         regs = ffi.new("struct kvm_regs *")
-        regs.rip, regs.rbx, regs.rflags = linux.entry, linux.start_info, 0x2
+        if is_elf:
+            linux = boot.load_linux_pvh(self.memory, kernel, cmdline=full, initrd=initrd,
+                                        vcpus=self.config.vcpus)
+            boot.setup_protected_mode(sregs, gdt)
+            regs.rbx = linux.start_info
+        else:
+            linux = boot.load_linux_bzimage(self.memory, kernel, cmdline=full, initrd=initrd)
+            boot.write_mptable(self.memory, self.config.vcpus)
+            boot.setup_bzimage_long_mode(self.memory, sregs)
+            regs.rsi = linux.start_info
+        bsp.set_sregs(sregs)
+        regs.rip, regs.rflags = linux.entry, 0x2
         bsp.set_regs(regs)
         return full
 
