@@ -40,6 +40,7 @@ int sm_py_io(void *handle, uint64_t token, int space, uint64_t addr, uint8_t *da
 #define SM_COM1_BASE 0x3f8
 #define SM_COM1_IRQ 4
 #define SM_I8042_CMD 0x64
+#define SM_I8042_DATA 0x60
 
 struct sm_io_region {
     int space;
@@ -850,6 +851,10 @@ static int handle_pio(struct sm_vm *vm, int index, struct kvm_run *run)
                                        .kvm_exit = KVM_EXIT_IO};
             request_stop(vm, &why, index);
             return 1;
+        } else if ((port == SM_I8042_CMD || port == SM_I8042_DATA) && !is_write) {
+            /* No keyboard controller: status 0 (buffers empty). Linux polls the status for
+             * "input buffer empty" before its reset write, up to 65536 reads (each an exit). */
+            memset(data, 0, size);
         } else if (python_io(vm, index, SM_SPACE_PIO, port, data, size, is_write)) {
             return 1;
         }
