@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 APP = "pytest-supermachine"
 
@@ -26,3 +31,30 @@ def content_key(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()[:24]
+
+
+def cached_artifact(kind: str, key: str, name: str, build: Callable[[Path], None]) -> Path:
+    """`cache_dir()/kind/key/name`, made by `build(tmpdir)` on first use.
+
+    `build` writes `name` into the temporary directory it is given; the file is
+    then renamed into place, so a reader never sees a half-built artifact and a
+    killed builder leaves only a stray temp dir. A `FileLock` next to the entry
+    makes concurrent processes (xdist workers) build once while the others wait.
+    """
+    root = cache_dir() / kind
+    entry = root / key
+    artifact = entry / name
+    if artifact.is_file():
+        return artifact
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{key}.lock")):
+        if artifact.is_file():  # another process built it while we waited
+            return artifact
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+        try:
+            build(tmp)
+            entry.mkdir(exist_ok=True)
+            os.replace(tmp / name, artifact)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return artifact

@@ -12,15 +12,10 @@ agent uses nothing glibc cannot link statically (no NSS, no dlopen).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from filelock import FileLock
-
-from ...cache import cache_dir, content_key
+from ...cache import cached_artifact, content_key
 from ...errors import GuestBuildError
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -68,25 +63,12 @@ def build_agent(source_dir: Path | None = None) -> Path:
     Raises GuestBuildError with the compiler output when the build fails.
     """
     src = (source_dir or SOURCE_DIR).resolve()
-    key = build_key(src)
-    root = cache_dir() / "agent"
-    entry = root / key
-    binary = entry / BINARY_NAME
-    if binary.is_file():
-        return binary
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if binary.is_file():  # another worker built it while we waited
-            return binary
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
-        try:
-            units = [str(p) for p in source_files(src) if p.suffix == ".c"]
-            _run([CC, *CFLAGS, "-I", str(src), "-o", str(tmp / BINARY_NAME), *units], tmp)
-            entry.mkdir(exist_ok=True)
-            os.replace(tmp / BINARY_NAME, binary)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return binary
+
+    def compile_agent(tmp: Path) -> None:
+        units = [str(p) for p in source_files(src) if p.suffix == ".c"]
+        _run([CC, *CFLAGS, "-I", str(src), "-o", str(tmp / BINARY_NAME), *units], tmp)
+
+    return cached_artifact("agent", build_key(src), BINARY_NAME, compile_agent)
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

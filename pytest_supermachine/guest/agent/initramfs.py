@@ -13,16 +13,12 @@ Uncompressed on purpose: decompressing at guest CPL0 is slow under nested PVM.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
-from ...cache import cache_dir, content_key
+from ...cache import cached_artifact, content_key
 from ...errors import GuestBuildError
 from .build import build_agent
 
@@ -266,22 +262,9 @@ def build_initramfs(extra_files: dict[str, bytes] | None = None) -> Path:
     parts: list[bytes | str] = [FORMAT_VERSION, agent, busybox]
     for name in sorted(extra_files or {}):
         parts += [name, (extra_files or {})[name]]
-    key = content_key(*parts)[:16]
-    root = cache_dir() / "initramfs"
-    entry = root / key
-    archive = entry / ARCHIVE_NAME
-    if archive.is_file():
-        return archive
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if archive.is_file():
-            return archive
-        data = write_cpio(initramfs_entries(agent, busybox, busybox_applets(bb_path), extra_files))
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
-        try:
-            (tmp / ARCHIVE_NAME).write_bytes(data)
-            entry.mkdir(exist_ok=True)
-            os.replace(tmp / ARCHIVE_NAME, archive)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return archive
+
+    def assemble(tmp: Path) -> None:
+        entries = initramfs_entries(agent, busybox, busybox_applets(bb_path), extra_files)
+        (tmp / ARCHIVE_NAME).write_bytes(write_cpio(entries))
+
+    return cached_artifact("initramfs", content_key(*parts)[:16], ARCHIVE_NAME, assemble)

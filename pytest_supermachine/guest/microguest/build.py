@@ -9,15 +9,10 @@ by atomic rename, so a path that exists is always complete.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from filelock import FileLock
-
-from ...cache import cache_dir, content_key
+from ...cache import cached_artifact, content_key
 from ...errors import GuestBuildError
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -81,24 +76,8 @@ def build_microguest(source_dir: Path | None = None) -> Path:
     Raises GuestBuildError with the compiler output when the build fails.
     """
     src = (source_dir or SOURCE_DIR).resolve()
-    key = build_key(src)
-    root = cache_dir() / "microguest"
-    entry = root / key
-    elf = entry / ELF_NAME
-    if elf.is_file():
-        return elf
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if elf.is_file():  # another worker built it while we waited
-            return elf
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
-        try:
-            _compile_and_link(src, tmp)
-            entry.mkdir(exist_ok=True)
-            os.replace(tmp / ELF_NAME, elf)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return elf
+    return cached_artifact("microguest", build_key(src), ELF_NAME,
+                           lambda tmp: _compile_and_link(src, tmp))
 
 
 def _compile_and_link(src: Path, out: Path) -> None:
