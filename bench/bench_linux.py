@@ -32,17 +32,23 @@ from pytest_supermachine.vmm.machine import Machine
 
 INIT_LINE = "Run /init as init process"
 QEMU_CPU_PVM = ("host,-xsave,-avx,-avx2,-cx16,-smap,-pku,-fsgsbase,-pcid,-invpcid,-rdrand,"
-                "-rdseed,-rdpid,+tsc-deadline")
+                "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities")
+
+
+def verbose_cmdline(image: LinuxImage) -> str:
+    """The image's command line with the kernel's info messages on ("Run /init" is one)."""
+    return " ".join(t for t in image.cmdline().split() if t != "quiet" and
+                    not t.startswith("loglevel="))
 
 
 def boot_ours(image: LinuxImage, snapshot: Path) -> tuple[float, float]:
     """(seconds to 'Run /init', seconds to agent READY) from start()."""
     kernel, initrd = image.kernel(), image.initramfs()
     with Machine(mem_mib=image.default_mem_mib) as m:
-        m.boot_linux(kernel.vmlinux, cmdline=image.cmdline().replace("quiet", ""), initrd=initrd)
+        m.boot_linux(kernel.vmlinux, cmdline=verbose_cmdline(image), initrd=initrd)
         t0 = time.monotonic()
         m.start()
-        m.wait_console(re.escape(INIT_LINE), timeout=1800)
+        m.wait_console(re.escape(INIT_LINE), timeout=900)
         to_init = time.monotonic() - t0
         m.wait_ready(1800)
         to_ready = time.monotonic() - t0
@@ -61,7 +67,7 @@ def boot_qemu(image: LinuxImage, timeout: float = 1800) -> float | None:
     argv = [qemu, "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", cpu,
             "-m", str(image.default_mem_mib), "-kernel", str(kernel.vmlinux),
             "-initrd", str(initrd), "-append",
-            f"{image.cmdline().replace('quiet', '')} console=ttyS0",
+            f"{verbose_cmdline(image)} console=ttyS0",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -76,6 +82,8 @@ def boot_qemu(image: LinuxImage, timeout: float = 1800) -> float | None:
             buf = (buf + chunk)[-8192:]
             if INIT_LINE.encode() in buf:
                 return time.monotonic() - t0
+        print(f"QEMU never printed {INIT_LINE!r}; its last output:\n"
+              + buf[-2000:].decode(errors="replace"))
         return None
     finally:
         proc.kill()
