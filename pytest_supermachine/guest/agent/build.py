@@ -12,11 +12,10 @@ agent uses nothing glibc cannot link statically (no NSS, no dlopen).
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from ...cache import cached_artifact, content_key
-from ...errors import GuestBuildError
+from .. import run_build_step
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".c", ".h")
@@ -72,26 +71,6 @@ def build_agent(source_dir: Path | None = None) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise GuestBuildError(
-            f"the guest agent build needs {cmd[0]!r}, which is not installed or not on PATH; "
-            "install gcc and the static C library (Debian: apt-get install gcc libc6-dev)"
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise GuestBuildError(
-            f"the guest agent build timed out after {BUILD_TIMEOUT_S} s: {' '.join(cmd)}"
-        ) from exc
-    if proc.returncode != 0:
-        raise GuestBuildError(
-            f"the guest agent build failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}"
-        )
+    run_build_step(cmd, cwd, what='the guest agent build',
+                   install_hint='install gcc and the static C library (Debian: apt-get install gcc libc6-dev)',
+                   timeout=BUILD_TIMEOUT_S)

@@ -9,11 +9,10 @@ by atomic rename, so a path that exists is always complete.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from ...cache import cached_artifact, content_key
-from ...errors import GuestBuildError
+from .. import run_build_step
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".c", ".S", ".h", ".ld")
@@ -100,26 +99,6 @@ def _compile_and_link(src: Path, out: Path) -> None:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise GuestBuildError(
-            f"microguest build needs {cmd[0]!r}, which is not installed or not on PATH; "
-            "install gcc and binutils (Debian: apt-get install gcc binutils)"
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise GuestBuildError(
-            f"microguest build step timed out after {BUILD_TIMEOUT_S} s: {' '.join(cmd)}"
-        ) from exc
-    if proc.returncode != 0:
-        raise GuestBuildError(
-            f"microguest build failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}"
-        )
+    run_build_step(cmd, cwd, what='microguest build',
+                   install_hint='install gcc and binutils (Debian: apt-get install gcc binutils)',
+                   timeout=BUILD_TIMEOUT_S)
