@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.image_fixtures"]  # image_fixtures: private_cache, mkfs_runs
 
 TIERS = ("unit", "kvm", "linux", "plugin")
 _kvm_problem: str | bool | None = False  # False: not checked yet

@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ from pytest_supermachine.images.oci import (
     write_image_archive,
 )
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("private_cache")]
 
 needs_e2fsprogs = pytest.mark.skipif(
     rootfs._find_tool("mkfs.ext4") is None or rootfs._find_tool("debugfs") is None,
@@ -192,25 +192,6 @@ TOP = [
 FORMATS = ["oci", "oci-gzip", "docker"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
-    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    return cache
-
-
-@pytest.fixture
-def mkfs_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
-    runs: list[Path] = []
-    real = rootfs._run_mkfs
-
-    def counting(mkfs: str, src: Path, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        runs.append(src)
-        return real(mkfs, src, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(rootfs, "_run_mkfs", counting)
-    yield runs
 
 
 def two_layer_archive(kind: str, tmp_path: Path) -> Path:

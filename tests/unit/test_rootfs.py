@@ -14,7 +14,7 @@ import stat
 import subprocess
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,26 +94,6 @@ def fsck(image: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
-    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    return cache
-
-
-@pytest.fixture
-def mkfs_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
-    """Records every mkfs.ext4 run (its source directory)."""
-    runs: list[Path] = []
-    real = rootfs._run_mkfs
-
-    def counting(mkfs: str, src: Path, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        runs.append(src)
-        return real(mkfs, src, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(rootfs, "_run_mkfs", counting)
-    yield runs
 
 
 def make_tree(root: Path, *, foreign_owner: bool = True) -> Path:
