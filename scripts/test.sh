@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test suite: install (scripts/bootstrap.sh), lint, then every tier with pytest.
+# The test suite: install (scripts/bootstrap.sh), lint and format check, then every tier with pytest.
 # Extra arguments go to pytest (e.g. -k, -x, -n 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 set +e
 .venv/bin/python -m pytest -ra -p no:cacheprovider "$@"
 rc=$?

@@ -264,16 +264,11 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 HVM_START_MAGIC = 0x336EC578
 E820_RAM = 1
 E820_RESERVED = 2
-MPTABLE_ADDR = 0x9FC00  # top KiB of base memory: where Linux looks for the MP floating pointer
-START_INFO_ADDR = 0x6000
-MODLIST_ADDR = 0x6100
-MEMMAP_ADDR = 0x6200
-APIC_DEFAULT_BASE = 0xFEE00000
-IOAPIC_DEFAULT_BASE = 0xFEC00000
 
-_START_INFO = struct.Struct("<IIIIQQQQII")
-_MODLIST_ENTRY = struct.Struct("<QQQQ")
-_MEMMAP_ENTRY = struct.Struct("<QQII")
+# Xen's start_info.h: struct hvm_start_info, hvm_modlist_entry, hvm_memmap_table_entry.
+PVH_START_INFO = struct.Struct("<IIIIQQQQII")
+PVH_MODLIST_ENTRY = struct.Struct("<QQQQ")
+PVH_MEMMAP_ENTRY = struct.Struct("<QQII")
 
 
 def pvh_entry(image: ElfImage) -> int:
@@ -290,8 +285,9 @@ def pvh_entry(image: ElfImage) -> int:
 
 def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
     """(addr, size, type) entries: base memory below the MP table, RAM from 1 MiB, high RAM."""
-    entries = [(0, MPTABLE_ADDR, E820_RAM), (MPTABLE_ADDR, 0xA0000 - MPTABLE_ADDR, E820_RESERVED),
-               (0xF0000, 0x10000, E820_RESERVED)]
+    entries = [(0, layout.MPTABLE_ADDR, E820_RAM),
+               (layout.MPTABLE_ADDR, layout.BASE_MEMORY_END - layout.MPTABLE_ADDR, E820_RESERVED),
+               (layout.BIOS_AREA_ADDR, layout.BIOS_AREA_SIZE, E820_RESERVED)]
     low = mem.regions[0]
     entries.append((layout.KERNEL_LOAD_ADDR, low.end - layout.KERNEL_LOAD_ADDR, E820_RAM))
     entries += [(r.gpa, r.size, E820_RAM) for r in mem.regions[1:]]
@@ -315,22 +311,22 @@ def write_mptable(mem: GuestMemory, vcpus: int, irqs: int = layout.IOAPIC_PINS) 
         entries.append(struct.pack("<BBBBIIQ", 0, cpu, 0x14, flags, 0x600, 0x201, 0))
     entries.append(struct.pack("<BB6s", 1, 0, b"ISA   "))
     ioapic_id = vcpus
-    entries.append(struct.pack("<BBBBI", 2, ioapic_id, 0x11, 1, IOAPIC_DEFAULT_BASE))
+    entries.append(struct.pack("<BBBBI", 2, ioapic_id, 0x11, 1, layout.IOAPIC_ADDR))
     for irq in range(irqs):
         entries.append(struct.pack("<BBHBBBB", 3, 0, 0, 0, irq, ioapic_id, irq))
     entries.append(struct.pack("<BBHBBBB", 4, 3, 0, 0, 0, 0, 0))  # ExtINT -> LINT0
     entries.append(struct.pack("<BBHBBBB", 4, 1, 0, 0, 0, 0xFF, 1))  # NMI -> LINT1
     body = b"".join(entries)
-    table_addr = MPTABLE_ADDR + 16
+    table_addr = layout.MPTABLE_ADDR + 16
     header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), 4, 0,
                                    b"SUPERMCH", b"MICROVM     ", 0, 0, len(entries),
-                                   APIC_DEFAULT_BASE, 0, 0, 0))
+                                   layout.LAPIC_ADDR, 0, 0, 0))
     header[7] = _checksum(bytes(header) + body)
-    if table_addr + len(header) + len(body) > 0xA0000:
+    if table_addr + len(header) + len(body) > layout.BASE_MEMORY_END:
         raise MachineError(f"MP table for {vcpus} vCPUs does not fit below 640 KiB")
     floating = bytearray(struct.pack("<4sIBBB5s", b"_MP_", table_addr, 1, 4, 0, bytes(5)))
     floating[10] = _checksum(bytes(floating))
-    mem.write(MPTABLE_ADDR, bytes(floating))
+    mem.write(layout.MPTABLE_ADDR, bytes(floating))
     mem.write(table_addr, bytes(header) + body)
 
 
@@ -365,15 +361,16 @@ def load_linux_pvh(mem: GuestMemory, kernel: Path | ElfImage, *, cmdline: str,
             raise MachineError(f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
                                f"in {low_end >> 20} MiB of RAM: give the machine more memory")
         mem.write(addr, initrd)
-        mem.write(MODLIST_ADDR, _MODLIST_ENTRY.pack(addr, len(initrd), 0, 0))
-        nr_modules, modlist = 1, MODLIST_ADDR
+        mem.write(layout.PVH_MODLIST_ADDR, PVH_MODLIST_ENTRY.pack(addr, len(initrd), 0, 0))
+        nr_modules, modlist = 1, layout.PVH_MODLIST_ADDR
     memmap = e820_map(mem)
-    mem.write(MEMMAP_ADDR, b"".join(_MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in memmap))
-    mem.write(START_INFO_ADDR, _START_INFO.pack(HVM_START_MAGIC, 1, 0, nr_modules, modlist,
-                                                layout.CMDLINE_ADDR, 0, MEMMAP_ADDR,
-                                                len(memmap), 0))
+    mem.write(layout.PVH_MEMMAP_ADDR,
+              b"".join(PVH_MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in memmap))
+    mem.write(layout.PVH_START_INFO_ADDR,
+              PVH_START_INFO.pack(HVM_START_MAGIC, 1, 0, nr_modules, modlist,
+                                  layout.CMDLINE_ADDR, 0, layout.PVH_MEMMAP_ADDR, len(memmap), 0))
     write_mptable(mem, vcpus)
-    return LinuxBoot(entry, START_INFO_ADDR)
+    return LinuxBoot(entry, layout.PVH_START_INFO_ADDR)
 
 
 def setup_protected_mode(sregs: Any, gdt: tuple[int, int]) -> None:
@@ -398,7 +395,6 @@ def virtio_mmio_cmdline(devices: Sequence[BootDevice]) -> str:
 
 # ----------------------------------------------------------------------------- Linux: bzImage
 
-ZERO_PAGE_ADDR = layout.BOOT_INFO_ADDR  # struct boot_params ("zero page"), 4 KiB
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG_MAGIC = 0xAA55
 HDRS_MAGIC = b"HdrS"
@@ -409,19 +405,19 @@ CAN_USE_HEAP = 1 << 7
 E820_TABLE_OFFSET = 0x2D0
 E820_ENTRIES_OFFSET = 0x1E8
 E820_MAX_ENTRIES = 128
+BZIMAGE_64BIT_ENTRY_OFFSET = 0x200  # startup_64, from the protected-mode kernel's load address
 
 
 # The 64-bit boot protocol wants __BOOT_CS = 0x10 (64-bit code) and __BOOT_DS = 0x18 (data),
 # which is not the layout of our own GDT: the bzImage entry gets this one.
-BZIMAGE_GDT_ADDR = 0x540
 BZIMAGE_GDT = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 BOOT_CS, BOOT_DS = 0x10, 0x18
 
 
 def setup_bzimage_long_mode(mem: GuestMemory, sregs: Any) -> None:
     """Long mode as the 64-bit boot protocol asks: identity paging, __BOOT_CS/__BOOT_DS."""
-    mem.write(BZIMAGE_GDT_ADDR, struct.pack("<4Q", *BZIMAGE_GDT))
-    setup_long_mode(sregs, write_page_tables(mem), (BZIMAGE_GDT_ADDR, 4 * 8 - 1))
+    mem.write(layout.BZIMAGE_GDT_ADDR, struct.pack("<4Q", *BZIMAGE_GDT))
+    setup_long_mode(sregs, write_page_tables(mem), (layout.BZIMAGE_GDT_ADDR, 4 * 8 - 1))
     sregs.cs.selector = BOOT_CS
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         seg.selector = BOOT_DS
@@ -485,5 +481,5 @@ def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
     struct.pack_into("<B", zero_page, E820_ENTRIES_OFFSET, len(memmap))
     for i, (addr, size, kind) in enumerate(memmap):
         struct.pack_into("<QQI", zero_page, E820_TABLE_OFFSET + 20 * i, addr, size, kind)
-    mem.write(ZERO_PAGE_ADDR, bytes(zero_page))
-    return LinuxBoot(layout.KERNEL_LOAD_ADDR + 0x200, ZERO_PAGE_ADDR)
+    mem.write(layout.ZERO_PAGE_ADDR, bytes(zero_page))
+    return LinuxBoot(layout.KERNEL_LOAD_ADDR + BZIMAGE_64BIT_ENTRY_OFFSET, layout.ZERO_PAGE_ADDR)

@@ -1,12 +1,18 @@
 """Guest-physical address map: the one place that says where things live.
 
-Every address the VMM, the boot code and the devices use is named here, so two
-pieces can never disagree about where the page tables or a device window are.
+Every guest-physical address the VMM, the boot code and the devices use is
+named here, so two pieces can never disagree about where the page tables or a
+device window are.
 
     0x0000_0500  GDT (null, code64, data, code32)
+    0x0000_0540  GDT of the Linux 64-bit boot protocol (bzImage entry)
+    0x0000_6000  PVH start info, module list (0x6100), e820 map (0x6200) (Linux PVH entry)
     0x0000_7000  boot info page (microguest `struct sm_boot_info` / Linux zero page)
+    0x0000_8000  left free: the microguest copies its AP trampoline here
     0x0000_9000  page tables: PML4, PDPT, then page directories (2 MiB pages)
     0x0002_0000  kernel command line (Linux)
+    0x0009_fc00  MP table (top KiB of base memory), reserved up to 0xa_0000 (640 KiB)
+    0x000f_0000  system BIOS area: reserved in the e820 map
     0x0010_0000  kernel / microguest load address (1 MiB)
     ...          RAM up to min(mem, RAM_LOW_MAX)
     0xd000_0000  virtio-mmio windows, one 4 KiB page per device
@@ -25,10 +31,19 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 GDT_ADDR = 0x500
+BZIMAGE_GDT_ADDR = 0x540  # the 64-bit boot protocol wants __BOOT_CS = 0x10, which ours is not
+PVH_START_INFO_ADDR = 0x6000  # struct hvm_start_info
+PVH_MODLIST_ADDR = 0x6100  # struct hvm_modlist_entry[]: the initrd
+PVH_MEMMAP_ADDR = 0x6200  # struct hvm_memmap_table_entry[]: the e820 map
 BOOT_INFO_ADDR = 0x7000
+ZERO_PAGE_ADDR = BOOT_INFO_ADDR  # Linux struct boot_params, for the bzImage entry
 PAGE_TABLES_ADDR = 0x9000
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 4096
+MPTABLE_ADDR = 0x9FC00  # top KiB of base memory: where Linux looks for the MP floating pointer
+BASE_MEMORY_END = 0xA0000  # 640 KiB: legacy video memory and ROMs above
+BIOS_AREA_ADDR = 0xF0000  # system BIOS area, which Linux also scans for the MP table
+BIOS_AREA_SIZE = 0x10000
 KERNEL_LOAD_ADDR = 0x100000
 
 RAM_LOW_MAX = 3 * GiB  # RAM below the 32-bit MMIO hole
@@ -38,7 +53,9 @@ MIN_MEM_MIB = 4
 
 MMIO_BASE = 0xD000_0000
 MMIO_WINDOW = 0x1000
-MMIO_END = 0xFEC0_0000
+IOAPIC_ADDR = 0xFEC0_0000  # the in-kernel IOAPIC's default base
+LAPIC_ADDR = 0xFEE0_0000  # the in-kernel LAPIC's default base
+MMIO_END = IOAPIC_ADDR  # device windows end where the IOAPIC begins
 
 IOAPIC_PINS = 24
 FIRST_DEVICE_IRQ = 5  # 0-2 timer/PIC cascade, 3-4 serial ports

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from pytest_supermachine.vmm._native import lib
 from pytest_supermachine.vmm.devices.virtio.device import (
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -21,6 +22,8 @@ from pytest_supermachine.vmm.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
+    VIRTIO_ID_BLOCK,
+    VIRTIO_ID_VSOCK,
     VirtioDevice,
 )
 from pytest_supermachine.vmm.devices.virtio.mmio import (
@@ -142,6 +145,11 @@ def test_identification_registers(rig: Rig, reg: int, value: int):
 
 def test_magic_reads_virt(rig: Rig):
     assert rig.t.read(REG_MAGIC_VALUE, 4) == b"virt"
+
+
+def test_boot_info_device_types_are_the_virtio_device_ids():
+    # the microguest finds its devices in the boot info by these bootinfo.h numbers
+    assert (lib.SM_DEV_VIRTIO_BLK, lib.SM_DEV_VIRTIO_VSOCK) == (VIRTIO_ID_BLOCK, VIRTIO_ID_VSOCK)
 
 
 def test_device_features_are_offered_in_two_words(rig: Rig):

@@ -41,10 +41,6 @@ from .virtio.vsock import VirtioVsock
 if TYPE_CHECKING:
     from ..kvm import Vm
 
-VIRTIO_ID_BLOCK = 2
-VIRTIO_ID_VSOCK = 19
-
-
 @dataclass(frozen=True)
 class VsockSpec:
     """A virtio-vsock device; the guest's CID (the host is always CID 2)."""
@@ -165,8 +161,8 @@ class AttachedDevice:
 
     @property
     def boot_device(self) -> BootDevice:
-        kind = VIRTIO_ID_VSOCK if isinstance(self.spec, VsockSpec) else VIRTIO_ID_BLOCK
-        return BootDevice(kind, self.slot.irq, self.slot.mmio_base, self.slot.mmio_size)
+        return BootDevice(self.transport.device.device_type, self.slot.irq, self.slot.mmio_base,
+                          self.slot.mmio_size)
 
 
 class DeviceHub:

@@ -32,7 +32,7 @@ VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 
-# Device ids (virtio 1.x, 5).
+# Device ids (virtio 1.x, 5): the one definition; the boot info (bootinfo.h SM_DEV_*) mirrors them.
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_VSOCK = 19
 
