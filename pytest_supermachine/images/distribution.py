@@ -726,7 +726,7 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
 
     count = 0
     report(0)
-    for count, desc in enumerate(blobs):  # noqa: B007 - `count` is read by advance()
+    for count, desc in enumerate(blobs):
         path = blob_dir / str(desc["digest"]).split(":", 1)[-1]
         if path.exists():  # the same blob twice in one manifest
             continue

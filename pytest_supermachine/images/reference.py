@@ -216,11 +216,10 @@ def parse_registry_reference(ref: str) -> RegistryReference:
     if not ref:
         raise bad("it is empty")
     name, at, digest = ref.partition("@")
-    if at:
-        if not _DIGEST_RE.fullmatch(digest):
-            if _ANY_DIGEST_RE.fullmatch(digest):
-                raise bad(f"only sha256 digests are supported, not {digest.split(':')[0]!r}")
-            raise bad(f"{digest!r} is not a digest (sha256: and 64 lowercase hex digits)")
+    if at and not _DIGEST_RE.fullmatch(digest):
+        if _ANY_DIGEST_RE.fullmatch(digest):
+            raise bad(f"only sha256 digests are supported, not {digest.split(':')[0]!r}")
+        raise bad(f"{digest!r} is not a digest (sha256: and 64 lowercase hex digits)")
     tag: str | None = None
     slash = name.rfind("/")
     colon = name.rfind(":")
