@@ -364,7 +364,8 @@ class RegistryClient:
         self._authorization: str | None = None
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=True,
-            headers={"User-Agent": "pytest-supermachine"})
+            headers={"User-Agent": "pytest-supermachine"},
+            trust_env=not _is_loopback(reference.hostname))  # no proxy for a loopback registry
 
     def close(self) -> None:
         self._http.close()

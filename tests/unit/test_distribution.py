@@ -1,0 +1,366 @@
+"""Pulling images from a real registry (docker-registry on loopback, images pushed by skopeo).
+
+Specification of `pytest_supermachine.images.distribution`: what a pull yields,
+what the cache guarantees, where credentials come from, and the errors a user
+sees for every way a pull goes wrong (each naming the reference and leaving
+nothing cached).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_supermachine.cache import cache_dir
+from pytest_supermachine.errors import SupermachineError
+from pytest_supermachine.images.distribution import (
+    AUTH_ENV,
+    INSECURE_ENV,
+    BlobDigestError,
+    ImageNotFoundError,
+    PlatformNotFoundError,
+    PullProgress,
+    RegistryAuthError,
+    RegistryUnreachableError,
+    allows_plain_http,
+    pull_image,
+    pulled_images,
+    registry_credentials,
+)
+from pytest_supermachine.images.oci import ImageConfig, unpack_oci_tree
+from pytest_supermachine.images.reference import parse_registry_reference
+from tests.registry_fixtures import (  # noqa: F401 - fixtures
+    Image,
+    LocalRegistry,
+    auth_registry,
+    build_index_layout,
+    build_layout,
+    registry,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache and HOME, and none of the caller's registry settings."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("DOCKER_CONFIG", AUTH_ENV, INSECURE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def oci_cache() -> Path:
+    return cache_dir() / "oci"
+
+
+def cache_entries() -> list[str]:
+    """Everything in the pull cache but lock files (temporary pull dirs included)."""
+    root = oci_cache()
+    return sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) if root.exists() else []
+
+
+@pytest.fixture
+def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:  # noqa: F811
+    """An image of its own for this test (unique bytes, so no blob is shared with another test)."""
+    files = {"etc/greeting": f"hello from {request.node.name}\n".encode(),
+             "usr/bin/tool": b"#!/bin/sh\necho tool\n"}
+    layout = build_layout(tmp_path / "layout", files,
+                          config=ImageConfig(env=("PATH=/usr/bin",), working_dir="/srv"))
+    return registry.push(layout, "tests/" + request.node.name.lower().replace("_", "-"), "v1")
+
+
+def write_docker_config(home: Path, config: dict[str, object]) -> None:
+    (home / ".docker").mkdir(exist_ok=True)
+    (home / ".docker" / "config.json").write_text(json.dumps(config))
+
+
+# ---------------------------------------------------------------------------
+# Pulling
+
+
+def test_pull_by_tag_gives_a_layout_that_unpacks_to_the_image_files(image: Image, tmp_path: Path) -> None:
+    pulled = pull_image(image.ref)
+    unpacked = unpack_oci_tree(pulled.layout, tmp_path / "tree")
+    assert (tmp_path / "tree/etc/greeting").read_text().startswith("hello from test_pull_by_tag")
+    assert (tmp_path / "tree/usr/bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+    assert unpacked.config.working_dir == "/srv"
+    assert pulled.manifest_digest == image.manifest_digest
+    assert pulled.reference.digest == image.manifest_digest
+    assert pulled.layout.parent.parent == oci_cache()
+    assert not pulled.from_cache
+
+
+def test_pull_by_digest_gives_the_image_the_tag_names(image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+    pulled = pull_image(f"oci:{registry.host}/{image.repository}@{image.manifest_digest}")
+    assert pulled.manifest_digest == image.manifest_digest
+    assert pulled.config_digest == image.blob_digests[0]
+
+
+def test_pulled_layout_holds_exactly_the_verified_blobs(image: Image) -> None:
+    pulled = pull_image(image.ref)
+    blobs = sorted(p.name for p in (pulled.layout / "blobs/sha256").iterdir())
+    assert blobs == sorted(d[7:] for d in [*image.blob_digests, image.manifest_digest])
+    index = json.loads((pulled.layout / "index.json").read_text())
+    assert [m["digest"] for m in index["manifests"]] == [image.manifest_digest]
+
+
+def test_pull_of_an_index_takes_the_linux_amd64_image(
+        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+    layout = build_index_layout(tmp_path / "multi", {
+        "arm64": {"arch": b"arm64\n"}, "amd64": {"arch": b"amd64\n"}})
+    pushed = registry.push(layout, "tests/multi-platform", "v1")
+    pulled = pull_image(pushed.ref)
+    unpack_oci_tree(pulled.layout, tmp_path / "tree")
+    assert (tmp_path / "tree/arch").read_bytes() == b"amd64\n"
+    assert pulled.digest == pushed.manifest_digest  # the index
+    assert pulled.manifest_digest != pulled.digest
+    assert pulled.config_digest == pushed.blob_digests[0]
+
+
+def test_index_without_linux_amd64_is_refused_naming_its_platforms(
+        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+    layout = build_index_layout(tmp_path / "arm", {"arm64": {"arch": b"arm64\n"}})
+    pushed = registry.push(layout, "tests/arm-only", "v1")
+    with pytest.raises(PlatformNotFoundError, match=r"linux/arm64") as raised:
+        pull_image(pushed.ref)
+    assert pushed.ref in str(raised.value) or "tests/arm-only" in str(raised.value)
+    assert cache_entries() == []
+
+
+def test_single_image_of_another_architecture_is_refused(
+        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+    layout = build_layout(tmp_path / "arm", {"arch": b"arm64\n"}, architecture="arm64")
+    pushed = registry.push(layout, "tests/arm-single", "v1")
+    with pytest.raises(PlatformNotFoundError, match=r"built for linux/arm64"):
+        pull_image(pushed.ref)
+    assert cache_entries() == []
+
+
+def test_progress_counts_every_blob_byte_up_to_the_total(image: Image) -> None:
+    seen: list[PullProgress] = []
+    pulled = pull_image(image.ref, progress=seen.append)
+    assert seen[-1] == PullProgress(pulled.size, pulled.size, len(image.blob_digests),
+                                    len(image.blob_digests))
+    assert [p.bytes_done for p in seen] == sorted(p.bytes_done for p in seen)
+    assert all(p.bytes_total == pulled.size for p in seen)
+
+
+# ---------------------------------------------------------------------------
+# Cache
+
+
+def test_second_pull_of_a_tag_downloads_no_blob(image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+    first = pull_image(image.ref)
+    for digest in image.blob_digests:  # the registry can no longer serve the image's blobs
+        registry.blob_file(digest).unlink()
+    second = pull_image(image.ref)
+    assert second.from_cache
+    assert second.layout == first.layout
+
+
+def test_pull_by_digest_of_a_cached_image_needs_no_registry(image: Image) -> None:
+    first = pull_image(image.ref)
+    unreachable = f"oci:127.0.0.1:9/{image.repository}@{image.manifest_digest}"
+    again = pull_image(unreachable)
+    assert again.from_cache and again.layout == first.layout
+
+
+def test_pulled_images_lists_what_the_cache_holds(image: Image) -> None:
+    pulled = pull_image(image.ref)
+    listed = pulled_images()
+    assert [(p.layout, p.manifest_digest, p.size) for p in listed] == [
+        (pulled.layout, pulled.manifest_digest, pulled.size)]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_repository_is_an_error_naming_the_reference(registry: LocalRegistry) -> None:  # noqa: F811
+    ref = f"oci:{registry.host}/tests/no-such-repository:v1"
+    with pytest.raises(ImageNotFoundError) as raised:
+        pull_image(ref)
+    assert ref in str(raised.value)
+    assert cache_entries() == []
+
+
+def test_unknown_tag_is_an_error_naming_the_reference(image: Image) -> None:
+    ref = image.ref.replace(":v1", ":no-such-tag")
+    with pytest.raises(ImageNotFoundError, match="no-such-tag") as raised:
+        pull_image(ref)
+    assert ref in str(raised.value)
+
+
+def test_unreachable_registry_is_an_error_naming_the_reference() -> None:
+    with pytest.raises(RegistryUnreachableError, match=r"oci:127\.0\.0\.1:9/x/y:v1"):
+        pull_image("oci:127.0.0.1:9/x/y:v1", timeout=5)
+
+
+def test_blob_whose_bytes_do_not_match_its_digest_is_refused_and_nothing_cached(
+        image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+    layer = registry.blob_file(image.blob_digests[-1])
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    layer.write_bytes(bytes(data))
+    with pytest.raises(BlobDigestError, match=image.blob_digests[-1]) as raised:
+        pull_image(image.ref)
+    assert image.ref.split(":v1")[0] in str(raised.value)
+    assert cache_entries() == []
+
+
+def test_errors_are_supermachine_errors() -> None:
+    for error in (ImageNotFoundError, RegistryAuthError, BlobDigestError, PlatformNotFoundError,
+                  RegistryUnreachableError):
+        assert issubclass(error, SupermachineError)
+
+
+# ---------------------------------------------------------------------------
+# Authentication (a registry with htpasswd Basic auth)
+
+
+@pytest.fixture
+def private_image(auth_registry: LocalRegistry, tmp_path: Path,  # noqa: F811
+                  request: pytest.FixtureRequest) -> Image:
+    layout = build_layout(tmp_path / "layout", {"secret": f"{request.node.name}\n".encode()})
+    return auth_registry.push(layout, "private/" + request.node.name.lower().replace("_", "-"), "v1")
+
+
+def test_pull_without_credentials_says_how_to_provide_them(private_image: Image) -> None:
+    with pytest.raises(RegistryAuthError) as raised:
+        pull_image(private_image.ref)
+    message = str(raised.value)
+    assert private_image.ref in message
+    assert "docker login" in message and AUTH_ENV in message
+    assert cache_entries() == []
+
+
+def test_credentials_from_docker_config_auths(
+        private_image: Image, auth_registry: LocalRegistry, isolated: Path) -> None:  # noqa: F811
+    assert auth_registry.credentials is not None
+    auth = base64.b64encode(":".join(auth_registry.credentials).encode()).decode()
+    write_docker_config(isolated, {"auths": {auth_registry.host: {"auth": auth}}})
+    assert pull_image(private_image.ref).manifest_digest == private_image.manifest_digest
+
+
+def test_credentials_from_the_environment_variable(
+        private_image: Image, auth_registry: LocalRegistry,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert auth_registry.credentials is not None
+    monkeypatch.setenv(AUTH_ENV, json.dumps({auth_registry.host: ":".join(auth_registry.credentials)}))
+    assert pull_image(private_image.ref).manifest_digest == private_image.manifest_digest
+
+
+@pytest.fixture
+def credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``docker-credential-test`` on PATH: answers for the servers in its store, logs each query."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    store, queries = tmp_path / "helper-store.json", tmp_path / "helper-queries"
+    store.write_text("{}")
+    helper = bin_dir / "docker-credential-test"
+    helper.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, sys\n"
+        f"store = json.load(open({str(store)!r}))\n"
+        "assert sys.argv[1:] == ['get'], sys.argv\n"
+        "server = sys.stdin.read().strip()\n"
+        f"open({str(queries)!r}, 'a').write(server + '\\n')\n"
+        "if server not in store:\n"
+        "    print('credentials not found in native keychain'); sys.exit(1)\n"
+        "user, secret = store[server]\n"
+        "print(json.dumps({'ServerURL': server, 'Username': user, 'Secret': secret}))\n")
+    helper.chmod(helper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    yield store
+
+
+def test_credentials_from_a_credential_helper(
+        private_image: Image, auth_registry: LocalRegistry, isolated: Path,  # noqa: F811
+        credential_helper: Path) -> None:
+    credential_helper.write_text(json.dumps({auth_registry.host: list(auth_registry.credentials or ())}))
+    write_docker_config(isolated, {"credHelpers": {auth_registry.host: "test"}})
+    assert pull_image(private_image.ref).manifest_digest == private_image.manifest_digest
+    assert (credential_helper.parent / "helper-queries").read_text() == f"{auth_registry.host}\n"
+
+
+def test_wrong_credentials_are_rejected_naming_where_they_came_from(
+        private_image: Image, auth_registry: LocalRegistry,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AUTH_ENV, json.dumps({auth_registry.host: "tester:wrong-password"}))
+    with pytest.raises(RegistryAuthError, match=rf"rejected .*'tester'.*\${AUTH_ENV}"):
+        pull_image(private_image.ref)
+    assert cache_entries() == []
+
+
+# ---------------------------------------------------------------------------
+# Credential lookup and transport policy (no registry needed)
+
+
+def test_environment_credentials_win_over_docker_config(
+        isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_docker_config(isolated, {"auths": {"ghcr.io": {"username": "file", "password": "f"}}})
+    monkeypatch.setenv(AUTH_ENV, json.dumps({"ghcr.io": {"username": "env", "password": "e"}}))
+    creds = registry_credentials("ghcr.io")
+    assert creds is not None and (creds.username, creds.password) == ("env", "e")
+
+
+def test_docker_hub_credentials_are_found_under_dockers_own_key(isolated: Path) -> None:
+    auth = base64.b64encode(b"hubuser:hubpass").decode()
+    write_docker_config(isolated, {"auths": {"https://index.docker.io/v1/": {"auth": auth}}})
+    ref = parse_registry_reference("python:3.12")
+    creds = registry_credentials(ref.registry)
+    assert creds is not None and (creds.username, creds.password) == ("hubuser", "hubpass")
+
+
+def test_credentials_store_is_asked_with_dockers_hub_server_url(
+        isolated: Path, credential_helper: Path) -> None:
+    credential_helper.write_text(json.dumps({"https://index.docker.io/v1/": ["u", "s"]}))
+    write_docker_config(isolated, {"credsStore": "test", "auths": {"https://index.docker.io/v1/": {}}})
+    creds = registry_credentials("docker.io")
+    assert creds is not None and (creds.username, creds.password) == ("u", "s")
+
+
+def test_helper_without_an_entry_falls_back_to_auths(isolated: Path, credential_helper: Path) -> None:
+    auth = base64.b64encode(b"a:b").decode()
+    write_docker_config(isolated, {"credsStore": "test", "auths": {"quay.io": {"auth": auth}}})
+    creds = registry_credentials("quay.io")
+    assert creds is not None and (creds.username, creds.password) == ("a", "b")
+
+
+def test_missing_credential_helper_is_an_error_saying_so(isolated: Path) -> None:
+    write_docker_config(isolated, {"credHelpers": {"ghcr.io": "no-such-helper-xyz"}})
+    with pytest.raises(RegistryAuthError, match="docker-credential-no-such-helper-xyz is not on PATH"):
+        registry_credentials("ghcr.io")
+
+
+def test_no_configuration_means_anonymous() -> None:
+    assert registry_credentials("ghcr.io") is None
+
+
+def test_credentials_never_show_their_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AUTH_ENV, json.dumps({"ghcr.io": "user:hunter2"}))
+    creds = registry_credentials("ghcr.io")
+    assert creds is not None and creds.password == "hunter2"
+    assert "hunter2" not in repr(creds)
+
+
+@pytest.mark.parametrize(("ref", "plain"), [
+    ("127.0.0.1:5000/a", True), ("localhost:5000/a", True), ("[::1]:5000/a", True),
+    ("registry.example:5000/a", False), ("ghcr.io/a/b", False), ("python", False)])
+def test_plain_http_only_for_loopback_by_default(ref: str, plain: bool) -> None:
+    assert allows_plain_http(parse_registry_reference(ref)) is plain
+
+
+def test_insecure_registries_setting_allows_plain_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INSECURE_ENV, "registry.example:5000, other.example")
+    assert allows_plain_http(parse_registry_reference("registry.example:5000/a"))
+    assert allows_plain_http(parse_registry_reference("other.example/a"))
+    assert not allows_plain_http(parse_registry_reference("registry.example:5001/a"))
