@@ -22,6 +22,7 @@ reference and says what a valid one looks like.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,11 @@ class LayoutReference:
 ImageReference = RegistryReference | ArchiveReference | LayoutReference
 
 
+def _path(text: str) -> Path:
+    """``~`` expanded where it names a home (`Path.expanduser` raises for an unknown user)."""
+    return Path(os.path.expanduser(text))
+
+
 def is_image_reference(text: str) -> bool:
     """Whether ``text`` uses one of the reference prefixes (else it is a registered image name)."""
     return text.startswith(PREFIXES)
@@ -191,7 +197,7 @@ def parse_image_reference(text: str) -> ImageReference:
     if not rest:
         raise ImageReferenceError(f"{text!r}: the {kind}: reference names no path")
     if kind in ("oci-archive", "docker-archive"):
-        return ArchiveReference(kind, Path(rest).expanduser())  # type: ignore[arg-type]
+        return ArchiveReference(kind, _path(rest))  # type: ignore[arg-type]
     directory, colon, tag = rest.partition(":")
     if not directory:
         raise ImageReferenceError(f"{text!r}: the oci-layout: reference names no directory")
@@ -201,8 +207,8 @@ def parse_image_reference(text: str) -> ImageReference:
             raise ImageReferenceError(
                 f"{text!r}: {tag!r} is not a valid layout tag (printable, no spaces, at most "
                 f"{_MAX_LAYOUT_TAG} characters; the directory cannot contain ':')")
-        return LayoutReference(Path(directory).expanduser(), tag)
-    return LayoutReference(Path(directory).expanduser())
+        return LayoutReference(_path(directory), tag)
+    return LayoutReference(_path(directory))
 
 
 def parse_registry_reference(ref: str) -> RegistryReference:
