@@ -14,6 +14,7 @@ Use by importing the fixtures into a test module.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -22,10 +23,14 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import threading
 import time
+from base64 import b64encode, urlsafe_b64encode
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -114,12 +119,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_registry(workdir: Path, *, credentials: tuple[str, str] | None = None) -> LocalRegistry:
-    """A docker-registry on 127.0.0.1 answering ``/v2/`` (with htpasswd auth if ``credentials``)."""
+def start_registry(workdir: Path, *, credentials: tuple[str, str] | None = None,
+                   auth: str = "") -> LocalRegistry:
+    """A docker-registry on 127.0.0.1 answering ``/v2/``.
+
+    With ``credentials`` (and no ``auth``) it wants them by htpasswd Basic auth;
+    ``auth`` is the registry's own ``auth:`` config section (e.g. token auth).
+    """
     binary = require_tool("docker-registry", "docker-registry")
     workdir.mkdir(parents=True, exist_ok=True)
-    auth = ""
-    if credentials is not None:
+    if credentials is not None and not auth:
         htpasswd = require_tool("htpasswd", "apache2-utils")
         entry = subprocess.run([htpasswd, "-Bbn", *credentials], capture_output=True,
                                check=True, timeout=30).stdout
@@ -175,6 +184,112 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalReg
                              credentials=("tester", secrets.token_urlsafe(12)))
     yield running
     running.stop()
+
+
+# ---------------------------------------------------------------------------
+# Token auth (the Bearer challenge, as Docker Hub, GHCR and Quay do it)
+
+
+def _b64url(data: bytes) -> str:
+    return urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenService:
+    """The token service of the registry's ``auth: token`` mode: grants signed JWTs.
+
+    Anonymous callers get ``pull`` on repositories under ``public/`` only; a
+    caller with ``credentials`` (Basic auth) gets every action asked for; wrong
+    credentials get 401. The registry verifies each token's RS256 signature
+    against the certificate in ``x5c``, which must be the one it trusts.
+    """
+
+    workdir: Path
+    credentials: tuple[str, str]
+    issuer: str = "supermachine-test-issuer"
+    service: str = "supermachine-test-registry"
+    #: ``(user or None, scope)`` of every token request, in order.
+    requests: list[tuple[str | None, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        openssl = require_tool("openssl", "openssl")
+        self.key, self.cert = self.workdir / "token.key", self.workdir / "token.pem"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=supermachine-test-token", "-keyout", str(self.key),
+                        "-out", str(self.cert)], check=True, capture_output=True, timeout=60)
+        der = subprocess.run([openssl, "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True, timeout=30).stdout
+        self._x5c = b64encode(der).decode()
+        self._openssl = openssl
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = service.answer(self.path, self.headers.get("Authorization", ""))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def auth_config(self) -> str:
+        return (f"auth:\n  token:\n    realm: {self.realm}\n    service: {self.service}\n"
+                f"    issuer: {self.issuer}\n    rootcertbundle: {self.cert}\n")
+
+    def answer(self, path: str, authorization: str) -> tuple[int, dict[str, object]]:
+        query = parse_qs(urlsplit(path).query)
+        scope = (query.get("scope") or [""])[0]
+        user = None
+        if authorization.startswith("Basic "):
+            user, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
+            if (user, password) != self.credentials:
+                self.requests.append((user, scope))
+                return 401, {"details": "wrong user name or password"}
+        self.requests.append((user, scope))
+        access = []
+        for item in scope.split():
+            kind, name, actions = item.split(":")
+            if user is None:
+                if not name.startswith("public/"):
+                    continue
+                actions = "pull" if "pull" in actions.split(",") else ""
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        return 200, {"token": self.sign(user or "", access)}
+
+    def sign(self, subject: str, access: list[dict[str, object]]) -> str:
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "exp": now + 600,
+                  "nbf": now - 60, "iat": now, "jti": secrets.token_hex(8), "access": access}
+        signing_input = (_b64url(json.dumps(header).encode()) + "."
+                         + _b64url(json.dumps(claims).encode()))
+        signature = subprocess.run([self._openssl, "dgst", "-sha256", "-sign", str(self.key)],
+                                   input=signing_input.encode(), capture_output=True, check=True,
+                                   timeout=30).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRegistry, TokenService]]:
+    """A registry in token-auth mode and its token service (``public/*`` is anonymous-readable)."""
+    workdir = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenService(workdir, ("tester", secrets.token_urlsafe(12)))
+    running = start_registry(workdir, credentials=tokens.credentials, auth=tokens.auth_config())
+    yield running, tokens
+    running.stop()
+    tokens.stop()
 
 
 # ---------------------------------------------------------------------------

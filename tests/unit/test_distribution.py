@@ -35,14 +35,18 @@ from pytest_supermachine.images.distribution import (
 )
 from pytest_supermachine.images.oci import ImageConfig, unpack_oci_tree
 from pytest_supermachine.images.reference import parse_registry_reference
-from tests.registry_fixtures import (  # noqa: F401 - fixtures
+
+pytest.register_assert_rewrite("tests.registry_fixtures")  # it is also a plugin, below
+
+from tests.registry_fixtures import (  # noqa: E402
     Image,
     LocalRegistry,
-    auth_registry,
+    TokenService,
     build_index_layout,
     build_layout,
-    registry,
 )
+
+pytest_plugins = ["tests.registry_fixtures"]  # registry, auth_registry, token_registry
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +72,7 @@ def cache_entries() -> list[str]:
 
 
 @pytest.fixture
-def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:  # noqa: F811
+def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:
     """An image of its own for this test (unique bytes, so no blob is shared with another test)."""
     files = {"etc/greeting": f"hello from {request.node.name}\n".encode(),
              "usr/bin/tool": b"#!/bin/sh\necho tool\n"}
@@ -98,7 +102,7 @@ def test_pull_by_tag_gives_a_layout_that_unpacks_to_the_image_files(image: Image
     assert not pulled.from_cache
 
 
-def test_pull_by_digest_gives_the_image_the_tag_names(image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+def test_pull_by_digest_gives_the_image_the_tag_names(image: Image, registry: LocalRegistry) -> None:
     pulled = pull_image(f"oci:{registry.host}/{image.repository}@{image.manifest_digest}")
     assert pulled.manifest_digest == image.manifest_digest
     assert pulled.config_digest == image.blob_digests[0]
@@ -113,7 +117,7 @@ def test_pulled_layout_holds_exactly_the_verified_blobs(image: Image) -> None:
 
 
 def test_pull_of_an_index_takes_the_linux_amd64_image(
-        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+        registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_index_layout(tmp_path / "multi", {
         "arm64": {"arch": b"arm64\n"}, "amd64": {"arch": b"amd64\n"}})
     pushed = registry.push(layout, "tests/multi-platform", "v1")
@@ -126,7 +130,7 @@ def test_pull_of_an_index_takes_the_linux_amd64_image(
 
 
 def test_index_without_linux_amd64_is_refused_naming_its_platforms(
-        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+        registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_index_layout(tmp_path / "arm", {"arm64": {"arch": b"arm64\n"}})
     pushed = registry.push(layout, "tests/arm-only", "v1")
     with pytest.raises(PlatformNotFoundError, match=r"linux/arm64") as raised:
@@ -136,7 +140,7 @@ def test_index_without_linux_amd64_is_refused_naming_its_platforms(
 
 
 def test_single_image_of_another_architecture_is_refused(
-        registry: LocalRegistry, tmp_path: Path) -> None:  # noqa: F811
+        registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_layout(tmp_path / "arm", {"arch": b"arm64\n"}, architecture="arm64")
     pushed = registry.push(layout, "tests/arm-single", "v1")
     with pytest.raises(PlatformNotFoundError, match=r"built for linux/arm64"):
@@ -157,7 +161,7 @@ def test_progress_counts_every_blob_byte_up_to_the_total(image: Image) -> None:
 # Cache
 
 
-def test_second_pull_of_a_tag_downloads_no_blob(image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+def test_second_pull_of_a_tag_downloads_no_blob(image: Image, registry: LocalRegistry) -> None:
     first = pull_image(image.ref)
     for digest in image.blob_digests:  # the registry can no longer serve the image's blobs
         registry.blob_file(digest).unlink()
@@ -184,7 +188,7 @@ def test_pulled_images_lists_what_the_cache_holds(image: Image) -> None:
 # Errors
 
 
-def test_unknown_repository_is_an_error_naming_the_reference(registry: LocalRegistry) -> None:  # noqa: F811
+def test_unknown_repository_is_an_error_naming_the_reference(registry: LocalRegistry) -> None:
     ref = f"oci:{registry.host}/tests/no-such-repository:v1"
     with pytest.raises(ImageNotFoundError) as raised:
         pull_image(ref)
@@ -205,7 +209,7 @@ def test_unreachable_registry_is_an_error_naming_the_reference() -> None:
 
 
 def test_blob_whose_bytes_do_not_match_its_digest_is_refused_and_nothing_cached(
-        image: Image, registry: LocalRegistry) -> None:  # noqa: F811
+        image: Image, registry: LocalRegistry) -> None:
     layer = registry.blob_file(image.blob_digests[-1])
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -227,7 +231,7 @@ def test_errors_are_supermachine_errors() -> None:
 
 
 @pytest.fixture
-def private_image(auth_registry: LocalRegistry, tmp_path: Path,  # noqa: F811
+def private_image(auth_registry: LocalRegistry, tmp_path: Path,
                   request: pytest.FixtureRequest) -> Image:
     layout = build_layout(tmp_path / "layout", {"secret": f"{request.node.name}\n".encode()})
     return auth_registry.push(layout, "private/" + request.node.name.lower().replace("_", "-"), "v1")
@@ -243,7 +247,7 @@ def test_pull_without_credentials_says_how_to_provide_them(private_image: Image)
 
 
 def test_credentials_from_docker_config_auths(
-        private_image: Image, auth_registry: LocalRegistry, isolated: Path) -> None:  # noqa: F811
+        private_image: Image, auth_registry: LocalRegistry, isolated: Path) -> None:
     assert auth_registry.credentials is not None
     auth = base64.b64encode(":".join(auth_registry.credentials).encode()).decode()
     write_docker_config(isolated, {"auths": {auth_registry.host: {"auth": auth}}})
@@ -251,7 +255,7 @@ def test_credentials_from_docker_config_auths(
 
 
 def test_credentials_from_the_environment_variable(
-        private_image: Image, auth_registry: LocalRegistry,  # noqa: F811
+        private_image: Image, auth_registry: LocalRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
     assert auth_registry.credentials is not None
     monkeypatch.setenv(AUTH_ENV, json.dumps({auth_registry.host: ":".join(auth_registry.credentials)}))
@@ -283,7 +287,7 @@ def credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def test_credentials_from_a_credential_helper(
-        private_image: Image, auth_registry: LocalRegistry, isolated: Path,  # noqa: F811
+        private_image: Image, auth_registry: LocalRegistry, isolated: Path,
         credential_helper: Path) -> None:
     credential_helper.write_text(json.dumps({auth_registry.host: list(auth_registry.credentials or ())}))
     write_docker_config(isolated, {"credHelpers": {auth_registry.host: "test"}})
@@ -292,12 +296,60 @@ def test_credentials_from_a_credential_helper(
 
 
 def test_wrong_credentials_are_rejected_naming_where_they_came_from(
-        private_image: Image, auth_registry: LocalRegistry,  # noqa: F811
+        private_image: Image, auth_registry: LocalRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(AUTH_ENV, json.dumps({auth_registry.host: "tester:wrong-password"}))
     with pytest.raises(RegistryAuthError, match=rf"rejected .*'tester'.*\${AUTH_ENV}"):
         pull_image(private_image.ref)
     assert cache_entries() == []
+
+
+# ---------------------------------------------------------------------------
+# Token authentication (a registry in token mode with its token service)
+
+
+def push_to_token_registry(token_registry: tuple[LocalRegistry, TokenService], tmp_path: Path,
+                           repository: str) -> Image:
+    running, _tokens = token_registry
+    layout = build_layout(tmp_path / "layout", {"where": repository.encode()})
+    return running.push(layout, repository, "v1")
+
+
+def test_anonymous_bearer_token_pulls_a_public_image(
+        token_registry: tuple[LocalRegistry, TokenService], tmp_path: Path) -> None:
+    pushed = push_to_token_registry(token_registry, tmp_path, "public/anonymous-pull")
+    assert pull_image(pushed.ref).manifest_digest == pushed.manifest_digest
+    _running, tokens = token_registry
+    assert tokens.requests[-1] == (None, "repository:public/anonymous-pull:pull")
+
+
+def test_bearer_token_with_credentials_pulls_a_private_image(
+        token_registry: tuple[LocalRegistry, TokenService], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pushed = push_to_token_registry(token_registry, tmp_path, "private/token-pull")
+    running, tokens = token_registry
+    monkeypatch.setenv(AUTH_ENV, json.dumps({running.host: ":".join(tokens.credentials)}))
+    assert pull_image(pushed.ref).manifest_digest == pushed.manifest_digest
+    assert tokens.requests[-1] == ("tester", "repository:private/token-pull:pull")
+
+
+def test_bearer_registry_without_credentials_says_how_to_provide_them(
+        token_registry: tuple[LocalRegistry, TokenService], tmp_path: Path) -> None:
+    pushed = push_to_token_registry(token_registry, tmp_path, "private/token-denied")
+    with pytest.raises(RegistryAuthError, match="requires authentication") as raised:
+        pull_image(pushed.ref)
+    assert pushed.ref in str(raised.value) and AUTH_ENV in str(raised.value)
+    assert cache_entries() == []
+
+
+def test_token_service_refusing_the_credentials_is_an_error_naming_them(
+        token_registry: tuple[LocalRegistry, TokenService], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pushed = push_to_token_registry(token_registry, tmp_path, "private/token-wrong")
+    running, _tokens = token_registry
+    monkeypatch.setenv(AUTH_ENV, json.dumps({running.host: "tester:wrong"}))
+    with pytest.raises(RegistryAuthError, match=r"token service .* rejected .*'tester'"):
+        pull_image(pushed.ref)
 
 
 # ---------------------------------------------------------------------------
