@@ -681,7 +681,9 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
             hit = _cache_hit(entry)  # another process pulled it while we waited
             if hit is not None:
                 return hit
-            tmp = Path(tempfile.mkdtemp(prefix=f".pull-{entry.name[:16]}-", dir=root))
+            for stale in root.glob(f".pull-{entry.name}-*"):  # left by a killed pull: the lock
+                shutil.rmtree(stale, ignore_errors=True)       # is ours, so its owner is gone
+            tmp = Path(tempfile.mkdtemp(prefix=f".pull-{entry.name}-", dir=root))
             try:
                 _pull_into(client, tmp, body, media, digest, platform, progress)
                 os.replace(tmp, entry)

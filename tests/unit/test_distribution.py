@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,6 +178,21 @@ def test_pull_by_digest_of_a_cached_image_needs_no_registry(image: Image) -> Non
     unreachable = f"oci:127.0.0.1:9/{image.repository}@{image.manifest_digest}"
     again = pull_image(unreachable)
     assert again.from_cache and again.layout == first.layout
+
+
+def test_killed_pull_caches_nothing_and_the_next_pull_cleans_up(image: Image) -> None:
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from pytest_supermachine.images.distribution import pull_image\n"
+        "def die(progress):\n"
+        "    if progress.layers_done:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pull_image(sys.argv[1], progress=die)\n"), image.ref], timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = cache_entries()
+    assert len(leftovers) == 1 and leftovers[0].startswith(".pull-")
+    pulled = pull_image(image.ref)
+    assert cache_entries() == [pulled.layout.parent.name]
 
 
 def test_pulled_images_lists_what_the_cache_holds(image: Image) -> None:
