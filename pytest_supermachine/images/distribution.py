@@ -350,14 +350,19 @@ class RegistryClient:
     Requests go out anonymously (or with a token already obtained); a ``401``
     with a ``WWW-Authenticate`` challenge is answered once (a bearer token from
     the realm, with the credentials if there are any, or Basic auth) and the
-    request retried. Redirects (blob downloads from a CDN) are followed without
+    request retried. Credentials are looked up (``lookup(registry)``, by default
+    `registry_credentials`) only when a challenge asks for them, so a pull that
+    needs none never runs a credential helper. Redirects (blob downloads from a CDN) are followed without
     the ``Authorization`` header when they leave the registry's origin.
     """
 
-    def __init__(self, reference: RegistryReference, *, credentials: Credentials | None = None,
+    def __init__(self, reference: RegistryReference, *,
+                 lookup: Callable[[str], Credentials | None] = registry_credentials,
                  insecure: bool | None = None, timeout: float = 60.0) -> None:
         self.reference = reference
-        self.credentials = credentials
+        self._lookup = lookup
+        self._credentials: Credentials | None = None
+        self._looked_up = False
         self.plain_http = allows_plain_http(reference, insecure)
         scheme = "http" if self.plain_http else "https"
         self.base = f"{scheme}://{reference.api_host}/v2/{reference.repository}"
@@ -366,6 +371,14 @@ class RegistryClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=True,
             headers={"User-Agent": "pytest-supermachine"},
             trust_env=not _is_loopback(reference.hostname))  # no proxy for a loopback registry
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The registry's credentials (looked up on first use), or None for anonymous access."""
+        if not self._looked_up:
+            self._credentials = self._lookup(self.reference.registry)
+            self._looked_up = True
+        return self._credentials
 
     def close(self) -> None:
         self._http.close()
@@ -420,13 +433,13 @@ class RegistryClient:
         detail = f"HTTP {status}" + (f" {codes}" if codes else "")
         ref = self.reference
         if status == 401:
-            if self.credentials is None:
+            if self._credentials is None:
                 return RegistryAuthError(
                     f"{ref}: {ref.registry} requires authentication to pull {ref.repository} "
                     f"({detail}; or the repository does not exist): {_HOW_TO_LOGIN}")
             return RegistryAuthError(
-                f"{ref}: {ref.registry} rejected the credentials of {self.credentials.username!r} "
-                f"from {self.credentials.source} ({detail}): check them, or log in again")
+                f"{ref}: {ref.registry} rejected the credentials of {self._credentials.username!r} "
+                f"from {self._credentials.source} ({detail}): check them, or log in again")
         if status == 403:
             return RegistryAuthError(f"{ref}: {ref.registry} denies pulling {ref.repository} "
                                      f"({detail}): ask for access, or check the credentials")
@@ -667,8 +680,7 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
         hit = _cache_hit(root / _entry_name(reference.digest, platform))
         if hit is not None:
             return hit
-    with RegistryClient(reference, credentials=registry_credentials(reference.registry),
-                        insecure=insecure, timeout=timeout) as client:
+    with RegistryClient(reference, insecure=insecure, timeout=timeout) as client:
         digest = reference.digest or client.manifest_digest(reference.target)
         if digest is not None:
             hit = _cache_hit(root / _entry_name(digest, platform))

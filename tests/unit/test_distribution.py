@@ -313,6 +313,13 @@ def test_credentials_from_a_credential_helper(
     assert (credential_helper.parent / "helper-queries").read_text() == f"{auth_registry.host}\n"
 
 
+def test_anonymous_pull_never_asks_the_credential_helper(
+        image: Image, isolated: Path, credential_helper: Path) -> None:
+    write_docker_config(isolated, {"credsStore": "test"})
+    pull_image(image.ref)
+    assert not (credential_helper.parent / "helper-queries").exists()
+
+
 def test_wrong_credentials_are_rejected_naming_where_they_came_from(
         private_image: Image, auth_registry: LocalRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
