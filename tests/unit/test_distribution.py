@@ -15,7 +15,8 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,44 @@ def test_killed_pull_caches_nothing_and_the_next_pull_cleans_up(image: Image) ->
     assert len(leftovers) == 1 and leftovers[0].startswith(".pull-")
     pulled = pull_image(image.ref)
     assert cache_entries() == [pulled.layout.parent.name]
+
+
+_PULLER = """
+import logging, pathlib, sys, time
+from pytest_supermachine.images.distribution import pull_image
+holding, release, log = (pathlib.Path(a) for a in sys.argv[2:5])
+logging.getLogger("filelock").addHandler(logging.FileHandler(log))  # says when it waits
+logging.getLogger("filelock").setLevel(logging.DEBUG)
+def hold(progress):  # the first puller stops mid-download until told to go on
+    if not holding.exists():
+        holding.touch()
+        while not release.exists():
+            time.sleep(0.01)
+print(pull_image(sys.argv[1], progress=hold).from_cache)
+"""
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_concurrent_pulls_of_one_image_download_it_once(image: Image, tmp_path: Path) -> None:
+    holding, release = tmp_path / "holding", tmp_path / "release"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first, second = (
+        subprocess.Popen([sys.executable, "-c", _PULLER, image.ref, str(holding), str(release),
+                          str(log)], stdout=subprocess.PIPE) for log in logs)
+    try:
+        wait_for(holding.exists, "a pull to start downloading")
+        wait_for(lambda: any("not acquired" in log.read_text() for log in logs if log.exists()),
+                 "the other pull to wait for the lock")
+    finally:
+        release.touch()  # on failure too, so that both pullers end
+    outputs = sorted(p.communicate(timeout=120)[0].decode().strip() for p in (first, second))
+    assert outputs == ["False", "True"]  # downloaded once; the other found it in the cache
 
 
 def test_pulled_images_lists_what_the_cache_holds(image: Image) -> None:
