@@ -395,7 +395,7 @@ class RegistryClient:
         hint = ("" if self.plain_http else
                 f"; a registry that speaks plain HTTP must be listed in ${INSECURE_ENV}")
         return RegistryUnreachableError(
-            f"{self.reference}: cannot reach {url}: {type(exc).__name__}: {exc} (check the host "
+            f"{self.reference}: talking to {url} failed: {type(exc).__name__}: {exc} (check the host "
             f"name, the network and proxy settings{hint})")
 
     def _send(self, method: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
@@ -404,7 +404,7 @@ class RegistryClient:
             sent["Authorization"] = self._authorization
         try:
             return self._http.send(self._http.build_request(method, url, headers=sent), stream=True)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._unreachable(url, exc) from exc
 
     @contextmanager
@@ -423,7 +423,7 @@ class RegistryClient:
                 response.read()
                 raise self._status_error(response, what)
             yield response
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # transport, decoding, too many redirects
             raise self._unreachable(url, exc) from exc
         finally:
             response.close()
@@ -489,7 +489,7 @@ class RegistryClient:
                 response = self._http.get(
                     realm, params=query,
                     auth=(creds.username, creds.password) if creds is not None else None)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise self._unreachable(realm, exc) from exc
         if response.status_code in (401, 403):
             if creds is None:
@@ -746,6 +746,7 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
     for count, desc in enumerate(blobs):
         path = blob_dir / str(desc["digest"]).split(":", 1)[-1]
         if path.exists():  # the same blob twice in one manifest
+            advance(int(desc["size"]))
             continue
         with open(path, "wb") as out:
             client.download_blob(desc, out, advance)
