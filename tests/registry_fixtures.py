@@ -80,13 +80,19 @@ class LocalRegistry:
         hexa = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data"
 
-    def push(self, layout: Path, repository: str, tag: str) -> Image:
-        """Copy the OCI layout (all its platforms, if an index) to ``repository:tag`` with skopeo."""
+    def push(self, layout: Path, repository: str, tag: str, *, docker_format: bool = False) -> Image:
+        """Copy the OCI layout (all its platforms, if an index) to ``repository:tag`` with skopeo.
+
+        ``docker_format`` makes skopeo convert to Docker schema 2 media types (the
+        returned digests are then those of the OCI layout, not of what was pushed).
+        """
         skopeo = require_tool("skopeo", "skopeo")
         dest = f"docker://{self.host}/{repository}:{tag}"
         command = [skopeo, "--insecure-policy", "copy", "--all", "--dest-tls-verify=false"]
         if self.credentials is not None:
             command += ["--dest-creds", ":".join(self.credentials)]
+        if docker_format:
+            command += ["--format", "v2s2"]
         done = subprocess.run([*command, f"oci:{layout}", dest], capture_output=True,
                               timeout=_PUSH_TIMEOUT, check=False)
         if done.returncode != 0:

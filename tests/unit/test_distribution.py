@@ -25,6 +25,7 @@ from pytest_supermachine.cache import cache_dir
 from pytest_supermachine.errors import SupermachineError
 from pytest_supermachine.images.distribution import (
     AUTH_ENV,
+    DOCKER_MANIFEST,
     INSECURE_ENV,
     BlobDigestError,
     ImageNotFoundError,
@@ -131,6 +132,26 @@ def test_pull_of_an_index_takes_the_linux_amd64_image(
     assert pulled.digest == pushed.manifest_digest  # the index
     assert pulled.manifest_digest != pulled.digest
     assert pulled.config_digest == pushed.blob_digests[0]
+
+
+def test_docker_schema2_image_is_pulled(registry: LocalRegistry, tmp_path: Path) -> None:
+    layout = build_layout(tmp_path / "layout", {"format": b"docker schema 2\n"})
+    pushed = registry.push(layout, "tests/docker-schema2", "v1", docker_format=True)
+    pulled = pull_image(pushed.ref)
+    unpack_oci_tree(pulled.layout, tmp_path / "tree")
+    assert (tmp_path / "tree/format").read_bytes() == b"docker schema 2\n"
+    index = json.loads((pulled.layout / "index.json").read_text())
+    assert index["manifests"][0]["mediaType"] == DOCKER_MANIFEST
+
+
+def test_docker_manifest_list_is_resolved_to_linux_amd64(registry: LocalRegistry, tmp_path: Path) -> None:
+    layout = build_index_layout(tmp_path / "multi", {
+        "arm64": {"arch": b"arm64\n"}, "amd64": {"arch": b"amd64\n"}})
+    pushed = registry.push(layout, "tests/docker-list", "v1", docker_format=True)
+    pulled = pull_image(pushed.ref)
+    unpack_oci_tree(pulled.layout, tmp_path / "tree")
+    assert (tmp_path / "tree/arch").read_bytes() == b"amd64\n"
+    assert pulled.manifest_digest != pulled.digest
 
 
 def test_index_without_linux_amd64_is_refused_naming_its_platforms(
