@@ -298,6 +298,15 @@ def test_blob_whose_bytes_do_not_match_its_digest_is_refused_and_nothing_cached(
     assert cache_entries() == []
 
 
+def test_manifest_whose_bytes_do_not_match_its_digest_is_refused(
+        image: Image, registry: LocalRegistry) -> None:
+    stored = registry.blob_file(image.manifest_digest)
+    stored.write_bytes(stored.read_bytes().replace(b'"schemaVersion"', b'"schemaVersion" '))
+    with pytest.raises(BlobDigestError, match=f"not {image.manifest_digest}"):
+        pull_image(image.ref)
+    assert cache_entries() == []
+
+
 def test_errors_are_supermachine_errors() -> None:
     for error in (ImageNotFoundError, RegistryAuthError, BlobDigestError, PlatformNotFoundError,
                   RegistryUnreachableError):
