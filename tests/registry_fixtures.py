@@ -302,14 +302,17 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[L
 # Images
 
 
-def build_layout(dest: Path, files: Mapping[str, bytes], *, architecture: str = "amd64",
+def build_layout(dest: Path, *layers: Mapping[str, bytes], architecture: str = "amd64",
                  config: ImageConfig | None = None) -> Path:
-    """An OCI image layout directory at ``dest``: one gzip layer holding ``files``."""
-    tree = dest.with_name(dest.name + ".tree")
-    for name, data in files.items():
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(data)
-    archive = write_image_archive([tree], dest.with_name(dest.name + ".tar"), config=config,
+    """An OCI image layout directory at ``dest``: one gzip layer per mapping of path -> bytes."""
+    trees = []
+    for n, files in enumerate(layers):
+        tree = dest.with_name(f"{dest.name}.layer{n}")
+        for name, data in files.items():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes(data)
+        trees.append(tree)
+    archive = write_image_archive(trees, dest.with_name(dest.name + ".tar"), config=config,
                                   compress=True)
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")

@@ -44,7 +44,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,8 @@ CACHE_KIND = "oci"
 LAYOUT_DIR = "layout"
 PULL_RECORD = "pull.json"
 
+#: Layers fetched at once (docker pulls 3 at a time too).
+PARALLEL_DOWNLOADS = 3
 _MAX_MANIFEST = 4 << 20  # what containerd accepts too
 _MAX_CONFIG = 64 << 20
 _CHUNK = 1 << 20
@@ -722,37 +726,20 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
             isinstance(layer, Mapping) for layer in layers):
         raise ManifestError(f"{reference}: the image manifest has no config or no layer list")
     blobs = [config_desc, *layers]
-    sizes = [b.get("size") for b in blobs]
-    if not all(isinstance(s, int) and s >= 0 for s in sizes):
-        raise ManifestError(f"{reference}: the manifest gives a blob without a valid size")
-    if sizes[0] > _MAX_CONFIG:
-        raise ManifestError(f"{reference}: the image config claims {sizes[0]} bytes: refused")
-    total, done = sum(sizes), 0
+    for blob in blobs:  # before any of them names a file
+        if not _DIGEST_RE.fullmatch(str(blob.get("digest"))):
+            raise ManifestError(f"{reference}: unsupported or malformed blob digest "
+                                f"{blob.get('digest')!r} (only sha256 is supported)")
+        if not isinstance(blob.get("size"), int) or blob["size"] < 0:
+            raise ManifestError(f"{reference}: the manifest gives blob {blob['digest']} no valid size")
+    if config_desc["size"] > _MAX_CONFIG:
+        raise ManifestError(f"{reference}: the image config claims {config_desc['size']} bytes: "
+                            "refused")
     layout = tmp / LAYOUT_DIR
     blob_dir = layout / "blobs" / "sha256"
     blob_dir.mkdir(parents=True)
-
-    def report(layers_done: int) -> None:
-        if progress is not None:
-            progress(PullProgress(done, total, layers_done, len(blobs)))
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        report(count)
-
-    count = 0
-    report(0)
-    for count, desc in enumerate(blobs):
-        path = blob_dir / str(desc["digest"]).split(":", 1)[-1]
-        if path.exists():  # the same blob twice in one manifest
-            advance(int(desc["size"]))
-            continue
-        with open(path, "wb") as out:
-            client.download_blob(desc, out, advance)
-        if count == 0:
-            _check_config_platform(path, platform, reference)
-    report(len(blobs))
+    total = sum(int(b["size"]) for b in blobs)
+    _Download(client, blob_dir, total, len(blobs), progress).run(blobs, platform, reference)
     (blob_dir / manifest_digest.split(":", 1)[1]).write_bytes(manifest_body)
     platform_os, platform_arch, *variant = platform.split("/")
     descriptor: dict[str, Any] = {
@@ -767,6 +754,68 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
         "reference": str(reference), "digest": digest, "manifest_digest": manifest_digest,
         "config_digest": str(config_desc["digest"]), "platform": platform, "size": total,
         "layers": len(layers)}, indent=1) + "\n")
+
+
+class _Cancelled(Exception):
+    """Raised in a download thread once another download of the same pull has failed."""
+
+
+class _Download:
+    """The blobs of one image into ``blob_dir``: the config first, then the layers in parallel.
+
+    The config comes first so that an image for another platform is refused
+    before its layers are fetched. Layers are fetched by `PARALLEL_DOWNLOADS`
+    threads (one HTTP client, thread-safe); the first failure cancels the rest
+    (at their next chunk) and is raised. ``progress`` is called under a lock,
+    one call at a time, from whichever thread made progress.
+    """
+
+    def __init__(self, client: RegistryClient, blob_dir: Path, total: int, count: int,
+                 progress: ProgressCallback | None) -> None:
+        self.client, self.blob_dir, self.progress = client, blob_dir, progress
+        self.total, self.count = total, count
+        self.done = self.blobs_done = 0
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+
+    def advance(self, nbytes: int, blobs: int = 0) -> None:
+        if self.cancelled.is_set():
+            raise _Cancelled
+        with self.lock:
+            self.done += nbytes
+            self.blobs_done += blobs
+            if self.progress is not None:
+                self.progress(PullProgress(self.done, self.total, self.blobs_done, self.count))
+
+    def fetch(self, descriptor: Mapping[str, Any]) -> Path:
+        path = self.blob_dir / str(descriptor["digest"]).split(":", 1)[1]
+        with open(path, "xb") as out:
+            self.client.download_blob(descriptor, out, self.advance)
+        self.advance(0, blobs=1)
+        return path
+
+    def run(self, blobs: list[Mapping[str, Any]], platform: str,
+            reference: RegistryReference) -> None:
+        self.advance(0)
+        _check_config_platform(self.fetch(blobs[0]), platform, reference)
+        pending: dict[str, Mapping[str, Any]] = {}
+        for layer in blobs[1:]:
+            if layer["digest"] in pending or layer["digest"] == blobs[0]["digest"]:
+                self.advance(int(layer["size"]), blobs=1)  # listed twice: fetched once
+            else:
+                pending[str(layer["digest"])] = layer
+        if not pending:
+            return
+        with ThreadPoolExecutor(min(PARALLEL_DOWNLOADS, len(pending)),
+                                thread_name_prefix="supermachine-pull") as pool:
+            futures = [pool.submit(self.fetch, layer) for layer in pending.values()]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                self.cancelled.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _check_config_platform(config_path: Path, platform: str, reference: RegistryReference) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -79,9 +80,11 @@ def cache_entries() -> list[str]:
 @pytest.fixture
 def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:
     """An image of its own for this test (unique bytes, so no blob is shared with another test)."""
-    files = {"etc/greeting": f"hello from {request.node.name}\n".encode(),
-             "usr/bin/tool": b"#!/bin/sh\necho tool\n"}
-    layout = build_layout(tmp_path / "layout", files,
+    layers = [{"etc/greeting": f"hello from {request.node.name}\n".encode(),
+               "usr/bin/tool": b"#!/bin/sh\necho old\n"},
+              {"usr/bin/tool": b"#!/bin/sh\necho tool\n"},  # replaces the lower layer's
+              {"srv/data": random.Random(request.node.name).randbytes(1 << 20)}]
+    layout = build_layout(tmp_path / "layout", *layers,
                           config=ImageConfig(env=("PATH=/usr/bin",), working_dir="/srv"))
     return registry.push(layout, "tests/" + request.node.name.lower().replace("_", "-"), "v1")
 
@@ -100,6 +103,8 @@ def test_pull_by_tag_gives_a_layout_that_unpacks_to_the_image_files(image: Image
     unpacked = unpack_oci_tree(pulled.layout, tmp_path / "tree")
     assert (tmp_path / "tree/etc/greeting").read_text().startswith("hello from test_pull_by_tag")
     assert (tmp_path / "tree/usr/bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+    assert (tmp_path / "tree/srv/data").stat().st_size == 1 << 20
+    assert unpacked.layers == 3
     assert unpacked.config.working_dir == "/srv"
     assert pulled.manifest_digest == image.manifest_digest
     assert pulled.reference.digest == image.manifest_digest
