@@ -16,8 +16,10 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from pytest_supermachine.images.distribution import (
     INSECURE_ENV,
     BlobDigestError,
     ImageNotFoundError,
+    ManifestError,
     PlatformNotFoundError,
     PullProgress,
     RegistryAuthError,
@@ -310,6 +313,48 @@ def test_manifest_whose_bytes_do_not_match_its_digest_is_refused(
     with pytest.raises(BlobDigestError, match=f"not {image.manifest_digest}"):
         pull_image(image.ref)
     assert cache_entries() == []
+
+
+@pytest.fixture
+def hostile_registry() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A registry that serves whatever manifests the test puts in its dict (by ``repo:tag``)."""
+    manifests: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            repo, _, tag = self.path.removeprefix("/v2/").partition("/manifests/")
+            body = manifests.get(f"{repo}:{tag}")
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}", manifests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("digest", ["sha256:../../../../escaped", "sha256:/tmp/escaped", "md5:x"])
+def test_manifest_naming_a_blob_by_a_hostile_digest_is_refused_before_any_file_is_written(
+        hostile_registry: tuple[str, dict[str, bytes]], tmp_path: Path, digest: str) -> None:
+    host, manifests = hostile_registry
+    manifests["evil/image:v1"] = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest,
+                   "size": 2}, "layers": []}).encode()
+    with pytest.raises(ManifestError, match="malformed blob digest"):
+        pull_image(f"oci:{host}/evil/image:v1")
+    assert cache_entries() == []
+    assert list(tmp_path.rglob("escaped")) == [] and not Path("/tmp/escaped").exists()
 
 
 def test_errors_are_supermachine_errors() -> None:
