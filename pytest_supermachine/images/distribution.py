@@ -92,6 +92,7 @@ _MAX_MANIFEST = 4 << 20  # what containerd accepts too
 _MAX_CONFIG = 64 << 20
 _CHUNK = 1 << 20
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_PLATFORM_RE = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 _DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 _HOW_TO_LOGIN = (
@@ -673,6 +674,9 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
     for loopback and ``$SUPERMACHINE_INSECURE_REGISTRIES``); ``progress`` is called
     as blob bytes arrive; ``timeout`` bounds each network wait, in seconds.
     """
+    if not _PLATFORM_RE.fullmatch(platform):
+        raise ValueError(f"platform must be OS/ARCH[/VARIANT] like {DEFAULT_PLATFORM!r}, "
+                         f"not {platform!r}")
     if isinstance(reference, str):
         parsed = parse_image_reference(reference)
         if not isinstance(parsed, RegistryReference):
@@ -715,7 +719,10 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
     manifest_body, manifest_media, manifest_digest = body, media, digest
     if media in _INDEXES:
         desc = _pick_platform(json.loads(body), platform, reference)
-        manifest_body, manifest_media, manifest_digest = client.manifest(str(desc.get("digest")))
+        if not _DIGEST_RE.fullmatch(str(desc.get("digest"))):  # fetched by it, verified against it
+            raise ManifestError(f"{reference}: the index names the {platform} image by a "
+                                f"malformed digest {desc.get('digest')!r}")
+        manifest_body, manifest_media, manifest_digest = client.manifest(str(desc["digest"]))
         if manifest_media not in _IMAGE_MANIFESTS:
             raise ManifestError(f"{reference}: the {platform} entry of the index is a "
                                 f"{manifest_media}, not an image manifest")

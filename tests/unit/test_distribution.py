@@ -357,6 +357,19 @@ def test_manifest_naming_a_blob_by_a_hostile_digest_is_refused_before_any_file_i
     assert list(tmp_path.rglob("escaped")) == [] and not Path("/tmp/escaped").exists()
 
 
+def test_index_naming_its_image_by_a_malformed_digest_is_refused(
+        hostile_registry: tuple[str, dict[str, bytes]]) -> None:
+    host, manifests = hostile_registry
+    manifests["evil/index:v1"] = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": "../v1", "size": 2,
+                       "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    with pytest.raises(ManifestError, match="malformed digest '../v1'"):
+        pull_image(f"oci:{host}/evil/index:v1")
+    assert cache_entries() == []
+
+
 def test_errors_are_supermachine_errors() -> None:
     for error in (ImageNotFoundError, RegistryAuthError, BlobDigestError, PlatformNotFoundError,
                   RegistryUnreachableError):
