@@ -1,6 +1,6 @@
 """A real OCI registry on loopback for the pull tests, and small images pushed into it.
 
-`registry` is Debian's ``docker-registry`` (the CNCF distribution registry) serving
+`local_registry` is Debian's ``docker-registry`` (the CNCF distribution registry) serving
 plain HTTP on 127.0.0.1 and a free port, its storage in a temporary directory;
 `auth_registry` is a second one that wants htpasswd (bcrypt) Basic auth. Both live
 for the session and are stopped at its end. Images are built as OCI layouts with
@@ -176,7 +176,7 @@ def _wait_ready(registry: LocalRegistry) -> bool:
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     """An open (anonymous, plain HTTP) registry on loopback for the session."""
     running = start_registry(tmp_path_factory.mktemp("registry"))
     yield running

@@ -55,7 +55,7 @@ from tests.registry_fixtures import (  # noqa: E402
     build_layout,
 )
 
-pytest_plugins = ["tests.registry_fixtures"]  # registry, auth_registry, token_registry
+pytest_plugins = ["tests.registry_fixtures"]  # local_registry, auth_registry, token_registry
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def cache_entries() -> list[str]:
 
 
 @pytest.fixture
-def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:
+def image(local_registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureRequest) -> Image:
     """An image of its own for this test (unique bytes, so no blob is shared with another test)."""
     layers = [{"etc/greeting": f"hello from {request.node.name}\n".encode(),
                "usr/bin/tool": b"#!/bin/sh\necho old\n"},
@@ -89,7 +89,7 @@ def image(registry: LocalRegistry, tmp_path: Path, request: pytest.FixtureReques
               {"srv/data": random.Random(request.node.name).randbytes(1 << 20)}]
     layout = build_layout(tmp_path / "layout", *layers,
                           config=ImageConfig(env=("PATH=/usr/bin",), working_dir="/srv"))
-    return registry.push(layout, "tests/" + request.node.name.lower().replace("_", "-"), "v1")
+    return local_registry.push(layout, "tests/" + request.node.name.lower().replace("_", "-"), "v1")
 
 
 def write_docker_config(home: Path, config: dict[str, object]) -> None:
@@ -115,8 +115,8 @@ def test_pull_by_tag_gives_a_layout_that_unpacks_to_the_image_files(image: Image
     assert not pulled.from_cache
 
 
-def test_pull_by_digest_gives_the_image_the_tag_names(image: Image, registry: LocalRegistry) -> None:
-    pulled = pull_image(f"oci:{registry.host}/{image.repository}@{image.manifest_digest}")
+def test_pull_by_digest_gives_the_image_the_tag_names(image: Image, local_registry: LocalRegistry) -> None:
+    pulled = pull_image(f"oci:{local_registry.host}/{image.repository}@{image.manifest_digest}")
     assert pulled.manifest_digest == image.manifest_digest
     assert pulled.config_digest == image.blob_digests[0]
 
@@ -130,10 +130,10 @@ def test_pulled_layout_holds_exactly_the_verified_blobs(image: Image) -> None:
 
 
 def test_pull_of_an_index_takes_the_linux_amd64_image(
-        registry: LocalRegistry, tmp_path: Path) -> None:
+        local_registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_index_layout(tmp_path / "multi", {
         "arm64": {"arch": b"arm64\n"}, "amd64": {"arch": b"amd64\n"}})
-    pushed = registry.push(layout, "tests/multi-platform", "v1")
+    pushed = local_registry.push(layout, "tests/multi-platform", "v1")
     pulled = pull_image(pushed.ref)
     unpack_oci_tree(pulled.layout, tmp_path / "tree")
     assert (tmp_path / "tree/arch").read_bytes() == b"amd64\n"
@@ -142,9 +142,9 @@ def test_pull_of_an_index_takes_the_linux_amd64_image(
     assert pulled.config_digest == pushed.blob_digests[0]
 
 
-def test_docker_schema2_image_is_pulled(registry: LocalRegistry, tmp_path: Path) -> None:
+def test_docker_schema2_image_is_pulled(local_registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_layout(tmp_path / "layout", {"format": b"docker schema 2\n"})
-    pushed = registry.push(layout, "tests/docker-schema2", "v1", docker_format=True)
+    pushed = local_registry.push(layout, "tests/docker-schema2", "v1", docker_format=True)
     pulled = pull_image(pushed.ref)
     unpack_oci_tree(pulled.layout, tmp_path / "tree")
     assert (tmp_path / "tree/format").read_bytes() == b"docker schema 2\n"
@@ -152,10 +152,10 @@ def test_docker_schema2_image_is_pulled(registry: LocalRegistry, tmp_path: Path)
     assert index["manifests"][0]["mediaType"] == DOCKER_MANIFEST
 
 
-def test_docker_manifest_list_is_resolved_to_linux_amd64(registry: LocalRegistry, tmp_path: Path) -> None:
+def test_docker_manifest_list_is_resolved_to_linux_amd64(local_registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_index_layout(tmp_path / "multi", {
         "arm64": {"arch": b"arm64\n"}, "amd64": {"arch": b"amd64\n"}})
-    pushed = registry.push(layout, "tests/docker-list", "v1", docker_format=True)
+    pushed = local_registry.push(layout, "tests/docker-list", "v1", docker_format=True)
     pulled = pull_image(pushed.ref)
     unpack_oci_tree(pulled.layout, tmp_path / "tree")
     assert (tmp_path / "tree/arch").read_bytes() == b"amd64\n"
@@ -163,9 +163,9 @@ def test_docker_manifest_list_is_resolved_to_linux_amd64(registry: LocalRegistry
 
 
 def test_index_without_linux_amd64_is_refused_naming_its_platforms(
-        registry: LocalRegistry, tmp_path: Path) -> None:
+        local_registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_index_layout(tmp_path / "arm", {"arm64": {"arch": b"arm64\n"}})
-    pushed = registry.push(layout, "tests/arm-only", "v1")
+    pushed = local_registry.push(layout, "tests/arm-only", "v1")
     with pytest.raises(PlatformNotFoundError, match=r"linux/arm64") as raised:
         pull_image(pushed.ref)
     assert pushed.ref in str(raised.value) or "tests/arm-only" in str(raised.value)
@@ -173,9 +173,9 @@ def test_index_without_linux_amd64_is_refused_naming_its_platforms(
 
 
 def test_single_image_of_another_architecture_is_refused(
-        registry: LocalRegistry, tmp_path: Path) -> None:
+        local_registry: LocalRegistry, tmp_path: Path) -> None:
     layout = build_layout(tmp_path / "arm", {"arch": b"arm64\n"}, architecture="arm64")
-    pushed = registry.push(layout, "tests/arm-single", "v1")
+    pushed = local_registry.push(layout, "tests/arm-single", "v1")
     with pytest.raises(PlatformNotFoundError, match=r"built for linux/arm64"):
         pull_image(pushed.ref)
     assert cache_entries() == []
@@ -194,10 +194,10 @@ def test_progress_counts_every_blob_byte_up_to_the_total(image: Image) -> None:
 # Cache
 
 
-def test_second_pull_of_a_tag_downloads_no_blob(image: Image, registry: LocalRegistry) -> None:
+def test_second_pull_of_a_tag_downloads_no_blob(image: Image, local_registry: LocalRegistry) -> None:
     first = pull_image(image.ref)
     for digest in image.blob_digests:  # the registry can no longer serve the image's blobs
-        registry.blob_file(digest).unlink()
+        local_registry.blob_file(digest).unlink()
     second = pull_image(image.ref)
     assert second.from_cache
     assert second.layout == first.layout
@@ -274,8 +274,8 @@ def test_pulled_images_lists_what_the_cache_holds(image: Image) -> None:
 # Errors
 
 
-def test_unknown_repository_is_an_error_naming_the_reference(registry: LocalRegistry) -> None:
-    ref = f"oci:{registry.host}/tests/no-such-repository:v1"
+def test_unknown_repository_is_an_error_naming_the_reference(local_registry: LocalRegistry) -> None:
+    ref = f"oci:{local_registry.host}/tests/no-such-repository:v1"
     with pytest.raises(ImageNotFoundError) as raised:
         pull_image(ref)
     assert ref in str(raised.value)
@@ -295,8 +295,8 @@ def test_unreachable_registry_is_an_error_naming_the_reference() -> None:
 
 
 def test_blob_whose_bytes_do_not_match_its_digest_is_refused_and_nothing_cached(
-        image: Image, registry: LocalRegistry) -> None:
-    layer = registry.blob_file(image.blob_digests[-1])
+        image: Image, local_registry: LocalRegistry) -> None:
+    layer = local_registry.blob_file(image.blob_digests[-1])
     data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0x01
     layer.write_bytes(bytes(data))
@@ -307,8 +307,8 @@ def test_blob_whose_bytes_do_not_match_its_digest_is_refused_and_nothing_cached(
 
 
 def test_manifest_whose_bytes_do_not_match_its_digest_is_refused(
-        image: Image, registry: LocalRegistry) -> None:
-    stored = registry.blob_file(image.manifest_digest)
+        image: Image, local_registry: LocalRegistry) -> None:
+    stored = local_registry.blob_file(image.manifest_digest)
     stored.write_bytes(stored.read_bytes().replace(b'"schemaVersion"', b'"schemaVersion" '))
     with pytest.raises(BlobDigestError, match=f"not {image.manifest_digest}"):
         pull_image(image.ref)
