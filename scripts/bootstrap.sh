@@ -19,6 +19,10 @@ for tool in make bc bison flex perl patch xz; do
   command -v $tool >/dev/null || need_apt+=("$([ $tool = xz ] && echo xz-utils || echo $tool)")
 done
 [ -f /usr/include/gelf.h ] || need_apt+=(libelf-dev)
+# OCI registry tests (tests/unit/test_distribution.py): a real registry, skopeo to push, htpasswd.
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need_apt+=(python3)
 if command -v "$PY" >/dev/null; then
