@@ -11,8 +11,9 @@ An `Image` knows three things the plugin needs and nothing about pytest:
   (its agent answers), i.e. exactly the state worth snapshotting.
 * `build()`: make sure its artifacts exist (for `supermachine image build`).
 
-Images are found by name through the ``pytest_supermachine_image`` hook (see
-registry.py for the default implementation and the bundled images).
+Images are found by name through the ``pytest_supermachine_image`` hook, whose
+default implementation (plugin.py) serves the images in registry.py: those added
+with `register_image`, then the bundled ones.
 """
 
 from __future__ import annotations
