@@ -45,8 +45,7 @@ _instances: dict[str, Image] = {}
 def register_image(name: str, factory: Callable[[], Image], *, replace: bool = False) -> None:
     """Make `factory()` the image called `name` (created on first use, once per process)."""
     with _lock:
-        taken = {*_factories, *_aliases, *BUNDLED_IMAGES, *BUNDLED_ALIASES}
-        if not replace and name in taken:
+        if not replace and name in image_names():
             raise ValueError(f"an image named {name!r} is already registered")
         _aliases.pop(name, None)
         _factories[name] = factory
