@@ -24,7 +24,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .fixtures.factory import MicrovmFactory, SnapshotInfo
     from .fixtures.layers import LayerError, layer
-    from .images.registry import Image, register_image
+    from .images.image import Image
+    from .images.registry import register_image
     from .vmm.agent import AgentError, AgentTimeout, CommandFailed, RunResult
     from .vmm.machine import Machine
     from .vmm.snapshot import SnapshotError
@@ -42,7 +43,7 @@ _LAZY = {
     "SnapshotError": ".vmm.snapshot",
     "MicrovmFactory": ".fixtures.factory",
     "SnapshotInfo": ".fixtures.factory",
-    "Image": ".images.registry",
+    "Image": ".images.image",
     "register_image": ".images.registry",
 }
 

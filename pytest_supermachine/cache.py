@@ -1,17 +1,29 @@
-"""Where built and snapshotted things are kept: the user cache dir, content-addressed."""
+"""Where built and snapshotted things are kept: the user cache dir, content-addressed.
+
+Everything we build once and reuse (the microguest, the agent, the initramfs, the
+guest kernel, ext4 root filesystems) goes through `build_once`, the one helper that
+makes a cache entry exactly once across processes and never shows a half-built one.
+Snapshots have their own cache with the same guarantees (snapshot_store.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
 APP = "pytest-supermachine"
+#: Written last into every `build_once` entry: its presence means the entry is complete.
+MANIFEST_NAME = "manifest.json"
 
 
 def cache_dir() -> Path:
@@ -33,28 +45,74 @@ def content_key(*parts: bytes | str) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_artifact(kind: str, key: str, name: str, build: Callable[[Path], None]) -> Path:
-    """`cache_dir()/kind/key/name`, made by `build(tmpdir)` on first use.
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write `data` as JSON to `path` by temp file + rename (readers never see half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
-    `build` writes `name` into the temporary directory it is given; the file is
-    then renamed into place, so a reader never sees a half-built artifact and a
-    killed builder leaves only a stray temp dir. A `FileLock` next to the entry
-    makes concurrent processes (xdist workers) build once while the others wait.
+
+def build_once(kind: str, key: str, fill: Callable[[Path], Mapping[str, object] | None], *,
+               root: Path | None = None, on_wait: Callable[[], None] | None = None,
+               keep_failed: bool = False) -> Path:
+    """The complete cache entry ``<root>/<kind>/<key>/``, made by ``fill(entry)`` if missing.
+
+    ``root`` defaults to `cache_dir()`. ``fill`` writes its files into the empty entry
+    directory and returns extra fields for the entry's manifest (``manifest.json``,
+    written last, atomically: an entry is complete exactly when it has one, so a
+    reader never takes a half-built entry). A `FileLock` next to the entry makes
+    concurrent processes (xdist workers) build once while the others wait; a
+    complete entry is returned without taking it. ``on_wait`` is called before
+    waiting for the lock (the entry was missing: a build may be about to start).
+
+    An incomplete entry (left by a build that failed or was killed) is cleared by
+    the next build. If ``fill`` raises, the entry is removed, unless ``keep_failed``
+    (then its files stay for inspection until the next attempt).
     """
-    root = cache_dir() / kind
-    entry = root / key
-    artifact = entry / name
-    if artifact.is_file():
-        return artifact
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if artifact.is_file():  # another process built it while we waited
-            return artifact
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+    base = (root if root is not None else cache_dir()) / kind
+    entry = base / key
+    if (entry / MANIFEST_NAME).is_file():
+        return entry
+    base.mkdir(parents=True, exist_ok=True)
+    if on_wait is not None:
+        on_wait()
+    with FileLock(str(base / f"{key}.lock")):
+        if (entry / MANIFEST_NAME).is_file():  # another process built it while we waited
+            return entry
+        if entry.exists():
+            shutil.rmtree(entry)
+        entry.mkdir()
+        start = time.monotonic()
         try:
-            build(tmp)
-            entry.mkdir(exist_ok=True)
-            os.replace(tmp / name, artifact)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return artifact
+            extra = dict(fill(entry) or {})
+        except BaseException:
+            if not keep_failed:
+                shutil.rmtree(entry, ignore_errors=True)
+            raise
+        write_json_atomic(entry / MANIFEST_NAME, {
+            "key": key, **extra, "build_seconds": round(time.monotonic() - start, 2)})
+    return entry
+
+
+def cached_artifact(kind: str, key: str, name: str, build: Callable[[Path], None]) -> Path:
+    """The file ``<cache>/kind/key/name``, made by ``build(scratch)`` through `build_once`.
+
+    ``build`` writes `name` into the empty scratch directory it is given; only that
+    file is kept (by-products such as object files go with the scratch directory).
+    """
+
+    def fill(entry: Path) -> None:
+        scratch = entry / ".build"
+        scratch.mkdir()
+        build(scratch)
+        os.replace(scratch / name, entry / name)
+        shutil.rmtree(scratch)
+
+    return build_once(kind, key, fill) / name

@@ -3,6 +3,10 @@
 Subcommands: ``doctor``, ``demo``, ``image list|build``, ``cache list|prune``,
 ``replay CAPSULE [--runs N] [--shell]``. Errors we raise on purpose print as one
 line (exit 1); anything else is a bug and keeps its traceback.
+
+Each subcommand imports what it needs when it runs (lazy imports below): pytest,
+filelock and the VMM take long to import, and ``supermachine --help`` or
+``image list`` need none of them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import SupermachineError
+
+if TYPE_CHECKING:
+    from .snapshot_store import SnapshotStore
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -25,18 +35,18 @@ def _doctor(args: argparse.Namespace) -> int:
     return main()
 
 
-def _store(args: argparse.Namespace):  # -> SnapshotStore
+def _store(args: argparse.Namespace) -> SnapshotStore:
     from .cache import cache_dir
-    from .fixtures.store import SnapshotStore
+    from .snapshot_store import SnapshotStore
 
     return SnapshotStore(Path(args.cache_dir) if args.cache_dir else cache_dir())
 
 
 def _image_list(args: argparse.Namespace) -> int:
-    from .images.registry import _aliases, canonical_name, get_image, image_names
+    from .images.registry import alias_target, canonical_name, get_image, image_names
 
     for name in image_names():
-        if name in _aliases:
+        if alias_target(name) is not None:
             print(f"{name:<12} -> {canonical_name(name)}")
             continue
         image = get_image(name)
@@ -48,7 +58,7 @@ def _image_list(args: argparse.Namespace) -> int:
 def _image_build(args: argparse.Namespace) -> int:
     """Build the image and its base snapshot (so the first test run finds it cached)."""
     from .fixtures.factory import MicrovmFactory
-    from .fixtures.settings import Settings
+    from .session.settings import Settings
 
     settings = Settings(image=args.name, vcpus=args.vcpus, mem_mib=args.mem_mib,
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
@@ -104,7 +114,7 @@ def _cache_prune(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .fixtures.replay import run_replay, run_shell
+    from .capsules.replay import run_replay, run_shell
 
     if args.shell:
         return run_shell(Path(args.capsule), fixture=args.vm, timeout=args.timeout)
@@ -174,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clean one-line error for users; tracebacks stay for bugs
-        from .errors import SupermachineError
-
         if isinstance(e, SupermachineError):
             print(f"supermachine: error: {e}", file=sys.stderr)
             return 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .errors import SupermachineError
+from .guest.microguest import GuestMode, build_microguest
+
 
 @dataclass
 class Check:
@@ -15,8 +18,7 @@ class Check:
 
 def kvm_summary() -> str:
     """One line for pytest's report header; never raises, never creates a VM."""
-    from .errors import SupermachineError
-    from .vmm.kvm import Kvm
+    from .vmm.kvm import Kvm  # lazy: the VMM is loaded only to run VMs
 
     try:
         kvm = Kvm()
@@ -31,8 +33,7 @@ def kvm_summary() -> str:
 
 def run_checks(*, boot_guest: bool = True) -> list[Check]:
     """Every check in order; stops at the first failure that makes the rest meaningless."""
-    from .errors import SupermachineError
-    from .vmm.kvm import Kvm, kvm_device_path
+    from .vmm.kvm import Kvm, kvm_device_path  # lazy: the VMM is loaded only to run VMs
 
     checks: list[Check] = []
     path = kvm_device_path()
@@ -53,15 +54,13 @@ def run_checks(*, boot_guest: bool = True) -> list[Check]:
     checks.append(Check("host CPU", True,
                         f"{cpuid.vendor()} family {family} model {model} stepping {stepping}"))
     try:
-        from .vmm.machine import Machine
+        from .vmm.machine import Machine  # lazy: the VMM is loaded only to run VMs
 
         t0 = time.perf_counter()
         with Machine(vcpus=1, mem_mib=64, kvm=kvm) as m:
             created = time.perf_counter() - t0
             checks.append(Check("create a VM", True, f"64 MiB, 1 vCPU in {created * 1e3:.1f} ms"))
             if boot_guest:
-                from .guest.microguest import GuestMode, build_microguest
-
                 elf = build_microguest()
                 m.boot_direct64(elf, mode=GuestMode.HALT)
                 t1 = time.perf_counter()

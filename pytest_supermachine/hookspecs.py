@@ -14,15 +14,18 @@ import pytest
 
 if TYPE_CHECKING:
     from .fixtures.factory import SnapshotInfo
-    from .images.registry import Image
+    from .images.image import Image
 
 
 @pytest.hookspec(firstresult=True)
 def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
-    """Return the `Image` to use for image name `name`, or None to use the registry.
+    """Return the `Image` to use for image name `name`, or None to leave it to others.
 
     Lets a plugin or conftest provide its own guest image (or replace a bundled one).
-    The first non-None result wins.
+    The first non-None result wins. The plugin's own implementation runs last
+    (``trylast``) and answers with the images added by `register_image` and the
+    bundled ones (``microguest``, ``linux``, ``default``); no answer at all is an
+    unknown image.
     """
 
 

@@ -6,11 +6,12 @@ VMs and snapshots are made by the fixtures (fixtures/microvm.py) when a test tha
 uses one is set up, so ``--collect-only`` and runs that use no VM never touch KVM
 beyond the report header's one-line probe.
 
-Where things live: settings (options, ini, env, marker) in fixtures/settings.py,
-the cache in fixtures/store.py, layers in fixtures/layers.py, the warm pool in
-fixtures/pool.py, snapshots and machines in fixtures/factory.py, failure capsules
-in fixtures/capsules.py, replay in fixtures/replay.py, xdist in fixtures/xdist.py,
-our hook specifications in hookspecs.py.
+Where things live: our hook specifications in hookspecs.py; the fixtures, layers,
+the warm pool and the factory of snapshots and machines in fixtures/; settings
+(options, ini, env, marker), the session's state, its counters and xdist in
+session/; the snapshot cache in snapshot_store.py; failure capsules and replay
+in capsules/; images (the bundled ones are offered by this module's default
+``pytest_supermachine_image``) in images/.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from typing import Any
 
 import pytest
 
-from .fixtures import xdist
+from . import hookspecs
+from .capsules.capsule import CapsuleWriter, read_manifest, report_text
+from .capsules.replay import ReplayPlugin, load_replay_state
+from .doctor import kvm_summary
+from .fixtures.lease import LEASES_KEY
 from .fixtures.microvm import microvm, microvm_factory, microvm_image
-from .fixtures.session import (
-    CAPSULE_KEY,
-    LEASES_KEY,
-    STATE_KEY,
-    SessionState,
-    new_session_id,
-    state_of,
-)
-from .fixtures.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
+from .images.image import Image
+from .images.registry import canonical_name, find_image
+from .session import xdist
+from .session.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
+from .session.state import CAPSULE_KEY, STATE_KEY, SessionState, new_session_id, state_of
 
 __all__ = ["microvm", "microvm_factory", "microvm_image"]
 
@@ -42,8 +43,6 @@ _REPLAYED_SETTINGS = ("image", "vcpus", "mem_mib", "cache_dir")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    from . import hookspecs
-
     pluginmanager.add_hookspecs(hookspecs)
 
 
@@ -78,15 +77,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     replay_capsule = config.getoption("supermachine_replay")
     if replay_capsule:
-        from .fixtures.replay import ReplayPlugin, load_replay_state
-
         state.replay = load_replay_state(replay_capsule,
                                          config.getoption("supermachine_replay_runs"),
                                          config.getoption("supermachine_replay_result"))
         config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
     else:
-        from .fixtures.capsules import CapsuleWriter
-
         replay_args: list[str] = []
         for opt in OPTIONS:
             source = settings.sources.get(opt.name, "")
@@ -102,15 +97,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from .doctor import kvm_summary
-    from .images.registry import canonical_name
-
     state = state_of(config)
     s = state.settings
     image = s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
     return [f"supermachine: {kvm_summary()}",
             f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
             + (", rebuilding snapshots" if s.rebuild else "")]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
+    """The default: images added with `register_image`, then the bundled ones.
+
+    ``trylast`` (like pytest-xdist's default ``pytest_xdist_make_scheduler``), so any
+    other implementation, in a plugin or a conftest, is asked first and wins.
+    """
+    return find_image(name)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -132,8 +134,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     writer = state.capsules
     if not leases or writer is None or not writer.enabled or CAPSULE_KEY in item.stash:
         return
-    from .fixtures.capsules import read_manifest, report_text
-
     settings = state.settings.for_item(item)
     try:
         path = writer.write(item, report, leases, {

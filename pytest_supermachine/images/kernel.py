@@ -15,7 +15,6 @@ No VM or pytest code here: this module only turns a recipe into two files.
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 import selectors
@@ -26,9 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
-from pytest_supermachine.cache import cache_dir, content_key
+from pytest_supermachine.cache import build_once, content_key
 from pytest_supermachine.errors import GuestBuildError
 
 #: Debian ships the kernel source as one tarball; its name carries the series.
@@ -389,10 +386,6 @@ class _Builder:
         return lines
 
 
-def _entry_complete(entry: Path) -> bool:
-    return all((entry / name).is_file() for name in ("manifest.json", "vmlinux", "bzImage"))
-
-
 def _artifacts(entry: Path, key: str, variant: KernelVariant) -> KernelArtifacts:
     return KernelArtifacts(
         vmlinux=entry / "vmlinux",
@@ -402,13 +395,6 @@ def _artifacts(entry: Path, key: str, variant: KernelVariant) -> KernelArtifacts
         variant=variant,
         config=entry / "config",
     )
-
-
-def _install(src: Path, dst: Path) -> None:
-    """Copy then rename, so a reader never sees a half-written artifact."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def build_kernel(
@@ -425,62 +411,46 @@ def build_kernel(
     """Build (or find in the cache) the guest kernel for ``variant``.
 
     The entry ``<cache>/kernel/<key>/`` holds ``vmlinux``, ``bzImage``, ``config``,
-    ``build.log`` and ``manifest.json`` (written last: its presence means
-    complete). A `FileLock` next to the entry makes concurrent callers (xdist
-    workers) build once and the others wait, reporting phase "wait". The source
-    tree and objects (~1 GiB) are deleted after a successful build unless
-    ``keep_work``; after a failure they stay for inspection and are replaced by
-    the next attempt. ``niceness`` lowers the compiler's priority so a build does
-    not starve the tests running beside it.
+    ``build.log`` and ``manifest.json``; it is made by `build_once` (cache.py), so
+    concurrent callers (xdist workers) build once and the others wait, reporting
+    phase "wait". The source tree and objects (~1 GiB) are deleted after a
+    successful build unless ``keep_work``; after a failure they stay for inspection
+    and are replaced by the next attempt. ``niceness`` lowers the compiler's
+    priority so a build does not starve the tests running beside it.
     """
     variant = variant or detect_variant()
     ensure_linux_source(source)
     key = kernel_cache_key(variant, recipe_dir=recipe_dir, source=source)
-    base = (root if root is not None else cache_dir()) / "kernel"
-    entry = base / key
     start = time.monotonic()
 
-    def done() -> KernelArtifacts:
-        if progress is not None:
-            progress("done", time.monotonic() - start, 0)
-        return _artifacts(entry, key, variant)
-
-    if _entry_complete(entry):
-        return done()
-    base.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(base / f"{key}.lock"))
-    if progress is not None:
-        progress("wait", 0.0, 0)
-    with lock:
-        if _entry_complete(entry):
-            return done()
+    def fill(entry: Path) -> dict[str, object]:
         check_build_tools()
-        entry.mkdir(exist_ok=True)
         work = entry / "work"
-        if work.exists():
-            shutil.rmtree(work)
         work.mkdir()
         log = entry / "build.log"
         log.write_bytes(f"kernel {key} variant={variant.value}\n".encode())
         b = _Builder(work, log, progress, niceness)
         b.start = start
         _build_tree(b, variant, work, recipe_dir, source, jobs or os.cpu_count() or 1)
-        _install(work / ".config", entry / "config")
-        _install(work / "vmlinux", entry / "vmlinux")
-        _install(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
-        manifest = {
-            "key": key,
+        shutil.copyfile(work / ".config", entry / "config")
+        shutil.copyfile(work / "vmlinux", entry / "vmlinux")
+        shutil.copyfile(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        return {
             "variant": variant.value,
             "source": source_version(source),
             "patches": [p.name for p in variant.patches(recipe_dir)],
-            "build_seconds": round(time.monotonic() - start, 1),
         }
-        tmp = entry / f".manifest.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, entry / "manifest.json")
-        if not keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    return done()
+
+    def waiting() -> None:
+        if progress is not None:
+            progress("wait", 0.0, 0)
+
+    entry = build_once("kernel", key, fill, root=root, on_wait=waiting, keep_failed=True)
+    if progress is not None:
+        progress("done", time.monotonic() - start, 0)
+    return _artifacts(entry, key, variant)
 
 
 def _build_tree(

@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .registry import Image
+from ..guest.agent.initramfs import build_initramfs
+from .image import Image
+from .kernel import KernelArtifacts, build_kernel
 
 if TYPE_CHECKING:
     from ..vmm.machine import Machine
@@ -52,18 +54,14 @@ class LinuxImage(Image):
     default_vcpus = 1
     default_mem_mib = 128
 
-    def kernel(self):  # -> KernelArtifacts
-        from .kernel import build_kernel
-
+    def kernel(self) -> KernelArtifacts:
         return build_kernel(progress=_progress)
 
     def initramfs(self) -> Path:
-        from ..guest.agent.initramfs import build_initramfs
-
         return build_initramfs()
 
     def cmdline(self) -> str:
-        from ..vmm.kvm import is_nested_pvm
+        from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
 
         pvm = PVM_CMDLINE if is_nested_pvm() else ()
         return " ".join([*self.kernel().cmdline_extra, *BASE_CMDLINE, *pvm])
@@ -81,7 +79,7 @@ class LinuxImage(Image):
         }
 
     def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
-        from ..vmm.kvm import is_nested_pvm
+        from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()

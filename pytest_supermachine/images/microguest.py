@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .registry import Image
+from ..guest.microguest import GuestMode, build_microguest
+from .image import Image
 
 if TYPE_CHECKING:
     from ..vmm.machine import Machine
@@ -31,20 +32,18 @@ class MicroguestImage(Image):
     default_mem_mib = 64
 
     def elf(self) -> Path:
-        from ..guest.microguest import build_microguest
-
         return build_microguest()
 
     def build(self) -> str:
         return f"{self.elf()} ({self.elf().stat().st_size} bytes)"
 
     def _disks(self) -> tuple:
-        from ..vmm.devices.hub import DiskSpec
+        from ..vmm.devices.hub import DiskSpec  # lazy: the VMM is loaded only to run VMs
 
         return (DiskSpec(path=None, size=SCRATCH_DISK_BYTES, serial="scratch"),)
 
     def key_parts(self, vcpus: int, mem_mib: int) -> Mapping[str, bytes | str]:
-        from ..vmm.devices.hub import spec_to_dict
+        from ..vmm.devices.hub import spec_to_dict  # lazy: the VMM is loaded only to run VMs
 
         return {
             "elf": self.elf().read_bytes(),
@@ -53,8 +52,7 @@ class MicroguestImage(Image):
         }
 
     def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
-        from ..guest.microguest import GuestMode
-        from ..vmm.machine import Machine
+        from ..vmm.machine import Machine  # lazy: the VMM is loaded only to run VMs
 
         machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self._disks())
         try:

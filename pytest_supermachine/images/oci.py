@@ -55,15 +55,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pytest_supermachine.cache import content_key
+from pytest_supermachine.cache import build_once, content_key
 from pytest_supermachine.errors import GuestBuildError
 
 from . import rootfs
 from .rootfs import (
+    CACHE_KIND,
     IMAGE_NAME,
     Device,
     EntryAttrs,
-    cached_build,
+    built_with,
     copy_sparse,
     e2fsprogs_version,
     make_ext4,
@@ -728,10 +729,10 @@ def build_oci_rootfs(tarball: Path, out: Path | None = None, *, size: int | None
         finally:
             shutil.rmtree(tree, ignore_errors=True)  # dirs are owner-writable by construction
         (entry / CONFIG_NAME).write_text(json.dumps(unpacked.config.to_json(), indent=2) + "\n")
-        return {"kind": "oci", "source": str(tarball.resolve()), "label": label,
+        return {**built_with(), "kind": "oci", "source": str(tarball.resolve()), "label": label,
                 "layers": unpacked.layers, "size": (entry / IMAGE_NAME).stat().st_size}
 
-    entry = cached_build(key, fill)
+    entry = build_once(CACHE_KIND, key, fill)
     config = ImageConfig.from_json(json.loads((entry / CONFIG_NAME).read_text()))
     image = entry / IMAGE_NAME
     return (image if out is None else copy_sparse(image, Path(out))), config

@@ -1,65 +1,39 @@
-"""Guest images by name: what a base snapshot is booted from, and what its cache key hashes.
+"""Images by name: those added with `register_image`, then the bundled ones.
 
-An `Image` knows three things the plugin needs and nothing about pytest:
+Every image a test gets is found through the ``pytest_supermachine_image`` hook
+(hookspecs.py). The plugin's own implementation of it is marked ``trylast`` and
+answers with `find_image`, so a plugin or conftest implementing the hook decides
+first (and may replace a bundled image by returning another for its name); then
+come images added with `register_image` (``replace=True`` replaces a bundled one);
+then the bundled images: ``microguest`` (always available), ``linux`` (the Linux
+guest), and ``default``, the alias naming the image tests get unless they ask for
+another (``linux``).
 
-* `key_parts(vcpus, mem_mib)`: everything image-specific that changes the booted
-  guest (its bytes, command line, devices). The plugin adds what every snapshot
-  depends on (vCPUs, memory, snapshot and VM-state format versions, plugin version,
-  host CPU/KVM facts), hashes the lot, and that hash names the base snapshot in the
-  cache. A change in any part gives a new key, so a stale base is never reused.
-* `boot(vcpus, mem_mib, timeout=)`: a started `Machine` whose guest is *ready*
-  (its agent answers), i.e. exactly the state worth snapshotting.
-* `build()`: make sure its artifacts exist (for `supermachine image build`).
-
-Images are registered as factories so that importing this module (which the
-plugin does at start-up) builds nothing and opens no device. ``microguest`` is
-always available; ``default`` names the image tests get unless they ask for
-another: the Linux guest (``linux``).
-Other plugins add images with `register_image` or the
-``pytest_supermachine_image`` hook.
+Nothing is made at import: an image is created on first use, once per process, so
+importing this module builds nothing and opens no device.
 """
 
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 from ..errors import SupermachineError
+from .image import Image
+from .linux import LinuxImage
+from .microguest import MicroguestImage
 
-if TYPE_CHECKING:
-    from ..vmm.machine import Machine
+#: The images this package ships, by name.
+BUNDLED_IMAGES: Mapping[str, Callable[[], Image]] = {
+    "microguest": MicroguestImage,
+    "linux": LinuxImage,
+}
+#: Other names for bundled images: ``default`` is the image tests get unless they ask.
+BUNDLED_ALIASES: Mapping[str, str] = {"default": "linux"}
 
 
 class UnknownImageError(SupermachineError):
     """No image is registered under the requested name."""
-
-
-class Image(ABC):
-    """A bootable guest image (see the module docstring for the contract)."""
-
-    #: Registry name ("microguest", "linux", ...).
-    name: str = ""
-    #: One line for `supermachine image list` and the report header.
-    description: str = ""
-    default_vcpus: int = 1
-    default_mem_mib: int = 64
-
-    @abstractmethod
-    def key_parts(self, vcpus: int, mem_mib: int) -> Mapping[str, bytes | str]:
-        """Everything image-specific the booted guest depends on (builds the image if needed)."""
-
-    @abstractmethod
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
-        """A started machine whose guest is ready; the caller owns (and stops) it."""
-
-    def build(self) -> str:
-        """Build what the image needs if missing; returns a short description of the result."""
-        return self.description
-
-    def __repr__(self) -> str:
-        return f"<Image {self.name}>"
 
 
 _lock = threading.Lock()
@@ -71,7 +45,7 @@ _instances: dict[str, Image] = {}
 def register_image(name: str, factory: Callable[[], Image], *, replace: bool = False) -> None:
     """Make `factory()` the image called `name` (created on first use, once per process)."""
     with _lock:
-        if not replace and (name in _factories or name in _aliases):
+        if not replace and name in image_names():
             raise ValueError(f"an image named {name!r} is already registered")
         _aliases.pop(name, None)
         _factories[name] = factory
@@ -86,50 +60,57 @@ def register_alias(name: str, target: str) -> None:
         _aliases[name] = target
 
 
+def alias_target(name: str) -> str | None:
+    """The name `name` stands for if it is an alias, else None (registered names first)."""
+    if name in _factories:
+        return None
+    if name in _aliases:
+        return _aliases[name]
+    if name in BUNDLED_IMAGES:
+        return None
+    return BUNDLED_ALIASES.get(name)
+
+
 def canonical_name(name: str) -> str:
     """`name` with aliases followed (``default`` → ``linux``)."""
     seen = set()
-    while name in _aliases and name not in seen:
+    while name not in seen and (target := alias_target(name)) is not None:
         seen.add(name)
-        name = _aliases[name]
+        name = target
     return name
 
 
 def image_names() -> list[str]:
-    """Every registered name, aliases included, sorted."""
-    return sorted({*_factories, *_aliases})
+    """Every name, registered and bundled, aliases included, sorted."""
+    return sorted({*_factories, *_aliases, *BUNDLED_IMAGES, *BUNDLED_ALIASES})
 
 
-def get_image(name: str) -> Image:
-    """The image registered as `name` (aliases followed); `UnknownImageError` names the choices."""
+def find_image(name: str) -> Image | None:
+    """The image called `name` (aliases followed), created on first use; None if none is."""
     real = canonical_name(name)
     with _lock:
         image = _instances.get(real)
         if image is not None:
             return image
-        factory = _factories.get(real)
+        factory = _factories.get(real) or BUNDLED_IMAGES.get(real)
     if factory is None:
-        raise UnknownImageError(
-            f"no guest image named {name!r}; available: {', '.join(image_names())} "
-            "(plugins add images through the pytest_supermachine_image hook)"
-        )
+        return None
     image = factory()
     with _lock:
         return _instances.setdefault(real, image)
 
 
-def _microguest() -> Image:
-    from .microguest import MicroguestImage
-
-    return MicroguestImage()
-
-
-def _linux() -> Image:
-    from .linux import LinuxImage
-
-    return LinuxImage()
+def unknown_image(name: str) -> UnknownImageError:
+    """The error for an image name nothing provides; it names the choices."""
+    return UnknownImageError(
+        f"no guest image named {name!r}; available: {', '.join(image_names())} "
+        "(plugins add images through the pytest_supermachine_image hook)"
+    )
 
 
-register_image("microguest", _microguest)
-register_image("linux", _linux)
-register_alias("default", "linux")
+def get_image(name: str) -> Image:
+    """The image called `name` (aliases followed); `UnknownImageError` names the choices."""
+    image = find_image(name)
+    if image is None:
+        raise unknown_image(name)
+    return image

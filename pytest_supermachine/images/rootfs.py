@@ -30,10 +30,10 @@ What `mkfs.ext4 -d` alone gets wrong, and how it is fixed here:
 The root directory itself is always 0755, 0:0, with the epoch as its times
 (``-E root_owner=0:0``); the source directory's own mode is not used.
 
-Images are built under ``cache_dir()/rootfs/<key>/`` with a `FileLock`, so
-concurrent callers (xdist workers) build once; ``manifest.json`` is written
-last and its presence means the entry is complete. Output files are written to
-a temporary name and renamed, so nobody ever sees half an image.
+Images are built under ``cache_dir()/rootfs/<key>/`` by `build_once` (cache.py),
+so concurrent callers (xdist workers) build once and nobody takes a half-built
+entry. Output files are written to a temporary name and renamed, so nobody ever
+sees half an image.
 """
 
 from __future__ import annotations
@@ -48,16 +48,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from filelock import FileLock
-
-from pytest_supermachine.cache import cache_dir, content_key
+from pytest_supermachine.cache import build_once, content_key
 from pytest_supermachine.errors import GuestBuildError
 
 #: The Debian package with ``mkfs.ext4`` and ``debugfs``.
@@ -69,8 +66,8 @@ RECIPE_VERSION = "1"
 DEFAULT_EPOCH = 946684800
 #: File name of the image inside a cache entry.
 IMAGE_NAME = "rootfs.ext4"
-#: Written last into a cache entry; its presence means the entry is complete.
-MANIFEST_NAME = "manifest.json"
+#: The `build_once` kind of the ext4 images: they live in ``cache_dir()/rootfs/<key>/``.
+CACHE_KIND = "rootfs"
 
 BLOCK_SIZE = 4096
 INODE_SIZE = 256
@@ -487,42 +484,9 @@ def make_ext4(src: Path, out: Path, *, seed: str, size: int | None = None, label
 # Cache
 
 
-def rootfs_cache_root() -> Path:
-    """``cache_dir()/rootfs``: one directory per content key."""
-    return cache_dir() / "rootfs"
-
-
-def cached_build(key: str, fill: Callable[[Path], Mapping[str, object]]) -> Path:
-    """The complete cache entry ``rootfs/<key>/``, running ``fill(entry)`` once if needed.
-
-    ``fill`` writes its files into the (empty) entry and returns extra manifest
-    fields. Holding ``<key>.lock`` while checking and filling makes concurrent
-    callers in other processes wait for the first one instead of building too.
-    A leftover incomplete entry (a crashed build) is cleared first.
-    """
-    base = rootfs_cache_root()
-    entry = base / key
-    if (entry / MANIFEST_NAME).is_file():
-        return entry
-    base.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(base / f"{key}.lock")):
-        if (entry / MANIFEST_NAME).is_file():
-            return entry
-        if entry.exists():
-            shutil.rmtree(entry)
-        entry.mkdir()
-        start = time.monotonic()
-        try:
-            extra = dict(fill(entry))
-        except BaseException:
-            shutil.rmtree(entry, ignore_errors=True)  # nothing half-built stays behind
-            raise
-        manifest = {"key": key, "e2fsprogs": e2fsprogs_version(), "recipe": RECIPE_VERSION,
-                    **extra, "build_seconds": round(time.monotonic() - start, 2)}
-        tmp = entry / f".{MANIFEST_NAME}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, entry / MANIFEST_NAME)
-    return entry
+def built_with() -> dict[str, object]:
+    """What an entry's manifest records about the tools and recipe that made it."""
+    return {"e2fsprogs": e2fsprogs_version(), "recipe": RECIPE_VERSION}
 
 
 def copy_sparse(src: Path, dst: Path) -> Path:
@@ -598,8 +562,8 @@ def build_ext4_from_dir(src: Path, out: Path | None = None, *, size: int | None 
 
     def fill(entry: Path) -> Mapping[str, object]:
         make_ext4(src, entry / IMAGE_NAME, seed=key, size=size, label=label, attrs=attrs)
-        return {"kind": "dir", "source": str(src.resolve()), "label": label,
+        return {**built_with(), "kind": "dir", "source": str(src.resolve()), "label": label,
                 "size": (entry / IMAGE_NAME).stat().st_size}
 
-    image = cached_build(key, fill) / IMAGE_NAME
+    image = build_once(CACHE_KIND, key, fill) / IMAGE_NAME
     return image if out is None else copy_sparse(image, Path(out))

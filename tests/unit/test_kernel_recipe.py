@@ -175,6 +175,25 @@ def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
     assert phases == ["done"]
 
 
+def test_failed_build_stays_for_inspection_until_the_next_attempt(tmp_path: Path,
+                                                                  recipe: Path) -> None:
+    """A failed build keeps its log and work dir, is no cache hit, and a retry starts afresh."""
+    try:
+        kernel.check_build_tools()
+    except GuestBuildError as e:
+        pytest.skip(f"kernel build tools missing: {e}")
+    source = tmp_path / "linux-source-6.1.tar.xz"
+    source.write_bytes(b"not a tarball")
+    root = tmp_path / "cache"
+    for _attempt in range(2):
+        with pytest.raises(GuestBuildError, match="phase 'extract'"):
+            kernel.build_kernel(KernelVariant.PVM, recipe_dir=recipe, source=source, root=root,
+                                niceness=0)
+    entry = root / "kernel" / kernel_cache_key(KernelVariant.PVM, recipe_dir=recipe, source=source)
+    assert (entry / "work").is_dir() and not (entry / "manifest.json").exists()
+    assert (entry / "build.log").read_text().count("variant=pvm") == 1, "the retry's log only"
+
+
 def test_failed_step_raises_with_log_tail(tmp_path: Path) -> None:
     """A failing build command names the phase and quotes the end of the log."""
     log = tmp_path / "build.log"

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.errors import SupermachineError
-from pytest_supermachine.fixtures.capsules import (
+from pytest_supermachine.capsules.capsule import (
     MANIFEST,
     CapsuleWriter,
     read_manifest,
     report_text,
     safe_nodeid,
 )
+from pytest_supermachine.errors import SupermachineError
 
 
 def test_safe_nodeid_is_readable_and_distinct():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_supermachine.capsules.replay import replay_command
 from pytest_supermachine.cli import build_parser, main
-from pytest_supermachine.fixtures.replay import replay_command
 
 
 def test_subcommands_parse():

@@ -1,9 +1,13 @@
-"""Loading the plugin is free of side effects: no VMM import, no /dev/kvm, no builds."""
+"""Loading the plugin is free of side effects (no VMM import, no /dev/kvm, no builds); no import cycles."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest_supermachine
 
 
 def run(code: str) -> str:
@@ -26,3 +30,65 @@ def test_public_api_names_resolve_lazily():
 
 def test_package_import_does_not_import_pytest():
     assert run("import sys, pytest_supermachine; print('pytest' in sys.modules)") == "False"
+
+
+PACKAGE = Path(pytest_supermachine.__file__).parent
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _runtime_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules `name` imports when it runs: at module level or in a function.
+
+    Imports under ``if TYPE_CHECKING:`` are left out: they are annotations, never executed.
+    """
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
+                for stmt in child.orelse:
+                    visit(stmt)
+                continue
+            if isinstance(child, ast.ImportFrom):
+                base = package[: len(package) - child.level + 1] if child.level else []
+                target = ".".join([*base, *([child.module] if child.module else [])])
+                for alias in child.names:
+                    submodule = f"{target}.{alias.name}"
+                    found.add(submodule if submodule in modules else target)
+            elif isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_module_of_the_package_imports_itself_through_others():
+    modules = _module_names()
+    graph = {name: _runtime_imports(name, path, modules) for name, path in modules.items()}
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def walk(name: str, stack: list[str]) -> None:
+        if name in stack:
+            cycles.append([*stack[stack.index(name):], name])
+            return
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            walk(target, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        walk(name, [])
+    assert cycles == []

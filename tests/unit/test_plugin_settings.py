@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.fixtures.settings import OPTIONS, Settings, SettingsError
+from pytest_supermachine.session.settings import OPTIONS, Settings, SettingsError
 
 
 def resolve(cli=None, env=None, ini=None, **kw) -> Settings:

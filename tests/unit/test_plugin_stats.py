@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_supermachine.fixtures.stats import Stats
+from pytest_supermachine.session.stats import Stats
 
 
 def test_handouts_and_mean():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.fixtures.store import (
+from pytest_supermachine.snapshot_store import (
     CacheError,
     SnapshotStore,
     snapshot_key,

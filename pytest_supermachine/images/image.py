@@ -1,0 +1,52 @@
+"""`Image`: what a base snapshot is booted from, and what its cache key hashes.
+
+An `Image` knows three things the plugin needs and nothing about pytest:
+
+* `key_parts(vcpus, mem_mib)`: everything image-specific that changes the booted
+  guest (its bytes, command line, devices). The plugin adds what every snapshot
+  depends on (vCPUs, memory, snapshot and VM-state format versions, plugin version,
+  host CPU/KVM facts), hashes the lot, and that hash names the base snapshot in the
+  cache. A change in any part gives a new key, so a stale base is never reused.
+* `boot(vcpus, mem_mib, timeout=)`: a started `Machine` whose guest is *ready*
+  (its agent answers), i.e. exactly the state worth snapshotting.
+* `build()`: make sure its artifacts exist (for `supermachine image build`).
+
+Images are found by name through the ``pytest_supermachine_image`` hook, whose
+default implementation (plugin.py) serves the images in registry.py: those added
+with `register_image`, then the bundled ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..vmm.machine import Machine
+
+
+class Image(ABC):
+    """A bootable guest image (see the module docstring for the contract)."""
+
+    #: Registry name ("microguest", "linux", ...).
+    name: str = ""
+    #: One line for `supermachine image list` and the report header.
+    description: str = ""
+    default_vcpus: int = 1
+    default_mem_mib: int = 64
+
+    @abstractmethod
+    def key_parts(self, vcpus: int, mem_mib: int) -> Mapping[str, bytes | str]:
+        """Everything image-specific the booted guest depends on (builds the image if needed)."""
+
+    @abstractmethod
+    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+        """A started machine whose guest is ready; the caller owns (and stops) it."""
+
+    def build(self) -> str:
+        """Build what the image needs if missing; returns a short description of the result."""
+        return self.description
+
+    def __repr__(self) -> str:
+        return f"<Image {self.name}>"
