@@ -13,9 +13,10 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .cpuid import CpuidTable, missing_features, parse_rows
+from .kvm import Kvm
 from .snapshot import (
     REBUILD_HINT,
     SnapshotChain,
@@ -23,9 +24,6 @@ from .snapshot import (
     SnapshotFile,
     SnapshotHostMismatch,
 )
-
-if TYPE_CHECKING:
-    from .kvm import Kvm
 
 COMPARED_HOST_FACTS = (
     "cpu_vendor",

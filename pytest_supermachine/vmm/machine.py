@@ -14,6 +14,15 @@ Lifecycle::
 
 `stop()` is always safe and idempotent; the expensive part of teardown
 (closing the VM fd, unmapping RAM) runs on the reaper thread.
+
+Why this module is longer than ~600 lines: `Machine` is the one object that owns the
+lifecycle above, and each remaining method is a transition of it or an observation
+that must respect it (boot only when CREATED, snapshot and reset around the pause
+barrier, the agent connection dropped on every restore and reset). Every concept with
+a life of its own already has its module: exits.py (why it stopped), origin.py (the
+snapshot it was restored from, its dirty pages and the RAM side of reset), vmstate.py
+(vCPU and irqchip state), hostfacts.py, memory.py, devices/, boot.py. Splitting the
+rest would split the state machine across files.
 """
 
 from __future__ import annotations
@@ -449,7 +458,7 @@ class Machine:
                 devices.close()
             for vcpu in vcpus:
                 vcpu.close()
-            vm.close()
+            vm.close()  # before the RAM its memory slots point at (memory.py's lifetime rule)
             if memory is not None:
                 memory.close()
             if core != ffi.NULL:
@@ -501,7 +510,12 @@ class Machine:
             raise
         try:
             state = vmstate.prepare(m.vm, m.vcpus, m.serial, sections)
-            m._origin = SnapshotOrigin(chain, state, m.vm, memory, m.page_writers)
+        except BaseException:
+            m.stop()
+            chain.close()
+            raise
+        m._origin = SnapshotOrigin(chain, state, m.vm, memory, m.page_writers)
+        try:
             state.apply()
             m.devices.restore([f.sections for f in chain.files])
             m.devices.clear_written_pages()  # restoring queues is not a guest-visible change

@@ -13,13 +13,12 @@ from pytest_supermachine.vmm.devices.virtio.queue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     DescriptorChain,
-    DeviceMemory,
     QueueState,
     VirtQueue,
     VirtQueueError,
 )
 from pytest_supermachine.vmm.layout import HIGH_RAM_START, RamRegion
-from pytest_supermachine.vmm.memory import GuestMemory
+from pytest_supermachine.vmm.memory import DeviceMemory, GuestMemory
 from tests.virtio_driver import DriverQueue, GuestAllocator
 
 pytestmark = pytest.mark.unit

@@ -20,12 +20,11 @@ from hypothesis import strategies as st
 from pytest_supermachine.vmm.devices.virtio.blk import CowDisk, VirtioBlock
 from pytest_supermachine.vmm.devices.virtio.mmio import VirtioMmioTransport
 from pytest_supermachine.vmm.devices.virtio.queue import (
-    DeviceMemory,
     QueueState,
     VirtQueue,
     VirtQueueError,
 )
-from pytest_supermachine.vmm.memory import GuestMemory
+from pytest_supermachine.vmm.memory import DeviceMemory, GuestMemory
 from tests.virtio_driver import VirtioMmioDriver
 
 pytestmark = pytest.mark.unit
