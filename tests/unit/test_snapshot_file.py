@@ -316,8 +316,8 @@ def test_failed_save_leaves_no_file_and_no_temp(
             raise OSError(28, "No space left on device")
         real_pwrite(fd, data, offset)
 
-    real_pwrite = snapshot_writer._pwrite_all
-    monkeypatch.setattr(snapshot_writer, "_pwrite_all", failing_pwrite)
+    real_pwrite = snapshot_writer.pwrite_all
+    monkeypatch.setattr(snapshot_writer, "pwrite_all", failing_pwrite)
     with pytest.raises(OSError, match="No space"):
         write_snapshot(tmp_path / "s.snap", sections={}, host_facts={}, memory=memory)
     assert calls == 2
@@ -480,7 +480,7 @@ def test_refuses_a_lying_header_before_mapping_anything(
 ) -> None:
     """A correctly re-signed file whose region would end past EOF is refused in open()."""
     mapped = []
-    monkeypatch.setattr(snapshot_reader, "_map_file_private", lambda *a: mapped.append(a))
+    monkeypatch.setattr(snapshot_reader, "map_file_private", lambda *a: mapped.append(a))
     data = bytearray(full_file.read_bytes())
     last_region_size_at = HEADER_SIZE + 4 + 24 + 8  # regions start after the u32 count
     struct.pack_into("<Q", data, last_region_size_at, 1 << 30)

@@ -168,7 +168,7 @@ def integer_fields(data: bytes) -> list[tuple[int, int]]:
 def no_access_past_eof() -> Iterator[None]:
     """Fail the test (AssertionError, not SnapshotError) if validation let an out-of-file
     range through to an mmap or a read; the module's own last-line checks never see it."""
-    real_map, real_read = snapshot_reader._map_file_private, snapshot_reader._read_scattered
+    real_map, real_read = snapshot_reader.map_file_private, snapshot_reader.read_scattered
 
     def checked_map(fd: int, offset: int, length: int, path: Path):  # type: ignore[no-untyped-def]
         assert offset >= 0 and length > 0 and offset + length <= os.fstat(fd).st_size, (
@@ -182,11 +182,11 @@ def no_access_past_eof() -> Iterator[None]:
             assert offset >= 0 and offset + len(view) <= size, "read past EOF"
         real_read(fd, reads, path)
 
-    snapshot_reader._map_file_private, snapshot_reader._read_scattered = checked_map, checked_read
+    snapshot_reader.map_file_private, snapshot_reader.read_scattered = checked_map, checked_read
     try:
         yield
     finally:
-        snapshot_reader._map_file_private, snapshot_reader._read_scattered = real_map, real_read
+        snapshot_reader.map_file_private, snapshot_reader.read_scattered = real_map, real_read
 
 
 def exercise(path: Path) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from ..layout import PAGE_SIZE, RamRegion
 from ..memory import GuestMemory
 from .errors import SnapshotError, SnapshotParentError
-from .format import _ZERO_PAGE, MAX_CHAIN_DEPTH, PageSelection, _layout_text, _selected_pages
+from .format import MAX_CHAIN_DEPTH, ZERO_PAGE, PageSelection, layout_text, selected_pages
 from .reader import PageSource, SnapshotFile, SnapshotRef
 from .writer import write_snapshot
 
@@ -118,7 +118,7 @@ class SnapshotChain:
                     source = self.base.page_source(index, page)
                     assert source is not None
                 return source
-        raise ValueError(f"guest address {gpa:#x} is outside {_layout_text(self.ram_regions)}")
+        raise ValueError(f"guest address {gpa:#x} is outside {layout_text(self.ram_regions)}")
 
     def map_ram(self) -> GuestMemory:
         """Guest RAM equal to the chain: the base mapped MAP_PRIVATE, diff pages copied over it."""
@@ -148,8 +148,8 @@ class SnapshotChain:
         regions = self.ram_regions
         if tuple(memory.regions) != regions:
             raise ValueError(
-                f"memory layout {_layout_text(memory.regions)} is not the snapshot's "
-                f"{_layout_text(regions)}"
+                f"memory layout {layout_text(memory.regions)} is not the snapshot's "
+                f"{layout_text(regions)}"
             )
         views = [memory.view(r.gpa, r.size) for r in regions]
         if pages is None:
@@ -169,13 +169,13 @@ class SnapshotChain:
         reads_by_file: dict[int, list[tuple[int, memoryview]]] = {}
         for index, region in enumerate(regions):
             table = overrides[index]
-            for page in _selected_pages(pages[index], region.size // PAGE_SIZE, index):
+            for page in selected_pages(pages[index], region.size // PAGE_SIZE, index):
                 source = table.get(page)
                 if source is None:
                     continue
                 target = views[index][page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
                 if source.file_offset is None:
-                    target[:] = _ZERO_PAGE
+                    target[:] = ZERO_PAGE
                 else:
                     reads_by_file.setdefault(id(source.snapshot), []).append(
                         (source.file_offset, target)
@@ -238,7 +238,7 @@ def _open_parent(child: SnapshotFile) -> SnapshotFile:
             parent.close()
             raise SnapshotParentError(
                 f"parent {candidate} of diff snapshot {child.path} has RAM layout "
-                f"{_layout_text(parent.ram_regions)}, the diff {_layout_text(child.ram_regions)}; "
+                f"{layout_text(parent.ram_regions)}, the diff {layout_text(child.ram_regions)}; "
                 "rebuild the diff"
             )
         return parent

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from ..memory import MAP_NORESERVE
 from .errors import REBUILD_HINT, SnapshotTruncated
-from .format import _IOV_MAX
+
+_IOV_MAX = 1024  # Linux UIO_MAXIOV
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     """os.pwrite until every byte is written (one call writes at most ~2 GiB)."""
     view = memoryview(data).cast("B")
     while view:
@@ -25,7 +26,7 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += written
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Gather-write `views` back to back at `offset`, in batches of at most IOV_MAX."""
     pending = [v for v in views if len(v)]
     while pending:
@@ -60,7 +61,7 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> No
             pending[0] = pending[0][got:]
 
 
-def _read_scattered(fd: int, reads: list[tuple[int, memoryview]], path: Path) -> None:
+def read_scattered(fd: int, reads: list[tuple[int, memoryview]], path: Path) -> None:
     """Fill each target view from its file offset, one preadv per file-contiguous batch."""
     reads.sort(key=lambda item: item[0])
     i = 0
@@ -76,7 +77,7 @@ def _read_scattered(fd: int, reads: list[tuple[int, memoryview]], path: Path) ->
         _preadv_all(fd, views, start, path)
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
     chunks = []
     while length:
         chunk = os.pread(fd, length, offset)
@@ -88,7 +89,7 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def _map_file_private(
+def map_file_private(
     fd: int, offset: int, length: int, path: Path, *, readonly: bool = False
 ) -> mmap.mmap:
     """MAP_PRIVATE read/write mapping of [offset, offset+length) of the file

@@ -1,8 +1,8 @@
 """The snapshot file format: constants, record layouts and the checks writer and reader share.
 
 docs/snapshot-format.md specifies the bytes; this module is their one definition in code.
-Names with a leading underscore are internal to the snapshot package (the writer, the
-reader and the chain code share them); the public ones are re-exported by the package.
+What is not re-exported by the package `__init__` is internal to it (the writer, the
+reader and the chain code share it).
 """
 
 from __future__ import annotations
@@ -24,23 +24,23 @@ MAGIC = b"SMSNAP\x1a\n"
 FORMAT_VERSION = 1
 """Bumped on every change a v1 reader could misread; readers refuse every version they do not know."""
 
-_HEADER = struct.Struct("<8sIIIIQQQQQ32s32s")
-HEADER_SIZE = _HEADER.size  # 128
-_DIGESTED_HEADER_BYTES = 96  # header bytes covered by the digest: everything before the digest
-_DIGEST_SIZE = 32
-_NO_PARENT = bytes(_DIGEST_SIZE)
+HEADER = struct.Struct("<8sIIIIQQQQQ32s32s")
+HEADER_SIZE = HEADER.size  # 128
+DIGESTED_HEADER_BYTES = 96  # header bytes covered by the digest: everything before the digest
+DIGEST_SIZE = 32
+NO_PARENT = bytes(DIGEST_SIZE)
 
 FLAG_DIFF = 1 << 0
-_KNOWN_FLAGS = FLAG_DIFF
+KNOWN_FLAGS = FLAG_DIFF
 
-_REGION = struct.Struct("<QQQ")  # gpa, size, file_offset (NOT_STORED in diffs)
-_EXTENT = struct.Struct("<IIQQQ")  # region, kind, first_page, page_count, file_offset
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_NOT_STORED = (1 << 64) - 1
-_EXTENT_DATA = 0
-_EXTENT_ZERO = 1
+REGION_RECORD = struct.Struct("<QQQ")  # gpa, size, file_offset (NOT_STORED in diffs)
+EXTENT_RECORD = struct.Struct("<IIQQQ")  # region, kind, first_page, page_count, file_offset
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+NOT_STORED = (1 << 64) - 1
+EXTENT_DATA = 0
+EXTENT_ZERO = 1
 
 MAX_REGIONS = 64
 MAX_RAM_BYTES = MAX_MEM_MIB * MiB
@@ -50,10 +50,7 @@ MAX_PARENT_HINTS = 16
 MAX_PARENT_HINT_BYTES = 4096
 MAX_CHAIN_DEPTH = 64
 _MAX_GPA = 1 << 52  # architectural limit of x86-64 physical addresses
-_IOV_MAX = 1024  # Linux UIO_MAXIOV
-_SCAN_CHUNK = 64 * PAGE_SIZE
-_ZERO_PAGE = bytes(PAGE_SIZE)
-_ZERO_CHUNK = bytes(_SCAN_CHUNK)
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class PageExtent(NamedTuple):
@@ -69,19 +66,17 @@ class PageExtent(NamedTuple):
     file_offset: int | None
 
 
-
 PageSelection = bytes | bytearray | memoryview | Iterable[int]
 """The changed pages of one region: page indices, or a KVM-style dirty bitmap (bit i = page i)."""
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _align_up(value: int, alignment: int = PAGE_SIZE) -> int:
+def align_up(value: int, alignment: int = PAGE_SIZE) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
-
-def _page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted unique page indices -> [(first, count)] of consecutive runs."""
     runs: list[tuple[int, int]] = []
     for page in pages:
@@ -92,9 +87,7 @@ def _page_runs(pages: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-
-
-def _selected_pages(selection: PageSelection, page_count: int, region_index: int) -> list[int]:
+def selected_pages(selection: PageSelection, page_count: int, region_index: int) -> list[int]:
     """Normalise one region's page selection to sorted unique indices, checking the range."""
     if isinstance(selection, (bytes, bytearray, memoryview)):
         bits = int.from_bytes(bytes(selection), "little")
@@ -116,9 +109,7 @@ def _selected_pages(selection: PageSelection, page_count: int, region_index: int
     return pages
 
 
-
-
-def _region_problem(regions: Sequence[RamRegion]) -> str | None:
+def region_problem(regions: Sequence[RamRegion]) -> str | None:
     """Why this RAM layout cannot be in a snapshot, or None. Shared by writer and reader."""
     if not 1 <= len(regions) <= MAX_REGIONS:
         return f"{len(regions)} RAM regions (1..{MAX_REGIONS} allowed)"
@@ -138,7 +129,7 @@ def _region_problem(regions: Sequence[RamRegion]) -> str | None:
     return None
 
 
-def _check_section_name(name: object) -> bytes | None:
+def check_section_name(name: object) -> bytes | None:
     """The encoded section name if it is valid (1..255 printable ASCII, no spaces), else None."""
     if not isinstance(name, str):
         return None
@@ -153,24 +144,18 @@ def _check_section_name(name: object) -> bytes | None:
     return encoded
 
 
-
-
-def _digest(header_prefix: bytes, metadata: bytes | memoryview) -> bytes:
+def compute_digest(header_prefix: bytes, metadata: bytes | memoryview) -> bytes:
     h = hashlib.sha256()
     h.update(header_prefix)
     h.update(metadata)
     return h.digest()
 
 
-
-
-def _layout_text(regions: Iterable[RamRegion]) -> str:
+def layout_text(regions: Iterable[RamRegion]) -> str:
     return "[" + ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in regions) + "]"
 
 
-
-
-class _Cursor:
+class MetadataCursor:
     """Bounded reader over the metadata: running off the end is corruption, not IndexError."""
 
     def __init__(self, data: memoryview, path: Path) -> None:
@@ -192,10 +177,10 @@ class _Cursor:
         return view
 
     def u16(self, what: str) -> int:
-        return int(_U16.unpack(self.take(2, what))[0])
+        return int(U16.unpack(self.take(2, what))[0])
 
     def u32(self, what: str) -> int:
-        return int(_U32.unpack(self.take(4, what))[0])
+        return int(U32.unpack(self.take(4, what))[0])
 
     def u64(self, what: str) -> int:
-        return int(_U64.unpack(self.take(8, what))[0])
+        return int(U64.unpack(self.take(8, what))[0])

@@ -30,32 +30,32 @@ from .errors import (
     SnapshotTruncated,
     SnapshotVersionError,
 )
-from .fileio import _map_file_private, _pread_exact, _read_scattered
+from .fileio import map_file_private, pread_exact, read_scattered
 from .format import (
-    _DIGESTED_HEADER_BYTES,
-    _EXTENT,
-    _HEADER,
-    _KNOWN_FLAGS,
-    _NO_PARENT,
-    _NOT_STORED,
-    _REGION,
-    _U32,
+    DIGESTED_HEADER_BYTES,
+    EXTENT_RECORD,
     FLAG_DIFF,
     FORMAT_VERSION,
+    HEADER,
     HEADER_SIZE,
+    KNOWN_FLAGS,
     MAGIC,
     MAX_METADATA_BYTES,
     MAX_PARENT_HINT_BYTES,
     MAX_PARENT_HINTS,
     MAX_REGIONS,
+    NO_PARENT,
+    NOT_STORED,
+    REGION_RECORD,
+    U32,
+    MetadataCursor,
     PageExtent,
-    _align_up,
-    _check_section_name,
-    _Cursor,
-    _digest,
-    _region_problem,
+    align_up,
+    check_section_name,
+    compute_digest,
+    region_problem,
 )
-from .toc import _checked_page_toc
+from .toc import checked_page_toc
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,11 @@ class SnapshotRef:
         return self.digest.hex()
 
 
-
 class PageSource(NamedTuple):
     """Where the bytes of one guest page live: a file and an offset (None: the page is zero)."""
 
     snapshot: SnapshotFile
     file_offset: int | None
-
 
 
 class SnapshotFile:
@@ -148,14 +146,14 @@ class SnapshotFile:
         if not stat.S_ISREG(st.st_mode):
             raise NotASnapshotError(f"{path} is not a supermachine snapshot: not a regular file")
         actual_size = st.st_size
-        head = _pread_exact(fd, HEADER_SIZE, 0)
+        head = pread_exact(fd, HEADER_SIZE, 0)
         if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
             raise NotASnapshotError(
                 f"{path} is not a supermachine snapshot (it does not start with {MAGIC!r}); "
                 "pass a file written by write_snapshot"
             )
         if len(head) < HEADER_SIZE:
-            version = _U32.unpack(head[8:12])[0] if len(head) >= 12 else None
+            version = U32.unpack(head[8:12])[0] if len(head) >= 12 else None
             if version is not None and version != FORMAT_VERSION:
                 raise self._version_error(version)
             raise SnapshotTruncated(
@@ -175,12 +173,12 @@ class SnapshotFile:
             ram_length,
             parent_digest,
             digest,
-        ) = _HEADER.unpack(head)
+        ) = HEADER.unpack(head)
         if version != FORMAT_VERSION:
             raise self._version_error(version)
-        if flags & ~_KNOWN_FLAGS:
+        if flags & ~KNOWN_FLAGS:
             raise SnapshotVersionError(
-                f"snapshot {path} uses format features {flags & ~_KNOWN_FLAGS:#x} this reader does "
+                f"snapshot {path} uses format features {flags & ~KNOWN_FLAGS:#x} this reader does "
                 f"not know (flags {flags:#x}); it was written by a newer pytest-supermachine: "
                 f"upgrade, or {REBUILD_HINT}"
             )
@@ -200,10 +198,10 @@ class SnapshotFile:
                 f"bytes but its metadata is said to span bytes {metadata_offset}..{metadata_end}; "
                 f"{REBUILD_HINT}"
             )
-        metadata = _pread_exact(fd, metadata_length, metadata_offset)
+        metadata = pread_exact(fd, metadata_length, metadata_offset)
         if len(metadata) != metadata_length:
             raise SnapshotTruncated(f"snapshot {path} shrank while it was read; {REBUILD_HINT}")
-        if _digest(head[:_DIGESTED_HEADER_BYTES], metadata) != digest:
+        if compute_digest(head[:DIGESTED_HEADER_BYTES], metadata) != digest:
             raise SnapshotCorrupt(
                 f"snapshot {path} is corrupt: the SHA-256 checksum over its header and metadata "
                 f"does not match (damaged on disk or in transfer); {REBUILD_HINT}"
@@ -224,19 +222,19 @@ class SnapshotFile:
                 f"snapshot {path} has {actual_size - file_size} unexpected bytes after its end "
                 f"({actual_size} bytes, written as {file_size}); {REBUILD_HINT}"
             )
-        if ram_offset != _align_up(metadata_end) or ram_offset + ram_length != file_size:
+        if ram_offset != align_up(metadata_end) or ram_offset + ram_length != file_size:
             raise SnapshotCorrupt(
                 f"snapshot {path} is corrupt: RAM area {ram_offset}+{ram_length} does not follow "
                 f"the metadata (ends at {metadata_end}) or does not end the {file_size}-byte file; "
                 f"{REBUILD_HINT}"
             )
-        padding = _pread_exact(fd, ram_offset - metadata_end, metadata_end)
+        padding = pread_exact(fd, ram_offset - metadata_end, metadata_end)
         if padding.count(0) != ram_offset - metadata_end:
             raise SnapshotCorrupt(
                 f"snapshot {path} is corrupt: non-zero bytes between metadata and RAM; {REBUILD_HINT}"
             )
         is_diff = bool(flags & FLAG_DIFF)
-        if is_diff != (parent_digest != _NO_PARENT):
+        if is_diff != (parent_digest != NO_PARENT):
             raise SnapshotCorrupt(
                 f"snapshot {path} is corrupt: its diff flag and parent digest disagree; {REBUILD_HINT}"
             )
@@ -255,17 +253,17 @@ class SnapshotFile:
     def _parse_metadata(
         self, data: memoryview, is_diff: bool, ram_offset: int, ram_length: int
     ) -> None:
-        cur = _Cursor(data, self.path)
+        cur = MetadataCursor(data, self.path)
         region_count = cur.u32("region count")
         if not 1 <= region_count <= MAX_REGIONS:
             raise cur.fail(f"{region_count} RAM regions")
         regions: list[RamRegion] = []
         offsets: list[int | None] = []
         for i in range(region_count):
-            gpa, size, offset = _REGION.unpack(cur.take(_REGION.size, f"region {i}"))
+            gpa, size, offset = REGION_RECORD.unpack(cur.take(REGION_RECORD.size, f"region {i}"))
             regions.append(RamRegion(gpa, size))
-            offsets.append(None if offset == _NOT_STORED else offset)
-        problem = _region_problem(regions)
+            offsets.append(None if offset == NOT_STORED else offset)
+        problem = region_problem(regions)
         if problem:
             raise cur.fail(problem)
         if is_diff:
@@ -292,7 +290,7 @@ class SnapshotFile:
                 name = name_bytes.decode("ascii")
             except UnicodeDecodeError:
                 raise cur.fail(f"section {i} name is not ASCII") from None
-            if _check_section_name(name) is None or name in sections:
+            if check_section_name(name) is None or name in sections:
                 raise cur.fail(f"section name {name!r} is invalid or repeated")
             sections[name] = cur.take(
                 cur.u64(f"section {name} length"), f"section {name}"
@@ -326,11 +324,11 @@ class SnapshotFile:
         snapshot_id = cur.take(16, "snapshot id").tobytes()
         created_ns = cur.u64("creation time")
         extent_count = cur.u64("extent count")
-        if extent_count * _EXTENT.size != len(data) - cur.pos:
+        if extent_count * EXTENT_RECORD.size != len(data) - cur.pos:
             raise cur.fail(f"{extent_count} page extents do not fill the rest of the metadata")
-        toc = _checked_page_toc(
+        toc = checked_page_toc(
             cur,
-            cur.take(extent_count * _EXTENT.size, "page extents"),
+            cur.take(extent_count * EXTENT_RECORD.size, "page extents"),
             regions,
             offsets,
             is_diff,
@@ -389,9 +387,7 @@ class SnapshotFile:
         try:
             for region, offset in zip(self.ram_regions, self.region_file_offsets, strict=True):
                 assert offset is not None
-                buffers.append(
-                    _map_file_private(self._fd_checked(), offset, region.size, self.path)
-                )
+                buffers.append(map_file_private(self._fd_checked(), offset, region.size, self.path))
         except BaseException:
             for buf in buffers:
                 buf.close()
@@ -410,8 +406,11 @@ class SnapshotFile:
         try:
             for region, offset in zip(self.ram_regions, self.region_file_offsets, strict=True):
                 assert offset is not None
-                buffers.append(_map_file_private(self._fd_checked(), offset, region.size,
-                                                 self.path, readonly=True))
+                buffers.append(
+                    map_file_private(
+                        self._fd_checked(), offset, region.size, self.path, readonly=True
+                    )
+                )
         except BaseException:
             for buf in buffers:
                 buf.close()
@@ -420,7 +419,7 @@ class SnapshotFile:
 
     def read_pages(self, reads: list[tuple[int, memoryview]]) -> None:
         """Fill target views from file offsets of this file (batched scatter reads)."""
-        _read_scattered(self._fd_checked(), reads, self.path)
+        read_scattered(self._fd_checked(), reads, self.path)
 
     def _fd_checked(self) -> int:
         if self._fd < 0:
@@ -461,9 +460,9 @@ def peek_digest(path: str | os.PathLike[str]) -> bytes:
         raise NotASnapshotError(f"{path} is not a supermachine snapshot (no {MAGIC!r} magic)")
     if len(head) < HEADER_SIZE:
         raise SnapshotTruncated(f"snapshot {path} is truncated inside its header; {REBUILD_HINT}")
-    version = _U32.unpack(head[8:12])[0]
+    version = U32.unpack(head[8:12])[0]
     if version != FORMAT_VERSION:
         raise SnapshotVersionError(
             f"snapshot {path} has format version {version}; this reader knows {FORMAT_VERSION}"
         )
-    return head[_DIGESTED_HEADER_BYTES:HEADER_SIZE]
+    return head[DIGESTED_HEADER_BYTES:HEADER_SIZE]

@@ -12,10 +12,10 @@ import operator
 from collections.abc import Iterator, Sequence
 
 from ..layout import PAGE_SIZE, RamRegion
-from .format import _EXTENT, _EXTENT_DATA, _EXTENT_ZERO, _Cursor
+from .format import EXTENT_DATA, EXTENT_RECORD, EXTENT_ZERO, MetadataCursor
 
 
-class _PageToc:
+class PageToc:
     """The page table of contents of one file, as columns: cheap to validate and to search.
 
     Extents are sorted by (region, first page) and do not overlap, so the extents of one
@@ -52,15 +52,15 @@ class _PageToc:
         return False, None
 
 
-def _checked_page_toc(
-    cur: _Cursor,
+def checked_page_toc(
+    cur: MetadataCursor,
     raw: memoryview,
     regions: Sequence[RamRegion],
     region_offsets: Sequence[int | None],
     is_diff: bool,
     ram_offset: int,
     ram_length: int,
-) -> _PageToc:
+) -> PageToc:
     """Validate the page TOC: every extent inside its region, sorted, non-overlapping, and its
     bytes exactly where the layout puts them (full: the page's place in its region; diff:
     packed back to back from the RAM area's start, filling it exactly).
@@ -68,11 +68,11 @@ def _checked_page_toc(
     Column-wise (map/zip over lists) because a full snapshot of a busy guest has tens of
     thousands of extents and this runs on every restore.
     """
-    rows = list(_EXTENT.iter_unpack(raw))
+    rows = list(EXTENT_RECORD.iter_unpack(raw))
     if not rows:
         if is_diff and ram_length:
             raise cur.fail("diff RAM area holds bytes but no page extent points at them")
-        return _PageToc([], [], [], [], len(regions))
+        return PageToc([], [], [], [], len(regions))
     region_col, kind_col, first_col, count_col, offset_col = (
         list(c) for c in zip(*rows, strict=True)
     )
@@ -89,13 +89,13 @@ def _checked_page_toc(
     end_keys = map(operator.or_, shifted, ends)
     if not all(map(operator.ge, start_keys[1:], end_keys)):
         raise cur.fail("page extents are out of order or overlap")
-    allowed = {_EXTENT_DATA, _EXTENT_ZERO} if is_diff else {_EXTENT_DATA}
+    allowed = {EXTENT_DATA, EXTENT_ZERO} if is_diff else {EXTENT_DATA}
     unknown = set(kind_col) - allowed
     if unknown:
         raise cur.fail(
             f"page extent kind {min(unknown)} in a {'diff' if is_diff else 'full'} snapshot"
         )
-    is_data = [k == _EXTENT_DATA for k in kind_col]
+    is_data = [k == EXTENT_DATA for k in kind_col]
     if any(itertools.compress(offset_col, map(operator.not_, is_data))):
         raise cur.fail("an all-zero page extent claims a file offset")
     if is_diff:
@@ -119,4 +119,4 @@ def _checked_page_toc(
         if expected != offset_col:
             raise cur.fail("a page extent's file offset is not its pages' place in the region")
     offsets = [o if d else None for o, d in zip(offset_col, is_data, strict=True)]
-    return _PageToc(region_col, first_col, count_col, offsets, len(regions))
+    return PageToc(region_col, first_col, count_col, offsets, len(regions))

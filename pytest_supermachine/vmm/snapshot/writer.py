@@ -20,40 +20,41 @@ from typing import Any
 from ..layout import PAGE_SIZE, RamRegion
 from ..memory import GuestMemory
 from .errors import SnapshotError, SnapshotParentError
-from .fileio import _pwrite_all, _pwritev_all
+from .fileio import pwrite_all, pwritev_all
 from .format import (
-    _DIGESTED_HEADER_BYTES,
-    _EXTENT,
-    _EXTENT_DATA,
-    _EXTENT_ZERO,
-    _HEADER,
-    _NO_PARENT,
-    _NOT_STORED,
-    _REGION,
-    _SCAN_CHUNK,
-    _U16,
-    _U32,
-    _U64,
-    _ZERO_CHUNK,
-    _ZERO_PAGE,
+    DIGESTED_HEADER_BYTES,
+    EXTENT_DATA,
+    EXTENT_RECORD,
+    EXTENT_ZERO,
     FLAG_DIFF,
     FORMAT_VERSION,
+    HEADER,
     HEADER_SIZE,
     MAGIC,
     MAX_METADATA_BYTES,
     MAX_REGIONS,
     MAX_SECTION_NAME_BYTES,
+    NO_PARENT,
+    NOT_STORED,
+    REGION_RECORD,
+    U16,
+    U32,
+    U64,
+    ZERO_PAGE,
     PageExtent,
     PageSelection,
-    _align_up,
-    _check_section_name,
-    _digest,
-    _layout_text,
-    _page_runs,
-    _region_problem,
-    _selected_pages,
+    align_up,
+    check_section_name,
+    compute_digest,
+    layout_text,
+    page_runs,
+    region_problem,
+    selected_pages,
 )
 from .reader import SnapshotRef, peek_digest
+
+_SCAN_CHUNK = 64 * PAGE_SIZE  # zero-page scan: compare this much at once first
+_ZERO_CHUNK = bytes(_SCAN_CHUNK)
 
 
 def write_snapshot(
@@ -89,7 +90,7 @@ def write_snapshot(
     _check_regions_for_writing(regions)
     section_items: list[tuple[bytes, bytes]] = []
     for name in sorted(sections):
-        encoded = _check_section_name(name)
+        encoded = check_section_name(name)
         if encoded is None:
             raise ValueError(
                 f"section name {name!r} must be 1..{MAX_SECTION_NAME_BYTES} printable ASCII "
@@ -118,7 +119,7 @@ def write_snapshot(
             (i, first, count, is_zero)
             for i, (selection, view) in enumerate(zip(pages, region_views, strict=True))
             for first, count, is_zero in _changed_page_runs(
-                view, _selected_pages(selection, len(view) // PAGE_SIZE, i)
+                view, selected_pages(selection, len(view) // PAGE_SIZE, i)
             )
         ]
 
@@ -154,9 +155,9 @@ def write_snapshot(
         )
 
     # The metadata's length does not depend on the offsets it records: one extent is
-    # _EXTENT.size bytes whatever it says, so the RAM area's start is known up front.
-    metadata_length = len(encode([None] * len(regions), [])) + _EXTENT.size * len(runs)
-    ram_offset = _align_up(HEADER_SIZE + metadata_length)
+    # EXTENT_RECORD.size bytes whatever it says, so the RAM area's start is known up front.
+    metadata_length = len(encode([None] * len(regions), [])) + EXTENT_RECORD.size * len(runs)
+    ram_offset = align_up(HEADER_SIZE + metadata_length)
     region_offsets, extents, ram_length = build(ram_offset)
     metadata = encode(region_offsets, extents)
     assert len(metadata) == metadata_length
@@ -164,8 +165,8 @@ def write_snapshot(
         raise ValueError(f"snapshot metadata of {len(metadata)} bytes exceeds {MAX_METADATA_BYTES}")
     file_size = ram_offset + ram_length
     flags = 0 if parent is None else FLAG_DIFF
-    parent_digest = _NO_PARENT if parent is None else parent.digest
-    prefix = _HEADER.pack(
+    parent_digest = NO_PARENT if parent is None else parent.digest
+    prefix = HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
         HEADER_SIZE,
@@ -177,9 +178,9 @@ def write_snapshot(
         ram_offset,
         ram_length,
         parent_digest,
-        _NO_PARENT,
-    )[:_DIGESTED_HEADER_BYTES]
-    digest = _digest(prefix, metadata)
+        NO_PARENT,
+    )[:DIGESTED_HEADER_BYTES]
+    digest = compute_digest(prefix, metadata)
 
     with _AtomicFile(final, durable=durable) as fd:
         if parent is None:
@@ -187,7 +188,7 @@ def write_snapshot(
                 view = region_views[e.region]
                 start = e.first_page * PAGE_SIZE
                 assert e.file_offset is not None
-                _pwrite_all(fd, view[start : start + e.page_count * PAGE_SIZE], e.file_offset)
+                pwrite_all(fd, view[start : start + e.page_count * PAGE_SIZE], e.file_offset)
         else:
             data = [
                 region_views[e.region][
@@ -196,21 +197,19 @@ def write_snapshot(
                 for e in extents
                 if e.file_offset is not None
             ]
-            _pwritev_all(fd, data, ram_offset)
-        _pwrite_all(fd, prefix + digest + metadata, 0)
+            pwritev_all(fd, data, ram_offset)
+        pwrite_all(fd, prefix + digest + metadata, 0)
         os.ftruncate(fd, file_size)  # the tail of the last region may be a hole
     return SnapshotRef(digest, final)
-
-
 
 
 def _changed_page_runs(view: memoryview, pages: list[int]) -> list[tuple[int, int, bool]]:
     """Split sorted changed pages into runs of (first, count, all_zero): zero pages get no bytes."""
     out: list[tuple[int, int, bool]] = []
-    for first, count in _page_runs(pages):
+    for first, count in page_runs(pages):
         data = view[first * PAGE_SIZE : (first + count) * PAGE_SIZE].tobytes()
         for k in range(count):
-            is_zero = data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] == _ZERO_PAGE
+            is_zero = data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] == ZERO_PAGE
             if out and out[-1][2] == is_zero and out[-1][0] + out[-1][1] == first + k:
                 out[-1] = (out[-1][0], out[-1][1] + 1, is_zero)
             else:
@@ -229,7 +228,7 @@ def _check_parent_for_writing(
     try:
         digest = peek_digest(parent_path)
         with open(parent_path, "rb") as f:
-            table = f.read(HEADER_SIZE + 4 + MAX_REGIONS * _REGION.size)[HEADER_SIZE:]
+            table = f.read(HEADER_SIZE + 4 + MAX_REGIONS * REGION_RECORD.size)[HEADER_SIZE:]
     except (SnapshotError, OSError) as exc:
         raise SnapshotParentError(f"cannot take a diff against {parent_path}: {exc}") from exc
     if digest != parent.digest:
@@ -238,26 +237,22 @@ def _check_parent_for_writing(
             f"but the reference says {parent.digest.hex()[:16]}… (it was rebuilt); "
             "take the diff against the current file (SnapshotRef.of(path))"
         )
-    count = _U32.unpack_from(table)[0] if len(table) >= 4 else 0
+    count = U32.unpack_from(table)[0] if len(table) >= 4 else 0
     parent_regions = [
-        RamRegion(*_REGION.unpack_from(table, 4 + i * _REGION.size)[:2])
-        for i in range(min(count, (len(table) - 4) // _REGION.size))
+        RamRegion(*REGION_RECORD.unpack_from(table, 4 + i * REGION_RECORD.size)[:2])
+        for i in range(min(count, (len(table) - 4) // REGION_RECORD.size))
     ]
     if parent_regions != list(regions):
         raise SnapshotParentError(
             f"cannot take a diff against {parent_path}: its RAM layout "
-            f"{_layout_text(parent_regions)} differs from this memory's {_layout_text(regions)}"
+            f"{layout_text(parent_regions)} differs from this memory's {layout_text(regions)}"
         )
 
 
-
-
 def _check_regions_for_writing(regions: Sequence[RamRegion]) -> None:
-    problem = _region_problem(regions)
+    problem = region_problem(regions)
     if problem:
         raise ValueError(f"cannot snapshot this guest memory: {problem}")
-
-
 
 
 def _nonzero_page_runs(view: memoryview) -> list[tuple[int, int]]:
@@ -274,11 +269,9 @@ def _nonzero_page_runs(view: memoryview) -> list[tuple[int, int]]:
             continue
         first = start // PAGE_SIZE
         for offset in range(0, len(chunk), PAGE_SIZE):
-            if chunk[offset : offset + PAGE_SIZE] != _ZERO_PAGE:
+            if chunk[offset : offset + PAGE_SIZE] != ZERO_PAGE:
                 nonzero.append(first + offset // PAGE_SIZE)
-    return _page_runs(nonzero)
-
-
+    return page_runs(nonzero)
 
 
 def _encode_host_facts(host_facts: Mapping[str, Any]) -> bytes:
@@ -301,27 +294,25 @@ def _encode_metadata(
     created_ns: int,
     extents: Sequence[PageExtent],
 ) -> bytes:
-    parts: list[bytes] = [_U32.pack(len(regions))]
+    parts: list[bytes] = [U32.pack(len(regions))]
     for region, offset in zip(regions, region_offsets, strict=True):
         parts.append(
-            _REGION.pack(region.gpa, region.size, _NOT_STORED if offset is None else offset)
+            REGION_RECORD.pack(region.gpa, region.size, NOT_STORED if offset is None else offset)
         )
-    parts.append(_U32.pack(len(sections)))
+    parts.append(U32.pack(len(sections)))
     for name, data in sections:
-        parts += [_U16.pack(len(name)), name, _U64.pack(len(data)), data]
-    parts += [_U32.pack(len(host_facts_json)), host_facts_json]
-    parts.append(_U16.pack(len(parent_hints)))
+        parts += [U16.pack(len(name)), name, U64.pack(len(data)), data]
+    parts += [U32.pack(len(host_facts_json)), host_facts_json]
+    parts.append(U16.pack(len(parent_hints)))
     for hint in parent_hints:
         encoded = hint.encode("utf-8")
-        parts += [_U32.pack(len(encoded)), encoded]
-    parts += [snapshot_id, _U64.pack(created_ns), _U64.pack(len(extents))]
-    pack = _EXTENT.pack
+        parts += [U32.pack(len(encoded)), encoded]
+    parts += [snapshot_id, U64.pack(created_ns), U64.pack(len(extents))]
+    pack = EXTENT_RECORD.pack
     for e in extents:
-        kind = _EXTENT_ZERO if e.file_offset is None else _EXTENT_DATA
+        kind = EXTENT_ZERO if e.file_offset is None else EXTENT_DATA
         parts.append(pack(e.region, kind, e.first_page, e.page_count, e.file_offset or 0))
     return b"".join(parts)
-
-
 
 
 class _AtomicFile:
