@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cpuid import CpuidTable, missing_features, parse_rows
 from .kvm import Kvm
 from .snapshot import (
     REBUILD_HINT,
-    SnapshotChain,
     SnapshotCorrupt,
     SnapshotFile,
     SnapshotHostMismatch,
@@ -45,17 +44,22 @@ def host_facts(kvm: Kvm, guest_cpuid: CpuidTable | None = None) -> dict[str, Any
     facts = host_cpu_facts()
     # for_vcpu(0, 1): KVM reports the APIC id of whichever host CPU answered; a fact must not
     # change from one process to the next.
-    facts.update(kvm_api_version=kvm.api_version, pvm=kvm.pvm,
-                 supported_cpuid=kvm.supported_cpuid().for_vcpu(0, 1).rows())
+    facts.update(
+        kvm_api_version=kvm.api_version,
+        pvm=kvm.pvm,
+        supported_cpuid=kvm.supported_cpuid().for_vcpu(0, 1).rows(),
+    )
     if guest_cpuid is not None:
         facts["guest_cpuid"] = guest_cpuid.rows()
         del facts["supported_cpuid"]
     return facts
 
 
-def check_snapshot(snapshot: SnapshotFile | SnapshotChain, current: Mapping[str, Any]) -> None:
-    """check_host for a file, or for every file of a chain (they may come from different hosts)."""
-    files = snapshot.files if isinstance(snapshot, SnapshotChain) else [snapshot]
+def check_snapshot(files: Sequence[SnapshotFile], current: Mapping[str, Any]) -> None:
+    """check_host for every file of a snapshot chain (they may come from different hosts).
+
+    Newest first, so a mismatch names the file that was taken on the other host.
+    """
     for snap in reversed(files):
         check_host(snap.host_facts, current, snapshot=snap.path)
 
@@ -105,7 +109,6 @@ def check_host(
             + "\nSnapshots only restore on the same CPU model and KVM ABI: rebuild it on this host "
             "(delete it, or run `supermachine cache prune` for cached ones)."
         )
-
 
 
 def host_cpu_facts(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any]:

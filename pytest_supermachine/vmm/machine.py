@@ -488,7 +488,7 @@ class Machine:
         kvm = kvm or shared_kvm()
         chain = SnapshotChain.open(path)
         try:
-            hostfacts.check_snapshot(chain, hostfacts.host_facts(kvm))
+            hostfacts.check_snapshot(chain.files, hostfacts.host_facts(kvm))
             sections = chain.sections
             vcpus, mem_bytes = vmstate.machine_shape(sections)
             specs = [spec_from_dict(d) for d in vmstate.machine_devices(sections)]

@@ -522,9 +522,9 @@ def test_host_mismatch_on_guest_cpuid_the_host_cannot_offer() -> None:
 
 def test_snapshot_check_host_uses_recorded_facts(full_file: Path) -> None:
     with SnapshotFile.open(full_file) as snap:
-        check_snapshot(snap, FACTS)
+        check_snapshot([snap], FACTS)
         with pytest.raises(SnapshotHostMismatch, match="kvm_api_version"):
-            check_snapshot(snap, dict(FACTS, kvm_api_version=13))
+            check_snapshot([snap], dict(FACTS, kvm_api_version=13))
 
 
 def test_host_cpu_facts_reads_cpuinfo(tmp_path: Path) -> None:
