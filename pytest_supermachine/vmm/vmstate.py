@@ -57,9 +57,9 @@ class StructState:
     get_fields: Mapping[str, int] = field(default_factory=dict)
     restore_fields: Mapping[str, int] = field(default_factory=dict)
 
-    def capture(self, fd: int) -> bytes:
-        return read_struct(fd, self.ctype, self.get, f"reading {self.section} ({self.ctype})",
-                           self.get_fields)
+    def capture(self, owner: Vm | Vcpu) -> bytes:
+        return read_struct(owner.fd, self.ctype, self.get,
+                           f"reading {self.section} ({self.ctype})", self.get_fields)
 
     def prepare(self, data: bytes, name: str) -> Any:
         p = ffi.new(self.ctype + " *")
@@ -151,7 +151,7 @@ def capture(vm: Vm, vcpus: Sequence[Vcpu], cpuids: Sequence[CpuidTable], serial:
             mem_bytes: int, device_specs: list[dict[str, Any]]) -> dict[str, bytes]:
     """All non-RAM, non-device state of a VM whose vCPUs are parked or stopped at a clean boundary.
 
-    `cpuids[i]` is what vCPU i was given (KVM cannot be asked back faithfully);
+    `cpuids[i]` is the table vCPU i was given, recorded so its restored twin gets the same;
     `device_specs` describe the devices so a restore can rebuild them in slot order.
     """
     sections: dict[str, bytes] = {
@@ -161,14 +161,12 @@ def capture(vm: Vm, vcpus: Sequence[Vcpu], cpuids: Sequence[CpuidTable], serial:
         }, sort_keys=True).encode(),
     }
     for state in VM_STATE:
-        sections[state.section] = state.capture(vm.fd)
+        sections[state.section] = state.capture(vm)
     for vcpu in vcpus:
         prefix = f"vcpu/{vcpu.index}/"
         sections[prefix + "cpuid"] = cpuids[vcpu.index].to_bytes()
         for vstate in VCPU_STATE:
-            sections[prefix + vstate.section] = (vstate.capture(vcpu.fd)
-                                                 if isinstance(vstate, StructState)
-                                                 else vstate.capture(vcpu))
+            sections[prefix + vstate.section] = vstate.capture(vcpu)
     sections["serial"] = serial.get_state()
     return sections
 
