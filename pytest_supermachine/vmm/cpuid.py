@@ -18,10 +18,6 @@ from ..errors import KvmError
 from ._native import ffi, lib
 
 
-def _bytes(p: Any) -> bytes:
-    return bytes(ffi.buffer(p))
-
-
 @dataclass(frozen=True)
 class CpuidEntry:
     """One CPUID leaf/subleaf as KVM describes it."""
@@ -112,7 +108,7 @@ class CpuidTable:
 
     def to_bytes(self) -> bytes:
         """KVM's `struct kvm_cpuid2` with its entries (what snapshots record)."""
-        return _bytes(self._cdata())
+        return bytes(ffi.buffer(self.to_cdata()))
 
     @classmethod
     def from_cdata(cls, p: Any) -> CpuidTable:
@@ -134,7 +130,8 @@ class CpuidTable:
             raise KvmError(f"CPUID blob says {p.nent} entries but holds {n}")
         return cls.from_cdata(p)
 
-    def _cdata(self) -> Any:
+    def to_cdata(self) -> Any:
+        """A fresh `struct kvm_cpuid2 *` holding these entries (what KVM_SET_CPUID2 takes)."""
         p = ffi.new("struct kvm_cpuid2 *", {"entries": len(self.entries)})
         p.nent = len(self.entries)
         for i, e in enumerate(self.entries):

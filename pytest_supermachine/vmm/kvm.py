@@ -328,7 +328,7 @@ one ioctl batch for the SETs); only what has a variable layout is read here.
         return CpuidTable.from_cdata(p)
 
     def set_cpuid(self, table: CpuidTable) -> None:
-        _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, table._cdata()), "KVM_SET_CPUID2")
+        _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, table.to_cdata()), "KVM_SET_CPUID2")
 
     def close(self) -> None:
         if self.fd >= 0:
