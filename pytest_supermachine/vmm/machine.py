@@ -14,6 +14,15 @@ Lifecycle::
 
 `stop()` is always safe and idempotent; the expensive part of teardown
 (closing the VM fd, unmapping RAM) runs on the reaper thread.
+
+Why this module is longer than ~600 lines: `Machine` is the one object that owns the
+lifecycle above, and each remaining method is a transition of it or an observation
+that must respect it (boot only when CREATED, snapshot and reset around the pause
+barrier, the agent connection dropped on every restore and reset). Every concept with
+a life of its own already has its module: exits.py (why it stopped), origin.py (the
+snapshot it was restored from, its dirty pages and the RAM side of reset), vmstate.py
+(vCPU and irqchip state), hostfacts.py, memory.py, devices/, boot.py. Splitting the
+rest would split the state machine across files.
 """
 
 from __future__ import annotations
@@ -21,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import mmap
-import os
 import re
 import socket
 import threading
@@ -31,10 +38,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from ..errors import GuestCrashed, GuestTimeout, MachineError
-from . import boot, layout, reaper, vmstate
+from . import boot, hostfacts, layout, reaper, vmstate
 from ._native import ffi, lib
 from .agent import (
     AGENT_PORT,
@@ -44,12 +51,15 @@ from .agent import (
     RunResult,
     read_ready,
 )
+from .cpuid import CpuidTable
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.vsock_mux import VsockError, VsockListener
-from .kvm import CpuidTable, Kvm, Vcpu, Vm
-from .memory import GuestMemory
+from .exits import ExitReason, MachineExit
+from .kvm import Kvm, Vcpu, Vm
+from .memory import GuestMemory, PageWriter
+from .origin import ResetStrategy, SnapshotOrigin
 from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
 
 _kvm_lock = threading.Lock()
@@ -65,87 +75,12 @@ def shared_kvm() -> Kvm:
         return _shared_kvm
 
 
-class PageWriter(Protocol):
-    """A device that writes guest RAM from the host, which KVM's dirty log cannot see."""
-
-    def written_pages(self) -> set[int]: ...  # guest page frame numbers (gpa // 4096)
-
-    def clear_written_pages(self) -> None: ...
-
-
-class ExitReason(enum.IntEnum):
-    """Why a machine stopped running (mirrors `enum sm_exit_reason` in _core.h)."""
-
-    NONE = 0
-    HALT = 1
-    SHUTDOWN = 2
-    RESET = 3
-    PANIC = 4
-    CANCELED = 5
-    ERROR = 6
-
-
-class ResetStrategy(enum.Enum):
-    """How `reset()` returns dirtied RAM pages to the snapshot's bytes.
-
-    COPY (default) copies the snapshot's bytes back over each dirtied page: the page
-    stays resident and writable, so the guest's next write to it (the next test doing
-    what this one did) costs nothing. Measured here: ~2x the reset time of DISCARD, but
-    the following run re-dirties the same pages ~4x faster (no copy-on-write faults).
-    DISCARD drops the pages with MADV_DONTNEED: the quickest reset and the memory goes
-    back to the host, but every page is faulted in and copied again on its next write.
-    """
-
-    COPY = "copy"
-    DISCARD = "discard"
-
-
 class MachineState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
     EXITED = "exited"
     STOPPED = "stopped"
-
-
-_KVM_EXIT_NAMES = {
-    2: "IO", 5: "HLT", 6: "MMIO", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 17: "INTERNAL_ERROR",
-    24: "SYSTEM_EVENT",
-}
-_INTERNAL_SUBERRORS = {1: "emulation failure", 2: "simultaneous exception", 3: "delivery event"}
-
-
-@dataclass(frozen=True)
-class MachineExit:
-    """How and why a machine stopped; `describe()` says it in words."""
-
-    reason: ExitReason
-    vcpu: int
-    code: int
-    kvm_exit: int
-    suberror: int
-    detail: tuple[int, ...]
-
-    def describe(self) -> str:
-        who = f"vCPU {self.vcpu}" if self.vcpu >= 0 else "the host"
-        if self.reason is ExitReason.HALT:
-            return f"guest powered off (status {self.code}, {who})"
-        if self.reason is ExitReason.SHUTDOWN:
-            return f"guest triple-faulted ({who}): KVM_EXIT_SHUTDOWN"
-        if self.reason is ExitReason.RESET:
-            return f"guest requested a reset ({who})"
-        if self.reason is ExitReason.PANIC:
-            return f"guest panicked with code {self.code:#x} ({who})"
-        if self.reason is ExitReason.CANCELED:
-            return "stopped by the host"
-        if self.reason is ExitReason.ERROR:
-            if self.code < 0:
-                return f"KVM_RUN failed on {who}: {errno.errorcode.get(-self.code, -self.code)}"
-            name = _KVM_EXIT_NAMES.get(self.kvm_exit, str(self.kvm_exit))
-            sub = _INTERNAL_SUBERRORS.get(self.suberror, str(self.suberror))
-            data = " ".join(f"{d:#x}" for d in self.detail)
-            return f"KVM could not run the guest on {who}: exit {name} ({sub}) data {data}"
-        return self.reason.name.lower()
 
 
 @dataclass
@@ -209,10 +144,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self._core: Any = ffi.NULL
-        self._origin: SnapshotChain | None = None
-        self._origin_state: vmstate.PreparedState | None = None
-        self._dirty: list[int] = []
-        self._origin_views: list[tuple[mmap.mmap, Any]] = []
+        self._origin: SnapshotOrigin | None = None
         self._agent: AgentClient | None = None
         self._agent_lock = threading.Lock()
         self.page_writers: list[PageWriter] = []
@@ -517,9 +449,8 @@ class Machine:
         core, vcpus, vm, memory, buses = self._core, self.vcpus, self.vm, self.memory, getattr(
             self, "buses", None)
         devices = getattr(self, "devices", None)
-        origin, origin_views = self._origin, self._origin_views
+        origin = self._origin
         self._core, self.vcpus, self.memory, self._origin = ffi.NULL, [], None, None
-        self._origin_state, self._origin_views = None, []
 
         def release(buses: DeviceBuses | None = buses) -> None:
             # `buses` rides along so its callback handle outlives the C state that points at it.
@@ -527,14 +458,11 @@ class Machine:
                 devices.close()
             for vcpu in vcpus:
                 vcpu.close()
-            vm.close()
+            vm.close()  # before the RAM its memory slots point at (memory.py's lifetime rule)
             if memory is not None:
                 memory.close()
             if core != ffi.NULL:
                 lib.sm_vm_free(core)
-            for view, pointer in origin_views:
-                ffi.release(pointer)
-                view.close()
             if origin is not None:
                 origin.close()
 
@@ -560,11 +488,11 @@ class Machine:
         kvm = kvm or shared_kvm()
         chain = SnapshotChain.open(path)
         try:
-            chain.check_host(vmstate.host_facts(kvm))
+            hostfacts.check_snapshot(chain.files, hostfacts.host_facts(kvm))
             sections = chain.sections
             vcpus, mem_bytes = vmstate.machine_shape(sections)
             specs = [spec_from_dict(d) for d in vmstate.machine_devices(sections)]
-            cpuids = [CpuidTable.from_bytes(sections[f"vcpu/{i}/cpuid"]) for i in range(vcpus)]
+            cpuids = vmstate.vcpu_cpuids(sections, vcpus)
             memory = chain.map_ram()
         except BaseException:
             chain.close()
@@ -581,12 +509,16 @@ class Machine:
             chain.close()
             raise
         try:
-            m._origin = chain
-            m._origin_state = vmstate.prepare(m, sections)
-            m._origin_state.apply()
+            state = vmstate.prepare(m.vm, m.vcpus, m.serial, sections)
+        except BaseException:
+            m.stop()
+            chain.close()
+            raise
+        m._origin = SnapshotOrigin(chain, state, m.vm, memory, m.page_writers)
+        try:
+            state.apply()
             m.devices.restore([f.sections for f in chain.files])
             m.devices.clear_written_pages()  # restoring queues is not a guest-visible change
-            m._dirty = [0] * len(memory.regions)
             if start:
                 m.start()
         except BaseException:
@@ -623,32 +555,17 @@ class Machine:
                 lib.sm_vcpu_settle(self._core, vcpu.index)
         assert self.memory is not None
         diff = self._origin is not None and not full
-        sections = vmstate.capture(self)
+        sections = vmstate.capture(self.vm, self.vcpus, self.vcpu_cpuid, self.serial,
+                                   mem_bytes=self.memory.size, device_specs=self.devices.specs())
         sections.update(self.devices.capture(diff=diff))
-        facts = vmstate.host_facts(self.kvm, self.vcpu_cpuid[0])
+        facts = hostfacts.host_facts(self.kvm, self.vcpu_cpuid[0])
         if not diff:
             return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
                                   durable=durable)
         assert self._origin is not None
-        self._harvest_dirty()
-        nbytes = [(r.size // layout.PAGE_SIZE + 7) // 8 for r in self.memory.regions]
-        pages = [bits.to_bytes(n, "little") for bits, n in zip(self._dirty, nbytes, strict=True)]
         return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
-                              pages=pages, parent=self._origin.leaf.ref(), durable=durable)
-
-    def _harvest_dirty(self) -> None:
-        """OR KVM's dirty log (which it clears) and the devices' host writes into `_dirty`."""
-        assert self.memory is not None
-        for slot, region in enumerate(self.memory.regions):
-            bitmap = self.vm.get_dirty_log(slot, region.size // layout.PAGE_SIZE)
-            self._dirty[slot] |= int.from_bytes(bitmap, "little")
-        for writer in self.page_writers:
-            for pfn in writer.written_pages():
-                gpa = pfn * layout.PAGE_SIZE
-                for slot, region in enumerate(self.memory.regions):
-                    if region.gpa <= gpa < region.end:
-                        self._dirty[slot] |= 1 << ((gpa - region.gpa) // layout.PAGE_SIZE)
-            writer.clear_written_pages()
+                              pages=self._origin.changed_pages(), parent=self._origin.parent,
+                              durable=durable)
 
     def dirty_pages(self) -> int:
         """Pages changed since the restore or last reset (guest and device writes)."""
@@ -658,43 +575,11 @@ class Machine:
         if was_running:
             self.pause()
         try:
-            self._harvest_dirty()
+            count = self._origin.harvest().count()
         finally:
             if was_running:
                 self.resume()
-        return sum(bin(bits).count("1") for bits in self._dirty)
-
-    def _origin_source(self, slot: int) -> Any:
-        """Read-only page-cache view of the origin's base RAM region `slot` (mapped once)."""
-        if not self._origin_views:
-            assert self._origin is not None
-            self._origin_views = [(view, ffi.from_buffer(view))
-                                  for view in self._origin.base.map_ram_readonly()]
-        return self._origin_views[slot][1]
-
-    def _reset_memory(self, strategy: ResetStrategy) -> None:
-        """Return every page dirtied since the origin to the origin's bytes."""
-        assert self._origin is not None
-        assert self.memory is not None
-        self._harvest_dirty()
-        chain_pages: list[bytes] = []
-        for slot, region in enumerate(self.memory.regions):
-            npages = region.size // layout.PAGE_SIZE
-            bitmap = self._dirty[slot].to_bytes((npages + 63) // 64 * 8, "little")
-            chain_pages.append(bitmap[: (npages + 7) // 8])
-            if not self._dirty[slot]:
-                continue
-            target = ffi.cast("void *", self.memory.host_address(slot))
-            bits = ffi.from_buffer("uint64_t[]", bitmap)
-            if strategy is ResetStrategy.COPY:
-                rc = lib.sm_copy_bitmap(target, self._origin_source(slot), bits, npages)
-            else:
-                rc = lib.sm_madvise_bitmap(target, bits, npages, mmap.MADV_DONTNEED)
-            if rc < 0:
-                raise MachineError(f"returning dirtied pages failed: {os.strerror(-rc)}")
-        if self._origin.depth > 1:  # host copies: KVM's dirty log does not see them
-            self._origin.overlay_diffs(self.memory, chain_pages)
-        self._dirty = [0] * len(self.memory.regions)
+        return count
 
     def reset(self, *, resume: bool = True, strategy: ResetStrategy | None = None) -> None:
         """Return this machine in place to the snapshot it was restored from.
@@ -708,7 +593,7 @@ class Machine:
         console log starts afresh. Works whether the guest was running, paused or had
         stopped (crashed, powered off).
         """
-        if self._origin is None or self._origin_state is None:
+        if self._origin is None:
             raise MachineError("reset() needs a machine restored from a snapshot (Machine.restore)")
         if self.state is MachineState.STOPPED:
             raise MachineError("cannot reset a machine that is stopped")
@@ -720,8 +605,8 @@ class Machine:
                     raise
         self._drop_agent()
         with self.devices.quiesced():
-            self._reset_memory(strategy or self.config.reset_strategy)
-            self._origin_state.apply()
+            self._origin.reset_memory(strategy or self.config.reset_strategy)
+            self._origin.state.apply()
             self.devices.reset()
         lib.sm_serial_log_clear(self._core)
         lib.sm_vm_clear_ready(self._core)

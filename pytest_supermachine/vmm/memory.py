@@ -5,6 +5,20 @@ a number that came from the guest: it asks `GuestMemory` for a view of
 ``[gpa, gpa + length)``, which raises `GuestMemoryError` unless the whole range
 lies inside one RAM region. That is the guarantee that nothing a guest writes
 into a descriptor can make the host touch memory outside guest RAM.
+
+This module also owns the two other things guest RAM needs:
+
+- **Dirty tracking.** `DeviceMemory` records the pages a device writes from the host
+  (KVM's dirty log sees only writes by the guest CPU); `DirtyPages` merges both into one
+  bitmap per region, which diff snapshots and in-place resets consume.
+  Model: vm-memory's src/bitmap/.
+- **The lifetime rule for memory slots.** A KVM memory slot points at a region's host
+  buffer by address (`host_address`), and KVM keeps that pointer until the slot is
+  deleted or the VM fd is closed. So a `GuestMemory` that backs a VM's slots must stay
+  mapped until *after* the VM fd is closed: close the VM first, then this (Machine's
+  teardown does it in that order on the reaper thread). Unmapping earlier would let the
+  kernel write guest pages into whatever the host maps there next.
+  Model: Firecracker's vstate/memory.rs.
 """
 
 from __future__ import annotations
@@ -13,12 +27,14 @@ import contextlib
 import ctypes
 import mmap
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from ..errors import GuestMemoryError
 from .layout import PAGE_SIZE, RamRegion, ram_regions
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -65,7 +81,11 @@ class GuestMemory:
         return self._buffers[index]
 
     def host_address(self, index: int) -> int:
-        """Host virtual address of region `index`, for KVM memory slots."""
+        """Host virtual address of region `index`, for KVM memory slots.
+
+        The buffer must stay mapped until the VM fd using it is closed (see the module
+        docstring); `close()` must come after that.
+        """
         if self._anchors[index] is None:
             self._anchors[index] = (ctypes.c_char * self.regions[index].size).from_buffer(
                 self._buffers[index]
@@ -117,7 +137,10 @@ class GuestMemory:
         return self.size // PAGE_SIZE
 
     def close(self) -> None:
-        """Unmap every region; views handed out earlier become invalid."""
+        """Unmap every region; views handed out earlier become invalid.
+
+        Only after the VM fd whose memory slots point here is closed (the slot lifetime rule).
+        """
         self._anchors = [None] * len(self._buffers)
         for v in self._views:
             v.release()
@@ -129,3 +152,133 @@ class GuestMemory:
                 with contextlib.suppress(BufferError):
                     buf.close()
         self._buffers = []
+
+
+class PageWriter(Protocol):
+    """Something that writes guest RAM from the host, which KVM's dirty log cannot see."""
+
+    def written_pages(self) -> set[int]: ...  # guest page frame numbers (gpa // PAGE_SIZE)
+
+    def clear_written_pages(self) -> None: ...
+
+
+class DirtyPages:
+    """The pages of each RAM region changed since the last `clear()`: by the guest or the host.
+
+    Guest writes come from KVM's dirty log (`add_bitmap`, one bitmap per memory slot, which
+    is one per region), host writes from the devices (`add_pages`, page frame numbers).
+    One bitmap per region, bit i = page i, held as a Python int: OR-ing a KVM bitmap into
+    it is one C loop whatever the RAM size, and counting is `int.bit_count`.
+    """
+
+    def __init__(self, regions: Sequence[RamRegion]) -> None:
+        self.regions = tuple(regions)
+        self._bits = [0] * len(self.regions)
+
+    def add_bitmap(self, region: int, bitmap: bytes) -> None:
+        """OR in a little-endian bitmap of region `region` (KVM_GET_DIRTY_LOG's layout)."""
+        self._bits[region] |= int.from_bytes(bitmap, "little")
+
+    def add_pages(self, pfns: Iterable[int]) -> None:
+        """Mark guest page frame numbers (gpa // PAGE_SIZE); ones outside RAM are ignored."""
+        for pfn in pfns:
+            gpa = pfn << PAGE_SHIFT
+            for index, region in enumerate(self.regions):
+                if region.gpa <= gpa < region.end:
+                    self._bits[index] |= 1 << ((gpa - region.gpa) >> PAGE_SHIFT)
+                    break
+
+    def any(self, region: int) -> bool:
+        return self._bits[region] != 0
+
+    def count(self) -> int:
+        """How many pages are marked, over every region."""
+        return sum(bits.bit_count() for bits in self._bits)
+
+    def bitmap(self, region: int, *, word_aligned: bool = False) -> bytes:
+        """Region `region`'s bitmap as bytes: one bit per page, or padded to whole u64 words
+        (what the C core's bitmap walkers read) with `word_aligned`."""
+        pages = self.regions[region].size // PAGE_SIZE
+        length = (pages + 63) // 64 * 8 if word_aligned else (pages + 7) // 8
+        return self._bits[region].to_bytes(length, "little")
+
+    def clear(self) -> None:
+        self._bits = [0] * len(self.regions)
+
+
+class DeviceMemory:
+    """Guest memory as a device sees it: bounds-checked and write-tracked.
+
+    Wraps the one `GuestMemory` choke point and adds the set of guest page
+    frame numbers the device has written, which a diff snapshot must include
+    because KVM's dirty log cannot see host-side writes. One instance per
+    transport; it outlives device resets so no write is ever forgotten before
+    the VMM collects it with `written_pages` / `clear_written_pages`.
+
+    `resolve` is the fast path the queue uses: it bounds-checks a range once
+    (through `GuestMemory.locate`) and returns the region's host buffer and
+    offset, which the caller may then index only *within that range*.
+    """
+
+    __slots__ = ("_buffers", "guest", "written")
+
+    def __init__(self, guest: GuestMemory) -> None:
+        self.guest = guest
+        self._buffers = tuple(guest.buffer(i) for i in range(len(guest.regions)))
+        #: Page frame numbers written since the last clear. The virtqueue's used-ring
+        #: hot path adds to it directly (one set.add, no call); everyone else marks ranges.
+        self.written: set[int] = set()
+
+    # -- dirty page tracking -------------------------------------------------
+    def mark_written(self, gpa: int, length: int) -> None:
+        """Record that the device wrote ``[gpa, gpa+length)`` by other means than this class."""
+        if length <= 0:
+            return
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + length - 1) >> PAGE_SHIFT
+        if first == last:
+            self.written.add(first)
+        else:
+            self.written.update(range(first, last + 1))
+
+    def written_pages(self) -> set[int]:
+        """Guest page frame numbers (gpa // 4096) written by the device since the last clear."""
+        return set(self.written)
+
+    def clear_written_pages(self) -> None:
+        """Forget the recorded pages (the VMM calls this once a diff snapshot captured them)."""
+        self.written.clear()
+
+    # -- access ----------------------------------------------------------------
+    def resolve(self, gpa: int, length: int) -> tuple[mmap.mmap | bytearray, int]:
+        """(host buffer, offset) of a range inside one RAM region; `GuestMemoryError` if not."""
+        index, offset = self.guest.locate(gpa, length)
+        return self._buffers[index], offset
+
+    def check(self, gpa: int, length: int) -> None:
+        """Raise `GuestMemoryError` unless ``[gpa, gpa+length)`` is guest RAM."""
+        self.guest.locate(gpa, length)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.guest.read(gpa, length)
+
+    def read_view(self, gpa: int, length: int) -> memoryview:
+        """A view to read from; do not write through it (use `write_view` for that)."""
+        return self.guest.view(gpa, length)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.guest.write(gpa, data)
+        self.mark_written(gpa, len(data))
+
+    def write_view(self, gpa: int, length: int) -> memoryview:
+        """A view the device will write into; the pages are recorded as written now."""
+        view = self.guest.view(gpa, length)
+        self.mark_written(gpa, length)
+        return view
+
+    def read_u16(self, gpa: int) -> int:
+        return self.guest.read_u16(gpa)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.guest.write_u16(gpa, value)
+        self.mark_written(gpa, 2)

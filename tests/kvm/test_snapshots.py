@@ -11,6 +11,7 @@ import pytest
 
 from pytest_supermachine.guest.microguest import GuestMode
 from pytest_supermachine.vmm import reaper
+from pytest_supermachine.vmm._native import ffi
 from pytest_supermachine.vmm.machine import ExitReason, Machine, MachineState, ResetStrategy
 from pytest_supermachine.vmm.snapshot import SnapshotChain
 
@@ -20,7 +21,7 @@ def ram(m: Machine) -> bytes:
 
 
 def registers(m: Machine) -> list[tuple[bytes, bytes]]:
-    return [(v.get_regs_bytes(), v.get_sregs_bytes()) for v in m.vcpus]
+    return [(bytes(ffi.buffer(v.get_regs())), bytes(ffi.buffer(v.get_sregs()))) for v in m.vcpus]
 
 
 def counter_address(m: Machine) -> int:

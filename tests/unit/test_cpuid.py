@@ -1,6 +1,6 @@
 """The CPUID we give guests: masked for the PVM emulator, untouched on hardware KVM."""
 
-from pytest_supermachine.vmm.kvm import CpuidEntry, CpuidTable
+from pytest_supermachine.vmm.cpuid import CpuidEntry, CpuidTable
 
 XSAVE, AVX, CX16, TSC_DEADLINE = 1 << 26, 1 << 28, 1 << 13, 1 << 24
 

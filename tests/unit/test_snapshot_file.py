@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pytest_supermachine.errors import SupermachineError
-from pytest_supermachine.vmm import snapshot as snap_mod
+from pytest_supermachine.vmm.hostfacts import check_host, check_snapshot, host_cpu_facts
 from pytest_supermachine.vmm.layout import PAGE_SIZE, RamRegion
 from pytest_supermachine.vmm.memory import GuestMemory
 from pytest_supermachine.vmm.snapshot import (
@@ -35,12 +35,12 @@ from pytest_supermachine.vmm.snapshot import (
     SnapshotRef,
     SnapshotTruncated,
     SnapshotVersionError,
-    check_host,
     flatten,
-    host_cpu_facts,
     peek_digest,
     write_snapshot,
 )
+from pytest_supermachine.vmm.snapshot import reader as snapshot_reader
+from pytest_supermachine.vmm.snapshot import writer as snapshot_writer
 
 pytestmark = pytest.mark.unit
 
@@ -316,8 +316,8 @@ def test_failed_save_leaves_no_file_and_no_temp(
             raise OSError(28, "No space left on device")
         real_pwrite(fd, data, offset)
 
-    real_pwrite = snap_mod._pwrite_all
-    monkeypatch.setattr(snap_mod, "_pwrite_all", failing_pwrite)
+    real_pwrite = snapshot_writer.pwrite_all
+    monkeypatch.setattr(snapshot_writer, "pwrite_all", failing_pwrite)
     with pytest.raises(OSError, match="No space"):
         write_snapshot(tmp_path / "s.snap", sections={}, host_facts={}, memory=memory)
     assert calls == 2
@@ -480,7 +480,7 @@ def test_refuses_a_lying_header_before_mapping_anything(
 ) -> None:
     """A correctly re-signed file whose region would end past EOF is refused in open()."""
     mapped = []
-    monkeypatch.setattr(snap_mod, "_map_file_private", lambda *a: mapped.append(a))
+    monkeypatch.setattr(snapshot_reader, "map_file_private", lambda *a: mapped.append(a))
     data = bytearray(full_file.read_bytes())
     last_region_size_at = HEADER_SIZE + 4 + 24 + 8  # regions start after the u32 count
     struct.pack_into("<Q", data, last_region_size_at, 1 << 30)
@@ -522,9 +522,9 @@ def test_host_mismatch_on_guest_cpuid_the_host_cannot_offer() -> None:
 
 def test_snapshot_check_host_uses_recorded_facts(full_file: Path) -> None:
     with SnapshotFile.open(full_file) as snap:
-        snap.check_host(FACTS)
+        check_snapshot([snap], FACTS)
         with pytest.raises(SnapshotHostMismatch, match="kvm_api_version"):
-            snap.check_host(dict(FACTS, kvm_api_version=13))
+            check_snapshot([snap], dict(FACTS, kvm_api_version=13))
 
 
 def test_host_cpu_facts_reads_cpuinfo(tmp_path: Path) -> None:

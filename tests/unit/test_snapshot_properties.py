@@ -23,7 +23,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_supermachine.vmm import snapshot as snap_mod
 from pytest_supermachine.vmm.layout import PAGE_SIZE, RamRegion
 from pytest_supermachine.vmm.memory import GuestMemory
 from pytest_supermachine.vmm.snapshot import (
@@ -33,8 +32,10 @@ from pytest_supermachine.vmm.snapshot import (
     SnapshotChain,
     SnapshotError,
     SnapshotFile,
+    flatten,
     write_snapshot,
 )
+from pytest_supermachine.vmm.snapshot import reader as snapshot_reader
 
 pytestmark = pytest.mark.unit
 
@@ -167,7 +168,7 @@ def integer_fields(data: bytes) -> list[tuple[int, int]]:
 def no_access_past_eof() -> Iterator[None]:
     """Fail the test (AssertionError, not SnapshotError) if validation let an out-of-file
     range through to an mmap or a read; the module's own last-line checks never see it."""
-    real_map, real_read = snap_mod._map_file_private, snap_mod._read_scattered
+    real_map, real_read = snapshot_reader.map_file_private, snapshot_reader.read_scattered
 
     def checked_map(fd: int, offset: int, length: int, path: Path):  # type: ignore[no-untyped-def]
         assert offset >= 0 and length > 0 and offset + length <= os.fstat(fd).st_size, (
@@ -181,11 +182,11 @@ def no_access_past_eof() -> Iterator[None]:
             assert offset >= 0 and offset + len(view) <= size, "read past EOF"
         real_read(fd, reads, path)
 
-    snap_mod._map_file_private, snap_mod._read_scattered = checked_map, checked_read
+    snapshot_reader.map_file_private, snapshot_reader.read_scattered = checked_map, checked_read
     try:
         yield
     finally:
-        snap_mod._map_file_private, snap_mod._read_scattered = real_map, real_read
+        snapshot_reader.map_file_private, snapshot_reader.read_scattered = real_map, real_read
 
 
 def exercise(path: Path) -> bool:
@@ -484,7 +485,7 @@ def test_random_chains_round_trip_and_flatten(
             assert [restored.read(r.gpa, r.size) for r in regions] == expected
         finally:
             restored.close()
-        flat = snap_mod.flatten(chain, directory / "flat", durable=False)
+        flat = flatten(chain, directory / "flat", durable=False)
     with SnapshotFile.open(flat.path) as snap:
         restored = snap.map_ram()
         try:

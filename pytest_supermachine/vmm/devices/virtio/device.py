@@ -17,7 +17,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
-from .queue import DeviceMemory, VirtQueue
+from ...memory import DeviceMemory
+from .queue import VirtQueue
 
 # Device status register bits (virtio 1.x, 2.1).
 STATUS_ACKNOWLEDGE = 0x01

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ....errors import GuestMemoryError
-from ...memory import GuestMemory
+from ...memory import DeviceMemory, GuestMemory
 from .device import (
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -41,7 +41,7 @@ from .device import (
     VIRTIO_F_VERSION_1,
     VirtioDevice,
 )
-from .queue import DeviceMemory, QueueState, VirtQueue, VirtQueueError
+from .queue import QueueState, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ This module guarantees:
   misaligned or out-of-RAM ring) raises `VirtQueueError`, which the transport
   turns into ``DEVICE_NEEDS_RESET``. Nothing else is raised for guest input.
 * Every byte the device writes into guest memory (used ring, ``avail_event``,
-  request data) is recorded by page frame number, because the KVM dirty log
-  only sees writes made by the guest CPU and diff snapshots need both.
+  request data) is recorded by page frame number (`DeviceMemory`, in memory.py),
+  because the KVM dirty log only sees writes made by the guest CPU and diff
+  snapshots need both.
 
 Layout of the rings (all little endian)::
 
@@ -31,8 +32,7 @@ import threading
 from dataclasses import asdict, dataclass
 
 from ....errors import GuestMemoryError, SupermachineError
-from ...layout import PAGE_SIZE
-from ...memory import GuestMemory
+from ...memory import PAGE_SHIFT, DeviceMemory, GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -45,7 +45,6 @@ VIRTQ_USED_ELEM_SIZE = 8
 #: Largest queue the transport will let a device advertise (virtio limit for split rings).
 VIRTQ_MAX_SIZE = 32768
 
-_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
@@ -59,82 +58,6 @@ class VirtQueueError(SupermachineError):
     configuration-change interrupt; the device stops using the queue until the
     driver resets it.
     """
-
-
-class DeviceMemory:
-    """Guest memory as a device sees it: bounds-checked and write-tracked.
-
-    Wraps the one `GuestMemory` choke point and adds the set of guest page
-    frame numbers the device has written, which a diff snapshot must include
-    because KVM's dirty log cannot see host-side writes. One instance per
-    transport; it outlives device resets so no write is ever forgotten before
-    the VMM collects it with `written_pages` / `clear_written_pages`.
-
-    `resolve` is the fast path the queue uses: it bounds-checks a range once
-    (through `GuestMemory.locate`) and returns the region's host buffer and
-    offset, which the caller may then index only *within that range*.
-    """
-
-    __slots__ = ("_buffers", "_written", "guest")
-
-    def __init__(self, guest: GuestMemory) -> None:
-        self.guest = guest
-        self._buffers = tuple(guest.buffer(i) for i in range(len(guest.regions)))
-        self._written: set[int] = set()
-
-    # -- dirty page tracking -------------------------------------------------
-    def mark_written(self, gpa: int, length: int) -> None:
-        """Record that the device wrote ``[gpa, gpa+length)`` by other means than this class."""
-        if length <= 0:
-            return
-        first = gpa >> _PAGE_SHIFT
-        last = (gpa + length - 1) >> _PAGE_SHIFT
-        if first == last:
-            self._written.add(first)
-        else:
-            self._written.update(range(first, last + 1))
-
-    def written_pages(self) -> set[int]:
-        """Guest page frame numbers (gpa // 4096) written by the device since the last clear."""
-        return set(self._written)
-
-    def clear_written_pages(self) -> None:
-        """Forget the recorded pages (the VMM calls this once a diff snapshot captured them)."""
-        self._written.clear()
-
-    # -- access ----------------------------------------------------------------
-    def resolve(self, gpa: int, length: int) -> tuple[mmap.mmap | bytearray, int]:
-        """(host buffer, offset) of a range inside one RAM region; `GuestMemoryError` if not."""
-        index, offset = self.guest.locate(gpa, length)
-        return self._buffers[index], offset
-
-    def check(self, gpa: int, length: int) -> None:
-        """Raise `GuestMemoryError` unless ``[gpa, gpa+length)`` is guest RAM."""
-        self.guest.locate(gpa, length)
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return self.guest.read(gpa, length)
-
-    def read_view(self, gpa: int, length: int) -> memoryview:
-        """A view to read from; do not write through it (use `write_view` for that)."""
-        return self.guest.view(gpa, length)
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        self.guest.write(gpa, data)
-        self.mark_written(gpa, len(data))
-
-    def write_view(self, gpa: int, length: int) -> memoryview:
-        """A view the device will write into; the pages are recorded as written now."""
-        view = self.guest.view(gpa, length)
-        self.mark_written(gpa, length)
-        return view
-
-    def read_u16(self, gpa: int) -> int:
-        return self.guest.read_u16(gpa)
-
-    def write_u16(self, gpa: int, value: int) -> None:
-        self.guest.write_u16(gpa, value)
-        self.mark_written(gpa, 2)
 
 
 #: One segment of a chain: (host buffer, offset in it, length, guest-physical address).
@@ -266,53 +189,12 @@ class QueueState:
     indirect: bool
     signalled_used: int | None
 
-    #: Not a field (no annotation): the fixed binary layout of `to_bytes`.
-    _FORMAT = struct.Struct("<HHBQQQHHBBBH")
-
     def to_dict(self) -> dict[str, int | bool | None]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> QueueState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-
-    def to_bytes(self) -> bytes:
-        """A fixed 38-byte little-endian record (format version is the snapshot's job)."""
-        return self._FORMAT.pack(
-            self.max_size,
-            self.size,
-            int(self.ready),
-            self.desc_addr,
-            self.avail_addr,
-            self.used_addr,
-            self.next_avail,
-            self.next_used,
-            int(self.event_idx),
-            int(self.indirect),
-            int(self.signalled_used is not None),
-            self.signalled_used or 0,
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> QueueState:
-        if len(data) != cls._FORMAT.size:
-            raise ValueError(f"queue state is {cls._FORMAT.size} bytes, got {len(data)}")
-        (mx, size, ready, desc, avail, used, na, nu, ev, ind, has_sig, sig) = cls._FORMAT.unpack(
-            data
-        )
-        return cls(
-            max_size=mx,
-            size=size,
-            ready=bool(ready),
-            desc_addr=desc,
-            avail_addr=avail,
-            used_addr=used,
-            next_avail=na,
-            next_used=nu,
-            event_idx=bool(ev),
-            indirect=bool(ind),
-            signalled_used=sig if has_sig else None,
-        )
 
 
 class VirtQueue:
@@ -506,7 +388,7 @@ class VirtQueue:
     def _publish_avail_event(self, value: int) -> None:
         offset = 4 + VIRTQ_USED_ELEM_SIZE * self.size
         _U16.pack_into(self._used_buf, self._used_off + offset, value)
-        self._memory._written.add((self.used_addr + offset) >> _PAGE_SHIFT)  # type: ignore[union-attr]
+        self._memory.written.add((self.used_addr + offset) >> PAGE_SHIFT)  # type: ignore[union-attr]
 
     def undo_pop(self) -> None:
         """Give the last popped chain back (a device that could not take it yet, e.g. no rx room)."""
@@ -595,9 +477,9 @@ class VirtQueue:
         # The element must be visible before the index: x86 does not reorder
         # stores with other stores, and this is program order.
         _U16.pack_into(self._used_buf, self._used_off + 2, self.next_used)
-        written = mem._written
-        written.add((self.used_addr + 4 + slot) >> _PAGE_SHIFT)
-        written.add((self.used_addr + 2) >> _PAGE_SHIFT)
+        written = mem.written
+        written.add((self.used_addr + 4 + slot) >> PAGE_SHIFT)
+        written.add((self.used_addr + 2) >> PAGE_SHIFT)
 
     def needs_notification(self) -> bool:
         """Should the device interrupt the driver for the used buffers added so far?

@@ -1,0 +1,41 @@
+"""Why a snapshot file cannot be used: one exception class per kind of refusal.
+
+Every message names the file, the reason, and what to do (usually: rebuild it, see
+`REBUILD_HINT`). `SnapshotHostMismatch` is raised by vmm.hostfacts, which decides
+whether this host can stand in for the one a snapshot was taken on.
+"""
+
+from __future__ import annotations
+
+from ...errors import SupermachineError
+
+
+class SnapshotError(SupermachineError):
+    """A snapshot file cannot be used; the message says which file, why, and what to do."""
+
+
+class NotASnapshotError(SnapshotError):
+    """The file does not start with the snapshot magic (or is not a regular file)."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """The file is a snapshot, but of a format version or feature this reader does not know."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The checksum does not match, or the checksummed metadata contradicts itself."""
+
+
+class SnapshotTruncated(SnapshotCorrupt):
+    """The file is shorter than its header says: an interrupted copy or a damaged header."""
+
+
+class SnapshotHostMismatch(SnapshotError):
+    """The snapshot was taken on a host this one cannot stand in for (CPU model, KVM ABI, CPUID)."""
+
+
+class SnapshotParentError(SnapshotError):
+    """A diff's parent is missing, was rebuilt since the diff was taken, or does not fit."""
+
+
+REBUILD_HINT = "delete it (or run `supermachine cache prune`) so it is rebuilt"
