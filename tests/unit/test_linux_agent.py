@@ -38,6 +38,7 @@ from pytest_supermachine.vmm.agent import (
     FrameDecoder,
     MsgType,
 )
+from tests.environment import needs
 
 pytestmark = [
     pytest.mark.unit,
@@ -963,9 +964,7 @@ def _namespaces_problem() -> str | None:
     return None
 
 
-needs_namespaces = pytest.mark.skipif(
-    _namespaces_problem() is not None, reason=str(_namespaces_problem())
-)
+needs_namespaces = needs(_namespaces_problem())
 
 
 def _loop_problem() -> str | None:
@@ -977,7 +976,7 @@ def _loop_problem() -> str | None:
     return None
 
 
-needs_loop = pytest.mark.skipif(_loop_problem() is not None, reason=str(_loop_problem()))
+needs_loop = needs(_loop_problem())
 
 
 @pytest.fixture(scope="module")
