@@ -4,8 +4,8 @@
 
 Every run names its image (``--supermachine-image``): the modes below run on the
 ``microguest``; one more row runs ``--linux-tests`` tests on the ``linux`` image (the
-product's default), reset in place, in its own cache under the user cache dir so only
-the first run pays the ~1 min boot (0 skips the row). One run, a warm snapshot cache
+product's default), reset in place, with the user's snapshot cache (where a user's own
+runs keep it) so only the first run pays the Linux boot (0 skips the row). One run, a warm snapshot cache
 (built first), each mode in its own pytest process:
 
 1. ``plain``: N trivial tests without a VM (the baseline: pytest's own cost per test);
@@ -101,12 +101,13 @@ def run_mode(root: Path, cache: Path, test_file: str, *extra: str) -> dict[str, 
 def linux_per_test_ms(n: int) -> dict[str, float]:
     """Per-test cost of `n` microvm tests on the Linux image (pooled VM, reset in place).
 
-    Its snapshot cache lives under the user cache dir, so the base snapshot (a Linux
-    boot, about a minute here) is built by the first run only, outside the timing.
+    Its snapshot cache is the user's (where a user's own runs keep it), so the base
+    snapshot (a Linux boot, a minute or more here) is built by the first run only, and
+    outside the timing.
     """
     from pytest_supermachine.cache import cache_dir
 
-    cache = cache_dir() / "bench-plugin-linux"
+    cache = cache_dir()
     with tempfile.TemporaryDirectory(prefix="bench-plugin-linux-") as tmp:
         root = Path(tmp)
         write_project(root, n, "linux")
