@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,5 +34,6 @@ def emit_json(bench: str, results: dict[str, object]) -> None:
     from pytest_supermachine.vmm.kvm import is_nested_pvm
 
     line = {"bench": bench, "host": platform.node(), "pvm": is_nested_pvm(),
-            "python": sys.version.split()[0], **results}
+            "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "loadavg_1m": round(os.getloadavg()[0], 2), **results}
     print(json.dumps(line, sort_keys=True))

@@ -35,14 +35,13 @@ def test_triple_fault_exits_with_shutdown(make_machine):
     assert "triple fault" in m.console
 
 
-def test_spinning_guest_is_stopped_within_one_second(make_machine):
+def test_spinning_guest_is_stopped(make_machine):
     m = make_machine(GuestMode.SPIN, vcpus=2)
     m.start()
     m.wait_console("spinning", timeout=30)
-    t0 = time.monotonic()
-    m.stop()
-    assert time.monotonic() - t0 < 1.0
+    m.stop()  # how fast: bench/bench_snapshot.py
     assert m.exit_info().reason is ExitReason.CANCELED
+    assert m.state is MachineState.STOPPED
 
 
 def test_wait_timeout_raises_with_the_console_tail(make_machine):
@@ -95,7 +94,11 @@ def test_pause_and_resume_many_times_in_a_row(make_machine):
     for _ in range(50):
         with m.paused():
             values.append(m.memory.read_u64(addr))
-    assert values == sorted(values)
+        deadline = time.monotonic() + 10
+        while m.memory.read_u64(addr) == values[-1]:  # counting again: it resumed
+            assert time.monotonic() < deadline, f"no count after resume {len(values)}"
+            time.sleep(0.001)
+    assert values == sorted(values) and len(set(values)) == 50
     assert m.state is MachineState.RUNNING
 
 

@@ -91,7 +91,7 @@ def test_retention_none_writes_no_capsule(project):
 
 def test_capsule_dir_option(project):
     project.write("test_a.py", FAILING)
-    project.run("--supermachine-capsule-dir=elsewhere")
+    project.run("--supermachine-capsule-dir=elsewhere").assert_outcomes(passed=1, failed=1)
     assert (project.path / "elsewhere" / "test_a.py__test_fails" / "manifest.json").is_file()
 
 
@@ -110,9 +110,25 @@ def test_stops_then_fails(microvm):
     assert project.manifest(capsule)["vms"][0]["snapshot"] is None
 
 
+#: Fails only on the layer's pristine state, and leaves the VM changed: a replay that ran
+#: on the post-failure VM, or did not reset between runs, would see it pass.
+FAILS_ON_THE_PRE_TEST_STATE = '''
+from pytest_supermachine import layer
+
+@layer
+def configured(vm):
+    vm.write_file("/conf", b"expected")
+
+def test_fails(configured):
+    seen = configured.read_file("/conf")
+    configured.write_file("/conf", b"changed by the test")
+    assert seen != b"expected"
+'''
+
+
 def test_replay_reruns_from_the_pre_test_state(project):
-    project.write("test_a.py", FAILING)
-    project.run()
+    project.write("test_a.py", FAILS_ON_THE_PRE_TEST_STATE)
+    project.run().assert_outcomes(failed=1)
     [capsule] = project.capsules()
     result = project.cli("replay", str(capsule), "--runs", "5")
     assert result.ret == 1
@@ -125,10 +141,11 @@ def test_replay_reruns_from_the_pre_test_state(project):
 
 
 def test_replay_of_a_test_that_now_passes_reports_zero(project):
-    project.write("test_a.py", FAILING)
-    project.run()
+    project.write("test_a.py", FAILS_ON_THE_PRE_TEST_STATE)
+    project.run().assert_outcomes(failed=1)
     [capsule] = project.capsules()
-    project.write("test_a.py", FAILING.replace("== b\"expected\"", "!= b\"expected\""))
+    # passes only on the pre-test state: a replay on the post-failure VM would fail
+    project.write("test_a.py", FAILS_ON_THE_PRE_TEST_STATE.replace("seen != ", "seen == "))
     result = project.cli("replay", str(capsule), "--runs", "3")
     assert result.ret == 0
     result.stdout.fnmatch_lines(["supermachine replay: 0/3 runs failed (did not reproduce)"])

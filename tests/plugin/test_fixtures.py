@@ -150,6 +150,7 @@ def test_factory(microvm_factory, tmp_path):
 def test_header_and_summary_lines(project):
     project.write("test_a.py", "def test_x(microvm):\n    pass\n")
     result = project.run()
+    result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
         "supermachine: /dev/kvm*",
         f"supermachine: image microguest, cache {project.cache}, pool 4",

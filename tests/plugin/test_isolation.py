@@ -39,13 +39,29 @@ def test_does_not_see_it(microvm):
 
 def test_ram_writes_do_not_leak(project):
     project.write("test_a.py", """
+PAGE = 4096
+SEEN = {}
+
+def scratch_pages_bumped(before, after):
+    # `dirty` adds one to the first byte of each scratch page and touches nothing else there
+    return [p for p in range(len(before) // PAGE)
+            if after[p * PAGE] == (before[p * PAGE] + 1) % 256
+            and after[p * PAGE + 1:(p + 1) * PAGE] == before[p * PAGE + 1:(p + 1) * PAGE]]
+
 def test_dirties_ram(microvm):
+    SEEN["before"] = microvm.memory.read(0, microvm.memory.size)
     assert microvm.run("dirty 200").ok
     assert microvm.dirty_pages() >= 200
+    SEEN["after"] = microvm.memory.read(0, microvm.memory.size)
+    SEEN["bumped"] = scratch_pages_bumped(SEEN["before"], SEEN["after"])
+    assert len(SEEN["bumped"]) >= 200
 
 def test_starts_clean(microvm):
     # right after the reset only the pages the handout itself touched are dirty
     assert microvm.dirty_pages() < 50
+    now = microvm.memory.read(0, microvm.memory.size)
+    leaked = [p for p in SEEN["bumped"] if now[p * PAGE] != SEEN["before"][p * PAGE]]
+    assert leaked == []
 """)
     result = project.run()
     result.assert_outcomes(passed=2)

@@ -151,9 +151,9 @@ def _hostile_agent(garbage: bytes) -> tuple[AgentClient, socket.socket]:
 def test_client_given_garbage_raises_an_agent_error_and_never_hangs(garbage):
     client, guest = _hostile_agent(garbage)
     try:
-        client.run("true", timeout=1)
-    except AgentError:  # protocol error, closed connection, or (never) a timeout
-        pass
+        with pytest.raises(AgentError) as raised:  # protocol error or closed connection
+            client.run("true", timeout=1)
+        assert not isinstance(raised.value, P.AgentTimeout), f"the client hung: {raised.value}"
     finally:
         client.close()
         guest.close()
@@ -164,9 +164,13 @@ def test_client_given_garbage_raises_an_agent_error_and_never_hangs(garbage):
 def test_client_given_wellformed_but_wrong_frames_raises_an_agent_error(frame_list):
     client, guest = _hostile_agent(b"".join(f.encode() for f in frame_list))
     try:
-        client.run("true", timeout=1)
+        result = client.run("true", timeout=1)
+    except P.AgentTimeout as e:
+        pytest.fail(f"the client hung: {e}")
     except AgentError:
         pass
+    else:  # only an EXIT for the request (id 1) may end it well
+        assert any(f.type == MsgType.EXIT and f.request_id == 1 for f in frame_list), result
     finally:
         client.close()
         guest.close()

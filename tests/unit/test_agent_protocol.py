@@ -337,18 +337,21 @@ def test_a_hung_agent_raises_agent_timeout_and_the_client_stays_usable(client):
     assert client.run("echo still here").stdout == b"still here\n"
 
 
-def test_concurrent_runs_are_multiplexed_on_one_connection(client):
+def test_concurrent_runs_are_multiplexed_on_one_connection(pair):
+    client, peer = pair
     results: list[RunResult] = []
     threads = [
-        threading.Thread(target=lambda i=i: results.append(client.run("sleep 250")))
+        threading.Thread(target=lambda i=i: results.append(client.run("sleep 2000")))
         for i in range(8)
     ]
-    start = time.monotonic()
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 30
+    while len(peer._procs) < 8:  # all eight open at once on the peer (in series: one at a time)
+        assert any(t.is_alive() for t in threads) and time.monotonic() < deadline
+        time.sleep(0.001)
     for t in threads:
         t.join()
-    assert time.monotonic() - start < 1.5  # 8 x 250 ms in parallel (2 s in series)
     assert len(results) == 8 and all(r.ok for r in results)
 
 
@@ -516,7 +519,10 @@ def test_close_wakes_a_thread_blocked_waiting_for_the_agent():
 
     t = threading.Thread(target=wait_forever)
     t.start()
-    time.sleep(0.05)
+    guest.settimeout(10)
+    decoder, seen = FrameDecoder(), []
+    while MsgType.EXEC not in seen:  # the request is out: the thread waits for its answer
+        seen += [f.type for f in decoder.feed(guest.recv(4096))]
     client.close()
     t.join(2)
     assert not t.is_alive() and errors

@@ -50,8 +50,14 @@ def test_real_recipe_is_complete() -> None:
         assert "\n+++ b/" in text, patch.name
 
 
-def test_key_is_stable(recipe: Path) -> None:
-    assert key(KernelVariant.PVM, recipe) == key(KernelVariant.PVM, recipe)
+def test_key_is_stable(recipe: Path, tmp_path: Path) -> None:
+    """Same content, same key: neither the recipe's location nor its files' times count."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(recipe, elsewhere)
+    for path in elsewhere.rglob("*"):
+        path.touch()
+    assert key(KernelVariant.PVM, elsewhere) == key(KernelVariant.PVM, recipe)
+    assert key(KernelVariant.PVM, recipe) == key(KernelVariant.PVM, kernel.RECIPE_DIR)
 
 
 def test_key_depends_on_variant(recipe: Path) -> None:
