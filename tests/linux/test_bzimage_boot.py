@@ -9,7 +9,7 @@ recipe built, with the image's initramfs, to the agent.
 from __future__ import annotations
 
 from pytest_supermachine.images.linux import LinuxImage
-from pytest_supermachine.vmm.boot import ZERO_PAGE_ADDR
+from pytest_supermachine.vmm.layout import ZERO_PAGE_ADDR
 from pytest_supermachine.vmm.machine import Machine
 
 RAMDISK_SIZE = 0x21C  # struct setup_header.ramdisk_size, in the zero page
