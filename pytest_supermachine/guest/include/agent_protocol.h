@@ -285,8 +285,8 @@ static inline uint32_t ag_kill_signal(const uint8_t *p, uint32_t len)
 
 /*
  * After the handshake: what makes a host frame a protocol error. `id_in_use`
- * says whether the agent has the frame's request id open; a request's own
- * payload is judged by its handler, and a bad one only fails that request.
+ * says whether the agent has the frame's request id open. The payload of a
+ * request is judged next, by ag_request_bad: a bad one only fails that request.
  */
 static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p, int id_in_use,
                                     struct ag_problem *why)
