@@ -581,4 +581,3 @@ def read_ready(sock: socket.socket, timeout: float | None = 30.0) -> Ready:
     finally:
         with contextlib.suppress(OSError):
             sock.settimeout(prev)
-

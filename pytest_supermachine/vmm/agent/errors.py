@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import errno as _errno
-from typing import TYPE_CHECKING
 
 from ...errors import GuestCrashed, GuestTimeout, SupermachineError
-
-if TYPE_CHECKING:
-    from .result import RunResult
-
+from .result import RunResult
 
 
 class AgentError(SupermachineError):
@@ -62,4 +58,3 @@ class CommandFailed(AgentError):
         super().__init__("\n".join(parts))
         self.command = command
         self.result = result
-

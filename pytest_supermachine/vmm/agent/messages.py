@@ -427,4 +427,3 @@ def decode_message(frame: Frame) -> Message:
     if cls is None:
         raise AgentProtocolError(f"unknown message type {frame.type:#x}")
     return cls.decode(frame.payload)
-

@@ -50,6 +50,7 @@ FILE_MORE = 1 << 0
 
 SIGKILL = 9
 
+
 class MsgType:
     """Message type codes (§4)."""
 
@@ -186,4 +187,3 @@ class FrameDecoder:
     def _fail(self, message: str) -> NoReturn:
         self._failed = message
         raise AgentProtocolError(message)
-

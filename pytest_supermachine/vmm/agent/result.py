@@ -23,4 +23,5 @@ class RunResult:
         return self.returncode == 0 and not self.timed_out
 
 
+#: What `AgentClient.run` accepts: a command line (str or bytes) or an argv.
 Command = str | bytes | Sequence[str | bytes | os.PathLike[str]]
