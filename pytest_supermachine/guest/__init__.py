@@ -7,6 +7,10 @@ from pathlib import Path
 
 from ..errors import GuestBuildError
 
+#: The agent-protocol header both guests compile (``include/agent_protocol.h``): each build
+#: puts it on its include path and into its cache key.
+PROTOCOL_INCLUDE_DIR = Path(__file__).resolve().parent / "include"
+
 
 def run_build_step(cmd: list[str], cwd: Path, *, what: str, install_hint: str,
                    timeout: float) -> None:

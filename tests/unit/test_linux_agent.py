@@ -851,6 +851,8 @@ def test_sources_compile_without_warnings(tmp_path):
         agent_build.CC,
         *agent_build.CFLAGS,
         *agent_build.STRICT_FLAGS,
+        "-I",
+        str(agent_build.PROTOCOL_INCLUDE_DIR),
         "-o",
         str(tmp_path / "a"),
     ]

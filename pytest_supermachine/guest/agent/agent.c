@@ -145,7 +145,7 @@ static int parse_addr(const char *s, int want_cid, struct addr *a)
     snprintf(a->text, sizeof(a->text), "%s", s);
     if (strncmp(s, "vsock:", 6) == 0) {
         char *end;
-        unsigned long cid = want_cid ? HOST_CID : VMADDR_CID_ANY, port;
+        unsigned long cid = want_cid ? AG_HOST_CID : VMADDR_CID_ANY, port;
         port = strtoul(s + 6, &end, 10);
         if (*end == ':') {
             cid = port;
@@ -307,12 +307,9 @@ static void ready_event(void)
         err = errno;
     if (err)
         return ready_retry(strerror(err));
-    uint8_t f[AG_HDR + 28 + 64];
+    uint8_t f[AG_HDR + AG_HELLO_FIXED + 64];
     uint32_t n = hello_payload(f + AG_HDR);
-    st32(f, n);
-    st16(f + 4, MSG_READY);
-    st16(f + 6, 0);
-    st32(f + 8, 0);
+    ag_header_store(f, MSG_READY, 0, n);
     /* tiny and the first data on a fresh connection: the socket buffer takes it whole */
     ssize_t w = send(ready.w.fd, f, AG_HDR + n, MSG_NOSIGNAL);
     if (w != (ssize_t)(AG_HDR + n))
@@ -484,7 +481,7 @@ int main(int argc, char **argv)
 
     struct addr la;
     char dflt_listen[32];
-    snprintf(dflt_listen, sizeof(dflt_listen), "vsock:%u", AGENT_PORT);
+    snprintf(dflt_listen, sizeof(dflt_listen), "vsock:%u", AG_PORT);
     if (parse_addr(listen_s ? listen_s : dflt_listen, 0, &la) < 0) {
         logmsg("bad --listen address %s", listen_s);
         if (!pid1)
@@ -493,7 +490,7 @@ int main(int argc, char **argv)
     }
     int vsock = la.family == AF_VSOCK;
     char dflt_ready[32];
-    snprintf(dflt_ready, sizeof(dflt_ready), "vsock:%u:%u", HOST_CID, READY_PORT);
+    snprintf(dflt_ready, sizeof(dflt_ready), "vsock:%u:%u", AG_HOST_CID, AG_READY_PORT);
     if (!ready_s)
         ready_s = vsock ? dflt_ready : "none";
     if (strcmp(ready_s, "none") != 0) {

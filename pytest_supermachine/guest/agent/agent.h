@@ -16,54 +16,19 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "agent_protocol.h" /* pytest_supermachine/guest/include: the wire format */
+
 #define AGENT_SOFTWARE "sm-agent 1 (linux)"
 
 /* ------------------------------------------------------------ protocol -- */
 
-#define AG_MAGIC 0x47414D53u /* "SMAG" little-endian */
-#define AG_VERSION 1u
-#define AG_HDR 12u
-#define AG_MIN_FRAME 4096u
-#define AG_MAX_FRAME_LIMIT (16u << 20)
 /*
- * What we accept: 1 MiB keeps the per-connection receive buffer small in a
- * 64 MiB guest while making each awaited PUT_FILE chunk big enough that file
- * uploads are not round-trip bound.
+ * What this agent accepts: 1 MiB keeps the per-connection receive buffer small
+ * in a 64 MiB guest while making each awaited PUT_FILE chunk big enough that
+ * file uploads are not round-trip bound.
  */
 #define AG_MAX_FRAME (1u << 20)
 #define AG_MAX_INFLIGHT 64u
-#define AG_MAX_PING 4096u
-#define AG_CAPS 0xffu /* EXEC SHELL STDIN ENV CWD FILES KILL TIMEOUT */
-
-#define AGENT_PORT 5253u
-#define READY_PORT 5254u
-#define HOST_CID 2u
-
-enum msg_type {
-    MSG_HELLO = 0x01,
-    MSG_READY = 0x02,
-    MSG_PING = 0x03,
-    MSG_PONG = 0x04,
-    MSG_OK = 0x05,
-    MSG_ERROR = 0x06,
-    MSG_EXEC = 0x10,
-    MSG_STDIN = 0x11,
-    MSG_STDIN_EOF = 0x12,
-    MSG_STDOUT = 0x13,
-    MSG_STDERR = 0x14,
-    MSG_EXIT = 0x15,
-    MSG_KILL = 0x16,
-    MSG_PUT_FILE = 0x20,
-    MSG_GET_FILE = 0x21,
-    MSG_FILE_DATA = 0x22,
-};
-
-#define EXEC_STDIN 1u
-#define EXEC_SHELL 2u
-#define EXIT_SIGNALED 1u
-#define EXIT_TIMED_OUT 2u
-#define PUT_APPEND 1u
-#define FILE_MORE 1u
 
 /* The supermachine control port (pytest_supermachine/guest/microguest/bootinfo.h). */
 #define SM_CONTROL_PORT 0x510
@@ -88,19 +53,6 @@ enum msg_type {
 #define CLOSE_LINGER_MS 2000
 
 /* ------------------------------------------------------------ helpers -- */
-
-static inline uint16_t ld16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static inline uint32_t ld32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline uint64_t ld64(const uint8_t *p) { return ld32(p) | (uint64_t)ld32(p + 4) << 32; }
-static inline void st16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
-static inline void st32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
-}
-static inline void st64(uint8_t *p, uint64_t v) { st32(p, (uint32_t)v), st32(p + 4, (uint32_t)(v >> 32)); }
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
@@ -179,7 +131,7 @@ void conn_send_error(struct conn *c, uint32_t rid, uint32_t err, const char *fmt
 void conn_update(struct conn *c); /* re-evaluate interest after the queue or requests changed */
 void conn_timers(uint64_t now, int64_t *wait_ms);
 uint32_t conn_out_room(const struct conn *c); /* payload bytes per output frame */
-uint32_t hello_payload(uint8_t *p);             /* at least 28 + 64 bytes */
+uint32_t hello_payload(uint8_t *p);             /* at least AG_HELLO_FIXED + 64 bytes */
 
 /* ------------------------------------------------------------ commands -- */
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...cache import cached_artifact, content_key
-from .. import run_build_step
+from .. import PROTOCOL_INCLUDE_DIR, run_build_step
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".c", ".h")
@@ -50,7 +50,7 @@ def source_files(source_dir: Path = SOURCE_DIR) -> list[Path]:
 def build_key(source_dir: Path = SOURCE_DIR) -> str:
     """16 hex digits of sha256 over the compiler, the flags and every source (name and bytes)."""
     parts: list[bytes | str] = [CC, "\0".join(CFLAGS)]
-    for path in source_files(source_dir):
+    for path in [*source_files(source_dir), *source_files(PROTOCOL_INCLUDE_DIR)]:
         parts += [path.name, path.read_bytes()]
     return content_key(*parts)[:16]
 
@@ -65,7 +65,8 @@ def build_agent(source_dir: Path | None = None) -> Path:
 
     def compile_agent(tmp: Path) -> None:
         units = [str(p) for p in source_files(src) if p.suffix == ".c"]
-        _run([CC, *CFLAGS, "-I", str(src), "-o", str(tmp / BINARY_NAME), *units], tmp)
+        include = ["-I", str(src), "-I", str(PROTOCOL_INCLUDE_DIR)]
+        _run([CC, *CFLAGS, *include, "-o", str(tmp / BINARY_NAME), *units], tmp)
 
     return cached_artifact("agent", build_key(src), BINARY_NAME, compile_agent)
 

@@ -54,10 +54,7 @@ struct chunk *conn_frame_alloc(uint32_t room)
 
 void conn_frame_push(struct conn *c, struct chunk *ch, uint16_t type, uint32_t rid, uint32_t plen)
 {
-    st32(ch->data, plen);
-    st16(ch->data + 4, type);
-    st16(ch->data + 6, 0);
-    st32(ch->data + 8, rid);
+    ag_header_store(ch->data, type, rid, plen);
     ch->len = AG_HDR + plen;
     if (c->out_tail)
         c->out_tail->next = ch;
@@ -97,16 +94,7 @@ uint32_t conn_out_room(const struct conn *c) { return MIN(c->host_max_frame, OUT
 
 uint32_t hello_payload(uint8_t *p)
 {
-    static const char sw[] = AGENT_SOFTWARE;
-    uint32_t n = sizeof(sw) - 1;
-    st32(p, AG_MAGIC);
-    st32(p + 4, AG_VERSION);
-    st64(p + 8, AG_CAPS);
-    st32(p + 16, AG_MAX_FRAME);
-    st32(p + 20, AG_MAX_INFLIGHT);
-    st32(p + 24, n);
-    memcpy(p + 28, sw, n);
-    return 28 + n;
+    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
 }
 
 /* Write as much of the queue as the socket takes. -1: the peer is gone. */
@@ -227,45 +215,16 @@ static void conn_fail(struct conn *c, const char *fmt, ...)
     c->close_deadline = now_ns() + (uint64_t)CLOSE_LINGER_MS * 1000000;
 }
 
-/* ------------------------------------------------------------ payload reader -- */
-
-struct rd {
-    const uint8_t *p;
-    uint32_t len, pos;
-    int bad;
-};
-
-static uint32_t rd_u32(struct rd *r)
+static void conn_fail_for(struct conn *c, const struct ag_problem *why)
 {
-    if (r->len - r->pos < 4) {
-        r->bad = 1;
-        return 0;
-    }
-    uint32_t v = ld32(r->p + r->pos);
-    r->pos += 4;
-    return v;
+    conn_fail(c, why->fmt, why->a, why->b, why->c);
 }
-
-static const uint8_t *rd_bytes(struct rd *r, uint32_t *n)
-{
-    *n = rd_u32(r);
-    if (r->bad || *n > r->len - r->pos) {
-        r->bad = 1;
-        *n = 0;
-        return r->p;
-    }
-    const uint8_t *s = r->p + r->pos;
-    r->pos += *n;
-    return s;
-}
-
-static int has_nul(const uint8_t *s, uint32_t n) { return n && memchr(s, 0, n) != NULL; }
 
 /* ------------------------------------------------------------ requests -- */
 
-static int request_open(struct conn *c, uint32_t rid)
+static int request_in_use(struct conn *c, uint32_t rid)
 {
-    if (rid == 0 || proc_find(c, rid))
+    if (proc_find(c, rid))
         return 1;
     for (struct fileget *g = c->gets; g; g = g->next)
         if (g->rid == rid)
@@ -285,34 +244,10 @@ static int too_busy(struct conn *c, uint32_t rid)
  * EXEC: every string is copied into one allocation (argv, env, cwd, NUL-
  * terminated) that lives only until posix_spawn returns.
  */
-static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
 {
-    struct rd r = {p, len, 0, 0};
-    uint32_t flags = rd_u32(&r), timeout_ms = rd_u32(&r), argc = rd_u32(&r), envc = rd_u32(&r);
-    uint32_t cwd_n;
-    const uint8_t *cwd = rd_bytes(&r, &cwd_n);
-    if (r.bad) {
-        conn_send_error(c, rid, EINVAL, "EXEC payload too short (%u bytes)", len);
-        return;
-    }
-    if (flags & ~(EXEC_STDIN | EXEC_SHELL)) {
-        conn_send_error(c, rid, EINVAL, "EXEC flags %#x: unknown bits", flags);
-        return;
-    }
-    int shell = (flags & EXEC_SHELL) != 0;
-    /* each entry takes at least its 4-byte length: bounds the counts before allocating */
-    if (argc < 1 || (shell && argc != 1) || (uint64_t)argc * 4 > len - r.pos) {
-        conn_send_error(c, rid, EINVAL, "EXEC argc %u is invalid", argc);
-        return;
-    }
-    if ((uint64_t)envc * 4 > len - r.pos - (uint64_t)argc * 4) {
-        conn_send_error(c, rid, EINVAL, "EXEC envc %u does not fit the payload", envc);
-        return;
-    }
-    if (has_nul(cwd, cwd_n)) {
-        conn_send_error(c, rid, EINVAL, "NUL byte in cwd");
-        return;
-    }
+    uint32_t argc = x->argc, envc = x->envc, len = x->r.len;
+    int shell = x->shell;
     if (too_busy(c, rid))
         return;
     /* pointers: argv (+2 for "sh -c") and env, each NULL-terminated; strings: at most len */
@@ -324,12 +259,12 @@ static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t
     }
     char **argv = (char **)block, **env = argv + argc + 3;
     char *s = block + ptrs * sizeof(char *);
-    struct exec_req req = {flags, timeout_ms, NULL, argv, env};
-    if (cwd_n) {
-        memcpy(s, cwd, cwd_n);
-        s[cwd_n] = 0;
+    struct exec_req req = {x->flags, x->timeout_ms, NULL, argv, env};
+    if (x->cwd_len) {
+        memcpy(s, x->cwd, x->cwd_len);
+        s[x->cwd_len] = 0;
         req.cwd = s;
-        s += cwd_n + 1;
+        s += x->cwd_len + 1;
     }
     const char *why = NULL;
     char **a = argv;
@@ -339,12 +274,8 @@ static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t
     }
     for (uint32_t i = 0; i < argc && !why; i++) {
         uint32_t n;
-        const uint8_t *arg = rd_bytes(&r, &n);
-        if (r.bad)
-            why = "argv runs past the payload";
-        else if (has_nul(arg, n))
-            why = "NUL byte in argv";
-        else {
+        const uint8_t *arg;
+        if (!(why = ag_exec_arg(x, &arg, &n))) {
             memcpy(s, arg, n);
             s[n] = 0;
             *a++ = s;
@@ -355,13 +286,8 @@ static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t
     char **e = env;
     for (uint32_t i = 0; i < envc && !why; i++) {
         uint32_t n;
-        const uint8_t *ent = rd_bytes(&r, &n);
-        const uint8_t *eq = n ? memchr(ent, '=', n) : NULL;
-        if (r.bad)
-            why = "env runs past the payload";
-        else if (has_nul(ent, n) || !eq || eq == ent)
-            why = "env entries must be NAME=VALUE without NUL";
-        else {
+        const uint8_t *ent;
+        if (!(why = ag_exec_env(x, &ent, &n))) {
             memcpy(s, ent, n);
             s[n] = 0;
             *e++ = s;
@@ -369,8 +295,8 @@ static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t
         }
     }
     *e = NULL;
-    if (!why && r.pos != len)
-        why = "trailing bytes after env";
+    if (!why)
+        why = ag_exec_end(x);
     if (why) {
         conn_send_error(c, rid, EINVAL, "EXEC: %s", why);
         free(block);
@@ -386,24 +312,18 @@ static void handle_exec(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t
     free(block);
 }
 
-static void handle_put(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_put(struct conn *c, uint32_t rid, const struct ag_put_file *f)
 {
-    struct rd r = {p, len, 0, 0};
-    uint32_t mode = rd_u32(&r), flags = rd_u32(&r), plen;
-    const uint8_t *path = rd_bytes(&r, &plen);
-    if (r.bad || !plen || has_nul(path, plen) || (mode & ~07777u) || (flags & ~PUT_APPEND)) {
-        conn_send_error(c, rid, EINVAL, "PUT_FILE: bad mode, flags or path");
-        return;
-    }
+    uint32_t plen = f->path_len, mode = f->mode;
     char name[4096];
     if (plen >= sizeof(name)) {
         conn_send_error(c, rid, ENAMETOOLONG, "path of %u bytes", plen);
         return;
     }
-    memcpy(name, path, plen);
+    memcpy(name, f->path, plen);
     name[plen] = 0;
     int fd;
-    if (flags & PUT_APPEND) {
+    if (f->flags & PUT_APPEND) {
         fd = open(name, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     } else {
         /* created by us: the requested mode exactly (fchmod, not subject to umask);
@@ -426,8 +346,8 @@ static void handle_put(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t 
         conn_send_error(c, rid, (uint32_t)err, "open %s: %s", name, strerror(err));
         return;
     }
-    const uint8_t *data = p + r.pos;
-    uint32_t left = len - r.pos;
+    const uint8_t *data = f->data;
+    uint32_t left = f->data_len;
     while (left) {
         ssize_t w = write(fd, data, left);
         if (w < 0 && errno == EINTR)
@@ -452,10 +372,6 @@ static void handle_put(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t 
 static void handle_get(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
 {
     char name[4096];
-    if (!len || has_nul(p, len)) {
-        conn_send_error(c, rid, EINVAL, "GET_FILE: bad path");
-        return;
-    }
     if (len >= sizeof(name)) {
         conn_send_error(c, rid, ENAMETOOLONG, "path of %u bytes", len);
         return;
@@ -548,91 +464,50 @@ static void get_pump(struct conn *c)
 
 /* ------------------------------------------------------------ frames -- */
 
-static void handle_hello(struct conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_hello(struct conn *c, const struct ag_header *h, const uint8_t *p)
 {
-    if (rid != 0)
-        return conn_fail(c, "HELLO must use request id 0, not %u", rid);
-    struct rd r = {p, len, 0, 0};
-    uint32_t magic = rd_u32(&r), version = rd_u32(&r);
-    if (r.bad || magic != AG_MAGIC)
-        return conn_fail(c, "malformed HELLO (%u bytes, magic %#x): not the supermachine agent "
-                            "protocol", len, magic);
-    if (version != AG_VERSION)
-        return conn_fail(c, "agent speaks protocol version %u, host %u", AG_VERSION, version);
-    rd_u32(&r), rd_u32(&r); /* capabilities: what the host understands; we need nothing */
-    uint32_t max_frame = rd_u32(&r);
-    rd_u32(&r); /* the host's max_inflight: not our concern */
-    uint32_t swn;
-    rd_bytes(&r, &swn);
-    if (r.bad || r.pos != len)
-        return conn_fail(c, "malformed HELLO (%u bytes)", len);
-    if (max_frame < AG_MIN_FRAME || max_frame > AG_MAX_FRAME_LIMIT)
-        return conn_fail(c, "HELLO max_frame %u is outside %u..%u", max_frame, AG_MIN_FRAME,
-                         AG_MAX_FRAME_LIMIT);
-    c->host_max_frame = max_frame;
+    struct ag_problem bad;
+    if (ag_host_hello_bad(h, p, &c->host_max_frame, &bad))
+        return conn_fail_for(c, &bad);
     c->state = CONN_OPEN;
-    uint8_t h[28 + 64];
-    conn_queue_frame(c, MSG_HELLO, 0, h, hello_payload(h), NULL, 0);
+    uint8_t hello[AG_HELLO_FIXED + 64];
+    conn_queue_frame(c, MSG_HELLO, 0, hello, hello_payload(hello), NULL, 0);
 }
 
-static void handle_frame(struct conn *c, uint16_t type, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_frame(struct conn *c, const struct ag_header *h, const uint8_t *p)
 {
-    if (c->state == CONN_HELLO) {
-        if (type != MSG_HELLO)
-            return conn_fail(c, "expected HELLO first, got type %#x (request %u)", type, rid);
-        return handle_hello(c, rid, p, len);
-    }
+    if (c->state == CONN_HELLO)
+        return handle_hello(c, h, p);
+    struct ag_problem bad;
+    if (ag_host_frame_bad(h, p, request_in_use(c, h->request_id), &bad))
+        return conn_fail_for(c, &bad);
+    uint32_t rid = h->request_id, len = h->len;
+    struct ag_request req;
+    if (ag_request_bad(h, p, &req, &bad))
+        return conn_send_error(c, rid, EINVAL, bad.fmt, bad.a, bad.b, bad.c);
     struct proc *pr;
-    switch (type) {
+    switch (h->type) {
     case MSG_PING:
+        return conn_queue_frame(c, MSG_PONG, rid, p, len, NULL, 0);
     case MSG_EXEC:
+        return handle_exec(c, rid, &req.exec);
     case MSG_PUT_FILE:
+        return handle_put(c, rid, &req.put);
     case MSG_GET_FILE:
-        if (request_open(c, rid))
-            return conn_fail(c, "request type %#x: id %u is 0 or still open", type, rid);
-        if (type == MSG_PING) {
-            if (len > AG_MAX_PING)
-                conn_send_error(c, rid, EINVAL, "PING payload of %u bytes (at most %u)", len,
-                                AG_MAX_PING);
-            else
-                conn_queue_frame(c, MSG_PONG, rid, p, len, NULL, 0);
-        } else if (type == MSG_EXEC) {
-            handle_exec(c, rid, p, len);
-        } else if (type == MSG_PUT_FILE) {
-            handle_put(c, rid, p, len);
-        } else {
-            handle_get(c, rid, p, len);
-        }
-        return;
+        return handle_get(c, rid, req.path, len);
     case MSG_STDIN:
-        if (!len)
-            return conn_fail(c, "empty STDIN frame (request %u)", rid);
         if ((pr = proc_find(c, rid)))
             proc_stdin(pr, p, len);
         return;
     case MSG_STDIN_EOF:
-        if (len)
-            return conn_fail(c, "STDIN_EOF with %u payload bytes (request %u)", len, rid);
         if ((pr = proc_find(c, rid)))
             proc_stdin_eof(pr);
         return;
-    case MSG_KILL: {
-        uint32_t sig = len == 4 ? ld32(p) : 0;
-        if (sig < 1 || sig > 64)
-            return conn_fail(c, "malformed KILL (%u bytes, signal %u)", len, sig);
+    case MSG_KILL:
         if ((pr = proc_find(c, rid)))
-            proc_kill(pr, (int)sig);
+            proc_kill(pr, (int)ag_kill_signal(p, len));
         return;
     }
-    default:
-        return conn_fail(c, "message type %#x is not a host request (request %u)", type, rid);
-    }
-}
-
-static int known_type(uint16_t t)
-{
-    return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA);
 }
 
 /* Feed received bytes through the frame parser. Stops early if the connection fails. */
@@ -647,15 +522,11 @@ static void parse(struct conn *c, const uint8_t *data, size_t n)
             pos += take;
             if (c->hdr_have < AG_HDR)
                 return;
-            uint32_t len = ld32(c->hdr);
-            uint16_t type = ld16(c->hdr + 4), flags = ld16(c->hdr + 6);
-            /* checked on the header alone, before waiting for (or allocating) the payload */
-            if (len > AG_MAX_FRAME)
-                return conn_fail(c, "frame of %u bytes exceeds max_frame %u", len, AG_MAX_FRAME);
-            if (flags)
-                return conn_fail(c, "frame flags %#x are reserved (type %#x)", flags, type);
-            if (!known_type(type))
-                return conn_fail(c, "unknown message type %#x", type);
+            struct ag_header h = ag_header_load(c->hdr);
+            struct ag_problem bad;
+            if (ag_header_bad(&h, AG_MAX_FRAME, &bad)) /* before waiting for the payload */
+                return conn_fail_for(c, &bad);
+            uint32_t len = h.len;
             c->need = len;
             c->have = 0;
             if (len && n - pos < len) { /* the payload spans reads: gather it */
@@ -664,13 +535,12 @@ static void parse(struct conn *c, const uint8_t *data, size_t n)
                     return conn_fail(c, "no memory for a %u-byte frame", len);
             }
         }
-        uint16_t type = ld16(c->hdr + 4);
-        uint32_t rid = ld32(c->hdr + 8);
+        struct ag_header h = ag_header_load(c->hdr);
         if (!c->payload) { /* whole payload in this read: no copy */
             const uint8_t *pl = data + pos;
             pos += c->need;
             c->hdr_have = 0;
-            handle_frame(c, type, rid, pl, c->need);
+            handle_frame(c, &h, pl);
             continue;
         }
         size_t take = MIN(c->need - c->have, n - pos);
@@ -682,7 +552,7 @@ static void parse(struct conn *c, const uint8_t *data, size_t n)
         uint8_t *pl = c->payload;
         c->payload = NULL;
         c->hdr_have = 0;
-        handle_frame(c, type, rid, pl, c->need);
+        handle_frame(c, &h, pl);
         free(pl);
     }
 }

@@ -84,10 +84,7 @@ void agent_put_frame2(struct vs_conn *c, uint16_t type, uint32_t rid, const void
                       const void *b, uint32_t blen)
 {
     uint8_t h[AG_HDR];
-    st32(h, alen + blen);
-    st16(h + 4, type);
-    st16(h + 6, 0);
-    st32(h + 8, rid);
+    ag_header_store(h, type, rid, alen + blen);
     vs_tx_put(c, h, AG_HDR);
     if (alen)
         vs_tx_put(c, a, alen);
@@ -113,9 +110,9 @@ static void send_error(struct vs_conn *c, uint32_t rid, uint32_t err, const char
 }
 
 /* A protocol error ends the connection: one ERROR on request 0, then close (§2). */
-static int protocol_error(struct vs_conn *c, const char *what, uint32_t a, uint32_t b)
+static int protocol_error(struct vs_conn *c, const struct ag_problem *why)
 {
-    send_error(c, 0, E_PROTO, what, a, b);
+    send_error(c, 0, E_PROTO, why->fmt, why->a, why->b, why->c);
     task_kill_conn(c);
     vsock_close(c);
     return FRAME_CLOSED;
@@ -123,16 +120,7 @@ static int protocol_error(struct vs_conn *c, const char *what, uint32_t a, uint3
 
 static uint32_t hello_payload(uint8_t *p)
 {
-    static const char sw[] = MG_AGENT_SOFTWARE;
-    uint32_t n = sizeof(sw) - 1;
-    st32(p, AG_MAGIC);
-    st32(p + 4, AG_VERSION);
-    st64(p + 8, 0xff); /* EXEC SHELL STDIN ENV CWD FILES KILL TIMEOUT */
-    st32(p + 16, AG_MAX_FRAME);
-    st32(p + 20, AG_MAX_INFLIGHT);
-    st32(p + 24, n);
-    ag_copy(p + 28, sw, n);
-    return 28 + n;
+    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, MG_AGENT_SOFTWARE);
 }
 
 /* ------------------------------------------------------------ connections -- */
@@ -143,7 +131,7 @@ void agent_on_connected(struct vs_conn *c)
 {
     if (c != ready_conn)
         return;
-    uint8_t p[64];
+    uint8_t p[AG_HELLO_FIXED + 64];
     agent_put_frame(c, MSG_READY, 0, p, hello_payload(p)); /* §6: one READY, then close */
     vsock_close(c);
 }
@@ -266,43 +254,6 @@ void agent_task_done(struct task *t)
 
 /* -------------------------------------------------------------- requests -- */
 
-/* Reader over a payload: `bytes` fields and counts, with every length checked. */
-struct rd {
-    const uint8_t *p;
-    uint32_t len, pos;
-    int bad;
-};
-
-static uint32_t rd_u32(struct rd *r)
-{
-    if (r->len - r->pos < 4) {
-        r->bad = 1;
-        return 0;
-    }
-    r->pos += 4;
-    return ld32(r->p + r->pos - 4);
-}
-
-static const uint8_t *rd_bytes(struct rd *r, uint32_t *n)
-{
-    *n = rd_u32(r);
-    if (r->bad || *n > r->len - r->pos) {
-        r->bad = 1;
-        *n = 0;
-        return 0;
-    }
-    r->pos += *n;
-    return r->p + r->pos - *n;
-}
-
-static int has_nul(const uint8_t *p, uint32_t n)
-{
-    for (uint32_t i = 0; i < n; i++)
-        if (!p[i])
-            return 1;
-    return 0;
-}
-
 /* Copy a byte string into the task's argument area as a C string. */
 static char *arg_copy(struct task *t, uint32_t *used, const uint8_t *s, uint32_t n)
 {
@@ -326,27 +277,12 @@ static const char *base_name(const char *s)
     return b;
 }
 
-static int request_open(struct vs_conn *c, uint32_t rid) { return rid == 0 || task_find(c, rid); }
+static int request_in_use(struct vs_conn *c, uint32_t rid) { return task_find(c, rid) != 0; }
 
-static void handle_exec(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_exec(struct vs_conn *c, uint32_t rid, struct ag_exec *x)
 {
-    struct rd r = {p, len, 0, 0};
-    uint32_t flags = rd_u32(&r), timeout_ms = rd_u32(&r), argc = rd_u32(&r), envc = rd_u32(&r);
-    uint32_t cwd_n;
-    const uint8_t *cwd = rd_bytes(&r, &cwd_n);
-    if (r.bad) {
-        send_error(c, rid, E_INVAL, "EXEC payload too short");
-        return;
-    }
-    if (flags & ~(EXEC_STDIN | EXEC_SHELL)) {
-        send_error(c, rid, E_INVAL, "EXEC flags %x: unknown bits", flags);
-        return;
-    }
-    int shell = (flags & EXEC_SHELL) != 0;
-    if (argc < 1 || (shell && argc != 1) || (uint64_t)argc * 4 > len - r.pos) {
-        send_error(c, rid, E_INVAL, "EXEC argc %u is invalid", argc);
-        return;
-    }
+    uint32_t flags = x->flags, argc = x->argc, envc = x->envc;
+    int shell = x->shell;
     if (task_count(c) >= (int)AG_MAX_INFLIGHT) {
         send_error(c, rid, E_BUSY, "too many requests (at most %u at once)", AG_MAX_INFLIGHT);
         return;
@@ -359,18 +295,14 @@ static void handle_exec(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint3
     uint32_t used = 0;
     int err = 0;
     const char *why = "";
-    if (has_nul(cwd, cwd_n)) {
-        err = E_INVAL, why = "NUL byte in cwd";
-    } else if (!(t->cwd = arg_copy(t, &used, cwd, cwd_n))) {
+    if (!(t->cwd = arg_copy(t, &used, x->cwd, x->cwd_len)))
         err = E_2BIG, why = "arguments too long";
-    }
     for (uint32_t i = 0; i < argc && !err; i++) {
         uint32_t n;
-        const uint8_t *a = rd_bytes(&r, &n);
-        if (r.bad) {
-            err = E_INVAL, why = "argv runs past the payload";
-        } else if (has_nul(a, n)) {
-            err = E_INVAL, why = "NUL byte in argv";
+        const uint8_t *a;
+        const char *wrong = ag_exec_arg(x, &a, &n);
+        if (wrong) {
+            err = E_INVAL, why = wrong;
         } else if (shell) { /* the microguest's "shell": words split at white space */
             for (uint32_t k = 0; k < n && !err;) {
                 while (k < n && is_space((char)a[k]))
@@ -387,23 +319,18 @@ static void handle_exec(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint3
             err = E_2BIG, why = "too many or too long arguments";
         }
     }
-    if (!err && (uint64_t)envc * 4 > len - r.pos)
-        err = E_INVAL, why = "envc does not fit the payload";
     for (uint32_t i = 0; i < envc && !err; i++) {
         uint32_t n;
-        const uint8_t *e = rd_bytes(&r, &n);
-        uint32_t eq = 0;
-        while (eq < n && e[eq] != '=')
-            eq++;
-        if (r.bad)
-            err = E_INVAL, why = "env runs past the payload";
-        else if (has_nul(e, n) || eq == 0 || eq == n)
-            err = E_INVAL, why = "env entries must be NAME=VALUE without NUL";
+        const uint8_t *e;
+        const char *wrong = ag_exec_env(x, &e, &n);
+        if (wrong)
+            err = E_INVAL, why = wrong;
         else if (t->envc >= TASK_MAX_ENV || !(t->env[t->envc++] = arg_copy(t, &used, e, n)))
             err = E_2BIG, why = "environment too large";
     }
-    if (!err && r.pos != len)
-        err = E_INVAL, why = "trailing bytes after env";
+    const char *trailing = err ? 0 : ag_exec_end(x);
+    if (trailing)
+        err = E_INVAL, why = trailing;
     if (err) {
         t->used = 0;
         send_error(c, rid, (uint32_t)err, "%s", why);
@@ -424,36 +351,29 @@ static void handle_exec(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint3
     }
     t->reads_stdin = (flags & EXEC_STDIN) && reads_stdin; /* else its STDIN frames are dropped */
     t->stdin_eof = !(flags & EXEC_STDIN);
-    if (timeout_ms)
-        t->deadline_tsc = t->start_tsc + ag_ms_to_tsc(timeout_ms);
+    if (x->timeout_ms)
+        t->deadline_tsc = t->start_tsc + ag_ms_to_tsc(x->timeout_ms);
     task_start(t);
 }
 
-static void handle_put(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
+static void handle_put(struct vs_conn *c, uint32_t rid, const struct ag_put_file *put)
 {
-    struct rd r = {p, len, 0, 0};
-    uint32_t mode = rd_u32(&r), flags = rd_u32(&r), plen;
-    const uint8_t *path = rd_bytes(&r, &plen);
-    if (r.bad || !plen || has_nul(path, plen) || (mode & ~07777u) || (flags & ~PUT_APPEND)) {
-        send_error(c, rid, E_INVAL, "PUT_FILE: bad mode, flags or path");
-        return;
-    }
     int f;
-    if (flags & PUT_APPEND) {
-        f = fs_lookup(path, plen);
+    if (put->flags & PUT_APPEND) {
+        f = fs_lookup(put->path, put->path_len);
         if (f < 0) {
             send_error(c, rid, E_NOENT, "No such file or directory");
             return;
         }
     } else {
-        f = fs_open(path, plen, mode, 1);
+        f = fs_open(put->path, put->path_len, put->mode, 1);
         if (f < 0) {
             send_error(c, rid, (uint32_t)-f, f == -E_NOSPC ? "the file store is full (%u files)"
                                                           : "path too long", FS_MAX_FILES);
             return;
         }
     }
-    if (fs_append(f, p + r.pos, len - r.pos) < 0) {
+    if (fs_append(f, put->data, put->data_len) < 0) {
         send_error(c, rid, E_NOSPC, "No space left on device (files are at most %u bytes)",
                    FS_MAX_SIZE);
         return;
@@ -463,10 +383,6 @@ static void handle_put(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint32
 
 static void handle_get(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint32_t len)
 {
-    if (!len || has_nul(p, len)) {
-        send_error(c, rid, E_INVAL, "GET_FILE: bad path");
-        return;
-    }
     int f = fs_lookup(p, len);
     if (f < 0) {
         send_error(c, rid, E_NOENT, "No such file or directory");
@@ -495,63 +411,41 @@ static void handle_get(struct vs_conn *c, uint32_t rid, const uint8_t *p, uint32
 }
 
 /* One complete frame. FRAME_STALL leaves it at the front of rx (stdin handed to a task). */
-static int handle_frame(struct vs_conn *c, uint16_t type, uint32_t rid, const uint8_t *p, uint32_t len)
+static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint8_t *p)
 {
     struct aconn *a = &aconns[c->id];
+    struct ag_problem bad;
     if (!a->hello) {
-        if (type != MSG_HELLO || rid != 0)
-            return protocol_error(c, "expected HELLO first, got type %x (request %u)", type, rid);
-        struct rd r = {p, len, 0, 0};
-        uint32_t magic = rd_u32(&r), version = rd_u32(&r);
-        rd_u32(&r), rd_u32(&r); /* capabilities: what the host understands; we need nothing */
-        uint32_t max_frame = rd_u32(&r);
-        rd_u32(&r); /* the host's max_inflight: not our concern */
-        uint32_t sw;
-        rd_bytes(&r, &sw);
-        if (r.bad || r.pos != len || magic != AG_MAGIC)
-            return protocol_error(c, "malformed HELLO (%u bytes, magic %x)", len, magic);
-        if (version != AG_VERSION) {
-            send_error(c, 0, E_PROTO, "agent speaks protocol version %u, host %u", AG_VERSION, version);
-            task_kill_conn(c);
-            vsock_close(c);
-            return FRAME_CLOSED;
-        }
-        if (max_frame < AG_MIN_FRAME || max_frame > (16u << 20))
-            return protocol_error(c, "HELLO max_frame %u is outside %u..16 MiB", max_frame, AG_MIN_FRAME);
+        if (ag_host_hello_bad(h, p, &a->host_max_frame, &bad))
+            return protocol_error(c, &bad);
         a->hello = 1;
-        a->host_max_frame = max_frame;
-        uint8_t h[64];
-        agent_put_frame(c, MSG_HELLO, 0, h, hello_payload(h));
+        uint8_t hello[AG_HELLO_FIXED + 64];
+        agent_put_frame(c, MSG_HELLO, 0, hello, hello_payload(hello));
+        return FRAME_DONE;
+    }
+    if (ag_host_frame_bad(h, p, request_in_use(c, h->request_id), &bad))
+        return protocol_error(c, &bad);
+    uint32_t rid = h->request_id, len = h->len;
+    struct ag_request req;
+    if (ag_request_bad(h, p, &req, &bad)) {
+        send_error(c, rid, E_INVAL, bad.fmt, bad.a, bad.b, bad.c);
         return FRAME_DONE;
     }
     struct task *t;
-    switch (type) {
+    switch (h->type) {
     case MSG_PING:
-        if (request_open(c, rid))
-            return protocol_error(c, "PING: request id %u is 0 or still open", rid, 0);
-        if (len > 4096)
-            send_error(c, rid, E_INVAL, "PING payload of %u bytes (at most 4096)", len);
-        else
-            agent_put_frame(c, MSG_PONG, rid, p, len);
+        agent_put_frame(c, MSG_PONG, rid, p, len);
         return FRAME_DONE;
     case MSG_EXEC:
-        if (request_open(c, rid))
-            return protocol_error(c, "EXEC: request id %u is 0 or still open", rid, 0);
-        handle_exec(c, rid, p, len);
+        handle_exec(c, rid, &req.exec);
         return FRAME_DONE;
     case MSG_PUT_FILE:
-        if (request_open(c, rid))
-            return protocol_error(c, "PUT_FILE: request id %u is 0 or still open", rid, 0);
-        handle_put(c, rid, p, len);
+        handle_put(c, rid, &req.put);
         return FRAME_DONE;
     case MSG_GET_FILE:
-        if (request_open(c, rid))
-            return protocol_error(c, "GET_FILE: request id %u is 0 or still open", rid, 0);
-        handle_get(c, rid, p, len);
+        handle_get(c, rid, req.path, len);
         return FRAME_DONE;
     case MSG_STDIN:
-        if (!len)
-            return protocol_error(c, "empty STDIN frame (request %u)", rid, 0);
         t = task_find(c, rid);
         if (!t || !t->reads_stdin || t->stdin_eof || t->killed)
             return FRAME_DONE; /* unknown, finished, or a command that reads no stdin: ignored */
@@ -562,30 +456,17 @@ static int handle_frame(struct vs_conn *c, uint16_t type, uint32_t rid, const ui
         ag_progress++;
         return FRAME_STALL;
     case MSG_STDIN_EOF:
-        if (len)
-            return protocol_error(c, "STDIN_EOF with %u payload bytes (request %u)", len, rid);
         if ((t = task_find(c, rid)))
             t->stdin_eof = 1;
         return FRAME_DONE;
-    case MSG_KILL: {
-        uint32_t sig = len == 4 ? ld32(p) : 0;
-        if (sig < 1 || sig > 64)
-            return protocol_error(c, "malformed KILL (%u bytes, signal %u)", len, sig);
+    case MSG_KILL:
         if ((t = task_find(c, rid)) && !t->killed) {
             t->killed = 1;
-            t->kill_signal = (int)sig;
+            t->kill_signal = (int)ag_kill_signal(p, len);
         }
         return FRAME_DONE;
     }
-    default:
-        return protocol_error(c, "message type %x is not a host request (request %u)", type, rid);
-    }
-}
-
-static int known_type(uint16_t type)
-{
-    return (type >= MSG_HELLO && type <= MSG_ERROR) || (type >= MSG_EXEC && type <= MSG_KILL) ||
-           (type >= MSG_PUT_FILE && type <= MSG_FILE_DATA);
+    return FRAME_DONE; /* not reached: ag_host_frame_bad refused every other type */
 }
 
 static void dispatch(struct vs_conn *c)
@@ -595,29 +476,20 @@ static void dispatch(struct vs_conn *c)
         uint32_t avail = vs_rx_len(c);
         if (avail < AG_HDR)
             return;
-        const uint8_t *h = vs_rx_ptr(c);
-        uint32_t len = ld32(h), rid = ld32(h + 8);
-        uint16_t type = ld16(h + 4), flags = ld16(h + 6);
+        const uint8_t *raw = vs_rx_ptr(c);
+        struct ag_header h = ag_header_load(raw);
         if (vs_tx_room(c) < RESPONSE_ROOM)
             return; /* any answer must fit whole; the host drains us, room comes back */
-        if (len > AG_MAX_FRAME) { /* checked on the header alone (§2) */
-            protocol_error(c, "frame of %u bytes exceeds max_frame %u", len, AG_MAX_FRAME);
+        struct ag_problem bad;
+        if (ag_header_bad(&h, AG_MAX_FRAME, &bad)) { /* checked on the header alone (§2) */
+            protocol_error(c, &bad);
             return;
         }
-        if (flags) {
-            protocol_error(c, "frame flags %x are reserved (type %x)", flags, type);
+        if (avail < AG_HDR + h.len)
             return;
-        }
-        if (!known_type(type)) {
-            protocol_error(c, "unknown message type %x (request %u)", type, rid);
+        if (handle_frame(c, &h, raw + AG_HDR) != FRAME_DONE)
             return;
-        }
-        if (avail < AG_HDR + len)
-            return;
-        int r = handle_frame(c, type, rid, h + AG_HDR, len);
-        if (r != FRAME_DONE)
-            return;
-        vs_rx_consume(c, AG_HDR + len);
+        vs_rx_consume(c, AG_HDR + h.len);
     }
 }
 

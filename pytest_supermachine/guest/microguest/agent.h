@@ -14,6 +14,9 @@
 
 #include "microguest.h"
 
+#define AG_HEX "%x" /* mg_vsnprintf's %x prints the 0x itself */
+#include "agent_protocol.h" /* pytest_supermachine/guest/include: the wire format */
+
 #define MG_AGENT_SOFTWARE "microguest-agent 1"
 
 /* Linux errno values the protocol uses (docs/agent-protocol.md: Linux numbering). */
@@ -50,28 +53,6 @@ static inline uint64_t ag_rdtsc(void)
     uint32_t lo, hi;
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
-}
-
-static inline uint16_t ld16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static inline uint32_t ld32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline uint64_t ld64(const uint8_t *p) { return ld32(p) | (uint64_t)ld32(p + 4) << 32; }
-static inline void st16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static inline void st32(uint8_t *p, uint32_t v)
-{
-    st16(p, (uint16_t)v);
-    st16(p + 2, (uint16_t)(v >> 16));
-}
-static inline void st64(uint8_t *p, uint64_t v)
-{
-    st32(p, (uint32_t)v);
-    st32(p + 4, (uint32_t)(v >> 32));
 }
 
 /* agent.c: console, time, memory. */
@@ -266,29 +247,10 @@ int task_sleep_until(struct task *t, uint64_t tsc); /* 0 = slept, -1 = killed */
 
 /* ------------------------------------------------------------ protocol -- */
 
-#define AG_PORT 5253
-#define AG_READY_PORT 5254
-#define AG_MAGIC 0x47414D53u
-#define AG_VERSION 1u
-#define AG_HDR 12u
+/* What this agent accepts and offers (the wire format is agent_protocol.h). */
 #define AG_MAX_FRAME (256u * 1024) /* what we accept; buffers are sized from it */
-#define AG_MIN_FRAME 4096u
 #define AG_MAX_INFLIGHT 16u
 #define AG_OUT_CHUNK (32u * 1024) /* stdout/stderr/file data per frame */
-
-enum {
-    MSG_HELLO = 0x01, MSG_READY = 0x02, MSG_PING = 0x03, MSG_PONG = 0x04, MSG_OK = 0x05,
-    MSG_ERROR = 0x06, MSG_EXEC = 0x10, MSG_STDIN = 0x11, MSG_STDIN_EOF = 0x12,
-    MSG_STDOUT = 0x13, MSG_STDERR = 0x14, MSG_EXIT = 0x15, MSG_KILL = 0x16,
-    MSG_PUT_FILE = 0x20, MSG_GET_FILE = 0x21, MSG_FILE_DATA = 0x22,
-};
-
-#define EXEC_STDIN 1u
-#define EXEC_SHELL 2u
-#define EXIT_SIGNALED 1u
-#define EXIT_TIMED_OUT 2u
-#define PUT_APPEND 1u
-#define FILE_MORE 1u
 
 uint32_t agent_host_max_frame(struct vs_conn *c);
 /* Write one frame (header + payload) into c's tx buffer; caller checked the room. */

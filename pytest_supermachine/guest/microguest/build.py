@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...cache import cached_artifact, content_key
-from .. import run_build_step
+from .. import PROTOCOL_INCLUDE_DIR, run_build_step
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".c", ".S", ".h", ".ld")
@@ -63,7 +63,7 @@ def source_files(source_dir: Path = SOURCE_DIR) -> list[Path]:
 def build_key(source_dir: Path = SOURCE_DIR) -> str:
     """16 hex digits of sha256 over the tools, the flags and every source (name and bytes)."""
     parts: list[bytes | str] = [CC, LD, "\0".join(CFLAGS), "\0".join(LDFLAGS)]
-    for path in source_files(source_dir):
+    for path in [*source_files(source_dir), *source_files(PROTOCOL_INCLUDE_DIR)]:
         parts += [path.name, path.read_bytes()]
     return content_key(*parts)[:16]
 
@@ -83,7 +83,8 @@ def _compile_and_link(src: Path, out: Path) -> None:
     units = [p for p in source_files(src) if p.suffix in (".c", ".S")]
     objects = [out / f"{p.stem}{p.suffix.replace('.', '_')}.o" for p in units]
     for unit, obj in zip(units, objects, strict=True):
-        _run([CC, *CFLAGS, "-I", str(src), "-c", str(unit), "-o", str(obj)], out)
+        include = ["-I", str(src), "-I", str(PROTOCOL_INCLUDE_DIR)]
+        _run([CC, *CFLAGS, *include, "-c", str(unit), "-o", str(obj)], out)
     _run(
         [
             LD,

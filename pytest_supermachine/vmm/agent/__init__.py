@@ -1,0 +1,156 @@
+"""Host side of the guest agent protocol (``docs/agent-protocol.md``, version 1).
+
+Three layers, each usable alone, each in its own module:
+
+- **Framing** (`protocol`): the wire constants, `Frame`, `encode_frame`,
+  `FrameDecoder`. Pure functions over bytes. The decoder accepts any chunking
+  of the stream and raises `AgentProtocolError` — never another exception —
+  for anything malformed; it checks a frame's length as soon as the header is
+  in, so a hostile length never makes it wait for (or allocate) a huge payload.
+- **Messages** (`messages`): one small dataclass per message type with
+  ``encode_payload()`` and ``decode(payload)``, and `decode_message(frame)`
+  dispatching on the type. Also pure; also `AgentProtocolError` for every
+  malformed payload.
+- **Client** (`client`): `AgentClient` over any connected stream socket (a
+  vsock connection from the muxer, or a ``socket.socketpair()`` end in tests).
+  It performs the handshake and offers ``run``, ``write_file``, ``read_file``
+  and ``ping``; several threads may use one client at once (requests are
+  multiplexed by id). `read_ready` reads the READY an agent sends once it
+  listens.
+
+`errors` holds what they raise, `result` what a command did (`RunResult`).
+This package re-exports every public name, so ``from
+pytest_supermachine.vmm.agent import X`` does not depend on the module layout.
+The guests' C side of the same wire format is one header,
+``pytest_supermachine/guest/include/agent_protocol.h``.
+"""
+
+from __future__ import annotations
+
+from .client import AgentClient, read_ready
+from .errors import (
+    AgentError,
+    AgentGuestStopped,
+    AgentProtocolError,
+    AgentRemoteError,
+    AgentTimeout,
+    CommandFailed,
+)
+from .messages import (
+    MESSAGE_CLASSES,
+    Error,
+    Exec,
+    Exit,
+    FileData,
+    GetFile,
+    Hello,
+    Kill,
+    Message,
+    Ok,
+    Ping,
+    Pong,
+    PutFile,
+    Ready,
+    Stderr,
+    Stdin,
+    StdinEof,
+    Stdout,
+    decode_message,
+)
+from .protocol import (
+    AGENT_PORT,
+    CAP_ALL,
+    CAP_CWD,
+    CAP_ENV,
+    CAP_EXEC,
+    CAP_FILES,
+    CAP_KILL,
+    CAP_SHELL,
+    CAP_STDIN,
+    CAP_TIMEOUT,
+    EXEC_SHELL,
+    EXEC_STDIN,
+    EXIT_SIGNALED,
+    EXIT_TIMED_OUT,
+    FILE_MORE,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_FRAME,
+    MAX_PING,
+    MAX_SOFTWARE,
+    MIN_FRAME,
+    PROTOCOL_VERSION,
+    PUT_APPEND,
+    READY_PORT,
+    SIGKILL,
+    TYPE_NAMES,
+    Frame,
+    FrameDecoder,
+    MsgType,
+    encode_frame,
+)
+from .result import Command, RunResult
+
+__all__ = [
+    "AGENT_PORT",
+    "CAP_ALL",
+    "CAP_CWD",
+    "CAP_ENV",
+    "CAP_EXEC",
+    "CAP_FILES",
+    "CAP_KILL",
+    "CAP_SHELL",
+    "CAP_STDIN",
+    "CAP_TIMEOUT",
+    "EXEC_SHELL",
+    "EXEC_STDIN",
+    "EXIT_SIGNALED",
+    "EXIT_TIMED_OUT",
+    "FILE_MORE",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_FRAME",
+    "MAX_PING",
+    "MAX_SOFTWARE",
+    "MESSAGE_CLASSES",
+    "MIN_FRAME",
+    "PROTOCOL_VERSION",
+    "PUT_APPEND",
+    "READY_PORT",
+    "SIGKILL",
+    "TYPE_NAMES",
+    "AgentClient",
+    "AgentError",
+    "AgentGuestStopped",
+    "AgentProtocolError",
+    "AgentRemoteError",
+    "AgentTimeout",
+    "Command",
+    "CommandFailed",
+    "Error",
+    "Exec",
+    "Exit",
+    "FileData",
+    "Frame",
+    "FrameDecoder",
+    "GetFile",
+    "Hello",
+    "Kill",
+    "Message",
+    "MsgType",
+    "Ok",
+    "Ping",
+    "Pong",
+    "PutFile",
+    "Ready",
+    "RunResult",
+    "Stderr",
+    "Stdin",
+    "StdinEof",
+    "Stdout",
+    "decode_message",
+    "encode_frame",
+    "read_ready",
+]
