@@ -47,7 +47,7 @@ from .agent import (
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
-from .devices.virtio.vsock_mux import VsockError, VsockListener
+from .devices.virtio.vsock import VsockError, VsockListener
 from .kvm import CpuidTable, Kvm, Vcpu, Vm
 from .memory import GuestMemory
 from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
