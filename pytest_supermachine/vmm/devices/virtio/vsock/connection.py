@@ -214,9 +214,7 @@ class VsockConnection:
         return (self.host_port, self.guest_port)
 
     def __repr__(self) -> str:
-        return (
-            f"<vsock conn host:{self.host_port} <-> guest:{self.guest_port} {self.state.value}>"
-        )
+        return f"<vsock conn host:{self.host_port} <-> guest:{self.guest_port} {self.state.value}>"
 
     # ------------------------------------------------------------------ what the muxer asks
 
