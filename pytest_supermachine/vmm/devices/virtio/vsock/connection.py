@@ -21,7 +21,7 @@ connection) and drops it, failing a pending connect with `error`. A guest RST
 and a device reset drop a connection without any reply; the muxer does that
 directly (`close`).
 
-Credit, both ways (virtio 1.x, 5.10.6.3):
+Credit, both ways (virtio 1.x, section 5.10.6):
 
 * host → guest: at most ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` bytes
   are read from the host socket and sent; with no credit the socket is simply
