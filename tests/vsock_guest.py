@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pytest_supermachine.vmm.devices.virtio import vsock_mux as M
 from pytest_supermachine.vmm.devices.virtio.mmio import VirtioMmioTransport
 from pytest_supermachine.vmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
-from pytest_supermachine.vmm.devices.virtio.vsock import VirtioVsock
+from pytest_supermachine.vmm.devices.virtio.vsock import VirtioVsock, VsockMuxer
+from pytest_supermachine.vmm.devices.virtio.vsock import packet as P
 from pytest_supermachine.vmm.memory import GuestMemory
 from tests.virtio_driver import VirtioMmioDriver
 
@@ -57,12 +57,11 @@ class GuestVsock:
         rx_buffers: int = 32,
         mem_size: int = 8 << 20,
         auto_credit: bool = True,
-        device: VirtioVsock | None = None,
     ) -> None:
         self.cid = guest_cid
         self.mem = GuestMemory.from_bytearray(bytearray(mem_size))
-        self.device = device or VirtioVsock(guest_cid)
-        self.muxer = self.device.muxer
+        self.muxer = VsockMuxer(guest_cid)
+        self.device = VirtioVsock(guest_cid, backend=self.muxer)
         self.transport = VirtioMmioTransport(self.device, self.mem)
         self.driver = VirtioMmioDriver(self.transport, self.mem)
         self.driver.init()
@@ -74,7 +73,7 @@ class GuestVsock:
         self.listening: set[int] = set()
         self.conns: dict[tuple[int, int], GuestConn] = {}  # (local port, host port)
         self.accepted: list[GuestConn] = []
-        self.received: list[M.VsockPacket] = []  # every packet, for protocol-level tests
+        self.received: list[P.VsockPacket] = []  # every packet, for protocol-level tests
         self.events: list[int] = []
         self._next_port = 1024
         self._rx_bufs: dict[int, int] = {}
@@ -99,17 +98,17 @@ class GuestVsock:
         self.txq.used()
         self.driver.alloc.rewind(self._heap)
 
-    def send_packet(self, pkt: M.VsockPacket) -> None:
+    def send_packet(self, pkt: P.VsockPacket) -> None:
         self.send_raw([pkt.encode()])
 
-    def packet(self, conn: GuestConn, op: int, flags: int = 0, data: bytes = b"") -> M.VsockPacket:
-        return M.VsockPacket(
+    def packet(self, conn: GuestConn, op: int, flags: int = 0, data: bytes = b"") -> P.VsockPacket:
+        return P.VsockPacket(
             self.cid,
-            M.HOST_CID,
+            P.HOST_CID,
             conn.local_port,
             conn.host_port,
             op,
-            M.VSOCK_TYPE_STREAM,
+            P.VSOCK_TYPE_STREAM,
             flags,
             conn.buf_alloc,
             conn.fwd_cnt & 0xFFFFFFFF,
@@ -120,7 +119,7 @@ class GuestVsock:
         """What the VMM event thread does when the device's fd is readable."""
         self.device.service(self.transport)
 
-    def take_rx(self) -> list[M.VsockPacket]:
+    def take_rx(self) -> list[P.VsockPacket]:
         """Packets the device put in the rx ring since last time; their buffers are re-posted."""
         pkts = []
         events = 0
@@ -132,7 +131,7 @@ class GuestVsock:
             self.evq.kick()
         for head, length in self.rxq.used():
             raw = self.mem.read(self._rx_bufs[head], length)
-            pkts.append(M.VsockPacket.decode(raw)[0])
+            pkts.append(P.VsockPacket.decode(raw)[0])
             self.rxq.publish(head)
         if pkts:
             self.rxq.kick()
@@ -147,7 +146,7 @@ class GuestVsock:
         conn = GuestConn(self._next_port, host_port)
         self._next_port += 1
         self.conns[(conn.local_port, host_port)] = conn
-        self.send_packet(self.packet(conn, M.OP_REQUEST))
+        self.send_packet(self.packet(conn, P.OP_REQUEST))
         return conn
 
     def send(self, conn: GuestConn, data: bytes) -> int:
@@ -155,7 +154,7 @@ class GuestVsock:
         sent = 0
         while sent < len(data) and conn.peer_credit() > 0 and conn.state == "established":
             n = min(len(data) - sent, conn.peer_credit(), 4096)
-            self.send_packet(self.packet(conn, M.OP_RW, 0, data[sent : sent + n]))
+            self.send_packet(self.packet(conn, P.OP_RW, 0, data[sent : sent + n]))
             conn.tx_cnt += n
             sent += n
         return sent
@@ -166,14 +165,14 @@ class GuestVsock:
         conn.inbox.clear()
         conn.fwd_cnt += len(data)
         if data and self.auto_credit and conn.state == "established":
-            self.send_packet(self.packet(conn, M.OP_CREDIT_UPDATE))
+            self.send_packet(self.packet(conn, P.OP_CREDIT_UPDATE))
         return data
 
-    def shutdown(self, conn: GuestConn, flags: int = M.SHUTDOWN_RCV | M.SHUTDOWN_SEND) -> None:
-        self.send_packet(self.packet(conn, M.OP_SHUTDOWN, flags))
+    def shutdown(self, conn: GuestConn, flags: int = P.SHUTDOWN_RCV | P.SHUTDOWN_SEND) -> None:
+        self.send_packet(self.packet(conn, P.OP_SHUTDOWN, flags))
 
     def rst(self, conn: GuestConn) -> None:
-        self.send_packet(self.packet(conn, M.OP_RST))
+        self.send_packet(self.packet(conn, P.OP_RST))
         conn.state = "closed"
         self.conns.pop((conn.local_port, conn.host_port), None)
 
@@ -190,36 +189,36 @@ class GuestVsock:
                 break
         return total
 
-    def _handle(self, pkt: M.VsockPacket) -> None:
-        if pkt.dst_cid != self.cid or pkt.src_cid != M.HOST_CID:
+    def _handle(self, pkt: P.VsockPacket) -> None:
+        if pkt.dst_cid != self.cid or pkt.src_cid != P.HOST_CID:
             return
         key = (pkt.dst_port, pkt.src_port)
         conn = self.conns.get(key)
         if conn is None:
-            if pkt.op == M.OP_REQUEST and pkt.dst_port in self.listening:
+            if pkt.op == P.OP_REQUEST and pkt.dst_port in self.listening:
                 conn = GuestConn(pkt.dst_port, pkt.src_port, "established")
                 conn.peer_buf_alloc, conn.peer_fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
                 self.conns[key] = conn
                 self.accepted.append(conn)
-                self.send_packet(self.packet(conn, M.OP_RESPONSE))
-            elif pkt.op != M.OP_RST:
+                self.send_packet(self.packet(conn, P.OP_RESPONSE))
+            elif pkt.op != P.OP_RST:
                 self.send_packet(
-                    M.VsockPacket(self.cid, M.HOST_CID, pkt.dst_port, pkt.src_port, M.OP_RST)
+                    P.VsockPacket(self.cid, P.HOST_CID, pkt.dst_port, pkt.src_port, P.OP_RST)
                 )
             return
         conn.peer_buf_alloc, conn.peer_fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
-        if pkt.op == M.OP_RESPONSE and conn.state == "connecting":
+        if pkt.op == P.OP_RESPONSE and conn.state == "connecting":
             conn.state = "established"
-        elif pkt.op == M.OP_RW:
+        elif pkt.op == P.OP_RW:
             conn.rx_cnt += len(pkt.data)
             conn.inbox += pkt.data
-        elif pkt.op == M.OP_CREDIT_REQUEST:
-            self.send_packet(self.packet(conn, M.OP_CREDIT_UPDATE))
-        elif pkt.op == M.OP_SHUTDOWN:
+        elif pkt.op == P.OP_CREDIT_REQUEST:
+            self.send_packet(self.packet(conn, P.OP_CREDIT_UPDATE))
+        elif pkt.op == P.OP_SHUTDOWN:
             conn.peer_shut |= pkt.flags
-            if conn.peer_shut == M.SHUTDOWN_RCV | M.SHUTDOWN_SEND and not conn.inbox:
+            if conn.peer_shut == P.SHUTDOWN_RCV | P.SHUTDOWN_SEND and not conn.inbox:
                 self.rst(conn)  # what Linux does when the peer closes and nothing is unread
-        elif pkt.op == M.OP_RST:
+        elif pkt.op == P.OP_RST:
             conn.state = "closed"
             conn.reset = True
             self.conns.pop(key, None)

@@ -55,7 +55,7 @@ from .cpuid import CpuidTable
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
-from .devices.virtio.vsock_mux import VsockError, VsockListener
+from .devices.virtio.vsock import VsockError, VsockListener
 from .exits import ExitReason, MachineExit
 from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, PageWriter

@@ -15,14 +15,19 @@ import threading
 import pytest
 
 from pytest_supermachine.vmm.agent import AGENT_PORT, AgentClient
-from pytest_supermachine.vmm.devices.virtio import vsock_mux as M
 from pytest_supermachine.vmm.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from pytest_supermachine.vmm.devices.virtio.mmio import VirtioMmioTransport
 from pytest_supermachine.vmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from pytest_supermachine.vmm.devices.virtio.vsock import (
     EVENT_TRANSPORT_RESET,
+    ConnectionState,
     VirtioVsock,
+    VsockConnectionRefused,
+    VsockError,
+    VsockTimeout,
+    connection,
 )
+from pytest_supermachine.vmm.devices.virtio.vsock import packet as P
 from pytest_supermachine.vmm.memory import GuestMemory
 from tests.agent_peer import AgentPeer
 from tests.vsock_guest import GuestConn, GuestVsock
@@ -50,8 +55,8 @@ def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
-def ops(pkts: list[M.VsockPacket]) -> list[str]:
-    return [M.OP_NAMES.get(p.op, str(p.op)) for p in pkts]
+def ops(pkts: list[P.VsockPacket]) -> list[str]:
+    return [P.OP_NAMES.get(p.op, str(p.op)) for p in pkts]
 
 
 # ----------------------------------------------------------------------------- device basics
@@ -75,9 +80,9 @@ def test_reserved_cids_are_refused():
 
 
 def test_packet_header_is_44_bytes_in_virtio_order():
-    pkt = M.VsockPacket(3, 2, 1024, 5253, M.OP_RW, 1, 0, 4096, 7, b"xy")
+    pkt = P.VsockPacket(3, 2, 1024, 5253, P.OP_RW, 1, 0, 4096, 7, b"xy")
     assert pkt.encode() == struct.pack("<QQIIIHHIII", 3, 2, 1024, 5253, 2, 1, 5, 0, 4096, 7) + b"xy"
-    assert M.VsockPacket.decode(pkt.encode()) == (pkt, 2)
+    assert P.VsockPacket.decode(pkt.encode()) == (pkt, 2)
 
 
 # ----------------------------------------------------------------------------- connecting
@@ -87,14 +92,14 @@ def test_host_connect_to_a_guest_listener_sends_request_and_gets_established(gue
     sock, conn = connected(guest)
     assert ops(guest.received)[0] == "REQUEST"
     assert guest.received[0].src_cid == 2 and guest.received[0].dst_port == 5000
-    assert guest.muxer.connections() == [(conn.host_port, 5000, "established")]
+    assert guest.muxer.connections() == [(conn.host_port, 5000, ConnectionState.ESTABLISHED)]
     sock.close()
 
 
 def test_connect_to_a_port_nobody_listens_on_is_refused(guest):
     pending = guest.muxer.connect_nowait(6000)
     guest.pump()
-    with pytest.raises(M.VsockConnectionRefused, match="port 6000: connection refused"):
+    with pytest.raises(VsockConnectionRefused, match="port 6000: connection refused"):
         pending.result(0)
     assert guest.muxer.connections() == []
 
@@ -110,7 +115,7 @@ def test_connect_without_an_answer_times_out_and_withdraws(guest):
     guest.conns.clear()
     pending = guest.muxer.connect_nowait(7000)
     guest.host_kicks()  # REQUEST goes out, the "guest" never answers
-    with pytest.raises(M.VsockTimeout):
+    with pytest.raises(VsockTimeout):
         pending.result(0.01)
     guest.host_kicks()
     assert ops(guest.take_rx()) == ["REQUEST", "RST"]
@@ -171,7 +176,7 @@ def test_a_closed_listener_refuses_new_connections(guest):
 
 
 def test_accept_times_out_when_nobody_connects(guest):
-    with pytest.raises(M.VsockTimeout):
+    with pytest.raises(VsockTimeout):
         guest.muxer.listen(5254).accept(timeout=0.01)
 
 
@@ -212,7 +217,7 @@ def test_rw_packets_never_exceed_the_rx_buffer(guest):
     sock, _conn = connected(guest)
     sock.sendall(b"x" * 10000)
     guest.pump()
-    rws = [p for p in guest.received if p.op == M.OP_RW]
+    rws = [p for p in guest.received if p.op == P.OP_RW]
     assert sum(len(p.data) for p in rws) == 10000
     assert max(len(p.data) for p in rws) <= 4096 - 44
 
@@ -225,7 +230,7 @@ def test_every_host_packet_advertises_buffer_and_forwarded_count(guest):
     sock.sendall(b"z")
     guest.pump()
     last = guest.received[-1]
-    assert (last.op, last.buf_alloc, last.fwd_cnt) == (M.OP_RW, guest.muxer.buf_alloc, 3)
+    assert (last.op, last.buf_alloc, last.fwd_cnt) == (P.OP_RW, guest.muxer.buf_alloc, 3)
 
 
 def test_host_stops_at_the_guests_credit_and_resumes_on_credit_update():
@@ -238,7 +243,7 @@ def test_host_stops_at_the_guests_credit_and_resumes_on_credit_update():
     g.pump()
     assert ops(g.received).count("CREDIT_REQUEST") == 1
     g.recv(conn)
-    g.send_packet(g.packet(conn, M.OP_CREDIT_UPDATE))
+    g.send_packet(g.packet(conn, P.OP_CREDIT_UPDATE))
     g.pump()
     assert len(conn.inbox) == 100_000 - conn.buf_alloc
     g.device.close()
@@ -246,7 +251,7 @@ def test_host_stops_at_the_guests_credit_and_resumes_on_credit_update():
 
 def test_guest_credit_request_is_answered_with_credit_update(guest):
     _sock, conn = connected(guest)
-    guest.send_packet(guest.packet(conn, M.OP_CREDIT_REQUEST))
+    guest.send_packet(guest.packet(conn, P.OP_CREDIT_REQUEST))
     guest.pump()
     assert ops(guest.received)[-1] == "CREDIT_UPDATE"
 
@@ -285,7 +290,7 @@ def test_guest_overrunning_its_credit_gets_rst(guest):
     _sock, conn = connected(guest)
     conn.peer_buf_alloc = 1 << 30  # a guest that ignores what the host advertised
     for _ in range(600):  # 2.4 MB into a host socket nobody reads
-        guest.send_packet(guest.packet(conn, M.OP_RW, 0, b"o" * 4096))
+        guest.send_packet(guest.packet(conn, P.OP_RW, 0, b"o" * 4096))
     guest.pump()
     assert conn.reset
     assert guest.muxer.stats["credit_violations"] == 1
@@ -297,7 +302,7 @@ def test_round_robin_between_connections(guest):
     a.sendall(b"A" * 20000)
     b.sendall(b"B" * 20000)
     guest.host_kicks()
-    first = [p.dst_port for p in guest.take_rx() if p.op == M.OP_RW][:4]
+    first = [p.dst_port for p in guest.take_rx() if p.op == P.OP_RW][:4]
     assert set(first) == {5000, 5001}
 
 
@@ -308,8 +313,8 @@ def test_host_close_sends_full_shutdown_and_the_guests_rst_completes_it(guest):
     sock, conn = connected(guest)
     sock.close()
     guest.pump()
-    shut = [p for p in guest.received if p.op == M.OP_SHUTDOWN][-1]
-    assert shut.flags == M.SHUTDOWN_RCV | M.SHUTDOWN_SEND
+    shut = [p for p in guest.received if p.op == P.OP_SHUTDOWN][-1]
+    assert shut.flags == P.SHUTDOWN_RCV | P.SHUTDOWN_SEND
     assert conn.state == "closed"  # the guest answered RST
     assert guest.muxer.connections() == []
 
@@ -320,7 +325,7 @@ def test_host_half_close_sends_shutdown_send_only(guest):
     sock.shutdown(socket.SHUT_WR)
     guest.pump()
     assert guest.recv(conn) == b"last words"
-    assert conn.peer_shut == M.SHUTDOWN_SEND
+    assert conn.peer_shut == P.SHUTDOWN_SEND
     guest.send(conn, b"reply")  # the other direction still works
     guest.pump()
     assert sock.recv(100) == b"reply"
@@ -329,7 +334,7 @@ def test_host_half_close_sends_shutdown_send_only(guest):
 def test_guest_shutdown_send_gives_the_host_eof_after_the_data(guest):
     sock, conn = connected(guest)
     guest.send(conn, b"bye")
-    guest.shutdown(conn, M.SHUTDOWN_SEND)
+    guest.shutdown(conn, P.SHUTDOWN_SEND)
     guest.pump()
     assert sock.recv(100) == b"bye"
     assert sock.recv(100) == b""
@@ -353,7 +358,7 @@ def test_guest_rst_closes_the_host_socket(guest):
 
 
 def test_a_closing_connection_is_reset_if_the_guest_never_answers(guest, monkeypatch):
-    monkeypatch.setattr(M, "CLOSE_TIMEOUT", 0.0)
+    monkeypatch.setattr(connection, "CLOSE_TIMEOUT", 0.0)
     sock, _conn = connected(guest)
     guest._handle = lambda pkt: None  # a guest that ignores everything
     sock.close()
@@ -367,10 +372,10 @@ def test_a_closing_connection_is_reset_if_the_guest_never_answers(guest, monkeyp
 
 
 def test_rw_on_an_unknown_connection_gets_rst(guest):
-    guest.send_packet(M.VsockPacket(3, 2, 1111, 2222, M.OP_RW, data=b"?"))
+    guest.send_packet(P.VsockPacket(3, 2, 1111, 2222, P.OP_RW, data=b"?"))
     guest.pump()
     (rst,) = guest.received
-    assert (rst.op, rst.src_port, rst.dst_port) == (M.OP_RST, 2222, 1111)
+    assert (rst.op, rst.src_port, rst.dst_port) == (P.OP_RST, 2222, 1111)
 
 
 def test_an_unknown_op_resets_the_connection(guest):
@@ -381,7 +386,7 @@ def test_an_unknown_op_resets_the_connection(guest):
 
 
 def test_an_unknown_socket_type_gets_rst(guest):
-    pkt = M.VsockPacket(3, 2, 1111, 2222, M.OP_REQUEST, type=M.VSOCK_TYPE_SEQPACKET)
+    pkt = P.VsockPacket(3, 2, 1111, 2222, P.OP_REQUEST, type=P.VSOCK_TYPE_SEQPACKET)
     guest.muxer.listen(2222)
     guest.send_packet(pkt)
     guest.pump()
@@ -391,7 +396,7 @@ def test_an_unknown_socket_type_gets_rst(guest):
 @pytest.mark.parametrize("src_cid,dst_cid", [(4, 2), (3, 3), (3, 1), (2, 2)])
 def test_packets_with_a_wrong_cid_are_dropped_silently(guest, src_cid, dst_cid):
     guest.muxer.listen(2222)
-    guest.send_packet(M.VsockPacket(src_cid, dst_cid, 1111, 2222, M.OP_REQUEST))
+    guest.send_packet(P.VsockPacket(src_cid, dst_cid, 1111, 2222, P.OP_REQUEST))
     guest.pump()
     assert guest.received == [] and guest.muxer.connections() == []
     assert guest.muxer.stats["dropped"] == 1
@@ -406,7 +411,7 @@ def test_a_chain_shorter_than_a_header_is_dropped(guest):
 
 def test_a_len_field_larger_than_the_chain_gets_rst(guest):
     sock, conn = connected(guest)
-    header = bytearray(guest.packet(conn, M.OP_RW, 0, b"abc").encode())
+    header = bytearray(guest.packet(conn, P.OP_RW, 0, b"abc").encode())
     struct.pack_into("<I", header, 24, 1000)  # len says 1000, 3 bytes follow
     guest.send_raw([bytes(header)])
     guest.pump()
@@ -415,7 +420,7 @@ def test_a_len_field_larger_than_the_chain_gets_rst(guest):
 
 def test_a_len_field_beyond_the_maximum_packet_gets_rst(guest):
     _sock, conn = connected(guest)
-    header = bytearray(guest.packet(conn, M.OP_RW).encode())
+    header = bytearray(guest.packet(conn, P.OP_RW).encode())
     struct.pack_into("<I", header, 24, 0xFFFFFFFF)
     guest.send_raw([bytes(header)])
     guest.pump()
@@ -424,7 +429,7 @@ def test_a_len_field_beyond_the_maximum_packet_gets_rst(guest):
 
 def test_header_and_payload_may_span_descriptors(guest):
     sock, conn = connected(guest)
-    raw = guest.packet(conn, M.OP_RW, 0, b"split payload").encode()
+    raw = guest.packet(conn, P.OP_RW, 0, b"split payload").encode()
     guest.send_raw([raw[:10], raw[10:44], raw[44:50], raw[50:]])
     conn.tx_cnt += 13
     guest.pump()
@@ -445,7 +450,7 @@ def test_an_rx_buffer_too_small_for_a_header_needs_reset(guest):
 
 
 def test_rst_is_never_answered_with_rst(guest):
-    guest.send_packet(M.VsockPacket(3, 2, 1111, 2222, M.OP_RST))
+    guest.send_packet(P.VsockPacket(3, 2, 1111, 2222, P.OP_RST))
     guest.pump()
     assert guest.received == []
 
@@ -480,7 +485,7 @@ def test_driver_reset_drops_connections_but_keeps_listeners(guest):
 def test_reset_fails_pending_connects(guest):
     pending = guest.muxer.connect_nowait(5000)
     guest.transport.reset()
-    with pytest.raises(M.VsockError, match="reset"):
+    with pytest.raises(VsockError, match="reset"):
         pending.result(0)
 
 
@@ -597,7 +602,7 @@ def test_random_tx_chains_never_crash_or_break_the_device(chunks):
 @given(
     st.lists(
         st.builds(
-            M.VsockPacket,
+            P.VsockPacket,
             st.sampled_from([3, 3, 3, 2, 4]),
             st.sampled_from([2, 2, 2, 3]),
             st.sampled_from([1111, 1112]),
@@ -621,7 +626,7 @@ def test_random_packet_sequences_give_rst_or_drop_and_host_sockets_stay_sane(pkt
             g.pump()
         assert not g.transport.status & STATUS_DEVICE_NEEDS_RESET
         for p in g.received:  # everything the host sent is well-addressed stream traffic
-            assert (p.src_cid, p.dst_cid, p.type) == (2, 3, M.VSOCK_TYPE_STREAM)
+            assert (p.src_cid, p.dst_cid, p.type) == (2, 3, P.VSOCK_TYPE_STREAM)
         for host_port, guest_port, _ in g.muxer.connections():
             assert host_port == 2222 and guest_port in (1111, 1112)
         while listener.pending():

@@ -2,7 +2,7 @@
  * virtio-vsock driver and stream sockets, at CPL3 (virtio 1.2 section 5.10).
  *
  * The reference for every packet sent here is tests/vsock_guest.py (what a
- * guest must send) and the device's docstring in vmm/devices/virtio/vsock.py:
+ * guest must send) and the device's docstring in vmm/devices/virtio/vsock/device.py:
  * rx buffers stay posted (4 KiB, header included, like Linux); every packet is
  * one tx descriptor holding header and payload; we send at most the host's
  * credit; CREDIT_REQUEST is answered; a SHUTDOWN from the host or anything
@@ -280,7 +280,7 @@ static void handle_packet(const uint8_t *h, uint32_t total, int after_reset)
 
 /*
  * A tx slot is reused only once a later tx completion is visible. The VMM's
- * vsock device (vsock.py, _drain_tx) publishes a chain as used *before* it
+ * vsock device (vsock/device.py, _drain_tx) publishes a chain as used *before* it
  * reads the packet out of it, and this driver polls the used ring natively
  * while the host thread is in between: reusing the newest slot at once
  * overwrote packets in flight (measured: corrupt streams under load). The

@@ -3,8 +3,9 @@
 Layering (rust-vmm style): the transport (`mmio.VirtioMmioTransport`) owns
 registers, feature negotiation and the `VirtQueue` objects; this device turns
 descriptor chains into `VsockPacket` objects and back; the host side of every
-connection — sockets, credit, the per-connection state machine — lives in
-`vsock_mux.VsockMuxer`, which knows nothing about virtqueues.
+connection — sockets, credit, the per-connection state machine — lives behind
+the `backend.VsockBackend` contract (`muxer.VsockMuxer`), which knows nothing
+about virtqueues. Modelled on Firecracker's ``virtio/vsock/device.rs``.
 
 Queues: 0 = rx (device → driver), 1 = tx (driver → device), 2 = event.
 Configuration space: ``le64 guest_cid``.
@@ -17,11 +18,11 @@ Guarantees:
 * A tx packet that is too short for its header, or whose ``len`` is larger
   than the bytes the chain holds or than `MAX_PKT_DATA`, is dropped and
   answered with RST (if its addresses are ours); wrong CIDs are dropped
-  silently; the muxer answers unknown ops and types with RST. None of these
+  silently; the backend answers unknown ops and types with RST. None of these
   raise. An rx buffer too small for a header is a broken driver:
   `VirtQueueError` → ``DEVICE_NEEDS_RESET`` (the transport's job).
 * Packets are consumed from tx as fast as the guest posts them (credit bounds
-  what the muxer must buffer); rx buffers are filled only when the muxer has
+  what the backend must buffer); rx buffers are filled only when the backend has
   something to say, so an idle connection costs nothing.
 
 What a guest driver must do (the microguest's and Linux's both do; the
@@ -49,7 +50,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .device import (
+from ....memory import DeviceMemory
+from ..device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
@@ -57,17 +59,12 @@ from .device import (
     Interrupt,
     VirtioDevice,
 )
-from .queue import DescriptorChain, DeviceMemory, VirtQueue, VirtQueueError
-from .vsock_mux import (
-    EVENT_TRANSPORT_RESET,
-    HDR_SIZE,
-    HOST_CID,
-    MAX_PKT_DATA,
-    PendingConnection,
-    VsockListener,
-    VsockMuxer,
-    VsockPacket,
-)
+from ..queue import DescriptorChain, VirtQueue, VirtQueueError
+from .backend import VsockBackend
+from .connection import PendingConnection
+from .listener import VsockListener
+from .muxer import VsockMuxer
+from .packet import EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_DATA, VsockPacket
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +82,23 @@ class _Transport(Protocol):
 
 
 class VirtioVsock(VirtioDevice):
-    """The virtio-vsock device (id 19) with a host muxer behind it.
+    """The virtio-vsock device (id 19) with a host backend behind it.
 
     ``guest_cid`` is what the guest reads from configuration space (≥ 3).
-    `muxer` is the host side: ``vsock.muxer.connect(port)`` gives a stream
-    socket to a guest listener, ``vsock.muxer.listen(port)`` accepts guest
-    connections to host CID 2 (also reachable as `connect`/`listen` here).
+    `backend` is the host side (a `VsockMuxer` unless one is given):
+    ``vsock.connect(port)`` gives a stream socket to a guest listener,
+    ``vsock.listen(port)`` accepts guest connections to host CID 2.
     """
 
     device_type = VIRTIO_ID_VSOCK
     queue_max_sizes = QUEUE_SIZES
 
-    def __init__(self, guest_cid: int = 3, *, muxer: VsockMuxer | None = None) -> None:
+    def __init__(self, guest_cid: int = 3, *, backend: VsockBackend | None = None) -> None:
         super().__init__()
         if not 3 <= guest_cid <= 0xFFFFFFFE:
             raise ValueError(f"guest CID must be in 3..0xFFFFFFFE, got {guest_cid}")
         self.guest_cid = guest_cid
-        self.muxer = muxer if muxer is not None else VsockMuxer(guest_cid)
+        self.backend: VsockBackend = backend if backend is not None else VsockMuxer(guest_cid)
         self._reset_event_pending = False
         #: When the last TRANSPORT_RESET was delivered and the driver has not yet re-posted
         #: an event buffer (i.e. not yet handled it); see `_fill_rx`.
@@ -116,21 +113,21 @@ class VirtioVsock(VirtioDevice):
         Register it in the VMM's selector and call ``vsock.service(transport)``
         when it is readable.
         """
-        return self.muxer.fileno()
+        return self.backend.fileno()
 
     def connect(self, port: int, timeout: float | None = 10.0) -> socket.socket:
-        """Blocking connect to guest ``port``; needs the event loop running. See `VsockMuxer.connect`."""
-        return self.muxer.connect(port, timeout)
+        """Blocking connect to guest ``port``; needs the event loop running. See `VsockBackend.connect`."""
+        return self.backend.connect(port, timeout)
 
     def connect_nowait(self, port: int) -> PendingConnection:
-        return self.muxer.connect_nowait(port)
+        return self.backend.connect_nowait(port)
 
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
-        return self.muxer.listen(port, backlog)
+        return self.backend.listen(port, backlog)
 
     def close(self) -> None:
         """Release host resources (epoll fd, sockets); the device is unusable afterwards."""
-        self.muxer.close()
+        self.backend.close()
 
     # -- negotiation and config ------------------------------------------------------
     def device_features(self) -> int:
@@ -142,7 +139,7 @@ class VirtioVsock(VirtioDevice):
     # -- lifecycle ---------------------------------------------------------------------
     def activate(self, queues: list[VirtQueue], memory: DeviceMemory, interrupt: Interrupt) -> None:
         super().activate(queues, memory, interrupt)
-        self.muxer.set_active(True)
+        self.backend.set_active(True)
 
     def reset(self) -> None:
         """Driver reset, in-place VM reset or restore: every connection is dropped.
@@ -151,8 +148,8 @@ class VirtioVsock(VirtioDevice):
         VMM registered them, not the guest). The guest's listeners live in
         guest RAM, so the host simply connects again.
         """
-        self.muxer.drop_all()
-        self.muxer.set_active(False)
+        self.backend.drop_all()
+        self.backend.set_active(False)
         super().reset()
 
     def state(self) -> dict[str, Any]:
@@ -165,12 +162,12 @@ class VirtioVsock(VirtioDevice):
         TRANSPORT_RESET event (at the next opportunity) to forget the ones it had."""
         super().restore_state(state)
         self.guest_cid = int(state.get("guest_cid", self.guest_cid))
-        self.muxer.guest_cid = self.guest_cid
+        self.backend.guest_cid = self.guest_cid
         self._reset_event_pending = True
 
     def transport_reset(self) -> None:
         """Drop all connections and tell the guest (event queue) to drop its side too."""
-        self.muxer.drop_all()
+        self.backend.drop_all()
         self._reset_event_pending = True
         if self.active:
             self._deliver_events()
@@ -183,7 +180,7 @@ class VirtioVsock(VirtioDevice):
         if index == TX_QUEUE:
             self._drain_tx()
         elif index == RX_QUEUE:
-            self.muxer.rx_available()
+            self.backend.rx_available()
         self._deliver_events()
         self._fill_rx()
 
@@ -194,13 +191,13 @@ class VirtioVsock(VirtioDevice):
         spins, even while the driver is not up or the device needs a reset);
         queue work runs under the transport's lock and error handling.
         """
-        self.muxer.poll_host()
+        self.backend.poll_host()
         transport.process_device(self.process_host)
 
     def process_host(self) -> None:
         """Host sockets or API calls have work: move what can be moved. Call under the
         transport lock (``transport.process_device(vsock.process_host)``)."""
-        self.muxer.poll_host()
+        self.backend.poll_host()
         if self.active:
             self._deliver_events()
             self._fill_rx()
@@ -232,12 +229,12 @@ class VirtioVsock(VirtioDevice):
                 chain.readable_len - HDR_SIZE,
             )
             self.dropped_packets += 1
-            self.muxer.reject(pkt)
+            self.backend.reject(pkt)
             return
-        self.muxer.from_guest(pkt)
+        self.backend.from_guest(pkt)
 
     def _fill_rx(self) -> None:
-        if not self.muxer.has_pending():
+        if not self.backend.has_pending():
             return
         if self._reset_unacked_since is not None:
             # Hold packets of new connections until the driver has handled the reset:
@@ -251,17 +248,17 @@ class VirtioVsock(VirtioDevice):
             self._reset_unacked_since = None
         queue = self.queues[RX_QUEUE]
         added = False
-        while self.muxer.has_pending():
+        while self.backend.has_pending():
             chain = queue.pop()
             if chain is None:
-                self.muxer.rx_starved()
+                self.backend.rx_starved()
                 break
             if chain.writable_len < HDR_SIZE:
                 raise VirtQueueError(
                     f"vsock rx buffer of {chain.writable_len} bytes cannot hold a "
                     f"{HDR_SIZE}-byte header"
                 )
-            pkt = self.muxer.next_packet(min(chain.writable_len - HDR_SIZE, MAX_PKT_DATA))
+            pkt = self.backend.next_packet(min(chain.writable_len - HDR_SIZE, MAX_PKT_DATA))
             if pkt is None:
                 queue.undo_pop()
                 break
@@ -291,13 +288,4 @@ class VirtioVsock(VirtioDevice):
         self.signal_used(queue)
 
 
-__all__ = [
-    "HDR_SIZE",
-    "HOST_CID",
-    "MAX_PKT_DATA",
-    "PendingConnection",
-    "VirtioVsock",
-    "VsockListener",
-    "VsockMuxer",
-    "VsockPacket",
-]
+__all__ = ["QUEUE_SIZES", "RESET_ACK_TIMEOUT", "VirtioVsock"]
