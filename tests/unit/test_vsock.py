@@ -15,7 +15,10 @@ import threading
 import pytest
 
 from pytest_supermachine.vmm.agent import AGENT_PORT, AgentClient
-from pytest_supermachine.vmm.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
+from pytest_supermachine.vmm.devices.virtio.device import (
+    STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_F_EVENT_IDX,
+)
 from pytest_supermachine.vmm.devices.virtio.mmio import VirtioMmioTransport
 from pytest_supermachine.vmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from pytest_supermachine.vmm.devices.virtio.vsock import (
@@ -508,6 +511,30 @@ def test_restore_drops_connections_and_sends_transport_reset(guest):
     again.sendall(b"hi again")
     guest.pump()
     assert guest.recv(guest.accepted[-1]) == b"hi again"
+
+
+def test_a_transport_reset_asks_for_the_kick_that_acknowledges_it(guest):
+    """Linux keeps several event buffers posted and, with EVENT_IDX, kicks only when the
+    device asked; the re-post after handling the reset must be heard, or packets for new
+    connections wait out RESET_ACK_TIMEOUT."""
+    assert guest.driver.has_feature(VIRTIO_F_EVENT_IDX)
+    for slot in (1, 2, 3):  # more buffers, as Linux posts: the ring is not empty after a pop
+        gpa = guest.driver.alloc.alloc(4)
+        guest.evq.write_desc(slot, gpa, 4, VIRTQ_DESC_F_WRITE)
+        guest.evq.publish(slot)
+    guest.evq.kick()
+    guest.transport.restore_state(guest.transport.state())
+    guest.host_kicks()
+    ((head, _length),) = guest.evq.used()
+    assert guest.device.reset_unacknowledged
+    # Linux's vring_need_event: kick iff avail_event is in [old idx, new idx) of the re-post.
+    old = guest.evq.avail_idx
+    guest.evq.publish(head)
+    assert (guest.evq.avail_idx - guest.evq.avail_event() - 1) & 0xFFFF < (
+        guest.evq.avail_idx - old
+    ) & 0xFFFF
+    guest.evq.kick()
+    assert not guest.device.reset_unacknowledged
 
 
 def test_restore_into_a_fresh_device_keeps_the_guest_cid():

@@ -385,6 +385,23 @@ class VirtQueue:
         self.next_avail = (next_avail + 1) & 0xFFFF
         return chain
 
+    def request_kick(self) -> bool:
+        """Ask the driver to kick when it makes its next buffer available.
+
+        Without ``VIRTIO_F_EVENT_IDX`` drivers kick anyway (we never set NO_NOTIFY). With
+        it, `pop` asks only when it finds the ring empty; a device that must hear of the
+        next buffer while others are still available (vsock: the event buffer re-posted
+        once the driver handled a reset) asks here: ``avail_event`` = the driver's
+        current avail idx. Returns True when a buffer became available while asking,
+        which the driver may not kick for.
+        """
+        if not self.event_idx:
+            return False
+        seen = self._avail_idx()
+        self._publish_avail_event(seen)
+        _full_barrier()
+        return self._avail_idx() != seen
+
     def _publish_avail_event(self, value: int) -> None:
         offset = 4 + VIRTQ_USED_ELEM_SIZE * self.size
         _U16.pack_into(self._used_buf, self._used_off + offset, value)

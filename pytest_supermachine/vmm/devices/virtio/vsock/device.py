@@ -172,6 +172,12 @@ class VirtioVsock(VirtioDevice):
         if self.active:
             self._deliver_events()
 
+    @property
+    def reset_unacknowledged(self) -> bool:
+        """A TRANSPORT_RESET was delivered and the driver has not re-posted its buffer yet
+        (packets for the guest are held meanwhile, at most RESET_ACK_TIMEOUT)."""
+        return self._reset_unacked_since is not None
+
     # -- data path ---------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
         """The driver kicked queue ``index``."""
@@ -283,8 +289,13 @@ class VirtioVsock(VirtioDevice):
             raise VirtQueueError(f"vsock event buffer of {chain.writable_len} bytes is too small")
         chain.write(0, _EVENT.pack(EVENT_TRANSPORT_RESET))
         queue.add_used(chain.head, _EVENT.size)
+        # The driver re-posts the buffer once it handled the reset: that kick is the ack.
+        # Linux keeps several event buffers posted, so the ring is not empty and `pop`
+        # did not ask for it; without asking, the ack never comes and every held packet
+        # waits out RESET_ACK_TIMEOUT.
+        reposted = queue.request_kick()
         self._reset_event_pending = False
-        self._reset_unacked_since = time.monotonic()
+        self._reset_unacked_since = None if reposted else time.monotonic()
         self.signal_used(queue)
 
 
