@@ -1,6 +1,6 @@
 """The repository's own test configuration: tiers, and why a tier cannot run here.
 
-Tiers (DESIGN.md §6): `unit` (no KVM), `kvm` (microguest), `linux` (Linux guest,
+Tiers (docs/architecture.md): `unit` (no KVM), `kvm` (microguest), `linux` (Linux guest,
 slow), `plugin` (pytester). A test's tier is its directory under tests/. A tier
 whose requirements are missing is skipped with the reason printed in the
 summary, never silently.

@@ -32,7 +32,7 @@ from pytest_supermachine.errors import GuestBuildError
 LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 #: The Debian package that installs `LINUX_SOURCE`.
 LINUX_SOURCE_PACKAGE = "linux-source-6.1"
-#: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see DESIGN.md §7).
+#: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine").
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 #: The recipe directory, next to the package in a source checkout.
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures_images" / "kernel"
@@ -146,7 +146,7 @@ class KernelVariant(str, enum.Enum):
 
     ``kvm``: upstream code, full CPUID, for hardware virtualisation.
     ``pvm``: the patches in ``fixtures_images/kernel/pvm/`` plus `cmdline_extra`,
-    for kvm_pvm where guest kernel code is emulated (DESIGN.md §7). The VMM must
+    for kvm_pvm where guest kernel code is emulated (docs/vmm.md, "Facts of this machine"). The VMM must
     also give a ``pvm`` guest a reduced CPUID; see `cmdline_extra` and the patches.
     """
 

@@ -57,7 +57,7 @@ def kvm_device_path() -> str:
 
 
 def is_nested_pvm() -> bool:
-    """True when /dev/kvm is provided by kvm_pvm (guest CPL0 emulated, see DESIGN.md §7)."""
+    """True when /dev/kvm is provided by kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine")."""
     return PVM_MODULE_PATH.exists()
 
 
