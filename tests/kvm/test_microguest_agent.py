@@ -667,7 +667,7 @@ def test_agent_mode_in_too_little_ram_panics_with_a_reason(microguest_elf: Path)
 
 
 def test_connection_reset_by_the_host_is_forgotten(vm: Machine) -> None:
-    open_before = vm.devices.vsock().muxer.connections()  # the machine's own agent connection
+    open_before = vm.devices.vsock().backend.connections()  # the machine's own agent connection
     for _ in range(12):  # more than the agent's 8 connection slots: closed ones are freed
         raw = Raw(vm)
         raw.send(exec_frame(1, [b"sleep", b"20000"]))
@@ -680,7 +680,7 @@ def test_connection_reset_by_the_host_is_forgotten(vm: Machine) -> None:
 def wait_until_connections_are(vm: Machine, expected: list, timeout: float = 30) -> None:
     """Until the vsock device holds just the `expected` connections: every close is over."""
     deadline = time.monotonic() + timeout
-    while (now := vm.devices.vsock().muxer.connections()) != expected:
+    while (now := vm.devices.vsock().backend.connections()) != expected:
         assert time.monotonic() < deadline, f"connections {now}, expected {expected}"
         time.sleep(0.01)
 
