@@ -46,8 +46,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("kvm") or item.get_closest_marker("linux") or item.get_closest_marker(
-        "plugin"
+    if (
+        item.get_closest_marker("kvm")
+        or item.get_closest_marker("linux")
+        or item.get_closest_marker("plugin")
     ):
         problem = kvm_problem()
         if problem:

@@ -25,7 +25,9 @@ def print_table(title: str, rows: Sequence[tuple[str, dict[str, float] | float, 
     print(f"{'measurement':<52} {'median':>12} {'p90':>12} {'min':>12}  unit")
     for name, value, unit in rows:
         if isinstance(value, dict):
-            print(f"{name:<52} {value['median']:>12.3f} {value['p90']:>12.3f} {value['min']:>12.3f}  {unit}")
+            print(
+                f"{name:<52} {value['median']:>12.3f} {value['p90']:>12.3f} {value['min']:>12.3f}  {unit}"
+            )
         else:
             print(f"{name:<52} {value:>12.3f} {'':>12} {'':>12}  {unit}")
 
@@ -33,7 +35,13 @@ def print_table(title: str, rows: Sequence[tuple[str, dict[str, float] | float, 
 def emit_json(bench: str, results: dict[str, object]) -> None:
     from pytest_supermachine.vmm.kvm import is_nested_pvm
 
-    line = {"bench": bench, "host": platform.node(), "pvm": is_nested_pvm(),
-            "python": sys.version.split()[0], "cpus": os.cpu_count(),
-            "loadavg_1m": round(os.getloadavg()[0], 2), **results}
+    line = {
+        "bench": bench,
+        "host": platform.node(),
+        "pvm": is_nested_pvm(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        **results,
+    }
     print(json.dumps(line, sort_keys=True))

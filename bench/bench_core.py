@@ -34,8 +34,9 @@ IO_EXIT = struct.Struct("<BBHIQ")
 
 
 def lifecycle(elf: Path, cycles: int) -> dict[str, dict[str, float]]:
-    phases: dict[str, list[float]] = {k: [] for k in ("create", "load", "run", "stop", "total",
-                                                      "teardown")}
+    phases: dict[str, list[float]] = {
+        k: [] for k in ("create", "load", "run", "stop", "total", "teardown")
+    }
     for _ in range(cycles):
         t0 = time.perf_counter()
         m = Machine(vcpus=1, mem_mib=64)
@@ -48,7 +49,9 @@ def lifecycle(elf: Path, cycles: int) -> dict[str, dict[str, float]]:
         t4 = time.perf_counter()
         reaper.drain()
         t5 = time.perf_counter()
-        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4), strict=False):
+        for k, v in zip(
+            phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4), strict=False
+        ):
             phases[k].append(v * 1e3)
     return {k: summarize(v) for k, v in phases.items()}
 
@@ -77,7 +80,8 @@ def exits_through_python(elf: Path, n: int) -> float:
             # struct kvm_run.io sits at offset 32: direction u8, size u8, port u16, count u32,
             # data_offset u64 (the same layout the C loop reads through <linux/kvm.h>)
             direction, _size, port, _count, data_offset = IO_EXIT.unpack_from(
-                ffi.buffer(raw + 32, IO_EXIT.size))
+                ffi.buffer(raw + 32, IO_EXIT.size)
+            )
             if port == lib.SM_CONTROL_PORT:
                 value = ffi.cast("uint32_t *", raw + data_offset)[0]
                 cmd = value & 0xFF
@@ -104,24 +108,34 @@ def main() -> None:
     c_us = [exits_through_c(elf, args.exits) for _ in range(3)]
     py_us = [exits_through_python(elf, args.exits) for _ in range(3)]
     c, py = summarize(c_us), summarize(py_us)
-    print_table("machine lifecycle (1 vCPU, 64 MiB microguest)", [
-        ("create VM (irqchip, PIT, RAM slot, vCPU, C state)", life["create"], "ms"),
-        ("load microguest (ELF, page tables, boot info, regs)", life["load"], "ms"),
-        ("start -> guest power-off", life["run"], "ms"),
-        ("stop (caller-visible)", life["stop"], "ms"),
-        ("create+load+run+stop", life["total"], "ms"),
-        ("teardown on the reaper thread (off the path)", life["teardown"], "ms"),
-    ])
-    print_table(f"exit round trip ({args.exits} PIO exits at CPL0)", [
-        ("C run loop (ours)", c, "us/exit"),
-        ("pure-Python fcntl.ioctl loop (baseline)", py, "us/exit"),
-        ("speed-up of the C loop", py["median"] / c["median"], "x"),
-    ])
-    emit_json("core", {
-        "lifecycle_ms_median": {k: round(v["median"], 3) for k, v in life.items()},
-        "exit_us_c": round(c["median"], 3), "exit_us_python": round(py["median"], 3),
-        "exit_speedup": round(py["median"] / c["median"], 3),
-    })
+    print_table(
+        "machine lifecycle (1 vCPU, 64 MiB microguest)",
+        [
+            ("create VM (irqchip, PIT, RAM slot, vCPU, C state)", life["create"], "ms"),
+            ("load microguest (ELF, page tables, boot info, regs)", life["load"], "ms"),
+            ("start -> guest power-off", life["run"], "ms"),
+            ("stop (caller-visible)", life["stop"], "ms"),
+            ("create+load+run+stop", life["total"], "ms"),
+            ("teardown on the reaper thread (off the path)", life["teardown"], "ms"),
+        ],
+    )
+    print_table(
+        f"exit round trip ({args.exits} PIO exits at CPL0)",
+        [
+            ("C run loop (ours)", c, "us/exit"),
+            ("pure-Python fcntl.ioctl loop (baseline)", py, "us/exit"),
+            ("speed-up of the C loop", py["median"] / c["median"], "x"),
+        ],
+    )
+    emit_json(
+        "core",
+        {
+            "lifecycle_ms_median": {k: round(v["median"], 3) for k, v in life.items()},
+            "exit_us_c": round(c["median"], 3),
+            "exit_us_python": round(py["median"], 3),
+            "exit_speedup": round(py["median"] / c["median"], 3),
+        },
+    )
 
 
 if __name__ == "__main__":

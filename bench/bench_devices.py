@@ -87,30 +87,40 @@ def main() -> None:
                 assert len(r.stdout) == 4096
 
             def blk_write() -> None:
-                m.run(f"blk-write {rng.randrange(0, sectors - 8) // 8 * 8} {'ab' * 4096}",
-                      check=True)
+                m.run(
+                    f"blk-write {rng.randrange(0, sectors - 8) // 8 * 8} {'ab' * 4096}", check=True
+                )
 
             blk_r = timed(blk_read, args.reps)
             blk_w = timed(blk_write, args.reps)
     base = socketpair_baseline(args.reps)
     mbps = 10 / emit_s
-    print_table("microguest devices (128 MiB, vsock + 64 MiB virtio-blk)", [
-        ("agent ready after start()", ready * 1e3, "ms"),
-        ("exec round trip: run('true')", exec_rt, "ms"),
-        ("  baseline: same over a host socketpair, Python agent", base, "ms"),
-        ("agent PING round trip (vsock, one frame each way)", ping_rt, "ms"),
-        ("stdout: emit 10 MB", mbps, "MB/s"),
-        ("blk 4 KiB random read via exec (incl. exec RTT)", blk_r, "ms"),
-        ("blk 4 KiB random write via exec (incl. exec RTT)", blk_w, "ms"),
-        ("  blk 4 KiB reads per second (1/median)", 1000 / blk_r["median"], "IOPS"),
-        ("  blk 4 KiB writes per second (1/median)", 1000 / blk_w["median"], "IOPS"),
-    ])
-    emit_json("devices", {
-        "ready_ms": round(ready * 1e3, 2), "exec_true_ms": round(exec_rt["median"], 3),
-        "exec_true_socketpair_ms": round(base["median"], 3),
-        "ping_ms": round(ping_rt["median"], 3), "stdout_mb_s": round(mbps, 2),
-        "blk_read_4k_ms": round(blk_r["median"], 3), "blk_write_4k_ms": round(blk_w["median"], 3),
-    })
+    print_table(
+        "microguest devices (128 MiB, vsock + 64 MiB virtio-blk)",
+        [
+            ("agent ready after start()", ready * 1e3, "ms"),
+            ("exec round trip: run('true')", exec_rt, "ms"),
+            ("  baseline: same over a host socketpair, Python agent", base, "ms"),
+            ("agent PING round trip (vsock, one frame each way)", ping_rt, "ms"),
+            ("stdout: emit 10 MB", mbps, "MB/s"),
+            ("blk 4 KiB random read via exec (incl. exec RTT)", blk_r, "ms"),
+            ("blk 4 KiB random write via exec (incl. exec RTT)", blk_w, "ms"),
+            ("  blk 4 KiB reads per second (1/median)", 1000 / blk_r["median"], "IOPS"),
+            ("  blk 4 KiB writes per second (1/median)", 1000 / blk_w["median"], "IOPS"),
+        ],
+    )
+    emit_json(
+        "devices",
+        {
+            "ready_ms": round(ready * 1e3, 2),
+            "exec_true_ms": round(exec_rt["median"], 3),
+            "exec_true_socketpair_ms": round(base["median"], 3),
+            "ping_ms": round(ping_rt["median"], 3),
+            "stdout_mb_s": round(mbps, 2),
+            "blk_read_4k_ms": round(blk_r["median"], 3),
+            "blk_write_4k_ms": round(blk_w["median"], 3),
+        },
+    )
 
 
 if __name__ == "__main__":

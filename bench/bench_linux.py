@@ -31,14 +31,17 @@ from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 
 INIT_LINE = "Run /init as init process"
-QEMU_CPU_PVM = ("host,-xsave,-avx,-avx2,-cx16,-smap,-pku,-fsgsbase,-pcid,-invpcid,-rdrand,"
-                "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities")
+QEMU_CPU_PVM = (
+    "host,-xsave,-avx,-avx2,-cx16,-smap,-pku,-fsgsbase,-pcid,-invpcid,-rdrand,"
+    "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities"
+)
 
 
 def verbose_cmdline(image: LinuxImage) -> str:
     """The image's command line with the kernel's info messages on ("Run /init" is one)."""
-    return " ".join(t for t in image.cmdline().split() if t != "quiet" and
-                    not t.startswith("loglevel="))
+    return " ".join(
+        t for t in image.cmdline().split() if t != "quiet" and not t.startswith("loglevel=")
+    )
 
 
 def boot_ours(image: LinuxImage, snapshot: Path) -> tuple[float, float]:
@@ -64,14 +67,32 @@ def boot_qemu(image: LinuxImage, timeout: float = 1800) -> float | None:
         return None
     kernel, initrd = image.kernel(), image.initramfs()
     cpu = QEMU_CPU_PVM if is_nested_pvm() else "host"
-    argv = [qemu, "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", cpu,
-            "-m", str(image.default_mem_mib), "-kernel", str(kernel.vmlinux),
-            "-initrd", str(initrd), "-append",
-            f"{verbose_cmdline(image)} console=ttyS0",
-            "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"]
+    argv = [
+        qemu,
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        cpu,
+        "-m",
+        str(image.default_mem_mib),
+        "-kernel",
+        str(kernel.vmlinux),
+        "-initrd",
+        str(initrd),
+        "-append",
+        f"{verbose_cmdline(image)} console=ttyS0",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ]
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     assert proc.stdout is not None
     try:
         buf = b""
@@ -82,8 +103,10 @@ def boot_qemu(image: LinuxImage, timeout: float = 1800) -> float | None:
             buf = (buf + chunk)[-8192:]
             if INIT_LINE.encode() in buf:
                 return time.monotonic() - t0
-        print(f"QEMU never printed {INIT_LINE!r}; its last output:\n"
-              + buf[-2000:].decode(errors="replace"))
+        print(
+            f"QEMU never printed {INIT_LINE!r}; its last output:\n"
+            + buf[-2000:].decode(errors="replace")
+        )
         return None
     finally:
         proc.kill()
@@ -123,16 +146,22 @@ def main() -> None:
         ("reset + exec", summarize(reset_exec), "s"),
     ]
     if qemu is not None:
-        rows += [("QEMU microvm: process start -> 'Run /init' (baseline)", qemu, "s"),
-                 ("  our boot to /init relative to QEMU's", to_init / qemu, "x")]
+        rows += [
+            ("QEMU microvm: process start -> 'Run /init' (baseline)", qemu, "s"),
+            ("  our boot to /init relative to QEMU's", to_init / qemu, "x"),
+        ]
     print_table(f"Linux guest ({'nested PVM' if is_nested_pvm() else 'hardware KVM'})", rows)
-    emit_json("linux", {
-        "boot_to_init_s": round(to_init, 2), "boot_to_ready_s": round(to_ready, 2),
-        "restore_to_first_exec_s": round(summarize(restore_exec)["median"], 3),
-        "exec_s": round(summarize(exec_rt)["median"], 3),
-        "reset_exec_s": round(summarize(reset_exec)["median"], 3),
-        "qemu_boot_to_init_s": None if qemu is None else round(qemu, 2),
-    })
+    emit_json(
+        "linux",
+        {
+            "boot_to_init_s": round(to_init, 2),
+            "boot_to_ready_s": round(to_ready, 2),
+            "restore_to_first_exec_s": round(summarize(restore_exec)["median"], 3),
+            "exec_s": round(summarize(exec_rt)["median"], 3),
+            "reset_exec_s": round(summarize(reset_exec)["median"], 3),
+            "qemu_boot_to_init_s": None if qemu is None else round(qemu, 2),
+        },
+    )
 
 
 if __name__ == "__main__":

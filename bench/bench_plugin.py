@@ -40,7 +40,7 @@ from _common import emit_json, print_table, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
-RECORDER = '''
+RECORDER = """
 import json, os, time
 
 _t = {}
@@ -65,7 +65,7 @@ def pytest_sessionfinish(session):
            "span_s": _t["last"] - _t["first"], "failed": session.testsfailed}
     with open(os.environ["BENCH_OUT"], "w") as f:
         json.dump(out, f)
-'''
+"""
 
 
 def write_project(root: Path, n: int, image: str) -> None:
@@ -74,20 +74,36 @@ def write_project(root: Path, n: int, image: str) -> None:
     (root / "test_plain.py").write_text(
         "import pytest\n\n"
         f"@pytest.mark.parametrize('i', range({n}))\n"
-        "def test_plain(i):\n    assert True\n")
+        "def test_plain(i):\n    assert True\n"
+    )
     (root / "test_vm.py").write_text(
         "import pytest\n\n"
         f"@pytest.mark.parametrize('i', range({n}))\n"
-        "def test_vm(microvm, i):\n    assert microvm.run('true').ok\n")
+        "def test_vm(microvm, i):\n    assert microvm.run('true').ok\n"
+    )
 
 
 def run_mode(root: Path, cache: Path, test_file: str, *extra: str) -> dict[str, object]:
     out = root / "result.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "BENCH_OUT": str(out),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-p", "no:hypothesispytest", f"--supermachine-cache-dir={cache}", test_file, *extra]
+    env = {
+        **os.environ,
+        "BENCH_OUT": str(out),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:hypothesispytest",
+        f"--supermachine-cache-dir={cache}",
+        test_file,
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -160,8 +176,11 @@ def main() -> None:
         ("microguest: fresh-VM test (restore per test)", per["fresh"], "ms"),
         ("microguest: overhead of microvm over plain", overhead_reset, "ms"),
         ("microguest: overhead of a fresh restore over plain", overhead_fresh, "ms"),
-        ("microguest: fresh restore / reset overhead", overhead_fresh / overhead_reset
-         if overhead_reset > 0 else float("nan"), "x"),
+        (
+            "microguest: fresh restore / reset overhead",
+            overhead_fresh / overhead_reset if overhead_reset > 0 else float("nan"),
+            "x",
+        ),
     ]
     if linux is not None:
         rows.append((f"linux: microvm test (reset), {args.linux_tests} tests, 1 run", linux, "ms"))
@@ -169,24 +188,33 @@ def main() -> None:
         (f"session: {n} plain tests", sessions["plain"], "s"),
         (f"session: {n} microvm tests", sessions["microvm"], "s"),
         (f"session: {n} fresh-VM tests", sessions["fresh"], "s"),
-        (f"session: {n} microvm tests, -n 2 (worker start-up included)",
-         sessions["microvm_n2"], "s"),
+        (
+            f"session: {n} microvm tests, -n 2 (worker start-up included)",
+            sessions["microvm_n2"],
+            "s",
+        ),
         ("throughput plain, 1 process", throughput["plain"], "tests/s"),
         ("throughput microvm, 1 process", throughput["microvm"], "tests/s"),
         ("throughput microvm, -n 2", throughput["microvm_n2"], "tests/s"),
         ("throughput fresh VM, 1 process", throughput["fresh"], "tests/s"),
     ]
-    print_table(f"per-test cost through pytest (microguest: median of {args.reps} runs x {n} "
-                "tests)", rows)
+    print_table(
+        f"per-test cost through pytest (microguest: median of {args.reps} runs x {n} tests)", rows
+    )
     print_table("microguest sessions and throughput (median of runs)", session_rows)
-    emit_json("plugin", {
-        "image": "microguest", "tests": n, "reps": args.reps,
-        "linux": None if linux is None else {"tests": args.linux_tests, "per_test_ms": linux},
-        "per_test_ms": {m: per[m] for m in per},
-        "overhead_ms": {"microvm": overhead_reset, "fresh": overhead_fresh},
-        "session_s": sessions,
-        "throughput_per_s": throughput,
-    })
+    emit_json(
+        "plugin",
+        {
+            "image": "microguest",
+            "tests": n,
+            "reps": args.reps,
+            "linux": None if linux is None else {"tests": args.linux_tests, "per_test_ms": linux},
+            "per_test_ms": {m: per[m] for m in per},
+            "overhead_ms": {"microvm": overhead_reset, "fresh": overhead_fresh},
+            "session_s": sessions,
+            "throughput_per_s": throughput,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def loaded_snapshot(elf: Path, tmp: Path, mode: int, arg: int = 0) -> Path:
     return path
 
 
-def restore_latency(path: Path, reps: int
-                    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def restore_latency(
+    path: Path, reps: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """(restore returned, first serial output seen by the host, first console line), ms."""
     to_running, to_output, to_console = [], [], []
     for _ in range(reps):
@@ -67,8 +68,9 @@ def restore_latency(path: Path, reps: int
     return summarize(to_running), summarize(to_output), summarize(to_console)
 
 
-def reset_cycle(path: Path, reps: int, strategy: ResetStrategy
-                ) -> tuple[dict[str, float], dict[str, float]]:
+def reset_cycle(
+    path: Path, reps: int, strategy: ResetStrategy
+) -> tuple[dict[str, float], dict[str, float]]:
     """(reset latency, the guest's next run to power-off) for one reset strategy."""
     resets, reruns = [], []
     m = Machine.restore(path)
@@ -88,8 +90,9 @@ def reset_cycle(path: Path, reps: int, strategy: ResetStrategy
     return summarize(resets), summarize(reruns)
 
 
-def fresh_restore(path: Path, reps: int
-                  ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def fresh_restore(
+    path: Path, reps: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Baselines: restore a fresh machine (the old one's teardown left to the reaper, off
     the path), the same with the old machine's teardown waited for (destroy + restore),
     and the fresh machine's run to power-off."""
@@ -126,8 +129,12 @@ def save_costs(path: Path, tmp: Path) -> dict[str, float]:
     size = {name: os.stat(tmp / name).st_blocks * 512 / 1024 for name in ("diff.snap", "full.snap")}
     for name in ("diff.snap", "full.snap"):
         (tmp / name).unlink()
-    return {"diff_ms": (t1 - t0) * 1e3, "full_ms": (t2 - t1) * 1e3,
-            "diff_kib": size["diff.snap"], "full_kib": size["full.snap"]}
+    return {
+        "diff_ms": (t1 - t0) * 1e3,
+        "full_ms": (t2 - t1) * 1e3,
+        "diff_kib": size["diff.snap"],
+        "full_kib": size["full.snap"],
+    }
 
 
 def main() -> None:
@@ -161,12 +168,21 @@ def main() -> None:
                 ("    reset, DISCARD (MADV_DONTNEED)", discard, "ms"),
                 ("    fresh restore, teardown left to the reaper (baseline)", fresh, "ms"),
                 ("    destroy (teardown waited for) + fresh restore (baseline)", destroy, "ms"),
-                ("    speed-up of reset (COPY) over fresh restore",
-                 fresh["median"] / copy["median"], "x"),
-                ("    speed-up of reset (COPY) over destroy + restore",
-                 destroy["median"] / copy["median"], "x"),
-                ("    speed-up of reset (DISCARD) over fresh restore",
-                 fresh["median"] / discard["median"], "x"),
+                (
+                    "    speed-up of reset (COPY) over fresh restore",
+                    fresh["median"] / copy["median"],
+                    "x",
+                ),
+                (
+                    "    speed-up of reset (COPY) over destroy + restore",
+                    destroy["median"] / copy["median"],
+                    "x",
+                ),
+                (
+                    "    speed-up of reset (DISCARD) over fresh restore",
+                    fresh["median"] / discard["median"],
+                    "x",
+                ),
                 ("    next run to power-off after COPY reset", copy_run, "ms"),
                 ("    next run to power-off after DISCARD reset", discard_run, "ms"),
                 ("    next run to power-off after fresh restore", fresh_run, "ms"),

@@ -59,9 +59,15 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         raise
 
 
-def build_once(kind: str, key: str, fill: Callable[[Path], Mapping[str, object] | None], *,
-               root: Path | None = None, on_wait: Callable[[], None] | None = None,
-               keep_failed: bool = False) -> Path:
+def build_once(
+    kind: str,
+    key: str,
+    fill: Callable[[Path], Mapping[str, object] | None],
+    *,
+    root: Path | None = None,
+    on_wait: Callable[[], None] | None = None,
+    keep_failed: bool = False,
+) -> Path:
     """The complete cache entry ``<root>/<kind>/<key>/``, made by ``fill(entry)`` if missing.
 
     ``root`` defaults to `cache_dir()`. ``fill`` writes its files into the empty entry
@@ -96,8 +102,10 @@ def build_once(kind: str, key: str, fill: Callable[[Path], Mapping[str, object] 
             if not keep_failed:
                 shutil.rmtree(entry, ignore_errors=True)
             raise
-        write_json_atomic(entry / MANIFEST_NAME, {
-            "key": key, **extra, "build_seconds": round(time.monotonic() - start, 2)})
+        write_json_atomic(
+            entry / MANIFEST_NAME,
+            {"key": key, **extra, "build_seconds": round(time.monotonic() - start, 2)},
+        )
     return entry
 
 

@@ -50,8 +50,10 @@ def _image_list(args: argparse.Namespace) -> int:
             print(f"{name:<12} -> {canonical_name(name)}")
             continue
         image = get_image(name)
-        print(f"{name:<12} {image.description} (default {image.default_vcpus} vCPU, "
-              f"{image.default_mem_mib} MiB)")
+        print(
+            f"{name:<12} {image.description} (default {image.default_vcpus} vCPU, "
+            f"{image.default_mem_mib} MiB)"
+        )
     return 0
 
 
@@ -60,9 +62,13 @@ def _image_build(args: argparse.Namespace) -> int:
     from .fixtures.factory import MicrovmFactory
     from .session.settings import Settings
 
-    settings = Settings(image=args.name, vcpus=args.vcpus, mem_mib=args.mem_mib,
-                        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                        rebuild=args.rebuild)
+    settings = Settings(
+        image=args.name,
+        vcpus=args.vcpus,
+        mem_mib=args.mem_mib,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        rebuild=args.rebuild,
+    )
     factory = MicrovmFactory(settings, session_start=time.time())
     try:
         image = factory.image()
@@ -70,8 +76,10 @@ def _image_build(args: argparse.Namespace) -> int:
         print(f"{image.name}: {image.build()}")
         info = factory.base()
         what = "built" if info.built else "already cached"
-        print(f"{image.name}: base snapshot {what} ({info.vcpus} vCPU, {info.mem_mib} MiB) "
-              f"in {time.perf_counter() - t0:.2f} s: {info.path}")
+        print(
+            f"{image.name}: base snapshot {what} ({info.vcpus} vCPU, {info.mem_mib} MiB) "
+            f"in {time.perf_counter() - t0:.2f} s: {info.path}"
+        )
     finally:
         factory.close()
     return 0
@@ -88,18 +96,26 @@ def _size(n: float) -> str:
 def _cache_list(args: argparse.Namespace) -> int:
     store = _store(args)
     entries = store.entries()
-    print(f"snapshot cache: {store.dir} ({len(entries)} entries, "
-          f"{_size(sum(e.size for e in entries))} on disk)")
+    print(
+        f"snapshot cache: {store.dir} ({len(entries)} entries, "
+        f"{_size(sum(e.size for e in entries))} on disk)"
+    )
     by_key = {e.key: e for e in entries}
     for e in entries:
         meta = e.meta
         parent = meta.get("parent")
-        on = f" on {by_key[parent].name}" if parent in by_key else (f" on {parent}" if parent else "")
+        on = (
+            f" on {by_key[parent].name}"
+            if parent in by_key
+            else (f" on {parent}" if parent else "")
+        )
         param = f"[{meta['param']}]" if meta.get("param") else ""
         shape = f"{meta.get('vcpus', '?')} vCPU {meta.get('mem_mib', '?')} MiB"
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-        print(f"{e.key}  {e.kind:<5} {e.name}{param}{on}  ({shape}, {_size(e.size)}, "
-              f"last used {used})")
+        print(
+            f"{e.key}  {e.kind:<5} {e.name}{param}{on}  ({shape}, {_size(e.size)}, "
+            f"last used {used})"
+        )
     return 0
 
 
@@ -122,8 +138,9 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="supermachine",
-                                     description="KVM microVMs for pytest: tools")
+    parser = argparse.ArgumentParser(
+        prog="supermachine", description="KVM microVMs for pytest: tools"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="is /dev/kvm usable here; if not, why and how to fix it")
     p.set_defaults(func=_doctor)
@@ -132,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     def cache_dir_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cache-dir", default=None,
-                       help="the cache directory (default: $SUPERMACHINE_CACHE_DIR, else "
-                            "$XDG_CACHE_HOME/pytest-supermachine)")
+        p.add_argument(
+            "--cache-dir",
+            default=None,
+            help="the cache directory (default: $SUPERMACHINE_CACHE_DIR, else "
+            "$XDG_CACHE_HOME/pytest-supermachine)",
+        )
 
     image = sub.add_parser("image", help="guest images: list them, build one and its base snapshot")
     isub = image.add_subparsers(dest="image_command", required=True)
@@ -144,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="default")
     p.add_argument("--vcpus", type=int, default=None)
     p.add_argument("--mem-mib", type=int, default=None)
-    p.add_argument("--rebuild", action="store_true", help="rebuild the base snapshot even if cached")
+    p.add_argument(
+        "--rebuild", action="store_true", help="rebuild the base snapshot even if cached"
+    )
     cache_dir_option(p)
     p.set_defaults(func=_image_build)
 
@@ -153,24 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("list", help="every cached base and layer snapshot")
     cache_dir_option(p)
     p.set_defaults(func=_cache_list)
-    p = csub.add_parser("prune", help="remove leftovers, broken chains and (optionally) old entries")
+    p = csub.add_parser(
+        "prune", help="remove leftovers, broken chains and (optionally) old entries"
+    )
     p.add_argument("--all", action="store_true", help="remove every entry")
-    p.add_argument("--unused-days", type=float, default=None,
-                   help="also remove entries no test run used for this many days")
+    p.add_argument(
+        "--unused-days",
+        type=float,
+        default=None,
+        help="also remove entries no test run used for this many days",
+    )
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     cache_dir_option(p)
     p.set_defaults(func=_cache_prune)
 
-    p = sub.add_parser("replay", help="rerun a failure capsule's test, or open its VM",
-                       description="Rerun the test of a failure capsule N times from its "
-                       "pre-test snapshot and report how many runs failed, or (--shell) restore "
-                       "the VM as it was after the failure and run commands in it. Arguments "
-                       "after -- go to pytest.")
+    p = sub.add_parser(
+        "replay",
+        help="rerun a failure capsule's test, or open its VM",
+        description="Rerun the test of a failure capsule N times from its "
+        "pre-test snapshot and report how many runs failed, or (--shell) restore "
+        "the VM as it was after the failure and run commands in it. Arguments "
+        "after -- go to pytest.",
+    )
     p.add_argument("capsule", help="the capsule directory (.supermachine/failures/<test>)")
     p.add_argument("--runs", type=int, default=1, help="how many times to rerun (default 1)")
-    p.add_argument("--shell", action="store_true",
-                   help="restore the post-failure VM and read commands to run in it")
-    p.add_argument("--vm", default=None, help="with --shell: which fixture's VM (default: the first)")
+    p.add_argument(
+        "--shell",
+        action="store_true",
+        help="restore the post-failure VM and read commands to run in it",
+    )
+    p.add_argument(
+        "--vm", default=None, help="with --shell: which fixture's VM (default: the first)"
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="with --shell: per-command timeout")
     p.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=_replay)

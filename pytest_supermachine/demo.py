@@ -39,8 +39,12 @@ def demo_boot(title: str, *, vcpus: int, mode: int, arg: int = 0) -> bool:
         print(m.console.rstrip())
         print(f"--- {title}: {exit_.describe()}")
     t4 = time.perf_counter()
-    times = {"create_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3,
-             "run_ms": (t3 - t2) * 1e3, "stop_ms": (t4 - t3) * 1e3}
+    times = {
+        "create_ms": (t1 - t0) * 1e3,
+        "load_ms": (t2 - t1) * 1e3,
+        "run_ms": (t3 - t2) * 1e3,
+        "stop_ms": (t4 - t3) * 1e3,
+    }
     print("    " + "  ".join(f"{k}={v:.2f}" for k, v in times.items()))
     return _verdict(title, exit_)
 
@@ -48,8 +52,11 @@ def demo_boot(title: str, *, vcpus: int, mode: int, arg: int = 0) -> bool:
 def _verdict(title: str, exit_: MachineExit) -> bool:
     if powered_off_cleanly(exit_):
         return True
-    print(f"supermachine demo: FAILED: {title}: {exit_.describe()} (expected a power-off with "
-          "status 0)", file=sys.stderr)
+    print(
+        f"supermachine demo: FAILED: {title}: {exit_.describe()} (expected a power-off with "
+        "status 0)",
+        file=sys.stderr,
+    )
     return False
 
 
@@ -61,10 +68,12 @@ def run_demo(vcpus: int = 2) -> int:
     t0 = time.perf_counter()
     elf = build_microguest()
     print(f"microguest: {elf} (built or cached in {(time.perf_counter() - t0) * 1e3:.0f} ms)")
-    ok = [demo_boot("boot and halt", vcpus=1, mode=GuestMode.HALT),
-          demo_boot(f"SMP bring-up of {vcpus} vCPUs", vcpus=vcpus, mode=GuestMode.SMP),
-          demo_boot("dirty 1000 pages at CPL3", vcpus=1, mode=GuestMode.DIRTY, arg=1000),
-          _snapshots(elf)]
+    ok = [
+        demo_boot("boot and halt", vcpus=1, mode=GuestMode.HALT),
+        demo_boot(f"SMP bring-up of {vcpus} vCPUs", vcpus=vcpus, mode=GuestMode.SMP),
+        demo_boot("dirty 1000 pages at CPL3", vcpus=1, mode=GuestMode.DIRTY, arg=1000),
+        _snapshots(elf),
+    ]
     reaper.drain()
     return 0 if all(ok) else 1
 
@@ -97,6 +106,8 @@ def _snapshots(elf: Path) -> bool:
                 exits.append(m.wait(timeout=60))
             print("--- snapshots: guest that dirties 1000 pages, then powers off ---")
             print(m.console.rstrip())
-        print(f"    save_ms={save_ms:.2f}  restore_ms={restore_ms:.2f}  "
-              f"reset_ms(median of 20, 1000 dirty pages)={statistics.median(resets):.2f}")
+        print(
+            f"    save_ms={save_ms:.2f}  restore_ms={restore_ms:.2f}  "
+            f"reset_ms(median of 20, 1000 dirty pages)={statistics.median(resets):.2f}"
+        )
     return all(_verdict(f"snapshot run {i}", e) for i, e in enumerate(exits))

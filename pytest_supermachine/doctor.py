@@ -44,15 +44,23 @@ def run_checks(*, boot_guest: bool = True) -> list[Check]:
         return checks
     checks.append(Check(f"open {path}", True, f"KVM API version {kvm.api_version}"))
     if kvm.pvm:
-        checks.append(Check("virtualization", True,
-                            "nested PVM (kvm_pvm): guest user code runs natively, guest kernel "
-                            "code is emulated (~1000x slower); CPUID masked for the emulator"))
+        checks.append(
+            Check(
+                "virtualization",
+                True,
+                "nested PVM (kvm_pvm): guest user code runs natively, guest kernel "
+                "code is emulated (~1000x slower); CPUID masked for the emulator",
+            )
+        )
     else:
         checks.append(Check("virtualization", True, "hardware KVM (VT-x/AMD-V)"))
     cpuid = kvm.supported_cpuid()
     family, model, stepping = cpuid.signature()
-    checks.append(Check("host CPU", True,
-                        f"{cpuid.vendor()} family {family} model {model} stepping {stepping}"))
+    checks.append(
+        Check(
+            "host CPU", True, f"{cpuid.vendor()} family {family} model {model} stepping {stepping}"
+        )
+    )
     try:
         from .vmm.machine import Machine  # lazy: the VMM is loaded only to run VMs
 
@@ -65,8 +73,13 @@ def run_checks(*, boot_guest: bool = True) -> list[Check]:
                 m.boot_direct64(elf, mode=GuestMode.HALT)
                 t1 = time.perf_counter()
                 m.run_until_exit(timeout=30)
-                checks.append(Check("boot the microguest", True,
-                                    f"banner to power-off in {(time.perf_counter() - t1) * 1e3:.1f} ms"))
+                checks.append(
+                    Check(
+                        "boot the microguest",
+                        True,
+                        f"banner to power-off in {(time.perf_counter() - t1) * 1e3:.1f} ms",
+                    )
+                )
     except SupermachineError as e:
         checks.append(Check("create and boot a VM", False, str(e)))
     finally:

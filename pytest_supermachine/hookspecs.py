@@ -29,8 +29,9 @@ def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
     """
 
 
-def pytest_supermachine_cache_key(config: pytest.Config, kind: str, name: str,
-                                  parts: Mapping[str, bytes | str]) -> Mapping[str, Any] | None:
+def pytest_supermachine_cache_key(
+    config: pytest.Config, kind: str, name: str, parts: Mapping[str, bytes | str]
+) -> Mapping[str, Any] | None:
     """Return extra parts for the cache key of a snapshot, or None.
 
     `kind` is ``"base"`` (`name` is the image) or ``"layer"`` (`name` is the layer);
@@ -42,11 +43,13 @@ def pytest_supermachine_cache_key(config: pytest.Config, kind: str, name: str,
     """
 
 
-def pytest_supermachine_snapshot_built(config: pytest.Config, snapshot: SnapshotInfo,
-                                       seconds: float) -> None:
+def pytest_supermachine_snapshot_built(
+    config: pytest.Config, snapshot: SnapshotInfo, seconds: float
+) -> None:
     """Called after this process built a base or layer snapshot (not on cache hits)."""
 
 
-def pytest_supermachine_capsule_written(item: pytest.Item, path: Any,
-                                        manifest: Mapping[str, Any]) -> None:
+def pytest_supermachine_capsule_written(
+    item: pytest.Item, path: Any, manifest: Mapping[str, Any]
+) -> None:
     """Called after a failure capsule of `item` was written to directory `path`."""

@@ -49,13 +49,28 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
     group = parser.getgroup("supermachine")
-    group.addoption("--supermachine-replay", dest="supermachine_replay", metavar="CAPSULE",
-                    default=None, help="rerun the test of failure capsule CAPSULE from its "
-                    "pre-test snapshot (what `supermachine replay` runs)")
-    group.addoption("--supermachine-replay-runs", dest="supermachine_replay_runs", type=int,
-                    default=1, metavar="N", help="with --supermachine-replay: how many runs")
-    group.addoption("--supermachine-replay-result", dest="supermachine_replay_result",
-                    default=None, help=argparse.SUPPRESS)
+    group.addoption(
+        "--supermachine-replay",
+        dest="supermachine_replay",
+        metavar="CAPSULE",
+        default=None,
+        help="rerun the test of failure capsule CAPSULE from its "
+        "pre-test snapshot (what `supermachine replay` runs)",
+    )
+    group.addoption(
+        "--supermachine-replay-runs",
+        dest="supermachine_replay_runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --supermachine-replay: how many runs",
+    )
+    group.addoption(
+        "--supermachine-replay-result",
+        dest="supermachine_replay_result",
+        default=None,
+        help=argparse.SUPPRESS,
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,15 +86,18 @@ def pytest_configure(config: pytest.Config) -> None:
     else:
         start = time.time()
         session_id = new_session_id(start)
-    state = SessionState(config, settings, session_id, start,
-                         is_worker=hasattr(config, "workerinput"))
+    state = SessionState(
+        config, settings, session_id, start, is_worker=hasattr(config, "workerinput")
+    )
     config.stash[STATE_KEY] = state
 
     replay_capsule = config.getoption("supermachine_replay")
     if replay_capsule:
-        state.replay = load_replay_state(replay_capsule,
-                                         config.getoption("supermachine_replay_runs"),
-                                         config.getoption("supermachine_replay_result"))
+        state.replay = load_replay_state(
+            replay_capsule,
+            config.getoption("supermachine_replay_runs"),
+            config.getoption("supermachine_replay_result"),
+        )
         config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
     else:
         replay_args: list[str] = []
@@ -88,10 +106,13 @@ def pytest_configure(config: pytest.Config) -> None:
             if opt.name in _REPLAYED_SETTINGS and source.startswith(("command", "environment")):
                 # one word per option (see replay_command: ini discovery and separate values)
                 replay_args.append(f"{opt.cli}={getattr(settings, opt.name)}")
-        state.capsules = CapsuleWriter(state.capsule_dir(), session_id=session_id,
-                                       retention=settings.capsule_retention,
-                                       count=settings.capsule_retention_count,
-                                       replay_args=replay_args)
+        state.capsules = CapsuleWriter(
+            state.capsule_dir(),
+            session_id=session_id,
+            retention=settings.capsule_retention,
+            count=settings.capsule_retention_count,
+            replay_args=replay_args,
+        )
     config.pluginmanager.register(_Outcomes(state), "supermachine-outcomes")
     xdist.register(config, state)
 
@@ -99,10 +120,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = state_of(config)
     s = state.settings
-    image = s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
-    return [f"supermachine: {kvm_summary()}",
-            f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
-            + (", rebuilding snapshots" if s.rebuild else "")]
+    image = (
+        s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
+    )
+    return [
+        f"supermachine: {kvm_summary()}",
+        f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
+        + (", rebuilding snapshots" if s.rebuild else ""),
+    ]
 
 
 @pytest.hookimpl(trylast=True)
@@ -124,7 +149,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, None]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[Any]
+) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if report.when not in ("setup", "call") or not report.failed:
@@ -136,13 +163,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
         return
     settings = state.settings.for_item(item)
     try:
-        path = writer.write(item, report, leases, {
-            "image": leases[0].snapshot.image, "vcpus": leases[0].snapshot.vcpus,
-            "mem_mib": leases[0].snapshot.mem_mib, "configured_image": settings.image})
+        path = writer.write(
+            item,
+            report,
+            leases,
+            {
+                "image": leases[0].snapshot.image,
+                "vcpus": leases[0].snapshot.vcpus,
+                "mem_mib": leases[0].snapshot.mem_mib,
+                "configured_image": settings.image,
+            },
+        )
         manifest = read_manifest(path)
     except Exception as e:  # a capsule must never hide the failure it is about
-        report.sections.append(("supermachine failure capsule",
-                                f"not written: {type(e).__name__}: {e}"))
+        report.sections.append(
+            ("supermachine failure capsule", f"not written: {type(e).__name__}: {e}")
+        )
         state.stats.capsule_errors.append(f"{item.nodeid}: {type(e).__name__}: {e}")
         return
     item.stash[CAPSULE_KEY] = path
@@ -159,7 +195,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if state.is_worker:
         xdist.send_worker_stats(session.config, state.stats)
         return
-    if state.capsules is not None and state.replay is None and not session.config.option.collectonly:
+    if (
+        state.capsules is not None
+        and state.replay is None
+        and not session.config.option.collectonly
+    ):
         state.capsules.apply_retention(state.outcomes)
 
 

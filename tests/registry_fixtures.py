@@ -45,8 +45,10 @@ def require_tool(program: str, package: str) -> str:
     """The path of ``program``; else skip (or fail under SUPERMACHINE_REQUIRE_KVM=1) saying how to get it."""
     path = shutil.which(program)
     if path is None:
-        why = (f"{program} is not installed (apt-get install {package}; "
-               "scripts/bootstrap.sh installs it)")
+        why = (
+            f"{program} is not installed (apt-get install {package}; "
+            "scripts/bootstrap.sh installs it)"
+        )
         if os.environ.get("SUPERMACHINE_REQUIRE_KVM") == "1":
             pytest.fail(f"SUPERMACHINE_REQUIRE_KVM=1 but {why}")
         pytest.skip(why)
@@ -80,7 +82,9 @@ class LocalRegistry:
         hexa = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data"
 
-    def push(self, layout: Path, repository: str, tag: str, *, docker_format: bool = False) -> Image:
+    def push(
+        self, layout: Path, repository: str, tag: str, *, docker_format: bool = False
+    ) -> Image:
         """Copy the OCI layout (all its platforms, if an index) to ``repository:tag`` with skopeo.
 
         ``docker_format`` makes skopeo convert to Docker schema 2 media types (the
@@ -93,14 +97,23 @@ class LocalRegistry:
             command += ["--dest-creds", ":".join(self.credentials)]
         if docker_format:
             command += ["--format", "v2s2"]
-        done = subprocess.run([*command, f"oci:{layout}", dest], capture_output=True,
-                              timeout=_PUSH_TIMEOUT, check=False)
+        done = subprocess.run(
+            [*command, f"oci:{layout}", dest],
+            capture_output=True,
+            timeout=_PUSH_TIMEOUT,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"skopeo copy to {dest} failed: {done.stderr.decode()}")
         index = json.loads((layout / "index.json").read_text())
         top = index["manifests"][0]["digest"]
-        return Image(ref=f"oci:{self.host}/{repository}:{tag}", repository=repository, tag=tag,
-                     manifest_digest=top, blob_digests=_image_blobs(layout, top))
+        return Image(
+            ref=f"oci:{self.host}/{repository}:{tag}",
+            repository=repository,
+            tag=tag,
+            manifest_digest=top,
+            blob_digests=_image_blobs(layout, top),
+        )
 
     def stop(self) -> None:
         self.process.terminate()
@@ -125,8 +138,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_registry(workdir: Path, *, credentials: tuple[str, str] | None = None,
-                   auth: str = "") -> LocalRegistry:
+def start_registry(
+    workdir: Path, *, credentials: tuple[str, str] | None = None, auth: str = ""
+) -> LocalRegistry:
     """A docker-registry on 127.0.0.1 answering ``/v2/``.
 
     With ``credentials`` (and no ``auth``) it wants them by htpasswd Basic auth;
@@ -136,10 +150,13 @@ def start_registry(workdir: Path, *, credentials: tuple[str, str] | None = None,
     workdir.mkdir(parents=True, exist_ok=True)
     if credentials is not None and not auth:
         htpasswd = require_tool("htpasswd", "apache2-utils")
-        entry = subprocess.run([htpasswd, "-Bbn", *credentials], capture_output=True,
-                               check=True, timeout=30).stdout
+        entry = subprocess.run(
+            [htpasswd, "-Bbn", *credentials], capture_output=True, check=True, timeout=30
+        ).stdout
         (workdir / "htpasswd").write_bytes(entry)
-        auth = f"auth:\n  htpasswd:\n    realm: supermachine-test\n    path: {workdir / 'htpasswd'}\n"
+        auth = (
+            f"auth:\n  htpasswd:\n    realm: supermachine-test\n    path: {workdir / 'htpasswd'}\n"
+        )
     last_log = ""
     for _attempt in range(3):  # another process may take the free port before the registry does
         port = _free_port()
@@ -148,11 +165,13 @@ def start_registry(workdir: Path, *, credentials: tuple[str, str] | None = None,
         config.write_text(
             "version: 0.1\nlog:\n  level: info\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{port}\n{auth}")
+            f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+        )
         log = workdir / f"registry-{port}.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen([binary, "serve", str(config)], stdout=out,
-                                       stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
+            )
         registry = LocalRegistry(f"127.0.0.1:{port}", storage, log, process, credentials)
         if _wait_ready(registry):
             return registry
@@ -186,8 +205,9 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRe
 @pytest.fixture(scope="session")
 def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     """A registry that wants Basic auth (htpasswd, bcrypt) as ``auth_registry.credentials``."""
-    running = start_registry(tmp_path_factory.mktemp("auth-registry"),
-                             credentials=("tester", secrets.token_urlsafe(12)))
+    running = start_registry(
+        tmp_path_factory.mktemp("auth-registry"), credentials=("tester", secrets.token_urlsafe(12))
+    )
     yield running
     running.stop()
 
@@ -220,11 +240,33 @@ class TokenService:
     def __post_init__(self) -> None:
         openssl = require_tool("openssl", "openssl")
         self.key, self.cert = self.workdir / "token.key", self.workdir / "token.pem"
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-subj", "/CN=supermachine-test-token", "-keyout", str(self.key),
-                        "-out", str(self.cert)], check=True, capture_output=True, timeout=60)
-        der = subprocess.run([openssl, "x509", "-in", str(self.cert), "-outform", "DER"],
-                             check=True, capture_output=True, timeout=30).stdout
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=supermachine-test-token",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        der = subprocess.run(
+            [openssl, "x509", "-in", str(self.cert), "-outform", "DER"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        ).stdout
         self._x5c = b64encode(der).decode()
         self._openssl = openssl
         service = self
@@ -247,8 +289,10 @@ class TokenService:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def auth_config(self) -> str:
-        return (f"auth:\n  token:\n    realm: {self.realm}\n    service: {self.service}\n"
-                f"    issuer: {self.issuer}\n    rootcertbundle: {self.cert}\n")
+        return (
+            f"auth:\n  token:\n    realm: {self.realm}\n    service: {self.service}\n"
+            f"    issuer: {self.issuer}\n    rootcertbundle: {self.cert}\n"
+        )
 
     def answer(self, path: str, authorization: str) -> tuple[int, dict[str, object]]:
         query = parse_qs(urlsplit(path).query)
@@ -273,13 +317,26 @@ class TokenService:
     def sign(self, subject: str, access: list[dict[str, object]]) -> str:
         now = int(time.time())
         header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
-        claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "exp": now + 600,
-                  "nbf": now - 60, "iat": now, "jti": secrets.token_hex(8), "access": access}
-        signing_input = (_b64url(json.dumps(header).encode()) + "."
-                         + _b64url(json.dumps(claims).encode()))
-        signature = subprocess.run([self._openssl, "dgst", "-sha256", "-sign", str(self.key)],
-                                   input=signing_input.encode(), capture_output=True, check=True,
-                                   timeout=30).stdout
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + 600,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        signature = subprocess.run(
+            [self._openssl, "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
         return f"{signing_input}.{_b64url(signature)}"
 
     def stop(self) -> None:
@@ -288,7 +345,9 @@ class TokenService:
 
 
 @pytest.fixture(scope="session")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalRegistry, TokenService]]:
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalRegistry, TokenService]]:
     """A registry in token-auth mode and its token service (``public/*`` is anonymous-readable)."""
     workdir = tmp_path_factory.mktemp("token-registry")
     tokens = TokenService(workdir, ("tester", secrets.token_urlsafe(12)))
@@ -302,8 +361,12 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[L
 # Images
 
 
-def build_layout(dest: Path, *layers: Mapping[str, bytes], architecture: str = "amd64",
-                 config: ImageConfig | None = None) -> Path:
+def build_layout(
+    dest: Path,
+    *layers: Mapping[str, bytes],
+    architecture: str = "amd64",
+    config: ImageConfig | None = None,
+) -> Path:
     """An OCI image layout directory at ``dest``: one gzip layer per mapping of path -> bytes."""
     trees = []
     for n, files in enumerate(layers):
@@ -312,8 +375,9 @@ def build_layout(dest: Path, *layers: Mapping[str, bytes], architecture: str = "
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             (tree / name).write_bytes(data)
         trees.append(tree)
-    archive = write_image_archive(trees, dest.with_name(dest.name + ".tar"), config=config,
-                                  compress=True)
+    archive = write_image_archive(
+        trees, dest.with_name(dest.name + ".tar"), config=config, compress=True
+    )
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
     if architecture != "amd64":
@@ -330,7 +394,9 @@ def _put_blob(layout: Path, data: bytes) -> tuple[str, int]:
 def _retarget(layout: Path, architecture: str) -> None:
     """Make the layout's single image claim ``architecture`` (config, manifest and index rewritten)."""
     index = json.loads((layout / "index.json").read_text())
-    manifest = json.loads((layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    manifest = json.loads(
+        (layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes()
+    )
     config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
     config["architecture"] = architecture
     digest, size = _put_blob(layout, json.dumps(config, sort_keys=True).encode())
@@ -345,18 +411,38 @@ def build_index_layout(dest: Path, images: Mapping[str, Mapping[str, bytes]]) ->
     (dest / "blobs/sha256").mkdir(parents=True)
     entries = []
     for architecture, files in images.items():
-        single = build_layout(dest.with_name(f"{dest.name}-{architecture}"), files,
-                              architecture=architecture)
+        single = build_layout(
+            dest.with_name(f"{dest.name}-{architecture}"), files, architecture=architecture
+        )
         for blob in (single / "blobs/sha256").iterdir():
             shutil.copyfile(blob, dest / "blobs/sha256" / blob.name)
         entry = json.loads((single / "index.json").read_text())["manifests"][0]
         entry["platform"] = {"os": "linux", "architecture": architecture}
         entries.append(entry)
-    digest, size = _put_blob(dest, json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": entries}, sort_keys=True).encode())
+    digest, size = _put_blob(
+        dest,
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": entries,
+            },
+            sort_keys=True,
+        ).encode(),
+    )
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest,
-         "size": size}]}))
+    (dest / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "digest": digest,
+                        "size": size,
+                    }
+                ],
+            }
+        )
+    )
     return dest

@@ -12,12 +12,20 @@ from ..errors import GuestBuildError
 PROTOCOL_INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 
 
-def run_build_step(cmd: list[str], cwd: Path, *, what: str, install_hint: str,
-                   timeout: float) -> None:
+def run_build_step(
+    cmd: list[str], cwd: Path, *, what: str, install_hint: str, timeout: float
+) -> None:
     """Run one compiler/linker step; any failure is a GuestBuildError carrying its output."""
     try:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except FileNotFoundError as exc:
         raise GuestBuildError(
             f"{what} needs {cmd[0]!r}, which is not installed or not on PATH; {install_hint}"

@@ -97,7 +97,8 @@ _DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 _HOW_TO_LOGIN = (
     f"provide credentials with `docker login HOST` (~/.docker/config.json, credential helpers "
-    f"included) or, in CI, ${AUTH_ENV}='{{\"HOST\": \"USER:PASSWORD\"}}'")
+    f'included) or, in CI, ${AUTH_ENV}=\'{{"HOST": "USER:PASSWORD"}}\''
+)
 
 
 class RegistryError(SupermachineError):
@@ -199,14 +200,14 @@ def _credentials_from_entry(entry: Any, source: str) -> Credentials | None:
     if isinstance(entry, str):
         return Credentials(*_decode_userpass(entry, source), source)
     if not isinstance(entry, Mapping):
-        raise RegistryAuthError(f"{source} is neither \"USER:PASSWORD\" nor an object")
+        raise RegistryAuthError(f'{source} is neither "USER:PASSWORD" nor an object')
     if entry.get("identitytoken"):
         return Credentials("<token>", str(entry["identitytoken"]), source)
     if entry.get("auth"):
         try:
             decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
         except (ValueError, UnicodeDecodeError) as exc:
-            raise RegistryAuthError(f"{source}: \"auth\" is not base64 of USER:PASSWORD") from exc
+            raise RegistryAuthError(f'{source}: "auth" is not base64 of USER:PASSWORD') from exc
         return Credentials(*_decode_userpass(decoded, source), source)
     if entry.get("username"):
         return Credentials(str(entry["username"]), str(entry.get("password", "")), source)
@@ -233,26 +234,32 @@ def _from_helper(helper: str, registry: str, source: str) -> Credentials | None:
     program = f"docker-credential-{helper}"
     server = _DOCKER_HUB_SERVER if registry == DOCKER_HUB else registry
     try:
-        done = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                              timeout=60, check=False)
+        done = subprocess.run(
+            [program, "get"], input=server.encode(), capture_output=True, timeout=60, check=False
+        )
     except FileNotFoundError as exc:
         raise RegistryAuthError(
             f"{source} names the credential helper {helper!r}, but {program} is not on PATH: "
-            f"install it or remove it from {docker_config_path()}") from exc
+            f"install it or remove it from {docker_config_path()}"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise RegistryAuthError(f"{program} get did not answer within 60 s") from exc
     out = done.stdout.decode(errors="replace").strip()
     if done.returncode != 0:
         if "credentials not found" in (out + done.stderr.decode(errors="replace")).lower():
             return None
-        raise RegistryAuthError(f"{program} get failed for {server} (exit {done.returncode}): "
-                                f"{(out or done.stderr.decode(errors='replace')).strip()[:500]}")
+        raise RegistryAuthError(
+            f"{program} get failed for {server} (exit {done.returncode}): "
+            f"{(out or done.stderr.decode(errors='replace')).strip()[:500]}"
+        )
     try:
         answer = json.loads(out)
         username, secret = str(answer["Username"]), str(answer["Secret"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise RegistryAuthError(f"{program} get answered {out[:200]!r}, not the JSON "
-                                "{\"Username\": ..., \"Secret\": ...} of the helper protocol") from exc
+        raise RegistryAuthError(
+            f"{program} get answered {out[:200]!r}, not the JSON "
+            '{"Username": ..., "Secret": ...} of the helper protocol'
+        ) from exc
     return Credentials(username, secret, f"{source} ({program})")
 
 
@@ -275,13 +282,14 @@ def registry_credentials(registry: str) -> Credentials | None:
             doc = json.loads(raw)
         except ValueError as exc:
             raise RegistryAuthError(
-                f"${AUTH_ENV} is not JSON ({exc}); expected {{\"HOST[:PORT]\": \"USER:PASSWORD\"}}"
+                f'${AUTH_ENV} is not JSON ({exc}); expected {{"HOST[:PORT]": "USER:PASSWORD"}}'
             ) from exc
         if isinstance(doc, Mapping) and isinstance(doc.get("auths"), Mapping):
             doc = doc["auths"]
         if not isinstance(doc, Mapping):
-            raise RegistryAuthError(f"${AUTH_ENV} must be a JSON object "
-                                    "{\"HOST[:PORT]\": \"USER:PASSWORD\"}")
+            raise RegistryAuthError(
+                f'${AUTH_ENV} must be a JSON object {{"HOST[:PORT]": "USER:PASSWORD"}}'
+            )
         found = _lookup(doc, registry)
         if found is not None:
             creds = _credentials_from_entry(found[1], f"${AUTH_ENV}[{found[0]!r}]")
@@ -329,14 +337,19 @@ def allows_plain_http(reference: RegistryReference, insecure: bool | None = None
     if insecure is not None:
         return insecure
     listed = {h.strip() for h in re.split(r"[,\s]+", os.environ.get(INSECURE_ENV, "")) if h.strip()}
-    return (_is_loopback(reference.hostname) or reference.registry in listed
-            or reference.hostname in listed)
+    return (
+        _is_loopback(reference.hostname)
+        or reference.registry in listed
+        or reference.hostname in listed
+    )
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _CHALLENGE_PARAM.finditer(rest)}
+    params = {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
     return scheme.lower(), params
 
 
@@ -361,9 +374,14 @@ class RegistryClient:
     the ``Authorization`` header when they leave the registry's origin.
     """
 
-    def __init__(self, reference: RegistryReference, *,
-                 lookup: Callable[[str], Credentials | None] = registry_credentials,
-                 insecure: bool | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        reference: RegistryReference,
+        *,
+        lookup: Callable[[str], Credentials | None] = registry_credentials,
+        insecure: bool | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         self.reference = reference
         self._lookup = lookup
         self._credentials: Credentials | None = None
@@ -373,9 +391,11 @@ class RegistryClient:
         self.base = f"{scheme}://{reference.api_host}/v2/{reference.repository}"
         self._authorization: str | None = None
         self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)), follow_redirects=True,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            follow_redirects=True,
             headers={"User-Agent": "pytest-supermachine"},
-            trust_env=not _is_loopback(reference.hostname))  # no proxy for a loopback registry
+            trust_env=not _is_loopback(reference.hostname),
+        )  # no proxy for a loopback registry
 
     @property
     def credentials(self) -> Credentials | None:
@@ -397,11 +417,15 @@ class RegistryClient:
     # -- requests ------------------------------------------------------------
 
     def _unreachable(self, url: str, exc: Exception) -> RegistryUnreachableError:
-        hint = ("" if self.plain_http else
-                f"; a registry that speaks plain HTTP must be listed in ${INSECURE_ENV}")
+        hint = (
+            ""
+            if self.plain_http
+            else f"; a registry that speaks plain HTTP must be listed in ${INSECURE_ENV}"
+        )
         return RegistryUnreachableError(
             f"{self.reference}: talking to {url} failed: {type(exc).__name__}: {exc} (check the host "
-            f"name, the network and proxy settings{hint})")
+            f"name, the network and proxy settings{hint})"
+        )
 
     def _send(self, method: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
         sent = dict(headers)
@@ -413,8 +437,9 @@ class RegistryClient:
             raise self._unreachable(url, exc) from exc
 
     @contextmanager
-    def request(self, method: str, path: str, headers: Mapping[str, str],
-                what: str) -> Iterator[httpx.Response]:
+    def request(
+        self, method: str, path: str, headers: Mapping[str, str], what: str
+    ) -> Iterator[httpx.Response]:
         """A successful (2xx) streamed response to ``METHOD base/path``; errors as `RegistryError`."""
         url = f"{self.base}/{path}"
         response = self._send(method, url, headers)
@@ -441,13 +466,17 @@ class RegistryClient:
             if self._credentials is None:
                 return RegistryAuthError(
                     f"{ref}: {ref.registry} requires authentication to pull {ref.repository} "
-                    f"({detail}; or the repository does not exist): {_HOW_TO_LOGIN}")
+                    f"({detail}; or the repository does not exist): {_HOW_TO_LOGIN}"
+                )
             return RegistryAuthError(
                 f"{ref}: {ref.registry} rejected the credentials of {self._credentials.username!r} "
-                f"from {self._credentials.source} ({detail}): check them, or log in again")
+                f"from {self._credentials.source} ({detail}): check them, or log in again"
+            )
         if status == 403:
-            return RegistryAuthError(f"{ref}: {ref.registry} denies pulling {ref.repository} "
-                                     f"({detail}): ask for access, or check the credentials")
+            return RegistryAuthError(
+                f"{ref}: {ref.registry} denies pulling {ref.repository} "
+                f"({detail}): ask for access, or check the credentials"
+            )
         if status == 404:
             if "NAME_UNKNOWN" in codes:
                 why = f"has no repository {ref.repository!r}"
@@ -456,10 +485,13 @@ class RegistryClient:
             else:
                 why = f"has no {what} in {ref.repository!r}"
             return ImageNotFoundError(
-                f"{ref}: {ref.registry} {why} ({detail}): check the name, tag or digest")
+                f"{ref}: {ref.registry} {why} ({detail}): check the name, tag or digest"
+            )
         if status == 429:
-            return RegistryError(f"{ref}: {ref.registry} is rate limiting pulls ({detail}): "
-                                 f"wait, or pull with credentials: {_HOW_TO_LOGIN}")
+            return RegistryError(
+                f"{ref}: {ref.registry} is rate limiting pulls ({detail}): "
+                f"wait, or pull with credentials: {_HOW_TO_LOGIN}"
+            )
         return RegistryError(f"{ref}: {ref.registry} answered {detail} for the {what}")
 
     # -- auth ----------------------------------------------------------------
@@ -471,14 +503,16 @@ class RegistryClient:
         if scheme == "basic":
             if creds is None or creds.username == "<token>":
                 raise RegistryAuthError(
-                    f"{ref}: {ref.registry} requires authentication (Basic): {_HOW_TO_LOGIN}")
+                    f"{ref}: {ref.registry} requires authentication (Basic): {_HOW_TO_LOGIN}"
+                )
             self._check_secure(self.base, creds)
             token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
             return f"Basic {token}"
         if scheme != "bearer" or not params.get("realm"):
             raise RegistryAuthError(
                 f"{ref}: {ref.registry} asks for an authentication scheme we do not speak: "
-                f"{challenge[:200]!r}")
+                f"{challenge[:200]!r}"
+            )
         realm = params["realm"]
         query = {"scope": params.get("scope") or f"repository:{ref.repository}:pull"}
         if params.get("service"):
@@ -487,29 +521,42 @@ class RegistryClient:
             if creds is not None:
                 self._check_secure(realm, creds)
             if creds is not None and creds.username == "<token>":
-                response = self._http.post(realm, data={
-                    **query, "grant_type": "refresh_token", "refresh_token": creds.password,
-                    "client_id": "pytest-supermachine"})
+                response = self._http.post(
+                    realm,
+                    data={
+                        **query,
+                        "grant_type": "refresh_token",
+                        "refresh_token": creds.password,
+                        "client_id": "pytest-supermachine",
+                    },
+                )
             else:
                 response = self._http.get(
-                    realm, params=query,
-                    auth=(creds.username, creds.password) if creds is not None else None)
+                    realm,
+                    params=query,
+                    auth=(creds.username, creds.password) if creds is not None else None,
+                )
         except httpx.RequestError as exc:
             raise self._unreachable(realm, exc) from exc
         if response.status_code in (401, 403):
             if creds is None:
-                raise RegistryAuthError(f"{ref}: the token service {realm} refused anonymous "
-                                        f"access (HTTP {response.status_code}): {_HOW_TO_LOGIN}")
+                raise RegistryAuthError(
+                    f"{ref}: the token service {realm} refused anonymous "
+                    f"access (HTTP {response.status_code}): {_HOW_TO_LOGIN}"
+                )
             raise RegistryAuthError(
                 f"{ref}: the token service {realm} rejected the credentials of "
-                f"{creds.username!r} from {creds.source} (HTTP {response.status_code})")
+                f"{creds.username!r} from {creds.source} (HTTP {response.status_code})"
+            )
         try:
             response.raise_for_status()
             doc = response.json()
             token = doc.get("token") or doc.get("access_token")
         except (httpx.HTTPStatusError, ValueError, AttributeError) as exc:
-            raise RegistryAuthError(f"{ref}: the token service {realm} did not give a token: "
-                                    f"HTTP {response.status_code} {response.text[:200]!r}") from exc
+            raise RegistryAuthError(
+                f"{ref}: the token service {realm} did not give a token: "
+                f"HTTP {response.status_code} {response.text[:200]!r}"
+            ) from exc
         if not token:
             raise RegistryAuthError(f"{ref}: the token service {realm} answered without a token")
         return f"Bearer {token}"
@@ -519,7 +566,8 @@ class RegistryClient:
         if parsed.scheme != "https" and not (self.plain_http or _is_loopback(parsed.host)):
             raise RegistryAuthError(
                 f"{self.reference}: refusing to send the credentials from {creds.source} over "
-                f"plain HTTP to {url}")
+                f"plain HTTP to {url}"
+            )
 
     # -- content -------------------------------------------------------------
 
@@ -544,16 +592,20 @@ class RegistryClient:
         if expected and expected != digest:
             raise BlobDigestError(
                 f"{self.reference}: the registry sent a manifest with {digest}, not {expected}: "
-                "refused (a corrupt registry or something in between is changing content)")
+                "refused (a corrupt registry or something in between is changing content)"
+            )
         return body, _media_type(body, content_type, self.reference), digest
 
-    def download_blob(self, descriptor: Mapping[str, Any], out: IO[bytes],
-                      advance: Callable[[int], None]) -> None:
+    def download_blob(
+        self, descriptor: Mapping[str, Any], out: IO[bytes], advance: Callable[[int], None]
+    ) -> None:
         """Stream the blob into ``out``, checking its size and sha256 against ``descriptor``."""
         digest, size = str(descriptor.get("digest", "")), descriptor.get("size")
         if not _DIGEST_RE.fullmatch(digest):
-            raise ManifestError(f"{self.reference}: unsupported or malformed blob digest "
-                                f"{digest!r} (only sha256 is supported)")
+            raise ManifestError(
+                f"{self.reference}: unsupported or malformed blob digest "
+                f"{digest!r} (only sha256 is supported)"
+            )
         h, got = hashlib.sha256(), 0
         headers = {"Accept-Encoding": "identity"}
         with self.request("GET", f"blobs/{digest}", headers, f"blob {digest}") as r:
@@ -564,7 +616,8 @@ class RegistryClient:
                 if isinstance(size, int) and got > size:
                     raise BlobDigestError(
                         f"{self.reference}: blob {digest} is longer than the {size} bytes the "
-                        "manifest says: refused, nothing cached")
+                        "manifest says: refused, nothing cached"
+                    )
                 h.update(chunk)
                 out.write(chunk)
                 advance(len(chunk))
@@ -573,7 +626,8 @@ class RegistryClient:
             raise BlobDigestError(
                 f"{self.reference}: blob {digest} arrived as {got} bytes with {actual}: its bytes "
                 "do not match its digest, so it was refused and nothing was cached (a corrupt "
-                "registry or proxy; pull again, or report it to the registry's owner)")
+                "registry or proxy; pull again, or report it to the registry's owner)"
+            )
 
 
 def _read_limited(response: httpx.Response, limit: int, what: str) -> bytes:
@@ -594,8 +648,10 @@ def _media_type(body: bytes, content_type: str, reference: RegistryReference) ->
         raise ManifestError(f"{reference}: the manifest is not a JSON object")
     media = str(doc.get("mediaType") or content_type)
     if doc.get("schemaVersion") == 1 or media.startswith(_DOCKER_SCHEMA1):
-        raise ManifestError(f"{reference}: the registry only has a Docker schema 1 manifest "
-                            "(deprecated): push the image again with a current docker or skopeo")
+        raise ManifestError(
+            f"{reference}: the registry only has a Docker schema 1 manifest "
+            "(deprecated): push the image again with a current docker or skopeo"
+        )
     if media not in _IMAGE_MANIFESTS + _INDEXES:
         media = OCI_INDEX if "manifests" in doc else OCI_MANIFEST if "layers" in doc else media
     if media not in _IMAGE_MANIFESTS + _INDEXES:
@@ -614,22 +670,33 @@ def _platform_name(platform: Mapping[str, Any]) -> str:
     return "/".join(parts)
 
 
-def _pick_platform(index: Mapping[str, Any], platform: str,
-                   reference: RegistryReference) -> Mapping[str, Any]:
+def _pick_platform(
+    index: Mapping[str, Any], platform: str, reference: RegistryReference
+) -> Mapping[str, Any]:
     """The descriptor of ``platform`` (``os/arch[/variant]``) in an index; the variant-less one first."""
     want_os, want_arch, *want_variant = platform.split("/")
     manifests = [m for m in index.get("manifests") or [] if isinstance(m, Mapping)]
-    matches = [m for m in manifests if isinstance(m.get("platform"), Mapping)
-               and m["platform"].get("os") == want_os
-               and m["platform"].get("architecture") == want_arch
-               and (not want_variant or m["platform"].get("variant") == want_variant[0])]
+    matches = [
+        m
+        for m in manifests
+        if isinstance(m.get("platform"), Mapping)
+        and m["platform"].get("os") == want_os
+        and m["platform"].get("architecture") == want_arch
+        and (not want_variant or m["platform"].get("variant") == want_variant[0])
+    ]
     if not matches:
-        have = sorted({_platform_name(m["platform"]) for m in manifests
-                       if isinstance(m.get("platform"), Mapping)})
+        have = sorted(
+            {
+                _platform_name(m["platform"])
+                for m in manifests
+                if isinstance(m.get("platform"), Mapping)
+            }
+        )
         raise PlatformNotFoundError(
             f"{reference}: the image has no {platform} variant (it has: "
             f"{', '.join(have) or 'no platform-tagged manifests'}); the VMs run {platform}, so "
-            "pick an image built for it")
+            "pick an image built for it"
+        )
     matches.sort(key=lambda m: bool(m["platform"].get("variant")))
     return matches[0]
 
@@ -642,10 +709,17 @@ def _load(entry: Path, from_cache: bool) -> PulledImage:
     record = json.loads((entry / PULL_RECORD).read_text())
     reference = parse_image_reference(record["reference"])
     assert isinstance(reference, RegistryReference)
-    return PulledImage(reference=reference, layout=entry / LAYOUT_DIR, digest=record["digest"],
-                       manifest_digest=record["manifest_digest"],
-                       config_digest=record["config_digest"], platform=record["platform"],
-                       size=record["size"], layers=record["layers"], from_cache=from_cache)
+    return PulledImage(
+        reference=reference,
+        layout=entry / LAYOUT_DIR,
+        digest=record["digest"],
+        manifest_digest=record["manifest_digest"],
+        config_digest=record["config_digest"],
+        platform=record["platform"],
+        size=record["size"],
+        layers=record["layers"],
+        from_cache=from_cache,
+    )
 
 
 def _cache_hit(entry: Path) -> PulledImage | None:
@@ -660,13 +734,22 @@ def pulled_images(cache_root: Path | None = None) -> list[PulledImage]:
     root = Path(cache_root) if cache_root is not None else cache_dir() / CACHE_KIND
     if not root.is_dir():
         return []
-    return [_load(entry, from_cache=True) for entry in sorted(root.iterdir())
-            if not entry.name.startswith(".") and (entry / PULL_RECORD).is_file()]
+    return [
+        _load(entry, from_cache=True)
+        for entry in sorted(root.iterdir())
+        if not entry.name.startswith(".") and (entry / PULL_RECORD).is_file()
+    ]
 
 
-def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PLATFORM,
-               cache_root: Path | None = None, insecure: bool | None = None,
-               progress: ProgressCallback | None = None, timeout: float = 60.0) -> PulledImage:
+def pull_image(
+    reference: RegistryReference | str,
+    *,
+    platform: str = DEFAULT_PLATFORM,
+    cache_root: Path | None = None,
+    insecure: bool | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = 60.0,
+) -> PulledImage:
     """The image ``reference`` (``oci:…`` or a `RegistryReference`) as a cached OCI layout.
 
     See the module docstring for what is guaranteed. ``cache_root`` defaults to
@@ -675,13 +758,15 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
     as blob bytes arrive; ``timeout`` bounds each network wait, in seconds.
     """
     if not _PLATFORM_RE.fullmatch(platform):
-        raise ValueError(f"platform must be OS/ARCH[/VARIANT] like {DEFAULT_PLATFORM!r}, "
-                         f"not {platform!r}")
+        raise ValueError(
+            f"platform must be OS/ARCH[/VARIANT] like {DEFAULT_PLATFORM!r}, not {platform!r}"
+        )
     if isinstance(reference, str):
         parsed = parse_image_reference(reference)
         if not isinstance(parsed, RegistryReference):
-            raise ImageReferenceError(f"{reference!r} is a local image; only oci: references "
-                                      "are pulled from a registry")
+            raise ImageReferenceError(
+                f"{reference!r} is a local image; only oci: references are pulled from a registry"
+            )
         reference = parsed
     root = Path(cache_root) if cache_root is not None else cache_dir() / CACHE_KIND
     if reference.digest is not None:
@@ -702,7 +787,7 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
             if hit is not None:
                 return hit
             for stale in root.glob(f".pull-{entry.name}-*"):  # left by a killed pull: the lock
-                shutil.rmtree(stale, ignore_errors=True)       # is ours, so its owner is gone
+                shutil.rmtree(stale, ignore_errors=True)  # is ours, so its owner is gone
             tmp = Path(tempfile.mkdtemp(prefix=f".pull-{entry.name}-", dir=root))
             try:
                 _pull_into(client, tmp, body, media, digest, platform, progress)
@@ -712,36 +797,55 @@ def pull_image(reference: RegistryReference | str, *, platform: str = DEFAULT_PL
     return _load(entry, from_cache=False)
 
 
-def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, digest: str,
-               platform: str, progress: ProgressCallback | None) -> None:
+def _pull_into(
+    client: RegistryClient,
+    tmp: Path,
+    body: bytes,
+    media: str,
+    digest: str,
+    platform: str,
+    progress: ProgressCallback | None,
+) -> None:
     """Fill ``tmp`` with ``layout/`` and ``pull.json`` for the manifest ``body`` (verified)."""
     reference = client.reference.with_digest(digest)
     manifest_body, manifest_media, manifest_digest = body, media, digest
     if media in _INDEXES:
         desc = _pick_platform(json.loads(body), platform, reference)
         if not _DIGEST_RE.fullmatch(str(desc.get("digest"))):  # fetched by it, verified against it
-            raise ManifestError(f"{reference}: the index names the {platform} image by a "
-                                f"malformed digest {desc.get('digest')!r}")
+            raise ManifestError(
+                f"{reference}: the index names the {platform} image by a "
+                f"malformed digest {desc.get('digest')!r}"
+            )
         manifest_body, manifest_media, manifest_digest = client.manifest(str(desc["digest"]))
         if manifest_media not in _IMAGE_MANIFESTS:
-            raise ManifestError(f"{reference}: the {platform} entry of the index is a "
-                                f"{manifest_media}, not an image manifest")
+            raise ManifestError(
+                f"{reference}: the {platform} entry of the index is a "
+                f"{manifest_media}, not an image manifest"
+            )
     manifest = json.loads(manifest_body)
     config_desc = manifest.get("config")
     layers = manifest.get("layers")
-    if not isinstance(config_desc, Mapping) or not isinstance(layers, list) or not all(
-            isinstance(layer, Mapping) for layer in layers):
+    if (
+        not isinstance(config_desc, Mapping)
+        or not isinstance(layers, list)
+        or not all(isinstance(layer, Mapping) for layer in layers)
+    ):
         raise ManifestError(f"{reference}: the image manifest has no config or no layer list")
     blobs = [config_desc, *layers]
     for blob in blobs:  # before any of them names a file
         if not _DIGEST_RE.fullmatch(str(blob.get("digest"))):
-            raise ManifestError(f"{reference}: unsupported or malformed blob digest "
-                                f"{blob.get('digest')!r} (only sha256 is supported)")
+            raise ManifestError(
+                f"{reference}: unsupported or malformed blob digest "
+                f"{blob.get('digest')!r} (only sha256 is supported)"
+            )
         if not isinstance(blob.get("size"), int) or blob["size"] < 0:
-            raise ManifestError(f"{reference}: the manifest gives blob {blob['digest']} no valid size")
+            raise ManifestError(
+                f"{reference}: the manifest gives blob {blob['digest']} no valid size"
+            )
     if config_desc["size"] > _MAX_CONFIG:
-        raise ManifestError(f"{reference}: the image config claims {config_desc['size']} bytes: "
-                            "refused")
+        raise ManifestError(
+            f"{reference}: the image config claims {config_desc['size']} bytes: refused"
+        )
     layout = tmp / LAYOUT_DIR
     blob_dir = layout / "blobs" / "sha256"
     blob_dir.mkdir(parents=True)
@@ -750,17 +854,37 @@ def _pull_into(client: RegistryClient, tmp: Path, body: bytes, media: str, diges
     (blob_dir / manifest_digest.split(":", 1)[1]).write_bytes(manifest_body)
     platform_os, platform_arch, *variant = platform.split("/")
     descriptor: dict[str, Any] = {
-        "mediaType": manifest_media, "digest": manifest_digest, "size": len(manifest_body),
-        "platform": {"os": platform_os, "architecture": platform_arch,
-                     **({"variant": variant[0]} if variant else {})},
-        "annotations": {REF_NAME_ANNOTATION: client.reference.tag or DEFAULT_TAG}}
+        "mediaType": manifest_media,
+        "digest": manifest_digest,
+        "size": len(manifest_body),
+        "platform": {
+            "os": platform_os,
+            "architecture": platform_arch,
+            **({"variant": variant[0]} if variant else {}),
+        },
+        "annotations": {REF_NAME_ANNOTATION: client.reference.tag or DEFAULT_TAG},
+    }
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps(
-        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]}, indent=1))
-    (tmp / PULL_RECORD).write_text(json.dumps({
-        "reference": str(reference), "digest": digest, "manifest_digest": manifest_digest,
-        "config_digest": str(config_desc["digest"]), "platform": platform, "size": total,
-        "layers": len(layers)}, indent=1) + "\n")
+    (layout / "index.json").write_text(
+        json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]}, indent=1
+        )
+    )
+    (tmp / PULL_RECORD).write_text(
+        json.dumps(
+            {
+                "reference": str(reference),
+                "digest": digest,
+                "manifest_digest": manifest_digest,
+                "config_digest": str(config_desc["digest"]),
+                "platform": platform,
+                "size": total,
+                "layers": len(layers),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 class _Cancelled(Exception):
@@ -777,8 +901,14 @@ class _Download:
     one call at a time, from whichever thread made progress.
     """
 
-    def __init__(self, client: RegistryClient, blob_dir: Path, total: int, count: int,
-                 progress: ProgressCallback | None) -> None:
+    def __init__(
+        self,
+        client: RegistryClient,
+        blob_dir: Path,
+        total: int,
+        count: int,
+        progress: ProgressCallback | None,
+    ) -> None:
         self.client, self.blob_dir, self.progress = client, blob_dir, progress
         self.total, self.count = total, count
         self.done = self.blobs_done = 0
@@ -801,8 +931,9 @@ class _Download:
         self.advance(0, blobs=1)
         return path
 
-    def run(self, blobs: list[Mapping[str, Any]], platform: str,
-            reference: RegistryReference) -> None:
+    def run(
+        self, blobs: list[Mapping[str, Any]], platform: str, reference: RegistryReference
+    ) -> None:
         self.advance(0)
         _check_config_platform(self.fetch(blobs[0]), platform, reference)
         pending: dict[str, Mapping[str, Any]] = {}
@@ -813,8 +944,9 @@ class _Download:
                 pending[str(layer["digest"])] = layer
         if not pending:
             return
-        with ThreadPoolExecutor(min(PARALLEL_DOWNLOADS, len(pending)),
-                                thread_name_prefix="supermachine-pull") as pool:
+        with ThreadPoolExecutor(
+            min(PARALLEL_DOWNLOADS, len(pending)), thread_name_prefix="supermachine-pull"
+        ) as pool:
             futures = [pool.submit(self.fetch, layer) for layer in pending.values()]
             try:
                 for future in as_completed(futures):
@@ -838,4 +970,5 @@ def _check_config_platform(config_path: Path, platform: str, reference: Registry
     if (have_os and have_os != want_os) or (have_arch and have_arch != want_arch):
         raise PlatformNotFoundError(
             f"{reference}: the image is built for {have_os}/{have_arch}, not {platform}; the VMs "
-            f"run {platform}, so pick an image (or tag) built for it")
+            f"run {platform}, so pick an image (or tag) built for it"
+        )

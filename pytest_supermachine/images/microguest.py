@@ -27,7 +27,9 @@ class MicroguestImage(Image):
     """The bundled freestanding test guest (see guest/microguest)."""
 
     name = "microguest"
-    description = "freestanding test guest: agent over vsock with built-in commands, 1 MiB scratch disk"
+    description = (
+        "freestanding test guest: agent over vsock with built-in commands, 1 MiB scratch disk"
+    )
     default_vcpus = 1
     default_mem_mib = 64
 

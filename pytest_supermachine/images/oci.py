@@ -112,8 +112,13 @@ class ImageConfig:
                 return (value,)
             return tuple(str(v) for v in value)
 
-        return cls(env=strings("Env"), cmd=strings("Cmd"), entrypoint=strings("Entrypoint"),
-                   working_dir=str(cfg.get("WorkingDir") or ""), user=str(cfg.get("User") or ""))
+        return cls(
+            env=strings("Env"),
+            cmd=strings("Cmd"),
+            entrypoint=strings("Entrypoint"),
+            working_dir=str(cfg.get("WorkingDir") or ""),
+            user=str(cfg.get("User") or ""),
+        )
 
     @property
     def env_map(self) -> dict[str, str]:
@@ -126,8 +131,13 @@ class ImageConfig:
         return self.entrypoint + self.cmd
 
     def to_json(self) -> dict[str, Any]:
-        return {"Env": list(self.env), "Cmd": list(self.cmd), "Entrypoint": list(self.entrypoint),
-                "WorkingDir": self.working_dir, "User": self.user}
+        return {
+            "Env": list(self.env),
+            "Cmd": list(self.cmd),
+            "Entrypoint": list(self.entrypoint),
+            "WorkingDir": self.working_dir,
+            "User": self.user,
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ImageConfig:
@@ -248,7 +258,9 @@ def _check_digest(what: str, actual_hex: str, expected: str) -> None:
 def _blob_name(digest: str) -> str:
     m = _DIGEST.match(str(digest))
     if m is None:
-        raise OciFormatError(f"unsupported or malformed digest {digest!r} (only sha256 is supported)")
+        raise OciFormatError(
+            f"unsupported or malformed digest {digest!r} (only sha256 is supported)"
+        )
     return f"blobs/sha256/{m.group(1)}"
 
 
@@ -272,17 +284,26 @@ def _read_oci_layout(src: _Source) -> tuple[dict[str, Any], list[_Layer]]:
     return config, layers
 
 
-def _pick_manifest(src: _Source, index: Mapping[str, Any], where: str, depth: int = 0) -> dict[str, Any]:
+def _pick_manifest(
+    src: _Source, index: Mapping[str, Any], where: str, depth: int = 0
+) -> dict[str, Any]:
     """The one image manifest an index names: the only one, else the linux/amd64 one."""
     manifests = list(index.get("manifests") or [])
     if not manifests:
         raise OciFormatError(f"{where} lists no manifests")
     if len(manifests) > 1:
-        amd64 = [m for m in manifests if (m.get("platform") or {}).get("os") == "linux"
-                 and (m.get("platform") or {}).get("architecture") == "amd64"]
+        amd64 = [
+            m
+            for m in manifests
+            if (m.get("platform") or {}).get("os") == "linux"
+            and (m.get("platform") or {}).get("architecture") == "amd64"
+        ]
         if len(amd64) != 1:
-            names = [(m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
-                     or m.get("digest") for m in manifests]
+            names = [
+                (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+                or m.get("digest")
+                for m in manifests
+            ]
             raise OciFormatError(
                 f"{where} lists {len(manifests)} images ({', '.join(map(str, names))}) and not "
                 "exactly one for linux/amd64; save a single image (docker save IMAGE:TAG)"
@@ -408,7 +429,8 @@ def _decompressed(stream: _Peekable, layer: _Layer) -> IO[bytes]:
                 "or re-save the image with gzip layers"
             ) from exc
         return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[no-any-return]
-            buffered, read_across_frames=True)
+            buffered, read_across_frames=True
+        )
     return buffered  # type: ignore[return-value]
 
 
@@ -439,7 +461,9 @@ class _Tree:
 
     # -- paths ---------------------------------------------------------------
 
-    def resolve_dir(self, parts: Sequence[str], what: str, *, create: bool, mtime: int) -> str | None:
+    def resolve_dir(
+        self, parts: Sequence[str], what: str, *, create: bool, mtime: int
+    ) -> str | None:
         """The real directory (rel path) that ``parts`` names, resolved as the guest would.
 
         Symlinks met on the way are followed inside the tree only (absolute
@@ -456,7 +480,9 @@ class _Tree:
                 continue
             if comp == "..":
                 if not stack:
-                    raise OciFormatError(f"{what}: its path leaves the image root through a symlink")
+                    raise OciFormatError(
+                        f"{what}: its path leaves the image root through a symlink"
+                    )
                 stack.pop()
                 continue
             rel = "/".join([*stack, comp])
@@ -485,7 +511,9 @@ class _Tree:
                 raise OciFormatError(f"{what}: /{rel} is in its path but is not a directory")
         return "/".join(stack)
 
-    def locate(self, parts: tuple[str, ...], what: str, mtime: int, *, create: bool = True) -> str | None:
+    def locate(
+        self, parts: tuple[str, ...], what: str, mtime: int, *, create: bool = True
+    ) -> str | None:
         """Rel path for an entry: parent resolved (see `resolve_dir`), last component not followed."""
         parent = self.resolve_dir(parts[:-1], what, create=create, mtime=mtime)
         if parent is None:
@@ -536,7 +564,7 @@ class _Tree:
                 self.hide_lower(f"{directory}/{child}" if directory else child)
             return
         if name.startswith(_WHITEOUT):
-            hidden = name[len(_WHITEOUT):]
+            hidden = name[len(_WHITEOUT) :]
             if hidden in ("", ".", ".."):
                 raise OciFormatError(f"{what}: malformed whiteout {member.name!r}")
             rel = self.locate((*parts[:-1], hidden), what, mtime, create=False)
@@ -586,8 +614,13 @@ class _Tree:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
             kind = "c" if member.ischr() else "b" if member.isblk() else "p"
             major, minor = (member.devmajor, member.devminor) if kind != "p" else (0, 0)
-            attrs = EntryAttrs(uid=member.uid, gid=member.gid, mode=member.mode & 0o7777,
-                               mtime=mtime, device=Device(kind, major, minor))
+            attrs = EntryAttrs(
+                uid=member.uid,
+                gid=member.gid,
+                mode=member.mode & 0o7777,
+                mtime=mtime,
+                device=Device(kind, major, minor),
+            )
         else:  # regular (tarfile treats unknown types as regular too)
             self.remove(rel)
             src = tar.extractfile(member)
@@ -686,8 +719,14 @@ def archive_digest(path: Path) -> str:
     if not path.is_dir() and memo_key in _digest_memo:
         return _digest_memo[memo_key]
     h = hashlib.sha256()
-    files = [path] if not path.is_dir() else sorted(
-        (p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    files = (
+        [path]
+        if not path.is_dir()
+        else sorted(
+            (p for p in path.rglob("*") if p.is_file()),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+    )
     for p in files:
         if path.is_dir():
             h.update(p.relative_to(path).as_posix().encode("utf-8", "surrogateescape") + b"\0")
@@ -702,12 +741,21 @@ def archive_digest(path: Path) -> str:
 
 def oci_cache_key(tarball: Path, *, size: int | None = None, label: str = "rootfs") -> str:
     """The cache key of `build_oci_rootfs`: archive bytes + everything that changes the image."""
-    return content_key("rootfs-oci", RECIPE_VERSION, rootfs.RECIPE_VERSION, e2fsprogs_version(),
-                       str(source_date_epoch()), label, str(size), archive_digest(tarball))
+    return content_key(
+        "rootfs-oci",
+        RECIPE_VERSION,
+        rootfs.RECIPE_VERSION,
+        e2fsprogs_version(),
+        str(source_date_epoch()),
+        label,
+        str(size),
+        archive_digest(tarball),
+    )
 
 
-def build_oci_rootfs(tarball: Path, out: Path | None = None, *, size: int | None = None,
-                     label: str = "rootfs") -> tuple[Path, ImageConfig]:
+def build_oci_rootfs(
+    tarball: Path, out: Path | None = None, *, size: int | None = None, label: str = "rootfs"
+) -> tuple[Path, ImageConfig]:
     """An ext4 root filesystem of the image in ``tarball``, and the image's config.
 
     Built once per archive content (`oci_cache_key`) under
@@ -724,19 +772,25 @@ def build_oci_rootfs(tarball: Path, out: Path | None = None, *, size: int | None
         tree = entry / "tree"
         try:
             unpacked = unpack_oci_tree(tarball, tree)
-            make_ext4(tree, entry / IMAGE_NAME, seed=key, size=size, label=label,
-                      attrs=unpacked.attrs)
+            make_ext4(
+                tree, entry / IMAGE_NAME, seed=key, size=size, label=label, attrs=unpacked.attrs
+            )
         finally:
             shutil.rmtree(tree, ignore_errors=True)  # dirs are owner-writable by construction
         (entry / CONFIG_NAME).write_text(json.dumps(unpacked.config.to_json(), indent=2) + "\n")
-        return {**built_with(), "kind": "oci", "source": str(tarball.resolve()), "label": label,
-                "layers": unpacked.layers, "size": (entry / IMAGE_NAME).stat().st_size}
+        return {
+            **built_with(),
+            "kind": "oci",
+            "source": str(tarball.resolve()),
+            "label": label,
+            "layers": unpacked.layers,
+            "size": (entry / IMAGE_NAME).stat().st_size,
+        }
 
     entry = build_once(CACHE_KIND, key, fill)
     config = ImageConfig.from_json(json.loads((entry / CONFIG_NAME).read_text()))
     image = entry / IMAGE_NAME
     return (image if out is None else copy_sparse(image, Path(out))), config
-
 
 
 # ---------------------------------------------------------------------------
@@ -747,6 +801,7 @@ def _layer_tar(layer_dir: Path) -> bytes:
     """One layer tar of ``layer_dir``: sorted, owned by 0:0, mtimes kept (so deterministic)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
         def add(directory: Path, prefix: str) -> None:
             for child in sorted(directory.iterdir(), key=lambda p: os.fsencode(p.name)):
                 name = f"{prefix}{child.name}"
@@ -767,8 +822,14 @@ def _layer_tar(layer_dir: Path) -> bytes:
     return buf.getvalue()
 
 
-def write_image_archive(layers: Sequence[Path], out: Path, *, config: ImageConfig | None = None,
-                        fmt: str = "oci", compress: bool = False) -> Path:
+def write_image_archive(
+    layers: Sequence[Path],
+    out: Path,
+    *,
+    config: ImageConfig | None = None,
+    fmt: str = "oci",
+    compress: bool = False,
+) -> Path:
     """Write an image archive (``fmt`` "oci": OCI layout; "docker": docker-save) of directories.
 
     Each directory in ``layers`` (bottom first) becomes one layer, entries owned
@@ -799,28 +860,55 @@ def write_image_archive(layers: Sequence[Path], out: Path, *, config: ImageConfi
         files[_blob_name(digest)] = blob
         media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
         layer_descs.append({"mediaType": media, "digest": digest, "size": len(blob)})
-    config_doc = {"architecture": "amd64", "os": "linux", "config": config.to_json(),
-                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config_doc = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config.to_json(),
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
     config_bytes = json.dumps(config_doc, sort_keys=True).encode()
     config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     if fmt == "docker":
         files[f"{config_digest[7:]}.json"] = config_bytes
-        files["manifest.json"] = json.dumps([{
-            "Config": f"{config_digest[7:]}.json", "RepoTags": ["supermachine/test:latest"],
-            "Layers": layer_names}]).encode()
+        files["manifest.json"] = json.dumps(
+            [
+                {
+                    "Config": f"{config_digest[7:]}.json",
+                    "RepoTags": ["supermachine/test:latest"],
+                    "Layers": layer_names,
+                }
+            ]
+        ).encode()
     else:
         files[_blob_name(config_digest)] = config_bytes
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": len(config_bytes)},
-            "layers": layer_descs}, sort_keys=True).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config_bytes),
+                },
+                "layers": layer_descs,
+            },
+            sort_keys=True,
+        ).encode()
         manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         files[_blob_name(manifest_digest)] = manifest
         files["oci-layout"] = b'{"imageLayoutVersion": "1.0.0"}'
-        files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": len(manifest)}]}).encode()
+        files["index.json"] = json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": manifest_digest,
+                        "size": len(manifest),
+                    }
+                ],
+            }
+        ).encode()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

@@ -86,7 +86,7 @@ class RegistryReference:
         """The registry host without port or IPv6 brackets (for loopback checks)."""
         host = self.registry
         if host.startswith("["):
-            return host[1:host.index("]")]
+            return host[1 : host.index("]")]
         return host.rsplit(":", 1)[0] if ":" in host else host
 
     @property
@@ -121,7 +121,8 @@ class ArchiveReference:
         if not self.path.is_file():
             raise ImageReferenceError(
                 f"{self}: {self.path} is not a file (an unpacked OCI layout directory is "
-                f"oci-layout:{self.path})")
+                f"oci-layout:{self.path})"
+            )
         return self
 
     def __str__(self) -> str:
@@ -143,11 +144,13 @@ class LayoutReference:
             if not (self.path / name).is_file():
                 raise ImageReferenceError(
                     f"{self}: {self.path} has no {name}, so it is not an OCI image layout "
-                    "(make one with: skopeo copy docker://IMAGE oci:DIR:TAG)")
+                    "(make one with: skopeo copy docker://IMAGE oci:DIR:TAG)"
+                )
         if self.tag is not None and self.tag not in self.tags():
             known = ", ".join(sorted(self.tags())) or "none"
-            raise ImageReferenceError(f"{self}: the layout has no image tagged {self.tag!r} "
-                                      f"(tags: {known})")
+            raise ImageReferenceError(
+                f"{self}: the layout has no image tagged {self.tag!r} (tags: {known})"
+            )
         return self
 
     def tags(self) -> set[str]:
@@ -158,8 +161,10 @@ class LayoutReference:
             raise ImageReferenceError(f"{self}: cannot read its index.json: {exc}") from exc
         manifests = index.get("manifests") if isinstance(index, dict) else None
         return {
-            str(m["annotations"][REF_NAME_ANNOTATION]) for m in manifests or []
-            if isinstance(m, dict) and isinstance(m.get("annotations"), dict)
+            str(m["annotations"][REF_NAME_ANNOTATION])
+            for m in manifests or []
+            if isinstance(m, dict)
+            and isinstance(m.get("annotations"), dict)
             and REF_NAME_ANNOTATION in m["annotations"]
         }
 
@@ -189,7 +194,8 @@ def parse_image_reference(text: str) -> ImageReference:
         raise ImageReferenceError(
             f"{text!r} is not an image reference: expected one of "
             "oci:[HOST[:PORT]/]REPO[:TAG|@sha256:HEX], oci-archive:PATH, docker-archive:PATH, "
-            "oci-layout:DIR[:TAG]")
+            "oci-layout:DIR[:TAG]"
+        )
     if "\0" in rest:
         raise ImageReferenceError(f"{text!r}: a reference cannot contain a NUL character")
     if kind == "oci":
@@ -202,22 +208,29 @@ def parse_image_reference(text: str) -> ImageReference:
     if not directory:
         raise ImageReferenceError(f"{text!r}: the oci-layout: reference names no directory")
     if colon:
-        if not tag or len(tag) > _MAX_LAYOUT_TAG or not tag.isprintable() or any(
-                c.isspace() for c in tag):
+        if (
+            not tag
+            or len(tag) > _MAX_LAYOUT_TAG
+            or not tag.isprintable()
+            or any(c.isspace() for c in tag)
+        ):
             raise ImageReferenceError(
                 f"{text!r}: {tag!r} is not a valid layout tag (printable, no spaces, at most "
-                f"{_MAX_LAYOUT_TAG} characters; the directory cannot contain ':')")
+                f"{_MAX_LAYOUT_TAG} characters; the directory cannot contain ':')"
+            )
         return LayoutReference(_path(directory), tag)
     return LayoutReference(_path(directory))
 
 
 def parse_registry_reference(ref: str) -> RegistryReference:
     """``[host[:port]/]repo[:tag][@digest]`` (the part after ``oci:``), normalised as docker does."""
+
     def bad(why: str) -> ImageReferenceError:
         return ImageReferenceError(
             f"'oci:{ref}' is not a valid image reference: {why} "
             "(expected oci:[HOST[:PORT]/]REPO[:TAG][@sha256:HEX], e.g. oci:python:3.12 or "
-            "oci:ghcr.io/owner/app@sha256:...)")
+            "oci:ghcr.io/owner/app@sha256:...)"
+        )
 
     if not ref:
         raise bad("it is empty")
@@ -230,10 +243,12 @@ def parse_registry_reference(ref: str) -> RegistryReference:
     slash = name.rfind("/")
     colon = name.rfind(":")
     if colon > slash:
-        name, tag = name[:colon], name[colon + 1:]
+        name, tag = name[:colon], name[colon + 1 :]
         if not _TAG_RE.fullmatch(tag):
-            raise bad(f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128, "
-                      "not starting with '.' or '-')")
+            raise bad(
+                f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128, "
+                "not starting with '.' or '-')"
+            )
     first, slash_sep, remainder = name.partition("/")
     if slash_sep and ("." in first or ":" in first or first == "localhost"):
         registry, path = first, remainder
@@ -253,8 +268,10 @@ def parse_registry_reference(ref: str) -> RegistryReference:
     if path.lower() != path and _PATH_RE.fullmatch(path.lower()):
         raise bad("repository names must be lowercase")
     if not _PATH_RE.fullmatch(path):
-        raise bad(f"{path!r} is not a valid repository name (lowercase letters, digits and "
-                  "separators '.', '_', '__', '-', components joined by '/')")
+        raise bad(
+            f"{path!r} is not a valid repository name (lowercase letters, digits and "
+            "separators '.', '_', '__', '-', components joined by '/')"
+        )
     if len(registry) + 1 + len(path) > _MAX_NAME:
         raise bad(f"the name is longer than {_MAX_NAME} characters")
     return RegistryReference(registry, path, tag, digest or None)

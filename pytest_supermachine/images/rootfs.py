@@ -124,7 +124,11 @@ class EntryAttrs:
     device: Device | None = None
 
     def to_json(self) -> list[object]:
-        dev = None if self.device is None else [self.device.kind, self.device.major, self.device.minor]
+        dev = (
+            None
+            if self.device is None
+            else [self.device.kind, self.device.major, self.device.minor]
+        )
         return [self.uid, self.gid, self.mode, self.mtime, dev]
 
 
@@ -148,7 +152,9 @@ def check_tools() -> tuple[str, str]:
     """Paths of ``mkfs.ext4`` and ``debugfs``, or a `GuestBuildError` saying what to install."""
     mkfs, debugfs = _find_tool("mkfs.ext4"), _find_tool("debugfs")
     if mkfs is None or debugfs is None:
-        missing = " and ".join(n for n, p in (("mkfs.ext4", mkfs), ("debugfs", debugfs)) if p is None)
+        missing = " and ".join(
+            n for n, p in (("mkfs.ext4", mkfs), ("debugfs", debugfs)) if p is None
+        )
         raise GuestBuildError(
             f"building an ext4 root filesystem needs {missing}, which were not found "
             f"on PATH or in {_SBIN_PATH}; install them with\n"
@@ -197,7 +203,9 @@ def _scan(src: Path) -> list[_Entry]:
             path = f"{rel}/{child.name}"
             if "\n" in child.name:
                 # debugfs reads its commands line by line; such a name cannot be addressed.
-                raise GuestBuildError(f"cannot put {path!r} into an ext4 image: its name contains a newline")
+                raise GuestBuildError(
+                    f"cannot put {path!r} into an ext4 image: its name contains a newline"
+                )
             st = child.stat(follow_symlinks=False)
             try:
                 xattrs = tuple(sorted(os.listxattr(child.path, follow_symlinks=False)))
@@ -212,9 +220,15 @@ def _scan(src: Path) -> list[_Entry]:
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISREG, "f"), (stat.S_ISDIR, "d"), (stat.S_ISLNK, "l"),
-                       (stat.S_ISCHR, "c"), (stat.S_ISBLK, "b"), (stat.S_ISFIFO, "p"),
-                       (stat.S_ISSOCK, "s")):
+    for test, kind in (
+        (stat.S_ISREG, "f"),
+        (stat.S_ISDIR, "d"),
+        (stat.S_ISLNK, "l"),
+        (stat.S_ISCHR, "c"),
+        (stat.S_ISBLK, "b"),
+        (stat.S_ISFIFO, "p"),
+        (stat.S_ISSOCK, "s"),
+    ):
         if test(mode):
             return kind
     return "?"
@@ -256,12 +270,22 @@ def tree_digest(src: Path, attrs: Mapping[str, EntryAttrs] | None = None) -> str
             detail = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
         else:
             detail = ""
-        record = [e.path, kind, stat.S_IMODE(st.st_mode), st.st_mtime_ns // 10**9, st.st_size, detail]
+        record = [
+            e.path,
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_mtime_ns // 10**9,
+            st.st_size,
+            detail,
+        ]
         h.update(json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogateescape"))
         h.update(b"\n")
     if attrs:
-        h.update(json.dumps(sorted((k, v.to_json()) for k, v in attrs.items())).encode(
-            "utf-8", "surrogateescape"))
+        h.update(
+            json.dumps(sorted((k, v.to_json()) for k, v in attrs.items())).encode(
+                "utf-8", "surrogateescape"
+            )
+        )
     return h.hexdigest()
 
 
@@ -349,12 +373,18 @@ def _fixup_script(entries: Iterable[_Entry], attrs: Mapping[str, EntryAttrs]) ->
         fresh = False
         if a is not None and a.device is not None:
             if not stat.S_ISREG(st.st_mode) or st.st_size:
-                raise GuestBuildError(f"{e.path}: a device placeholder must be an empty regular file")
+                raise GuestBuildError(
+                    f"{e.path}: a device placeholder must be an empty regular file"
+                )
             parent, _, name = e.path.rpartition("/")
             dev = a.device
             numbers = b"" if dev.kind == "p" else f" {dev.major} {dev.minor}".encode()
-            out += [b"cd " + _q(parent or "/"), b"rm " + _q(name),
-                    b"mknod " + _q(name) + b" " + dev.kind.encode() + numbers, b"cd /"]
+            out += [
+                b"cd " + _q(parent or "/"),
+                b"rm " + _q(name),
+                b"mknod " + _q(name) + b" " + dev.kind.encode() + numbers,
+                b"cd /",
+            ]
             fmt = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[dev.kind]
             fresh = True
         uid, gid = (a.uid, a.gid) if a is not None else (0, 0)
@@ -377,8 +407,15 @@ def _fixup_script(entries: Iterable[_Entry], attrs: Mapping[str, EntryAttrs]) ->
 
 
 def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env=env, capture_output=True, text=True, errors="replace",
-                          check=False, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _tool_env() -> dict[str, str]:
@@ -388,8 +425,9 @@ def _tool_env() -> dict[str, str]:
     return env
 
 
-def _run_mkfs(mkfs: str, src: Path, image: Path, *, size: int, inodes: int, label: str,
-              seed: str, conf: Path) -> subprocess.CompletedProcess[str]:
+def _run_mkfs(
+    mkfs: str, src: Path, image: Path, *, size: int, inodes: int, label: str, seed: str, conf: Path
+) -> subprocess.CompletedProcess[str]:
     """One ``mkfs.ext4 -d`` run into a fresh sparse file (tests count calls to this)."""
     fs_uuid = uuid.UUID(bytes=hashlib.sha256(b"uuid:" + seed.encode()).digest()[:16], version=4)
     hash_seed = uuid.UUID(bytes=hashlib.sha256(b"hash:" + seed.encode()).digest()[:16], version=4)
@@ -400,11 +438,31 @@ def _run_mkfs(mkfs: str, src: Path, image: Path, *, size: int, inodes: int, labe
     env = _tool_env()
     env["MKE2FS_CONFIG"] = str(conf)
     argv = [
-        mkfs, "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
-        "-m", "0", "-N", str(inodes), "-J", f"size={journal_mib}", "-L", label,
-        "-U", str(fs_uuid),
-        "-E", f"root_owner=0:0,hash_seed={hash_seed},lazy_itable_init=0,lazy_journal_init=1,nodiscard",
-        "-d", str(src), str(image), f"{size // 1024}k",
+        mkfs,
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-b",
+        str(BLOCK_SIZE),
+        "-I",
+        str(INODE_SIZE),
+        "-m",
+        "0",
+        "-N",
+        str(inodes),
+        "-J",
+        f"size={journal_mib}",
+        "-L",
+        label,
+        "-U",
+        str(fs_uuid),
+        "-E",
+        f"root_owner=0:0,hash_seed={hash_seed},lazy_itable_init=0,lazy_journal_init=1,nodiscard",
+        "-d",
+        str(src),
+        str(image),
+        f"{size // 1024}k",
     ]
     return _run(argv, env)
 
@@ -414,12 +472,20 @@ def _run_debugfs(debugfs: str, image: Path, script: bytes, work: Path) -> None:
         return
     cmds = work / "debugfs.cmds"
     cmds.write_bytes(script)
-    proc = subprocess.run([debugfs, "-w", "-f", str(cmds), str(image)], env=_tool_env(),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
+    proc = subprocess.run(
+        [debugfs, "-w", "-f", str(cmds), str(image)],
+        env=_tool_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
     # debugfs exits 0 even when commands fail; anything beyond its banner is an error.
-    errors = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
-              if ln.strip() and not ln.startswith("debugfs ")]
+    errors = [
+        ln
+        for ln in proc.stderr.decode(errors="replace").splitlines()
+        if ln.strip() and not ln.startswith("debugfs ")
+    ]
     if proc.returncode != 0 or errors:
         raise GuestBuildError(
             "debugfs failed while setting owners/modes/times in the ext4 image "
@@ -427,8 +493,15 @@ def _run_debugfs(debugfs: str, image: Path, script: bytes, work: Path) -> None:
         )
 
 
-def make_ext4(src: Path, out: Path, *, seed: str, size: int | None = None, label: str = "rootfs",
-              attrs: Mapping[str, EntryAttrs] | None = None) -> Path:
+def make_ext4(
+    src: Path,
+    out: Path,
+    *,
+    seed: str,
+    size: int | None = None,
+    label: str = "rootfs",
+    attrs: Mapping[str, EntryAttrs] | None = None,
+) -> Path:
     """Build an ext4 image of ``src`` at ``out`` (uncached; `build_ext4_from_dir` caches).
 
     Guarantees: every inode is owned by 0:0 unless ``attrs`` (keyed by image
@@ -462,8 +535,9 @@ def make_ext4(src: Path, out: Path, *, seed: str, size: int | None = None, label
         conf.write_text(_MKE2FS_CONF)
         image = work / "image.ext4"
         for attempt in range(2):
-            proc = _run_mkfs(mkfs, src, image, size=want, inodes=inodes, label=label, seed=seed,
-                             conf=conf)
+            proc = _run_mkfs(
+                mkfs, src, image, size=want, inodes=inodes, label=label, seed=seed, conf=conf
+            )
             if proc.returncode == 0:
                 break
             output = (proc.stdout + proc.stderr).strip()
@@ -538,9 +612,14 @@ def _copy_range(fi: int, fo: int, start: int, end: int) -> None:
         pos += n
 
 
-def build_ext4_from_dir(src: Path, out: Path | None = None, *, size: int | None = None,
-                        label: str = "rootfs",
-                        attrs: Mapping[str, EntryAttrs] | None = None) -> Path:
+def build_ext4_from_dir(
+    src: Path,
+    out: Path | None = None,
+    *,
+    size: int | None = None,
+    label: str = "rootfs",
+    attrs: Mapping[str, EntryAttrs] | None = None,
+) -> Path:
     """An ext4 image of directory ``src``, built once per content and cached.
 
     Every file is owned by 0:0 in the image whoever owns it on the host (unless
@@ -557,13 +636,25 @@ def build_ext4_from_dir(src: Path, out: Path | None = None, *, size: int | None 
     src = Path(src)
     if not src.is_dir():
         raise GuestBuildError(f"cannot build an ext4 image from {src}: not a directory")
-    key = content_key("rootfs-dir", RECIPE_VERSION, e2fsprogs_version(), str(source_date_epoch()),
-                      label, str(size), tree_digest(src, attrs))
+    key = content_key(
+        "rootfs-dir",
+        RECIPE_VERSION,
+        e2fsprogs_version(),
+        str(source_date_epoch()),
+        label,
+        str(size),
+        tree_digest(src, attrs),
+    )
 
     def fill(entry: Path) -> Mapping[str, object]:
         make_ext4(src, entry / IMAGE_NAME, seed=key, size=size, label=label, attrs=attrs)
-        return {**built_with(), "kind": "dir", "source": str(src.resolve()), "label": label,
-                "size": (entry / IMAGE_NAME).stat().st_size}
+        return {
+            **built_with(),
+            "kind": "dir",
+            "source": str(src.resolve()),
+            "label": label,
+            "size": (entry / IMAGE_NAME).stat().st_size,
+        }
 
     image = build_once(CACHE_KIND, key, fill) / IMAGE_NAME
     return image if out is None else copy_sparse(image, Path(out))

@@ -69,9 +69,11 @@ def write_page_tables(mem: GuestMemory) -> int:
         )
     table = PTE_PRESENT | PTE_WRITE | PTE_USER
     mem.write(pml4, struct.pack("<Q", pdpt | table) + bytes(layout.PAGE_SIZE - 8))
-    mem.write(pdpt, struct.pack(f"<{gib}Q", *(first_pd + i * layout.PAGE_SIZE | table
-                                              for i in range(gib)))
-              + bytes(layout.PAGE_SIZE - 8 * gib))
+    mem.write(
+        pdpt,
+        struct.pack(f"<{gib}Q", *(first_pd + i * layout.PAGE_SIZE | table for i in range(gib)))
+        + bytes(layout.PAGE_SIZE - 8 * gib),
+    )
     for i in range(gib):
         entries = []
         for j in range(512):
@@ -161,7 +163,9 @@ def parse_elf(path: Path) -> ElfImage:
 
     if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
         raise bad("no ELF magic")
-    ident, etype, machine, _v, entry, phoff, _sh, _fl, _eh, phentsize, phnum, *_ = _EHDR.unpack_from(data)
+    ident, etype, machine, _v, entry, phoff, _sh, _fl, _eh, phentsize, phnum, *_ = (
+        _EHDR.unpack_from(data)
+    )
     if ident[4] != 2 or ident[5] != 1:
         raise bad("not 64-bit little endian")
     if machine != 62:
@@ -235,7 +239,12 @@ class BootDevice:
 
 
 def write_boot_info(
-    mem: GuestMemory, *, vcpus: int, mode: int, arg: int, free_start: int,
+    mem: GuestMemory,
+    *,
+    vcpus: int,
+    mode: int,
+    arg: int,
+    free_start: int,
     devices: list[BootDevice] | tuple[BootDevice, ...] = (),
 ) -> int:
     """Write `struct sm_boot_info` (bootinfo.h) at BOOT_INFO_ADDR; returns its address."""
@@ -275,8 +284,10 @@ def pvh_entry(image: ElfImage) -> int:
     """The 32-bit PVH entry point from the kernel's Xen ELF note, or a clear error."""
     for note in image.notes:
         if note.name == b"Xen" and note.type == XEN_ELFNOTE_PHYS32_ENTRY and len(note.desc) >= 4:
-            return int.from_bytes(note.desc[:8] if len(note.desc) >= 8 else note.desc[:4],
-                                  "little") & 0xFFFFFFFF
+            return (
+                int.from_bytes(note.desc[:8] if len(note.desc) >= 8 else note.desc[:4], "little")
+                & 0xFFFFFFFF
+            )
     raise MachineError(
         f"{image.path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build the kernel "
         "with CONFIG_PVH=y, or boot its bzImage instead"
@@ -285,9 +296,11 @@ def pvh_entry(image: ElfImage) -> int:
 
 def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
     """(addr, size, type) entries: base memory below the MP table, RAM from 1 MiB, high RAM."""
-    entries = [(0, layout.MPTABLE_ADDR, E820_RAM),
-               (layout.MPTABLE_ADDR, layout.BASE_MEMORY_END - layout.MPTABLE_ADDR, E820_RESERVED),
-               (layout.BIOS_AREA_ADDR, layout.BIOS_AREA_SIZE, E820_RESERVED)]
+    entries = [
+        (0, layout.MPTABLE_ADDR, E820_RAM),
+        (layout.MPTABLE_ADDR, layout.BASE_MEMORY_END - layout.MPTABLE_ADDR, E820_RESERVED),
+        (layout.BIOS_AREA_ADDR, layout.BIOS_AREA_SIZE, E820_RESERVED),
+    ]
     low = mem.regions[0]
     entries.append((layout.KERNEL_LOAD_ADDR, low.end - layout.KERNEL_LOAD_ADDR, E820_RAM))
     entries += [(r.gpa, r.size, E820_RAM) for r in mem.regions[1:]]
@@ -318,9 +331,24 @@ def write_mptable(mem: GuestMemory, vcpus: int, irqs: int = layout.IOAPIC_PINS) 
     entries.append(struct.pack("<BBHBBBB", 4, 1, 0, 0, 0, 0xFF, 1))  # NMI -> LINT1
     body = b"".join(entries)
     table_addr = layout.MPTABLE_ADDR + 16
-    header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), 4, 0,
-                                   b"SUPERMCH", b"MICROVM     ", 0, 0, len(entries),
-                                   layout.LAPIC_ADDR, 0, 0, 0))
+    header = bytearray(
+        struct.pack(
+            "<4sHBB8s12sIHHIHBB",
+            b"PCMP",
+            44 + len(body),
+            4,
+            0,
+            b"SUPERMCH",
+            b"MICROVM     ",
+            0,
+            0,
+            len(entries),
+            layout.LAPIC_ADDR,
+            0,
+            0,
+            0,
+        )
+    )
     header[7] = _checksum(bytes(header) + body)
     if table_addr + len(header) + len(body) > layout.BASE_MEMORY_END:
         raise MachineError(f"MP table for {vcpus} vCPUs does not fit below 640 KiB")
@@ -338,8 +366,9 @@ class LinuxBoot:
     start_info: int
 
 
-def load_linux_pvh(mem: GuestMemory, kernel: Path | ElfImage, *, cmdline: str,
-                   initrd: bytes | None, vcpus: int) -> LinuxBoot:
+def load_linux_pvh(
+    mem: GuestMemory, kernel: Path | ElfImage, *, cmdline: str, initrd: bytes | None, vcpus: int
+) -> LinuxBoot:
     """Load a vmlinux for its PVH entry: ELF segments, cmdline, initrd, e820, MP table.
 
     The entry state the caller must set: 32-bit protected mode, paging off, flat
@@ -350,25 +379,41 @@ def load_linux_pvh(mem: GuestMemory, kernel: Path | ElfImage, *, cmdline: str,
     load_elf(mem, image)
     encoded = cmdline.encode() + b"\0"
     if len(encoded) > layout.CMDLINE_MAX:
-        raise MachineError(f"kernel command line is {len(encoded)} bytes; at most "
-                           f"{layout.CMDLINE_MAX} fit")
+        raise MachineError(
+            f"kernel command line is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit"
+        )
     mem.write(layout.CMDLINE_ADDR, encoded)
     nr_modules, modlist = 0, 0
     if initrd:
         low_end = mem.regions[0].end
         addr = (low_end - len(initrd)) // layout.PAGE_SIZE * layout.PAGE_SIZE
         if addr < image.end + layout.MiB:
-            raise MachineError(f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
-                               f"in {low_end >> 20} MiB of RAM: give the machine more memory")
+            raise MachineError(
+                f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
+                f"in {low_end >> 20} MiB of RAM: give the machine more memory"
+            )
         mem.write(addr, initrd)
         mem.write(layout.PVH_MODLIST_ADDR, PVH_MODLIST_ENTRY.pack(addr, len(initrd), 0, 0))
         nr_modules, modlist = 1, layout.PVH_MODLIST_ADDR
     memmap = e820_map(mem)
-    mem.write(layout.PVH_MEMMAP_ADDR,
-              b"".join(PVH_MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in memmap))
-    mem.write(layout.PVH_START_INFO_ADDR,
-              PVH_START_INFO.pack(HVM_START_MAGIC, 1, 0, nr_modules, modlist,
-                                  layout.CMDLINE_ADDR, 0, layout.PVH_MEMMAP_ADDR, len(memmap), 0))
+    mem.write(
+        layout.PVH_MEMMAP_ADDR, b"".join(PVH_MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in memmap)
+    )
+    mem.write(
+        layout.PVH_START_INFO_ADDR,
+        PVH_START_INFO.pack(
+            HVM_START_MAGIC,
+            1,
+            0,
+            nr_modules,
+            modlist,
+            layout.CMDLINE_ADDR,
+            0,
+            layout.PVH_MEMMAP_ADDR,
+            len(memmap),
+            0,
+        ),
+    )
     write_mptable(mem, vcpus)
     return LinuxBoot(entry, layout.PVH_START_INFO_ADDR)
 
@@ -389,8 +434,9 @@ def setup_protected_mode(sregs: Any, gdt: tuple[int, int]) -> None:
 
 def virtio_mmio_cmdline(devices: Sequence[BootDevice]) -> str:
     """`virtio_mmio.device=<size>@<base>:<irq>` tokens for Linux, one per device."""
-    return " ".join(f"virtio_mmio.device={d.mmio_size >> 10}K@{d.mmio_base:#x}:{d.irq}"
-                    for d in devices)
+    return " ".join(
+        f"virtio_mmio.device={d.mmio_size >> 10}K@{d.mmio_base:#x}:{d.irq}" for d in devices
+    )
 
 
 # ----------------------------------------------------------------------------- Linux: bzImage
@@ -423,8 +469,9 @@ def setup_bzimage_long_mode(mem: GuestMemory, sregs: Any) -> None:
         seg.selector = BOOT_DS
 
 
-def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
-                       initrd: bytes | None) -> LinuxBoot:
+def load_linux_bzimage(
+    mem: GuestMemory, bzimage: Path, *, cmdline: str, initrd: bytes | None
+) -> LinuxBoot:
     """Load a bzImage for the Linux x86 64-bit boot protocol (Documentation/x86/boot.rst).
 
     The zero page gets the image's setup header, the e820 map, the command line and
@@ -440,7 +487,10 @@ def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
 
     if len(data) < 0x1000:
         raise bad("shorter than its setup header")
-    if struct.unpack_from("<H", data, 0x1FE)[0] != BOOT_FLAG_MAGIC or data[0x202:0x206] != HDRS_MAGIC:
+    if (
+        struct.unpack_from("<H", data, 0x1FE)[0] != BOOT_FLAG_MAGIC
+        or data[0x202:0x206] != HDRS_MAGIC
+    ):
         raise bad("no boot sector / HdrS signature")
     version = struct.unpack_from("<H", data, 0x206)[0]
     if version < MIN_BOOT_PROTOCOL:
@@ -455,8 +505,9 @@ def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
     zero_page[SETUP_HEADER_OFFSET:header_end] = data[SETUP_HEADER_OFFSET:header_end]
     encoded = cmdline.encode() + b"\0"
     if len(encoded) > layout.CMDLINE_MAX:
-        raise MachineError(f"kernel command line is {len(encoded)} bytes; at most "
-                           f"{layout.CMDLINE_MAX} fit")
+        raise MachineError(
+            f"kernel command line is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit"
+        )
     mem.write(layout.CMDLINE_ADDR, encoded)
     struct.pack_into("<B", zero_page, 0x210, 0xFF)  # type_of_loader: undefined
     loadflags = data[0x211] | LOADED_HIGH | CAN_USE_HEAP
@@ -466,15 +517,19 @@ def load_linux_bzimage(mem: GuestMemory, bzimage: Path, *, cmdline: str,
     try:
         mem.write(layout.KERNEL_LOAD_ADDR, kernel)
     except GuestMemoryError:
-        raise MachineError(f"{bzimage}: kernel of {len(kernel) >> 20} MiB does not fit in guest "
-                           f"RAM of {mem.size >> 20} MiB: give the machine more memory") from None
+        raise MachineError(
+            f"{bzimage}: kernel of {len(kernel) >> 20} MiB does not fit in guest "
+            f"RAM of {mem.size >> 20} MiB: give the machine more memory"
+        ) from None
     if initrd:
         low_end = mem.regions[0].end
         addr = (low_end - len(initrd)) // layout.PAGE_SIZE * layout.PAGE_SIZE
         init_size = struct.unpack_from("<I", data, 0x260)[0]  # memory the kernel needs at 1 MiB
         if addr < layout.KERNEL_LOAD_ADDR + max(init_size, len(kernel)) + layout.MiB:
-            raise MachineError(f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
-                               f"in {low_end >> 20} MiB of RAM: give the machine more memory")
+            raise MachineError(
+                f"initrd of {len(initrd) >> 20} MiB does not fit above the kernel "
+                f"in {low_end >> 20} MiB of RAM: give the machine more memory"
+            )
         mem.write(addr, initrd)
         struct.pack_into("<II", zero_page, 0x218, addr, len(initrd))  # ramdisk_image, _size
     memmap = e820_map(mem)[:E820_MAX_ENTRIES]

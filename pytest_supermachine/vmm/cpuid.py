@@ -40,24 +40,54 @@ def _bit(*bits: int) -> int:
 # lacks XSAVE/XRSTOR, CMPXCHG16B, AVX and friends: a guest kernel that sees these
 # features uses them in its own code and dies with an emulation failure.
 PVM_CPUID_MASK: tuple[tuple[int, int | None, str, int, int, str], ...] = (
-    (1, None, "ecx", _bit(12, 13, 17, 22, 23, 26, 27, 28, 29, 30), _bit(24),
-     "FMA, CX16, PCID, MOVBE, POPCNT, XSAVE, OSXSAVE, AVX, F16C, RDRAND: not emulated; "
-     "TSC-deadline on so the LAPIC timer needs no calibration against the PIT"),
-    (7, 0, "ebx", _bit(0, 3, 4, 5, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 26, 27, 28, 29, 30, 31),
-     0, "FSGSBASE, BMI1/2, HLE, RTM, AVX2, SMEP, ERMS (rep stosb emulated byte by byte), "
-     "INVPCID, AVX-512*, RDSEED, ADX, SMAP, SHA: not emulated at CPL0"),
-    (7, 0, "ecx", _bit(1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 14, 16, 22), 0,
-     "AVX-512 VBMI*, UMIP, PKU, OSPKE, WAITPKG, GFNI, VAES, VPCLMULQDQ, LA57, RDPID"),
-    (7, 0, "edx", _bit(2, 3, 4, 8, 14, 16, 22, 23, 24, 25, 29), 0,
-     "AVX-512 4x/VP2INTERSECT/FP16, FSRM, AMX, ARCH_CAPABILITIES"),
+    (
+        1,
+        None,
+        "ecx",
+        _bit(12, 13, 17, 22, 23, 26, 27, 28, 29, 30),
+        _bit(24),
+        "FMA, CX16, PCID, MOVBE, POPCNT, XSAVE, OSXSAVE, AVX, F16C, RDRAND: not emulated; "
+        "TSC-deadline on so the LAPIC timer needs no calibration against the PIT",
+    ),
+    (
+        7,
+        0,
+        "ebx",
+        _bit(0, 3, 4, 5, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 26, 27, 28, 29, 30, 31),
+        0,
+        "FSGSBASE, BMI1/2, HLE, RTM, AVX2, SMEP, ERMS (rep stosb emulated byte by byte), "
+        "INVPCID, AVX-512*, RDSEED, ADX, SMAP, SHA: not emulated at CPL0",
+    ),
+    (
+        7,
+        0,
+        "ecx",
+        _bit(1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 14, 16, 22),
+        0,
+        "AVX-512 VBMI*, UMIP, PKU, OSPKE, WAITPKG, GFNI, VAES, VPCLMULQDQ, LA57, RDPID",
+    ),
+    (
+        7,
+        0,
+        "edx",
+        _bit(2, 3, 4, 8, 14, 16, 22, 23, 24, 25, 29),
+        0,
+        "AVX-512 4x/VP2INTERSECT/FP16, FSRM, AMX, ARCH_CAPABILITIES",
+    ),
     (7, 1, "eax", 0xFFFFFFFF, 0, "AVX-VNNI, AVX512-BF16 and later extensions"),
     (0xD, None, "eax", 0xFFFFFFFF, 0, "XSAVE state components: XSAVE is hidden"),
     (0xD, None, "ebx", 0xFFFFFFFF, 0, "XSAVE area sizes"),
     (0xD, None, "ecx", 0xFFFFFFFF, 0, "XSAVE area sizes"),
     (0xD, None, "edx", 0xFFFFFFFF, 0, "XSAVE state components"),
     (0x80000001, None, "ecx", _bit(5, 6, 11, 16, 21), 0, "ABM/LZCNT, SSE4A, XOP, FMA4, TBM"),
-    (0x80000008, None, "ebx", 0, _bit(2),
-     "XSAVEERPTR set: Linux's AMD FXSAVE-leak workaround would run FNCLEX, which is not emulated"),
+    (
+        0x80000008,
+        None,
+        "ebx",
+        0,
+        _bit(2),
+        "XSAVEERPTR set: Linux's AMD FXSAVE-leak workaround would run FNCLEX, which is not emulated",
+    ),
 )
 
 

@@ -24,7 +24,12 @@ class ExitReason(enum.IntEnum):
 
 
 _KVM_EXIT_NAMES = {
-    2: "IO", 5: "HLT", 6: "MMIO", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 17: "INTERNAL_ERROR",
+    2: "IO",
+    5: "HLT",
+    6: "MMIO",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    17: "INTERNAL_ERROR",
     24: "SYSTEM_EVENT",
 }
 _INTERNAL_SUBERRORS = {1: "emulation failure", 2: "simultaneous exception", 3: "delivery event"}

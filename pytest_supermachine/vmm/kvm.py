@@ -28,7 +28,7 @@ PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
 UDEV_FIX = (
     "give your user access to it, e.g. add yourself to the 'kvm' group "
     "(sudo usermod -aG kvm $USER, then log in again), or install the udev rule "
-    "KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0666\" in /etc/udev/rules.d/99-kvm.rules "
+    'KERNEL=="kvm", GROUP="kvm", MODE="0666" in /etc/udev/rules.d/99-kvm.rules '
     "and run: sudo udevadm control --reload-rules && sudo udevadm trigger"
 )
 
@@ -39,8 +39,9 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
-def read_struct(fd: int, ctype: str, request: int, what: str,
-                fields: Mapping[str, int] | None = None) -> bytes:
+def read_struct(
+    fd: int, ctype: str, request: int, what: str, fields: Mapping[str, int] | None = None
+) -> bytes:
     """GET one fixed-size kernel struct from a VM or vCPU fd, in the kernel's layout.
 
     `fields` are set before the call (e.g. which irqchip to read). This is how vmstate
@@ -199,8 +200,10 @@ class Vm:
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, gpa, size, host_address
         r.flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
-        _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r),
-               f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {size >> 20} MiB at {gpa:#x})")
+        _check(
+            lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r),
+            f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {size >> 20} MiB at {gpa:#x})",
+        )
 
     def set_tss_addr(self, addr: int) -> None:
         _check(lib.sm_ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, addr), "KVM_SET_TSS_ADDR")
@@ -225,8 +228,14 @@ class Vm:
         _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_IRQFD, p), f"KVM_IRQFD(gsi {gsi})")
 
     def ioeventfd(
-        self, eventfd: int, addr: int, length: int, *, datamatch: int | None = None,
-        pio: bool = False, deassign: bool = False,
+        self,
+        eventfd: int,
+        addr: int,
+        length: int,
+        *,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
     ) -> None:
         p = ffi.new("struct kvm_ioeventfd *")
         p.fd, p.addr, p.len = eventfd, addr, length
@@ -251,7 +260,9 @@ class Vm:
         return bytes(ffi.buffer(bitmap))
 
     def create_vcpu(self, index: int) -> Vcpu:
-        fd = _check(lib.sm_ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index), f"KVM_CREATE_VCPU({index})")
+        fd = _check(
+            lib.sm_ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index), f"KVM_CREATE_VCPU({index})"
+        )
         try:
             return Vcpu(self, index, fd)
         except BaseException:
@@ -270,16 +281,17 @@ class Vm:
 class Vcpu:
     """One vCPU: its fd, its shared `kvm_run` page, its registers and CPUID.
 
-Saving and restoring the rest of its state is vmstate's job (read_struct for the GETs,
-one ioctl batch for the SETs); only what has a variable layout is read here.
-"""
+    Saving and restoring the rest of its state is vmstate's job (read_struct for the GETs,
+    one ioctl batch for the SETs); only what has a variable layout is read here.
+    """
 
     def __init__(self, vm: Vm, index: int, fd: int):
         self.vm = vm
         self.index = index
         self.fd = fd
-        self._run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_map = mmap.mmap(
+            fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._run_buf = ffi.from_buffer(self._run_map)
         self.run = ffi.cast("struct kvm_run *", self._run_buf)
 
@@ -307,7 +319,11 @@ one ioctl batch for the SETs); only what has a variable layout is read here.
     def get_xsave(self) -> bytes:
         size = self.xsave_size()
         buf = ffi.new("char[]", max(size, 4096))
-        request = lib.KVM_GET_XSAVE2 if self.vm.kvm.check_extension(lib.KVM_CAP_XSAVE2) else lib.KVM_GET_XSAVE
+        request = (
+            lib.KVM_GET_XSAVE2
+            if self.vm.kvm.check_extension(lib.KVM_CAP_XSAVE2)
+            else lib.KVM_GET_XSAVE
+        )
         _check(lib.sm_ioctl_ptr(self.fd, request, buf), "KVM_GET_XSAVE")
         return bytes(ffi.buffer(buf))
 

@@ -123,9 +123,15 @@ class MachineTimings:
 class Machine:
     """One KVM virtual machine with its RAM, vCPU threads, COM1 and device buses."""
 
-    def __init__(self, config: MachineConfig | None = None, *, kvm: Kvm | None = None,
-                 _memory: GuestMemory | None = None, _cpuids: Sequence[CpuidTable] | None = None,
-                 **overrides: Any):
+    def __init__(
+        self,
+        config: MachineConfig | None = None,
+        *,
+        kvm: Kvm | None = None,
+        _memory: GuestMemory | None = None,
+        _cpuids: Sequence[CpuidTable] | None = None,
+        **overrides: Any,
+    ):
         self.config = config or MachineConfig()
         for key, value in overrides.items():
             if not hasattr(self.config, key):
@@ -163,14 +169,23 @@ class Machine:
         if self.memory is None:
             self.memory = GuestMemory.anonymous(cfg.mem_mib * layout.MiB)
         elif self.memory.size != cfg.mem_mib * layout.MiB:
-            raise MachineError(f"memory of {self.memory.size} bytes for a {cfg.mem_mib} MiB machine")
+            raise MachineError(
+                f"memory of {self.memory.size} bytes for a {cfg.mem_mib} MiB machine"
+            )
         for slot, region in enumerate(self.memory.regions):
-            self.vm.set_user_memory_region(slot, region.gpa, region.size,
-                                           self.memory.host_address(slot),
-                                           log_dirty=cfg.track_dirty_pages)
+            self.vm.set_user_memory_region(
+                slot,
+                region.gpa,
+                region.size,
+                self.memory.host_address(slot),
+                log_dirty=cfg.track_dirty_pages,
+            )
         self.cpuid = self.kvm.guest_cpuid()
-        self.vcpu_cpuid: list[CpuidTable] = list(cpuids) if cpuids else [
-            self.cpuid.for_vcpu(i, cfg.vcpus) for i in range(cfg.vcpus)]
+        self.vcpu_cpuid: list[CpuidTable] = (
+            list(cpuids)
+            if cpuids
+            else [self.cpuid.for_vcpu(i, cfg.vcpus) for i in range(cfg.vcpus)]
+        )
         for i in range(cfg.vcpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
@@ -193,8 +208,14 @@ class Machine:
 
     # ------------------------------------------------------------------ boot
 
-    def boot_direct64(self, kernel: Path | str | boot.ElfImage, *, mode: int = 0, arg: int = 0,
-                      devices: Sequence[boot.BootDevice] | None = None) -> None:
+    def boot_direct64(
+        self,
+        kernel: Path | str | boot.ElfImage,
+        *,
+        mode: int = 0,
+        arg: int = 0,
+        devices: Sequence[boot.BootDevice] | None = None,
+    ) -> None:
         """Load a 64-bit ELF guest and point the BSP at its entry (microguest protocol).
 
         See guest/microguest/bootinfo.h for the entry state.
@@ -214,8 +235,14 @@ class Machine:
         free_start = (image.end + layout.PAGE_SIZE - 1) // layout.PAGE_SIZE * layout.PAGE_SIZE
         if devices is None:
             devices = self.devices.boot_devices()
-        info = boot.write_boot_info(self.memory, vcpus=self.config.vcpus, mode=mode, arg=arg,
-                                    free_start=free_start, devices=devices)
+        info = boot.write_boot_info(
+            self.memory,
+            vcpus=self.config.vcpus,
+            mode=mode,
+            arg=arg,
+            free_start=free_start,
+            devices=devices,
+        )
         bsp = self.vcpus[0]
         sregs = bsp.get_sregs()
         boot.setup_long_mode(sregs, cr3, gdt)
@@ -224,8 +251,9 @@ class Machine:
         regs.rip, regs.rdi, regs.rflags = image.entry, info, 0x2
         bsp.set_regs(regs)
 
-    def boot_linux(self, kernel: Path | str, *, cmdline: str = "",
-                   initrd: bytes | Path | str | None = None) -> str:
+    def boot_linux(
+        self, kernel: Path | str, *, cmdline: str = "", initrd: bytes | Path | str | None = None
+    ) -> str:
         """Load a Linux kernel; returns the full command line used.
 
         `kernel` is a `vmlinux` (entered through its PVH entry: no decompressor, the
@@ -237,8 +265,15 @@ class Machine:
         """
         self._require(MachineState.CREATED, "boot")
         assert self.memory is not None
-        full = " ".join(x for x in (cmdline, "console=ttyS0",
-                                    boot.virtio_mmio_cmdline(self.devices.boot_devices())) if x)
+        full = " ".join(
+            x
+            for x in (
+                cmdline,
+                "console=ttyS0",
+                boot.virtio_mmio_cmdline(self.devices.boot_devices()),
+            )
+            if x
+        )
         if initrd is not None and not isinstance(initrd, bytes):
             initrd = Path(initrd).read_bytes()
         kernel = Path(kernel)
@@ -249,8 +284,9 @@ class Machine:
         sregs = bsp.get_sregs()
         regs = ffi.new("struct kvm_regs *")
         if is_elf:
-            linux = boot.load_linux_pvh(self.memory, kernel, cmdline=full, initrd=initrd,
-                                        vcpus=self.config.vcpus)
+            linux = boot.load_linux_pvh(
+                self.memory, kernel, cmdline=full, initrd=initrd, vcpus=self.config.vcpus
+            )
             boot.setup_protected_mode(sregs, gdt)
             regs.rbx = linux.start_info
         else:
@@ -271,8 +307,12 @@ class Machine:
         self.devices.start()
         self.timings.started = time.monotonic()
         for vcpu in self.vcpus:
-            t = threading.Thread(target=self._vcpu_main, args=(vcpu.index,),
-                                 name=f"supermachine-vcpu{vcpu.index}", daemon=True)
+            t = threading.Thread(
+                target=self._vcpu_main,
+                args=(vcpu.index,),
+                name=f"supermachine-vcpu{vcpu.index}",
+                daemon=True,
+            )
             self._threads.append(t)
             t.start()
         self.state = MachineState.RUNNING
@@ -296,8 +336,9 @@ class Machine:
                 if rc != -errno.ETIMEDOUT:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise GuestTimeout(f"guest still running after {timeout:g} s",
-                                       self.serial.tail())
+                    raise GuestTimeout(
+                        f"guest still running after {timeout:g} s", self.serial.tail()
+                    )
             self._join_threads()
             self._on_exit()
         exit_ = self.exit_info()
@@ -306,8 +347,9 @@ class Machine:
                 raise MachineError(f"a device failed: {error!r}") from error
         return exit_
 
-    def run_until_exit(self, timeout: float | None = None,
-                       expect: ExitReason | None = ExitReason.HALT) -> MachineExit:
+    def run_until_exit(
+        self, timeout: float | None = None, expect: ExitReason | None = ExitReason.HALT
+    ) -> MachineExit:
         """start() + wait(); raise `GuestCrashed` (with console tail) unless the exit is `expect`."""
         self.start()
         try:
@@ -316,7 +358,9 @@ class Machine:
             self.stop()
             raise
         if expect is not None and exit_.reason is not expect:
-            raise GuestCrashed(f"guest stopped unexpectedly: {exit_.describe()}", self.serial.tail())
+            raise GuestCrashed(
+                f"guest stopped unexpectedly: {exit_.describe()}", self.serial.tail()
+            )
         return exit_
 
     def _on_exit(self) -> None:
@@ -330,8 +374,14 @@ class Machine:
             return self._exit
         info = ffi.new("struct sm_exit_info *")
         lib.sm_vm_exit_info(self._core, info)
-        exit_ = MachineExit(ExitReason(info.reason), info.vcpu, info.code, info.kvm_exit,
-                            info.suberror, tuple(info.detail))
+        exit_ = MachineExit(
+            ExitReason(info.reason),
+            info.vcpu,
+            info.code,
+            info.kvm_exit,
+            info.suberror,
+            tuple(info.detail),
+        )
         if exit_.reason is not ExitReason.NONE and self.state is not MachineState.RUNNING:
             self._exit = exit_
         return exit_
@@ -349,12 +399,16 @@ class Machine:
             if match:
                 return match
             if self.state is MachineState.STOPPED or self.exit_info().reason is not ExitReason.NONE:
-                raise GuestCrashed(f"guest stopped before printing {regex.pattern!r}: "
-                                   f"{self.exit_info().describe()}", self.serial.tail()
-                                   if self._final_console is None else self.console[-4000:])
+                raise GuestCrashed(
+                    f"guest stopped before printing {regex.pattern!r}: "
+                    f"{self.exit_info().describe()}",
+                    self.serial.tail() if self._final_console is None else self.console[-4000:],
+                )
             if time.monotonic() >= deadline:
-                raise GuestTimeout(f"console did not show {regex.pattern!r} within {timeout:g} s",
-                                   self.serial.tail())
+                raise GuestTimeout(
+                    f"console did not show {regex.pattern!r} within {timeout:g} s",
+                    self.serial.tail(),
+                )
             time.sleep(0.002)
 
     def wait_ready(self, timeout: float) -> float:
@@ -381,8 +435,10 @@ class Machine:
                     read_ready(sock, timeout=max(deadline - time.monotonic(), 1.0))
                 return ready_at
             if rc == -errno.ESRCH:
-                raise GuestCrashed(f"guest stopped before it was ready: "
-                                   f"{self.exit_info().describe()}", self.serial.tail())
+                raise GuestCrashed(
+                    f"guest stopped before it was ready: {self.exit_info().describe()}",
+                    self.serial.tail(),
+                )
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"guest not ready after {timeout:g} s", self.serial.tail())
 
@@ -446,8 +502,13 @@ class Machine:
     def _teardown(self) -> None:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
         self._drop_agent()
-        core, vcpus, vm, memory, buses = self._core, self.vcpus, self.vm, self.memory, getattr(
-            self, "buses", None)
+        core, vcpus, vm, memory, buses = (
+            self._core,
+            self.vcpus,
+            self.vm,
+            self.memory,
+            getattr(self, "buses", None),
+        )
         devices = getattr(self, "devices", None)
         origin = self._origin
         self._core, self.vcpus, self.memory, self._origin = ffi.NULL, [], None, None
@@ -475,9 +536,15 @@ class Machine:
     # ------------------------------------------------------------------ snapshots
 
     @classmethod
-    def restore(cls, path: str | Path, *, kvm: Kvm | None = None, start: bool = True,
-                console_stream: IO[bytes] | int | None = None,
-                console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES) -> Machine:
+    def restore(
+        cls,
+        path: str | Path,
+        *,
+        kvm: Kvm | None = None,
+        start: bool = True,
+        console_stream: IO[bytes] | int | None = None,
+        console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES,
+    ) -> Machine:
         """A new machine continuing exactly where the snapshot at `path` (or its chain) was.
 
         RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
@@ -498,12 +565,20 @@ class Machine:
             chain.close()
             raise
         try:
-            m = cls(MachineConfig(vcpus=vcpus, mem_mib=mem_bytes >> 20,
-                                  console_log_bytes=console_log_bytes,
-                                  console_stream=console_stream, track_dirty_pages=True,
-                                  vsock=any(isinstance(x, VsockSpec) for x in specs),
-                                  disks=tuple(x for x in specs if isinstance(x, DiskSpec))),
-                    kvm=kvm, _memory=memory, _cpuids=cpuids)
+            m = cls(
+                MachineConfig(
+                    vcpus=vcpus,
+                    mem_mib=mem_bytes >> 20,
+                    console_log_bytes=console_log_bytes,
+                    console_stream=console_stream,
+                    track_dirty_pages=True,
+                    vsock=any(isinstance(x, VsockSpec) for x in specs),
+                    disks=tuple(x for x in specs if isinstance(x, DiskSpec)),
+                ),
+                kvm=kvm,
+                _memory=memory,
+                _cpuids=cpuids,
+            )
         except BaseException:
             memory.close()
             chain.close()
@@ -526,7 +601,9 @@ class Machine:
             raise
         return m
 
-    def snapshot(self, path: str | Path, *, full: bool = False, durable: bool = True) -> SnapshotRef:
+    def snapshot(
+        self, path: str | Path, *, full: bool = False, durable: bool = True
+    ) -> SnapshotRef:
         """Write this machine's complete state to `path`; the guest keeps running.
 
         A running machine is parked at the pause barrier for the capture and resumed
@@ -555,17 +632,30 @@ class Machine:
                 lib.sm_vcpu_settle(self._core, vcpu.index)
         assert self.memory is not None
         diff = self._origin is not None and not full
-        sections = vmstate.capture(self.vm, self.vcpus, self.vcpu_cpuid, self.serial,
-                                   mem_bytes=self.memory.size, device_specs=self.devices.specs())
+        sections = vmstate.capture(
+            self.vm,
+            self.vcpus,
+            self.vcpu_cpuid,
+            self.serial,
+            mem_bytes=self.memory.size,
+            device_specs=self.devices.specs(),
+        )
         sections.update(self.devices.capture(diff=diff))
         facts = hostfacts.host_facts(self.kvm, self.vcpu_cpuid[0])
         if not diff:
-            return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
-                                  durable=durable)
+            return write_snapshot(
+                path, sections=sections, host_facts=facts, memory=self.memory, durable=durable
+            )
         assert self._origin is not None
-        return write_snapshot(path, sections=sections, host_facts=facts, memory=self.memory,
-                              pages=self._origin.changed_pages(), parent=self._origin.parent,
-                              durable=durable)
+        return write_snapshot(
+            path,
+            sections=sections,
+            host_facts=facts,
+            memory=self.memory,
+            pages=self._origin.changed_pages(),
+            parent=self._origin.parent,
+            durable=durable,
+        )
 
     def dirty_pages(self) -> int:
         """Pages changed since the restore or last reset (guest and device writes)."""
@@ -628,10 +718,12 @@ class Machine:
             if self._agent is not None and not self._agent.closed:
                 return self._agent
             if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
-                raise MachineError(f"no guest agent: the machine is {self.state.value} "
-                                   f"({self.exit_info().describe()})"
-                                   if self.state is MachineState.EXITED else
-                                   f"no guest agent: the machine is {self.state.value}")
+                raise MachineError(
+                    f"no guest agent: the machine is {self.state.value} "
+                    f"({self.exit_info().describe()})"
+                    if self.state is MachineState.EXITED
+                    else f"no guest agent: the machine is {self.state.value}"
+                )
             sock = self.devices.vsock().connect(AGENT_PORT, timeout=timeout)
             self._agent = AgentClient(sock, timeout=timeout, console_tail=self.serial.tail)
             return self._agent
@@ -642,9 +734,11 @@ class Machine:
         exit_ = self.exit_info()
         if agent is not None and exit_.reason is not ExitReason.CANCELED:
             tail = self.serial.tail()
-            agent.abort(AgentGuestStopped,
-                        f"the guest stopped while the host waited for its agent: "
-                        f"{exit_.describe()}\n--- console tail ---\n{tail}")
+            agent.abort(
+                AgentGuestStopped,
+                f"the guest stopped while the host waited for its agent: "
+                f"{exit_.describe()}\n--- console tail ---\n{tail}",
+            )
 
     def _drop_agent(self) -> None:
         with self._agent_lock:
@@ -652,9 +746,16 @@ class Machine:
                 self._agent.close()
                 self._agent = None
 
-    def run(self, cmd: str | Sequence[str], *, timeout: float | None = None,
-            env: Mapping[str, str] | None = None, cwd: str | None = None,
-            input: bytes | str | None = None, check: bool = False) -> RunResult:
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        input: bytes | str | None = None,
+        check: bool = False,
+    ) -> RunResult:
         """Run a command in the guest through its agent; see `AgentClient.run`.
 
         A string runs through the guest's shell, a list as argv. `timeout` kills the
@@ -698,8 +799,18 @@ class Machine:
             return {}
         s = ffi.new("struct sm_stats *")
         lib.sm_vm_stats(self._core, s)
-        return {k: int(getattr(s, k)) for k in ("exits", "io_exits", "mmio_exits", "python_calls",
-                                                "unhandled_io", "control_nops", "kicks")}
+        return {
+            k: int(getattr(s, k))
+            for k in (
+                "exits",
+                "io_exits",
+                "mmio_exits",
+                "python_calls",
+                "unhandled_io",
+                "control_nops",
+                "kicks",
+            )
+        }
 
     def marks(self) -> list[tuple[int, float]]:
         """Guest progress marks (control port MARK): (id, seconds since start())."""
@@ -712,10 +823,13 @@ class Machine:
     def __enter__(self) -> Machine:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
-        return (f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB "
-                f"{self.state.value}>")
+        return f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB {self.state.value}>"

@@ -48,8 +48,14 @@ class SnapshotOrigin:
     it is read on every harvest, so writers added later are seen.
     """
 
-    def __init__(self, chain: SnapshotChain, state: PreparedState, vm: Vm, memory: GuestMemory,
-                 page_writers: Sequence[PageWriter]) -> None:
+    def __init__(
+        self,
+        chain: SnapshotChain,
+        state: PreparedState,
+        vm: Vm,
+        memory: GuestMemory,
+        page_writers: Sequence[PageWriter],
+    ) -> None:
         self.chain = chain
         self.state = state
         self._vm = vm
@@ -80,8 +86,9 @@ class SnapshotOrigin:
     def _base_view(self, slot: int) -> Any:
         """Read-only page-cache view of the base snapshot's RAM region `slot` (mapped once)."""
         if not self._base_views:
-            self._base_views = [(view, ffi.from_buffer(view))
-                                for view in self.chain.base.map_ram_readonly()]
+            self._base_views = [
+                (view, ffi.from_buffer(view)) for view in self.chain.base.map_ram_readonly()
+            ]
         return self._base_views[slot][1]
 
     def reset_memory(self, strategy: ResetStrategy) -> None:

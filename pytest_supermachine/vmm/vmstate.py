@@ -58,15 +58,22 @@ class StructState:
     restore_fields: Mapping[str, int] = field(default_factory=dict)
 
     def capture(self, owner: Vm | Vcpu) -> bytes:
-        return read_struct(owner.fd, self.ctype, self.get,
-                           f"reading {self.section} ({self.ctype})", self.get_fields)
+        return read_struct(
+            owner.fd,
+            self.ctype,
+            self.get,
+            f"reading {self.section} ({self.ctype})",
+            self.get_fields,
+        )
 
     def prepare(self, data: bytes, name: str) -> Any:
         p = ffi.new(self.ctype + " *")
         size = ffi.sizeof(p[0])
         if len(data) != size:
-            raise MachineError(f"snapshot section '{name}' has {len(data)} bytes, "
-                               f"this host's {self.ctype} has {size}: snapshot from another KVM ABI")
+            raise MachineError(
+                f"snapshot section '{name}' has {len(data)} bytes, "
+                f"this host's {self.ctype} has {size}: snapshot from another KVM ABI"
+            )
         ffi.memmove(p, data, size)
         for name_, value in self.restore_fields.items():
             setattr(p, name_, value)
@@ -118,8 +125,9 @@ class MsrState:
 
 
 def _struct(section: str, ctype: str, name: str, **kwargs: Mapping[str, int]) -> StructState:
-    return StructState(section, ctype, getattr(lib, f"KVM_GET_{name}"), getattr(lib, f"KVM_SET_{name}"),
-                       **kwargs)
+    return StructState(
+        section, ctype, getattr(lib, f"KVM_GET_{name}"), getattr(lib, f"KVM_SET_{name}"), **kwargs
+    )
 
 
 VM_STATE: tuple[StructState, ...] = (  # restore order
@@ -147,18 +155,30 @@ VCPU_STATE: tuple[StructState | XsaveState | MsrState, ...] = (  # restore order
 """State of each vCPU (sections `vcpu/<i>/<section>`), in the order it is restored."""
 
 
-def capture(vm: Vm, vcpus: Sequence[Vcpu], cpuids: Sequence[CpuidTable], serial: Serial, *,
-            mem_bytes: int, device_specs: list[dict[str, Any]]) -> dict[str, bytes]:
+def capture(
+    vm: Vm,
+    vcpus: Sequence[Vcpu],
+    cpuids: Sequence[CpuidTable],
+    serial: Serial,
+    *,
+    mem_bytes: int,
+    device_specs: list[dict[str, Any]],
+) -> dict[str, bytes]:
     """All non-RAM, non-device state of a VM whose vCPUs are parked or stopped at a clean boundary.
 
     `cpuids[i]` is the table vCPU i was given, recorded so its restored twin gets the same;
     `device_specs` describe the devices so a restore can rebuild them in slot order.
     """
     sections: dict[str, bytes] = {
-        "machine": json.dumps({
-            "format": STATE_FORMAT, "vcpus": len(vcpus), "mem_bytes": mem_bytes,
-            "devices": device_specs,
-        }, sort_keys=True).encode(),
+        "machine": json.dumps(
+            {
+                "format": STATE_FORMAT,
+                "vcpus": len(vcpus),
+                "mem_bytes": mem_bytes,
+                "devices": device_specs,
+            },
+            sort_keys=True,
+        ).encode(),
     }
     for state in VM_STATE:
         sections[state.section] = state.capture(vm)
@@ -222,8 +242,9 @@ class PreparedState:
 
     def apply(self) -> None:
         failed = ffi.new("int *")
-        rc = lib.sm_ioctl_batch(len(self.step_names), self.batch_fds, self.batch_requests,
-                                self.batch_args, failed)
+        rc = lib.sm_ioctl_batch(
+            len(self.step_names), self.batch_fds, self.batch_requests, self.batch_args, failed
+        )
         if rc < 0:
             index = failed[0]
             name = self.step_names[index] if 0 <= index < len(self.step_names) else "?"
@@ -231,16 +252,23 @@ class PreparedState:
         self.serial.set_state(self.serial_state)
 
 
-def prepare(vm: Vm, vcpus: Sequence[Vcpu], serial: Serial,
-            sections: Mapping[str, bytes]) -> PreparedState:
+def prepare(
+    vm: Vm, vcpus: Sequence[Vcpu], serial: Serial, sections: Mapping[str, bytes]
+) -> PreparedState:
     """Decode and validate every section against this VM; build the SET ioctl batch."""
     recorded, _mem = machine_shape(sections)
     if recorded != len(vcpus):
         raise MachineError(f"snapshot has {recorded} vCPUs, machine has {len(vcpus)}")
     steps: list[tuple[int, int, Any, str]] = []
     for state in VM_STATE:
-        steps.append((vm.fd, state.set, state.prepare(_need(sections, state.section), state.section),
-                      state.section))
+        steps.append(
+            (
+                vm.fd,
+                state.set,
+                state.prepare(_need(sections, state.section), state.section),
+                state.section,
+            )
+        )
     for vcpu in vcpus:
         for vstate in VCPU_STATE:
             name = f"vcpu/{vcpu.index}/{vstate.section}"
@@ -251,5 +279,12 @@ def prepare(vm: Vm, vcpus: Sequence[Vcpu], serial: Serial,
     args = ffi.new("void *[]", count)
     for i, (fd, request, arg, _name) in enumerate(steps):
         fds[i], requests[i], args[i] = fd, request, arg
-    return PreparedState(serial, _need(sections, "serial"), [name for *_rest, name in steps],
-                         fds, requests, args, [arg for _fd, _req, arg, _name in steps])
+    return PreparedState(
+        serial,
+        _need(sections, "serial"),
+        [name for *_rest, name in steps],
+        fds,
+        requests,
+        args,
+        [arg for _fd, _req, arg, _name in steps],
+    )

@@ -22,7 +22,9 @@ def make_machine(microguest_elf: Path) -> Iterator[Callable[..., Machine]]:
     """Build microguest machines: make_machine(mode, arg=0, vcpus=1, mem_mib=64)."""
     machines: list[Machine] = []
 
-    def make(mode: int, arg: int = 0, *, vcpus: int = 1, mem_mib: int = 64, **cfg: object) -> Machine:
+    def make(
+        mode: int, arg: int = 0, *, vcpus: int = 1, mem_mib: int = 64, **cfg: object
+    ) -> Machine:
         m = Machine(vcpus=vcpus, mem_mib=mem_mib, **cfg)
         machines.append(m)
         m.boot_direct64(microguest_elf, mode=mode, arg=arg)

@@ -164,7 +164,9 @@ def test_guest_image_that_does_not_fit_in_ram_is_refused(microguest_elf):
         # 4 MiB is enough for the guest image, but not for a segment linked past it
         from pytest_supermachine.vmm.boot import ElfImage, ElfSegment
 
-        m.boot_direct64(ElfImage(microguest_elf, 0x100000, [ElfSegment(0x3FF000, 0, 0x2000, 0x2000)]))
+        m.boot_direct64(
+            ElfImage(microguest_elf, 0x100000, [ElfSegment(0x3FF000, 0, 0x2000, 0x2000)])
+        )
 
 
 def test_boot_info_lists_the_attached_virtio_devices(make_machine, tmp_path):
@@ -177,7 +179,9 @@ def test_boot_info_lists_the_attached_virtio_devices(make_machine, tmp_path):
     m = make_machine(GuestMode.HALT, disks=(DiskSpec(str(disk)),))
     raw = m.memory.read(BOOT_INFO_ADDR, ffi.sizeof("struct sm_boot_info"))
     info = ffi.cast("struct sm_boot_info *", ffi.from_buffer(raw))
-    devices = [(d.type, d.irq, d.mmio_base) for d in (info.devices[i] for i in range(info.ndevices))]
+    devices = [
+        (d.type, d.irq, d.mmio_base) for d in (info.devices[i] for i in range(info.ndevices))
+    ]
     assert devices == [(19, 5, 0xD0000000), (2, 6, 0xD0001000)]
 
 

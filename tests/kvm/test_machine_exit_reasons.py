@@ -12,8 +12,8 @@ from pytest_supermachine.vmm.machine import ExitReason, Machine, MachineState
 from tests.unit.test_elf_loading import make_elf
 
 LOAD_ADDR = 0x200000  # above the boot page tables, like the microguest
-I8042_RESET = bytes.fromhex("b0fe" "e664" "f4")  # mov al, 0xfe; out 0x64, al; hlt
-FETCH_FROM_MMIO = bytes.fromhex("b8000000d0" "ffe0")  # mov eax, 0xd0000000; jmp rax
+I8042_RESET = bytes.fromhex("b0fee664f4")  # mov al, 0xfe; out 0x64, al; hlt
+FETCH_FROM_MMIO = bytes.fromhex("b8000000d0ffe0")  # mov eax, 0xd0000000; jmp rax
 
 
 def run_code(code: bytes, tmp_path: Path) -> Machine:
@@ -37,5 +37,6 @@ def test_code_kvm_cannot_run_ends_the_run_with_error_and_says_why(tmp_path: Path
         exit_ = m.wait(timeout=30)
         assert exit_.reason is ExitReason.ERROR
         assert exit_.describe().startswith(
-            "KVM could not run the guest on vCPU 0: exit INTERNAL_ERROR (emulation failure)")
+            "KVM could not run the guest on vCPU 0: exit INTERNAL_ERROR (emulation failure)"
+        )
         assert m.state is MachineState.EXITED

@@ -14,8 +14,12 @@ from pytest_supermachine.vmm.machine import ExitReason, Machine
 
 def snapshot_resources() -> tuple[int, int, int, int]:
     reaper.drain()
-    return (len(os.listdir("/proc/self/fd")), threading.active_count(),
-            len(os.listdir("/proc/self/task")), psutil.Process().memory_info().rss)
+    return (
+        len(os.listdir("/proc/self/fd")),
+        threading.active_count(),
+        len(os.listdir("/proc/self/task")),
+        psutil.Process().memory_info().rss,
+    )
 
 
 def test_200_create_boot_stop_cycles_leave_fds_threads_and_rss_flat(microguest_elf):

@@ -194,8 +194,15 @@ def test_idle_guest_halts_instead_of_spinning(vm: Machine) -> None:
 
 @pytest.mark.parametrize(
     ("cmd", "code"),
-    [("true", 0), ("false", 1), ("exit 42", 42), ("exit 300", 300 & 0xFF), ("exit", 0),
-     ("signal 9", -9), ("signal 15", -15)],
+    [
+        ("true", 0),
+        ("false", 1),
+        ("exit 42", 42),
+        ("exit 300", 300 & 0xFF),
+        ("exit", 0),
+        ("signal 9", -9),
+        ("signal 15", -15),
+    ],
 )
 def test_exit_statuses(vm: Machine, cmd: str, code: int) -> None:
     assert vm.run(cmd).returncode == code
@@ -330,7 +337,9 @@ def test_every_connection_can_fill_its_max_inflight(vm: Machine) -> None:
 
     try:
         limit = clients[0].agent.max_inflight
-        threads = [threading.Thread(target=worker, args=(c,)) for c in clients for _ in range(limit)]
+        threads = [
+            threading.Thread(target=worker, args=(c,)) for c in clients for _ in range(limit)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -485,7 +494,9 @@ def test_more_requests_than_max_inflight_get_ebusy(vm: Machine) -> None:
 def test_malformed_exec_is_einval_and_the_connection_lives_on(vm: Machine) -> None:
     raw = Raw(vm)
     try:
-        raw.send(P.encode_frame(P.MsgType.EXEC, 3, struct.pack("<IIII", 0, 0, 5, 0)))  # argc 5, no data
+        raw.send(
+            P.encode_frame(P.MsgType.EXEC, 3, struct.pack("<IIII", 0, 0, 5, 0))
+        )  # argc 5, no data
         err = P.decode_message(raw.recv())
         assert isinstance(err, P.Error) and err.errno == errno.EINVAL
         raw.send(P.encode_frame(P.MsgType.EXEC, 4, struct.pack("<IIII", 0x80, 0, 1, 0)))  # bad flag
@@ -588,7 +599,9 @@ def test_reconnect_after_restore_and_reset(fresh: Callable[..., Machine], tmp_pa
 
     r = Machine.restore(tmp_path / "base")
     try:
-        assert r.run("echo restored").stdout == b"restored\n"  # a new connection to the old listener
+        assert (
+            r.run("echo restored").stdout == b"restored\n"
+        )  # a new connection to the old listener
         assert r.read_file("/state") == b"base"
         assert r.run("blk-read 0 1").stdout[:1] == b"\xaa"
         for _ in range(3):
@@ -603,8 +616,9 @@ def test_reconnect_after_restore_and_reset(fresh: Callable[..., Machine], tmp_pa
         r.stop()
 
 
-def test_blk_write_survives_a_live_snapshot_and_restore(fresh: Callable[..., Machine],
-                                                        tmp_path: Path) -> None:
+def test_blk_write_survives_a_live_snapshot_and_restore(
+    fresh: Callable[..., Machine], tmp_path: Path
+) -> None:
     m = fresh(disks=(DiskSpec(None, size=1 << 20),))
     assert m.run("blk-write 3 0123456789").ok
     m.snapshot(tmp_path / "live")
@@ -693,12 +707,15 @@ def test_device_that_needs_a_reset_stops_the_guest_with_a_reason(
     m = fresh()
     assert m.run("true").ok
     m._drop_agent()
-    wait_until_connections_are(m, [])  # the close is over: the next thing the device does is our connect
+    wait_until_connections_are(
+        m, []
+    )  # the close is over: the next thing the device does is our connect
     rxq = m.devices.devices[0].transport.queues[0]
     with m.paused():  # the next rx buffer the device takes names descriptor 999
         state = rxq.state()
-        m.memory.write(rxq.avail_addr + 4 + 2 * (state.next_avail % state.size),
-                       struct.pack("<H", 999))
+        m.memory.write(
+            rxq.avail_addr + 4 + 2 * (state.next_avail % state.size), struct.pack("<H", 999)
+        )
     with pytest.raises(Exception):  # noqa: B017 - refused or timed out, either is fine here
         m.connect(P.AGENT_PORT, timeout=1)
     exit_ = m.wait(timeout=30)

@@ -135,8 +135,9 @@ def dirtying_snapshot(make_machine, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", list(ResetStrategy))
-def test_reset_after_10000_dirty_pages_gives_identical_ram_and_registers(dirtying_snapshot,
-                                                                        strategy):
+def test_reset_after_10000_dirty_pages_gives_identical_ram_and_registers(
+    dirtying_snapshot, strategy
+):
     with Machine.restore(dirtying_snapshot, start=False) as r:
         memory, regs = ram(r), registers(r)
         r.start()
@@ -191,12 +192,18 @@ def test_1000_resets_in_a_row_leave_fds_threads_and_rss_flat(counting_snapshot):
             let_it_count(r, addr)
             r.reset()
         reaper.drain()
-        before = (len(os.listdir("/proc/self/fd")), threading.active_count(),
-                  psutil.Process().memory_info().rss)
+        before = (
+            len(os.listdir("/proc/self/fd")),
+            threading.active_count(),
+            psutil.Process().memory_info().rss,
+        )
         for _ in range(1000):
             r.reset()
-        after = (len(os.listdir("/proc/self/fd")), threading.active_count(),
-                 psutil.Process().memory_info().rss)
+        after = (
+            len(os.listdir("/proc/self/fd")),
+            threading.active_count(),
+            psutil.Process().memory_info().rss,
+        )
         with r.paused():
             assert r.memory.read_u64(addr) >= at_snapshot
     assert after[:2] == before[:2]

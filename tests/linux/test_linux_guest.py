@@ -68,8 +68,11 @@ def test_an_oci_image_made_from_a_directory_boots_as_the_root_filesystem(tmp_pat
 
     image = LinuxImage()
     with Machine(mem_mib=image.default_mem_mib, disks=(DiskSpec(str(rootfs)),)) as m:
-        m.boot_linux(image.kernel().vmlinux, initrd=image.initramfs(),
-                     cmdline=f"{image.cmdline()} sm.root=/dev/vda sm.overlay=0")
+        m.boot_linux(
+            image.kernel().vmlinux,
+            initrd=image.initramfs(),
+            cmdline=f"{image.cmdline()} sm.root=/dev/vda sm.overlay=0",
+        )
         m.start()
         m.wait_ready(900)
         assert m.read_file("/etc/greeting") == b"hello from the image\n"
@@ -77,8 +80,9 @@ def test_an_oci_image_made_from_a_directory_boots_as_the_root_filesystem(tmp_pat
 
     # disk writes land in each VM's copy-on-write overlay: isolated, the image untouched
     with Machine.restore(tmp_path / "oci.snap") as a, Machine.restore(tmp_path / "oci.snap") as b:
-        a.run(["/bin/busybox", "sh", "-c", "echo a > /data/written && sync"], timeout=300,
-              check=True)
+        a.run(
+            ["/bin/busybox", "sh", "-c", "echo a > /data/written && sync"], timeout=300, check=True
+        )
         assert a.read_file("/data/written") == b"a\n"
         assert b.run(["/bin/busybox", "test", "-e", "/data/written"], timeout=300).returncode == 1
     assert rootfs.read_bytes() == original
@@ -92,5 +96,3 @@ def test_kernel_command_line_names_our_devices(linux):
 def test_a_missing_command_is_a_clear_failure(linux):
     with pytest.raises(AgentRemoteError, match="No such file or directory: /no/such/binary"):
         linux.run(["/no/such/binary"], timeout=300)
-
-

@@ -15,7 +15,7 @@ import pytest
 from pytest_supermachine.images.linux import LinuxImage
 from tests.plugin.smhelpers import USER_CACHE, Project
 
-ON_LINUX = '''
+ON_LINUX = """
 from pytest_supermachine import layer
 
 @layer
@@ -32,12 +32,13 @@ def test_layer(configured):
 def test_fails(configured):
     configured.write_file("/etc/app.conf", b"broken\\n")
     assert configured.read_file("/etc/app.conf") == b"mode=test\\n"
-'''
+"""
 
 
 @pytest.fixture
-def linux_project(linux_image: LinuxImage, pytester: pytest.Pytester,
-                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+def linux_project(
+    linux_image: LinuxImage, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Project]:
     """A pytester project on the `linux` image, its snapshots in the user cache."""
     project = Project(pytester, USER_CACHE, monkeypatch)
     project.ini("supermachine_image = linux")
@@ -53,8 +54,10 @@ def test_microvm_layer_capsule_and_replay_on_the_linux_image(linux_project: Proj
 
     [capsule] = project.capsules()
     [vm] = project.manifest(capsule)["vms"]
-    assert [(s["kind"], s["name"]) for s in vm["chain"]] == [("base", "linux"),
-                                                             ("layer", "configured")]
+    assert [(s["kind"], s["name"]) for s in vm["chain"]] == [
+        ("base", "linux"),
+        ("layer", "configured"),
+    ]
     assert (capsule / "configured.snap").is_file()
     assert (capsule / "configured.console.log").is_file()
 

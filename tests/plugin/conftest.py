@@ -15,6 +15,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester, shared_cache: Path,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+def project(
+    pytester: pytest.Pytester, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Project]:
     yield Project(pytester, shared_cache, monkeypatch)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: The user cache of the outer run, before pytester points HOME elsewhere.
 USER_CACHE = cache_dir()
 
-BUILD_COUNTER = '''
+BUILD_COUNTER = """
 import fcntl, os
 
 def pytest_supermachine_snapshot_built(config, snapshot, seconds):
@@ -36,7 +36,7 @@ def pytest_supermachine_snapshot_built(config, snapshot, seconds):
     with open(os.environ["SM_BUILD_LOG"], "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(f"{snapshot.kind} {snapshot.label} {snapshot.key}\\n")
-'''
+"""
 
 
 #: Plugins the inner runs do without: hypothesis imports itself at the terminal summary
@@ -56,11 +56,15 @@ class Project:
         monkeypatch.setenv("SM_BUILD_LOG", str(self.build_log))
         monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(USER_CACHE))
         # Import the package from this checkout in subprocesses too.
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        monkeypatch.setenv(
+            "PYTHONPATH",
+            os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        )
         for name in list(os.environ):  # the outer run's settings must not leak in
-            if name.startswith("SUPERMACHINE_") and name not in ("SUPERMACHINE_CACHE_DIR",
-                                                                 "SUPERMACHINE_KVM_DEVICE"):
+            if name.startswith("SUPERMACHINE_") and name not in (
+                "SUPERMACHINE_CACHE_DIR",
+                "SUPERMACHINE_KVM_DEVICE",
+            ):
                 monkeypatch.delenv(name)
         self.conftest("")
         self.ini("")
@@ -82,8 +86,11 @@ class Project:
         return self.cache
 
     def args(self, args: tuple[str, ...]) -> list[str]:
-        cache = [] if any(a.startswith("--supermachine-cache-dir") for a in args) else [
-            f"--supermachine-cache-dir={self.cache}"]
+        cache = (
+            []
+            if any(a.startswith("--supermachine-cache-dir") for a in args)
+            else [f"--supermachine-cache-dir={self.cache}"]
+        )
         return [*QUIET_PLUGINS, *cache, *args]
 
     def conftest(self, source: str) -> None:
@@ -113,14 +120,22 @@ class Project:
 
     def cli(self, *args: str, stdin: str | None = None, timeout: float = 300) -> pytest.RunResult:
         """The `supermachine` command in a subprocess."""
-        return self.pytester.run(sys.executable, "-m", "pytest_supermachine", *args,
-                                 stdin=stdin if stdin is None else stdin.encode(),
-                                 timeout=timeout)
+        return self.pytester.run(
+            sys.executable,
+            "-m",
+            "pytest_supermachine",
+            *args,
+            stdin=stdin if stdin is None else stdin.encode(),
+            timeout=timeout,
+        )
 
     def capsules(self) -> list[Path]:
         root = self.path / ".supermachine" / "failures"
-        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []
+        return (
+            sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if root.is_dir()
+            else []
+        )
 
     def manifest(self, capsule: Path) -> dict:
         return json.loads((capsule / "manifest.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from smhelpers import summary_numbers
 
-FAILING = '''
+FAILING = """
 from pytest_supermachine import layer
 
 @layer
@@ -18,7 +18,7 @@ def test_fails(configured):
 
 def test_passes(microvm):
     assert microvm.run("true").ok
-'''
+"""
 
 
 def test_failed_test_writes_a_capsule_and_reports_it(project):
@@ -28,25 +28,32 @@ def test_failed_test_writes_a_capsule_and_reports_it(project):
     [capsule] = project.capsules()
     assert capsule.name == "test_a.py__test_fails"
     assert sorted(p.name for p in capsule.iterdir()) == [
-        "configured.console.log", "configured.snap", "manifest.json"]
+        "configured.console.log",
+        "configured.snap",
+        "manifest.json",
+    ]
     manifest = project.manifest(capsule)
     assert manifest["nodeid"] == "test_a.py::test_fails"
     assert manifest["when"] == "call" and manifest["duration"] > 0
     assert "AssertionError" in manifest["error"]
     [vm] = manifest["vms"]
-    assert [(s["kind"], s["name"]) for s in vm["chain"]] == [("base", "microguest"),
-                                                             ("layer", "configured")]
+    assert [(s["kind"], s["name"]) for s in vm["chain"]] == [
+        ("base", "microguest"),
+        ("layer", "configured"),
+    ]
     assert all(len(s["key"]) == 24 for s in vm["chain"])
     assert {"pytest-supermachine", "pytest", "python"} <= set(manifest["versions"])
     assert manifest["host"]["kvm_api_version"] == 12
     assert "PYTHONHASHSEED" in manifest["seeds"]
-    result.stdout.fnmatch_lines([
-        "*- supermachine failure capsule -*",
-        f"capsule: {capsule}",
-        "replay:  supermachine replay * --runs 5*",
-        "--- configured: microguest (base) > configured; guest running",
-        "console tail (configured):",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*- supermachine failure capsule -*",
+            f"capsule: {capsule}",
+            "replay:  supermachine replay * --runs 5*",
+            "--- configured: microguest (base) > configured; guest running",
+            "console tail (configured):",
+        ]
+    )
     assert summary_numbers(result)["capsules"] == 1
 
 
@@ -54,13 +61,16 @@ def test_capsule_snapshot_holds_the_vm_at_the_failure(project):
     project.write("test_a.py", FAILING)
     project.run()
     [capsule] = project.capsules()
-    project.write("test_restore.py", f"""
+    project.write(
+        "test_restore.py",
+        f"""
 from pytest_supermachine import Machine
 
 def test_restore():
     with Machine.restore({str(capsule / "configured.snap")!r}) as vm:
         assert vm.read_file("/conf") == b"broken by the test"
-""")
+""",
+    )
     project.run("test_restore.py").assert_outcomes(passed=1)
 
 
@@ -96,23 +106,27 @@ def test_capsule_dir_option(project):
 
 
 def test_a_stopped_vm_still_gets_its_console_kept_and_the_failure_is_not_masked(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_stops_then_fails(microvm):
     microvm.run("echo last words")
     microvm.stop()
     assert False, "the real failure"
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*AssertionError: the real failure*",
-                                 "snapshot not taken: the test stopped the machine*"])
+    result.stdout.fnmatch_lines(
+        ["*AssertionError: the real failure*", "snapshot not taken: the test stopped the machine*"]
+    )
     [capsule] = project.capsules()
     assert project.manifest(capsule)["vms"][0]["snapshot"] is None
 
 
 #: Fails only on the layer's pristine state, and leaves the VM changed: a replay that ran
 #: on the post-failure VM, or did not reset between runs, would see it pass.
-FAILS_ON_THE_PRE_TEST_STATE = '''
+FAILS_ON_THE_PRE_TEST_STATE = """
 from pytest_supermachine import layer
 
 @layer
@@ -123,7 +137,7 @@ def test_fails(configured):
     seen = configured.read_file("/conf")
     configured.write_file("/conf", b"changed by the test")
     assert seen != b"expected"
-'''
+"""
 
 
 def test_replay_reruns_from_the_pre_test_state(project):
@@ -132,11 +146,13 @@ def test_replay_reruns_from_the_pre_test_state(project):
     [capsule] = project.capsules()
     result = project.cli("replay", str(capsule), "--runs", "5")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([
-        "replay of test_a.py::test_fails: 5/5 runs failed*",
-        "snapshot chain: same cache keys as when the capsule was written",
-        "supermachine replay: 5/5 runs failed (reproduced)",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "replay of test_a.py::test_fails: 5/5 runs failed*",
+            "snapshot chain: same cache keys as when the capsule was written",
+            "supermachine replay: 5/5 runs failed (reproduced)",
+        ]
+    )
     assert len(project.capsules()) == 1  # replaying writes no capsules
 
 
@@ -155,8 +171,9 @@ def test_replay_shell_runs_commands_in_the_post_failure_vm(project):
     project.write("test_a.py", FAILING)
     project.run()
     [capsule] = project.capsules()
-    result = project.cli("replay", str(capsule), "--shell",
-                         stdin="cat /conf\n:console\nexit 7\n:quit\n")
+    result = project.cli(
+        "replay", str(capsule), "--shell", stdin="cat /conf\n:console\nexit 7\n:quit\n"
+    )
     assert result.ret == 0, result.stderr.str()
     out = result.stdout.str()
     assert "restored the VM of test_a.py::test_fails (configured)" in out

@@ -6,17 +6,22 @@ from smhelpers import summary_numbers
 
 
 def test_microvm_is_a_running_machine_that_runs_commands(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_echo(microvm):
     assert microvm.state.value == "running"
     r = microvm.run("echo hello")
     assert r.ok and r.stdout == b"hello\\n"
-""")
+""",
+    )
     project.run().assert_outcomes(passed=1)
 
 
 def test_second_test_gets_a_reset_vm_not_a_new_one(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 ids = []
 
 def test_one(microvm):
@@ -25,7 +30,8 @@ def test_one(microvm):
 def test_two(microvm):
     ids.append(id(microvm))
     assert ids[0] == ids[1]  # the same Machine, reset in place
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     numbers = summary_numbers(result)
@@ -33,20 +39,25 @@ def test_two(microvm):
 
 
 def test_pool_size_zero_restores_a_fresh_vm_for_every_test(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.parametrize("i", range(3))
 def test_it(microvm, i):
     assert microvm.run("true").ok
-""")
+""",
+    )
     result = project.run("--supermachine-pool-size=0")
     result.assert_outcomes(passed=3)
     assert summary_numbers(result)["restored"] == 3
 
 
 def test_marker_sets_vcpus_and_memory(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.microvm(vcpus=2, mem_mib=96)
@@ -57,12 +68,15 @@ def test_shape(microvm):
 
 def test_default_shape(microvm):
     assert len(microvm.vcpus) == 1 and microvm.config.mem_mib == 64
-""")
+""",
+    )
     project.run().assert_outcomes(passed=2)
 
 
 def test_marker_beats_the_command_line(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.microvm(vcpus=2)
@@ -71,18 +85,22 @@ def test_marked(microvm):
 
 def test_unmarked(microvm):
     assert len(microvm.vcpus) == 3
-""")
+""",
+    )
     project.run("--supermachine-vcpus=3").assert_outcomes(passed=2)
 
 
 def test_marker_with_an_unknown_argument_is_a_clear_error(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.microvm(cpus=2)
 def test_marked(microvm):
     pass
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*microvm*unknown argument(s) cpus*takes image, vcpus, mem_mib*"])
@@ -92,7 +110,9 @@ def test_unknown_image_names_the_available_ones(project):
     project.write("test_a.py", "def test_x(microvm):\n    pass\n")
     result = project.run("--supermachine-image=nope")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*no guest image named 'nope'; available: default, linux, microguest*"])
+    result.stdout.fnmatch_lines(
+        ["*no guest image named 'nope'; available: default, linux, microguest*"]
+    )
 
 
 def test_bad_option_value_is_a_usage_error_naming_its_source(project, monkeypatch):
@@ -119,7 +139,9 @@ def pytest_supermachine_image(config, name):
 def microvm_image():
     return "roomy"
 """)
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 def test_overridden(microvm):
@@ -128,12 +150,15 @@ def test_overridden(microvm):
 @pytest.mark.microvm(image="microguest")
 def test_marker_wins(microvm):
     assert microvm.config.mem_mib == 64
-""")
+""",
+    )
     project.run().assert_outcomes(passed=2)
 
 
 def test_factory_boots_restores_and_snapshots(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_factory(microvm_factory, tmp_path):
     vm = microvm_factory.boot()
     assert vm.run("echo booted").stdout == b"booted\\n"
@@ -143,7 +168,8 @@ def test_factory(microvm_factory, tmp_path):
     assert again.read_file("/f") == b"kept"
     base = microvm_factory.base()
     assert base.kind == "base" and base.path.exists()
-""")
+""",
+    )
     project.run().assert_outcomes(passed=1)
 
 
@@ -151,12 +177,19 @@ def test_header_and_summary_lines(project):
     project.write("test_a.py", "def test_x(microvm):\n    pass\n")
     result = project.run()
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "supermachine: /dev/kvm*",
-        f"supermachine: image microguest, cache {project.cache}, pool 4",
-    ])
-    result.stdout.fnmatch_lines(["*- supermachine -*", "VMs handed out: 1 *mean handout * ms*",
-                                 "snapshots: * built*, * reused from the cache"])
+    result.stdout.fnmatch_lines(
+        [
+            "supermachine: /dev/kvm*",
+            f"supermachine: image microguest, cache {project.cache}, pool 4",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*- supermachine -*",
+            "VMs handed out: 1 *mean handout * ms*",
+            "snapshots: * built*, * reused from the cache",
+        ]
+    )
 
 
 def test_no_summary_section_when_no_vm_was_used(project):
@@ -168,13 +201,16 @@ def test_no_summary_section_when_no_vm_was_used(project):
 
 def test_ini_settings_apply_and_the_command_line_beats_them(project):
     project.ini("supermachine_pool_size = 0", "supermachine_vcpus = 2")
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.parametrize("i", range(2))
 def test_it(microvm, i):
     assert len(microvm.vcpus) == 2
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     assert summary_numbers(result)["restored"] == 2

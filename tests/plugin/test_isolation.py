@@ -9,7 +9,9 @@ from smhelpers import summary_numbers
 
 
 def test_file_store_writes_do_not_leak(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_writes(microvm):
     microvm.write_file("/leak", b"from the first test")
     assert microvm.read_file("/leak") == b"from the first test"
@@ -17,28 +19,34 @@ def test_writes(microvm):
 def test_does_not_see_it(microvm):
     r = microvm.run("cat /leak")
     assert r.returncode != 0, r
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     assert summary_numbers(result)["reset"] == 1
 
 
 def test_disk_writes_do_not_leak(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_writes(microvm):
     assert microvm.run("blk-write 7 deadbeef").ok
     assert microvm.run("blk-read 7 1").stdout[:4] == bytes.fromhex("deadbeef")
 
 def test_does_not_see_it(microvm):
     assert microvm.run("blk-read 7 1").stdout == bytes(512)
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     assert summary_numbers(result)["reset"] == 1
 
 
 def test_ram_writes_do_not_leak(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 PAGE = 4096
 SEEN = {}
 
@@ -62,14 +70,17 @@ def test_starts_clean(microvm):
     now = microvm.memory.read(0, microvm.memory.size)
     leaked = [p for p in SEEN["bumped"] if now[p * PAGE] != SEEN["before"][p * PAGE]]
     assert leaked == []
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     assert summary_numbers(result)["reset"] == 1
 
 
 def test_a_crashed_guest_is_reset_for_the_next_test(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 from pytest_supermachine import SupermachineError
 
@@ -81,25 +92,31 @@ def test_crashes_it(microvm):
 
 def test_gets_a_working_vm(microvm):
     assert microvm.run("echo alive").stdout == b"alive\\n"
-""")
+""",
+    )
     project.run("--supermachine-capsule-retention=none").assert_outcomes(passed=2)
 
 
 def test_a_test_that_stops_its_vm_does_not_break_the_pool(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 def test_stops_it(microvm):
     microvm.stop()
 
 def test_gets_a_working_vm(microvm):
     assert microvm.run("true").ok
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=2)
     assert summary_numbers(result)["restored"] == 2  # the stopped one was not reused
 
 
 def test_two_fixtures_in_one_test_are_two_machines(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
@@ -110,5 +127,6 @@ def test_both(microvm, other):
     assert microvm is not other
     microvm.write_file("/mark", b"microvm")
     assert other.read_file("/mark") == b"other"
-""")
+""",
+    )
     project.run().assert_outcomes(passed=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from smhelpers import summary_numbers
 
-CHAIN = '''
+CHAIN = """
 from pytest_supermachine import layer
 
 @layer
@@ -24,7 +24,7 @@ def test_first(first):
 
 def test_third(third):
     assert [third.read_file(p) for p in ("/first", "/second", "/third")] == [b"1", b"SECOND", b"3"]
-'''
+"""
 
 
 def layers_built(project) -> list[str]:
@@ -32,7 +32,9 @@ def layers_built(project) -> list[str]:
 
 
 def test_layer_state_is_what_tests_get_and_test_changes_do_not_leak(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import pytest
 from pytest_supermachine import layer
 
@@ -44,7 +46,8 @@ def with_config(vm):
 def test_app(with_config, i):
     assert with_config.read_file("/etc/app.conf") == b"mode=test\\n"
     with_config.write_file("/etc/app.conf", b"changed by a test")
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(passed=3)
     assert layers_built(project) == ["with_config"]
@@ -75,7 +78,9 @@ def test_changed_layer_rebuilds_only_it_and_its_children(project):
 
 
 def test_layers_stack_five_deep(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
@@ -102,12 +107,15 @@ def l5(vm):
 def test_deep(l5):
     assert [l5.read_file(f"/{i}") for i in range(1, 5)] == [b"one", b"2", b"3", b"4"]
     assert l5.run("blk-read 0 1").stdout[:2] == b"\\x04\\x04"
-""")
+""",
+    )
     project.run().assert_outcomes(passed=1)
 
 
 def test_failing_layer_is_a_setup_error_naming_the_layer(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
@@ -122,20 +130,25 @@ def test_two(broken):
 
 def test_unaffected(microvm):
     pass
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(errors=2, passed=1)
-    result.stdout.fnmatch_lines([
-        "*LayerError: layer 'broken' (*test_a.py:4) failed while building its snapshot: "
-        "RuntimeError: the setup step failed*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*LayerError: layer 'broken' (*test_a.py:4) failed while building its snapshot: "
+            "RuntimeError: the setup step failed*",
+        ]
+    )
     assert "RuntimeError: the setup step failed" in result.stdout.str()  # the cause's traceback
     assert "failed earlier in this process; not retried" in result.stdout.str()
     assert project.builds() == [line for line in project.builds() if line.startswith("base")]
 
 
 def test_layer_failing_guest_command_names_the_layer(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
@@ -144,14 +157,17 @@ def needs_tool(vm):
 
 def test_it(needs_tool):
     pass
-""")
+""",
+    )
     result = project.run()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*LayerError: layer 'needs_tool' (*) failed while building*"])
 
 
 def test_parametrized_layer_is_one_snapshot_per_parameter(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer(params=["a", "b"])
@@ -167,7 +183,8 @@ def test_flavour(flavour, request):
 
 def test_on_top(on_top, request):
     assert on_top.read_file("/top").decode() in ("aa", "bb")
-""")
+""",
+    )
     result = project.run("-v")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*test_flavour?a? PASSED*", "*test_on_top?b? PASSED*"])
@@ -175,13 +192,16 @@ def test_on_top(on_top, request):
 
 
 def test_layer_with_a_bad_signature_fails_at_collection(project):
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
 def takes_nothing():
     pass
-""")
+""",
+    )
     result = project.run()
     result.stdout.fnmatch_lines(["*LayerError: layer takes_nothing must take (vm)*"])
     assert result.ret == 2
@@ -195,7 +215,11 @@ def test_rebuild_rebuilds_each_snapshot_once_even_under_xdist(project):
     result = project.run_subprocess("--supermachine-rebuild", "-n", "2")
     result.assert_outcomes(passed=2)
     assert sorted(line.split()[1] for line in project.builds()) == [
-        "first", "microguest", "second", "third"]
+        "first",
+        "microguest",
+        "second",
+        "third",
+    ]
     project.clear_builds()
     project.run().assert_outcomes(passed=2)
     assert project.builds() == []
@@ -206,10 +230,12 @@ def test_cache_list_shows_bases_and_layers(project):
     project.write("test_a.py", CHAIN)
     project.run().assert_outcomes(passed=2)
     result = project.cli("cache", "list", "--cache-dir", str(project.cache))
-    result.stdout.fnmatch_lines([
-        "snapshot cache: * (4 entries, *",
-        "* base  microguest  (1 vCPU 64 MiB*",
-        "* layer first on microguest  (*",
-        "* layer second on first  (*",
-        "* layer third on second  (*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "snapshot cache: * (4 entries, *",
+            "* base  microguest  (1 vCPU 64 MiB*",
+            "* layer first on microguest  (*",
+            "* layer second on first  (*",
+            "* layer third on second  (*",
+        ]
+    )

@@ -10,11 +10,11 @@ USES_A_VM = "def test_x(microvm):\n    assert microvm.run('true').ok\n"
 
 
 def test_cache_key_hook_adds_what_the_guest_depends_on_to_the_key(project, monkeypatch):
-    project.conftest('''
+    project.conftest("""
 def pytest_supermachine_cache_key(config, kind, name, parts):
     if kind == "base":
         return {"app_release": os.environ["APP_RELEASE"]}
-''')
+""")
     project.cold_cache()
     project.write("test_a.py", USES_A_VM)
     monkeypatch.setenv("APP_RELEASE", "1")
@@ -31,12 +31,14 @@ def pytest_supermachine_cache_key(config, kind, name, parts):
 
 
 def test_cache_key_hook_reaches_layers_too(project, monkeypatch):
-    project.conftest('''
+    project.conftest("""
 def pytest_supermachine_cache_key(config, kind, name, parts):
     if kind == "layer" and name == "configured":
         return {"seed": os.environ["SEED"]}
-''')
-    project.write("test_a.py", '''
+""")
+    project.write(
+        "test_a.py",
+        """
 from pytest_supermachine import layer
 
 @layer
@@ -45,7 +47,8 @@ def configured(vm):
 
 def test_x(configured):
     assert configured.read_file("/seed") == os.environ["SEED"].encode()
-'''.replace("from pytest_supermachine", "import os\nfrom pytest_supermachine"))
+""".replace("from pytest_supermachine", "import os\nfrom pytest_supermachine"),
+    )
     monkeypatch.setenv("SEED", "a")
     project.run().assert_outcomes(passed=1)
     monkeypatch.setenv("SEED", "b")
@@ -55,24 +58,25 @@ def test_x(configured):
 
 
 def test_capsule_written_hook_is_told_the_capsule_and_its_manifest(project):
-    project.conftest('''
+    project.conftest("""
 import json
 
 def pytest_supermachine_capsule_written(item, path, manifest):
     with open(os.environ["SM_CAPSULES_SEEN"], "a") as f:
         f.write(json.dumps([item.nodeid, str(path), manifest["nodeid"]]) + "\\n")
-''')
+""")
     seen = project.path / "capsules-seen.jsonl"
     project.monkeypatch.setenv("SM_CAPSULES_SEEN", str(seen))
     project.write("test_a.py", USES_A_VM + "\ndef test_fails(microvm):\n    assert False\n")
     project.run().assert_outcomes(passed=1, failed=1)
     [capsule] = project.capsules()
     assert seen.read_text().splitlines() == [
-        f'["test_a.py::test_fails", "{capsule}", "test_a.py::test_fails"]']
+        f'["test_a.py::test_fails", "{capsule}", "test_a.py::test_fails"]'
+    ]
 
 
 def test_register_image_gives_tests_a_users_own_image(project):
-    project.conftest('''
+    project.conftest("""
 from pytest_supermachine import register_image
 from pytest_supermachine.images.microguest import MicroguestImage
 
@@ -82,27 +86,33 @@ class SmallGuest(MicroguestImage):
     default_mem_mib = 32
 
 register_image("small", SmallGuest)
-''')
-    project.write("test_a.py", '''
+""")
+    project.write(
+        "test_a.py",
+        """
 import pytest
 
 @pytest.mark.microvm(image="small")
 def test_on_the_users_image(microvm):
     info = dict(l.split("=", 1) for l in microvm.run("info").stdout.decode().splitlines())
     assert int(info["mem_bytes"]) == 32 << 20
-''')
+""",
+    )
     result = project.run_subprocess()  # a fresh process: the image registry is per process
     result.assert_outcomes(passed=1)
     assert [line.split()[:2] for line in project.builds()] == [["base", "small"]]
 
 
 def test_mem_mib_option_sizes_the_guest(project):
-    project.write("test_a.py", '''
+    project.write(
+        "test_a.py",
+        """
 def test_guest_memory(microvm):
     info = dict(l.split("=", 1) for l in microvm.run("info").stdout.decode().splitlines())
     assert int(info["mem_bytes"]) == 96 << 20
     assert microvm.config.mem_mib == 96
-''')
+""",
+    )
     project.run("--supermachine-mem-mib=96").assert_outcomes(passed=1)
 
 

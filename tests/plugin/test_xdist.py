@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from smhelpers import summary_numbers
 
-MANY_TESTS = '''
+MANY_TESTS = """
 import pytest
 from pytest_supermachine import layer
 
@@ -26,7 +26,7 @@ def test_base(microvm, i):
 @pytest.mark.parametrize("i", range(6))
 def test_more(more, i):
     assert more.read_file("/prepared") == more.read_file("/more") == b"yes"
-'''
+"""
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -43,8 +43,9 @@ def test_cold_cache_is_built_once_by_all_workers(project, workers):
     result.stdout.fnmatch_lines([f"(totals of {workers} processes)"])
 
 
-@pytest.mark.parametrize("mode", ["load", "loadscope", "loadfile", "loadgroup", "worksteal",
-                                  "each"])
+@pytest.mark.parametrize(
+    "mode", ["load", "loadscope", "loadfile", "loadgroup", "worksteal", "each"]
+)
 def test_every_dist_mode(project, mode):
     project.write("test_a.py", MANY_TESTS)
     result = project.run_subprocess("-n", "2", "--dist", mode)
@@ -54,7 +55,9 @@ def test_every_dist_mode(project, mode):
 
 def test_worker_killed_while_building_leaves_the_cache_usable(project):
     project.cold_cache()
-    project.write("test_a.py", """
+    project.write(
+        "test_a.py",
+        """
 import os, signal
 import pytest
 from pytest_supermachine import layer
@@ -73,7 +76,8 @@ def fragile(vm):
 @pytest.mark.parametrize("i", range(4))
 def test_it(fragile, i):
     assert fragile.read_file("/fragile") == b"built"
-""")
+""",
+    )
     project.monkeypatch.setenv("SM_PROJECT", str(project.path))
     result = project.run_subprocess("-n", "2")
     result.assert_outcomes(passed=3, failed=1)

@@ -6,13 +6,15 @@ XSAVE, AVX, CX16, TSC_DEADLINE = 1 << 26, 1 << 28, 1 << 13, 1 << 24
 
 
 def table() -> CpuidTable:
-    return CpuidTable([
-        CpuidEntry(0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65),
-        CpuidEntry(1, 0, 0, 0x00A00F11, 0, XSAVE | AVX | CX16 | 1, 0x178BFBFF),
-        CpuidEntry(7, 0, 1, 0, (1 << 5) | (1 << 9), 0, 0),
-        CpuidEntry(0xD, 0, 1, 7, 0x340, 0x340, 0),
-        CpuidEntry(0x80000008, 0, 0, 0x3030, 0, 0, 0),
-    ])
+    return CpuidTable(
+        [
+            CpuidEntry(0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65),
+            CpuidEntry(1, 0, 0, 0x00A00F11, 0, XSAVE | AVX | CX16 | 1, 0x178BFBFF),
+            CpuidEntry(7, 0, 1, 0, (1 << 5) | (1 << 9), 0, 0),
+            CpuidEntry(0xD, 0, 1, 7, 0x340, 0x340, 0),
+            CpuidEntry(0x80000008, 0, 0, 0x3030, 0, 0, 0),
+        ]
+    )
 
 
 def test_pvm_hides_xsave_avx_and_cmpxchg16b():

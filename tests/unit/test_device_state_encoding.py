@@ -14,8 +14,11 @@ from pytest_supermachine.vmm.devices.hub import (
 
 
 def test_state_with_nested_bytes_round_trips():
-    state = {"status": 15, "queues": [{"ready": True, "size": 256}],
-             "device": {"overlay": {"blocks": [1, 7], "data": b"\x00" * 8192}, "tag": b"id"}}
+    state = {
+        "status": 15,
+        "queues": [{"ready": True, "size": 256}],
+        "device": {"overlay": {"blocks": [1, 7], "data": b"\x00" * 8192}, "tag": b"id"},
+    }
     assert unpack_state(pack_state(state)) == state
 
 
@@ -24,16 +27,29 @@ def test_blobs_are_stored_raw_not_inflated():
     assert len(pack_state({"data": blob})) < len(blob) + 100
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff\xff\xff\x7f{}", b"\x02\x00\x00\x00{}\x05\x00\x00\x00\x00\x00\x00\x00ab",
-                                  b"\x0f\x00\x00\x00{\"$blob\": 3}"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xff\xff\x7f{}",
+        b"\x02\x00\x00\x00{}\x05\x00\x00\x00\x00\x00\x00\x00ab",
+        b'\x0f\x00\x00\x00{"$blob": 3}',
+    ],
+)
 def test_malformed_sections_raise_a_machine_error(data):
     with pytest.raises(MachineError, match="malformed"):
         unpack_state(data)
 
 
-@pytest.mark.parametrize("spec", [VsockSpec(), VsockSpec(guest_cid=9),
-                                  DiskSpec("/img/base.ext4", read_only=True, serial="disk0"),
-                                  DiskSpec(None, size=1 << 20)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        VsockSpec(),
+        VsockSpec(guest_cid=9),
+        DiskSpec("/img/base.ext4", read_only=True, serial="disk0"),
+        DiskSpec(None, size=1 << 20),
+    ],
+)
 def test_device_specs_round_trip_through_snapshot_metadata(spec):
     assert spec_from_dict(spec_to_dict(spec)) == spec
 

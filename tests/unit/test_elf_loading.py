@@ -12,10 +12,34 @@ from pytest_supermachine.vmm.memory import GuestMemory
 def make_elf(path, *, paddr=0x100000, payload=b"\x90" * 16, memsz=None, machine=62):
     phoff = 64
     offset = 0x1000
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, machine, 1,
-                       paddr, phoff, 0, 0, 64, 56, 1, 64, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, offset, paddr, paddr, len(payload),
-                       memsz if memsz is not None else len(payload) + 32, 0x1000)
+    ehdr = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF\x02\x01\x01" + bytes(9),
+        2,
+        machine,
+        1,
+        paddr,
+        phoff,
+        0,
+        0,
+        64,
+        56,
+        1,
+        64,
+        0,
+        0,
+    )
+    phdr = struct.pack(
+        "<IIQQQQQQ",
+        1,
+        5,
+        offset,
+        paddr,
+        paddr,
+        len(payload),
+        memsz if memsz is not None else len(payload) + 32,
+        0x1000,
+    )
     data = ehdr + phdr
     data += bytes(offset - len(data)) + payload
     path.write_bytes(data)

@@ -28,8 +28,16 @@ def test_integers_are_little_endian(mem):
 
 @pytest.mark.parametrize(
     ("gpa", "length"),
-    [(0x0, 1), (0xFFF, 2), (0x1000 + 64 * 1024 - 1, 2), (0x1000, 64 * 1024 + 1), (-1, 1),
-     (0x2000, -1), (2**64 - 1, 2), (0x1000 + 64 * 1024, 0x7FFF_FFFF_FFFF_FFFF)],
+    [
+        (0x0, 1),
+        (0xFFF, 2),
+        (0x1000 + 64 * 1024 - 1, 2),
+        (0x1000, 64 * 1024 + 1),
+        (-1, 1),
+        (0x2000, -1),
+        (2**64 - 1, 2),
+        (0x1000 + 64 * 1024, 0x7FFF_FFFF_FFFF_FFFF),
+    ],
 )
 def test_ranges_outside_ram_are_refused(mem, gpa, length):
     with pytest.raises(GuestMemoryError, match="outside guest RAM|negative"):
@@ -92,4 +100,3 @@ def test_device_writes_are_recorded_by_page_frame(mem):
     assert device.written_pages() == {1, 2, 4}
     device.clear_written_pages()
     assert device.written_pages() == set()
-

@@ -181,8 +181,9 @@ def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
     assert phases == ["done"]
 
 
-def test_failed_build_stays_for_inspection_until_the_next_attempt(tmp_path: Path,
-                                                                  recipe: Path) -> None:
+def test_failed_build_stays_for_inspection_until_the_next_attempt(
+    tmp_path: Path, recipe: Path
+) -> None:
     """A failed build keeps its log and work dir, is no cache hit, and a retry starts afresh."""
     try:
         kernel.check_build_tools()
@@ -193,8 +194,9 @@ def test_failed_build_stays_for_inspection_until_the_next_attempt(tmp_path: Path
     root = tmp_path / "cache"
     for _attempt in range(2):
         with pytest.raises(GuestBuildError, match="phase 'extract'"):
-            kernel.build_kernel(KernelVariant.PVM, recipe_dir=recipe, source=source, root=root,
-                                niceness=0)
+            kernel.build_kernel(
+                KernelVariant.PVM, recipe_dir=recipe, source=source, root=root, niceness=0
+            )
     entry = root / "kernel" / kernel_cache_key(KernelVariant.PVM, recipe_dir=recipe, source=source)
     assert (entry / "work").is_dir() and not (entry / "manifest.json").exists()
     assert (entry / "build.log").read_text().count("variant=pvm") == 1, "the retry's log only"

@@ -363,7 +363,10 @@ def _descendant_named(ancestor: int, comm: str) -> int | None:
         with contextlib.suppress(OSError, ValueError):
             stat_line = (entry / "stat").read_text()
             name = stat_line[stat_line.index("(") + 1 : stat_line.rindex(")")]
-            parents[int(entry.name)] = (int(stat_line[stat_line.rindex(")") + 2 :].split()[1]), name)
+            parents[int(entry.name)] = (
+                int(stat_line[stat_line.rindex(")") + 2 :].split()[1]),
+                name,
+            )
     for pid, (ppid, name) in parents.items():
         if name != comm:
             continue
@@ -536,9 +539,12 @@ def test_64_concurrent_runs_are_multiplexed_on_one_connection(client):
 
     def one(i: int) -> None:
         # each waits until all 64 have started: in series the first would wait forever
-        r = client.run(f"mkdir -p barrier; touch barrier/{i}; "
-                       "until [ $(ls barrier | wc -l) -ge 64 ]; do sleep 0.05; done; "
-                       f"echo {i}", timeout=120)
+        r = client.run(
+            f"mkdir -p barrier; touch barrier/{i}; "
+            "until [ $(ls barrier | wc -l) -ge 64 ]; do sleep 0.05; done; "
+            f"echo {i}",
+            timeout=120,
+        )
         with lock:
             results.append(r)
 

@@ -24,7 +24,9 @@ def test_find_returns_the_region_containing_the_address():
     assert bus.find(0x1100) is None
 
 
-@pytest.mark.parametrize(("base", "size"), [(0x1000, 0x100), (0x10FF, 1), (0xF00, 0x101), (0, 0x10000)])
+@pytest.mark.parametrize(
+    ("base", "size"), [(0x1000, 0x100), (0x10FF, 1), (0xF00, 0x101), (0, 0x10000)]
+)
 def test_overlapping_region_is_refused_naming_both(base, size):
     bus = MmioBus("mmio")
     bus.register(0x1000, 0x100, Dev())

@@ -55,12 +55,27 @@ CONFIG = {
 # Building archives by hand
 
 
-def E(name: str, kind: str = "file", data: bytes = b"", *, mode: int | None = None, uid: int = 0,
-      gid: int = 0, link: str = "", dev: tuple[int, int] = (0, 0)) -> tuple[tarfile.TarInfo, bytes]:
+def E(
+    name: str,
+    kind: str = "file",
+    data: bytes = b"",
+    *,
+    mode: int | None = None,
+    uid: int = 0,
+    gid: int = 0,
+    link: str = "",
+    dev: tuple[int, int] = (0, 0),
+) -> tuple[tarfile.TarInfo, bytes]:
     """One layer tar entry."""
     info = tarfile.TarInfo(name)
-    info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE,
-                 "hard": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}[kind]
+    info.type = {
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "sym": tarfile.SYMTYPE,
+        "hard": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }[kind]
     info.mode = mode if mode is not None else (0o755 if kind == "dir" else 0o644)
     info.uid, info.gid, info.mtime = uid, gid, MTIME
     info.linkname = link
@@ -82,11 +97,15 @@ def sha(data: bytes) -> str:
 
 
 def config_doc(layers: list[bytes]) -> bytes:
-    return json.dumps({
-        "architecture": "amd64", "os": "linux", "config": CONFIG,
-        "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]},
-        "history": [{"created_by": "test"}],
-    }).encode()
+    return json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": CONFIG,
+            "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]},
+            "history": [{"created_by": "test"}],
+        }
+    ).encode()
 
 
 def write_tar(path: Path, files: dict[str, bytes]) -> Path:
@@ -105,21 +124,42 @@ def oci_archive(path: Path, layers: list[bytes], *, gzip_layers: bool = False) -
     for t in layers:
         blob = gzip.compress(t) if gzip_layers else t
         files[f"blobs/sha256/{sha(blob)[7:]}"] = blob
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar"
-                      + ("+gzip" if gzip_layers else ""), "digest": sha(blob), "size": len(blob)})
+        descs.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar"
+                + ("+gzip" if gzip_layers else ""),
+                "digest": sha(blob),
+                "size": len(blob),
+            }
+        )
     cfg = config_doc(layers)
     files[f"blobs/sha256/{sha(cfg)[7:]}"] = cfg
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(cfg),
-                   "size": len(cfg)},
-        "layers": descs,
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": sha(cfg),
+                "size": len(cfg),
+            },
+            "layers": descs,
+        }
+    ).encode()
     files[f"blobs/sha256/{sha(manifest)[7:]}"] = manifest
-    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(manifest),
-        "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": "test"}}]}).encode()
+    files["index.json"] = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha(manifest),
+                    "size": len(manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": "test"},
+                }
+            ],
+        }
+    ).encode()
     return write_tar(path, files)
 
 
@@ -133,8 +173,9 @@ def docker_archive(path: Path, layers: list[bytes]) -> Path:
         files[f"{layer_id}/VERSION"] = b"1.0"
         files[f"{layer_id}/layer.tar"] = t
         names.append(f"{layer_id}/layer.tar")
-    files["manifest.json"] = json.dumps([{"Config": f"{sha(cfg)[7:]}.json",
-                                          "RepoTags": ["test:latest"], "Layers": names}]).encode()
+    files["manifest.json"] = json.dumps(
+        [{"Config": f"{sha(cfg)[7:]}.json", "RepoTags": ["test:latest"], "Layers": names}]
+    ).encode()
     files["repositories"] = b"{}"
     return write_tar(path, files)
 
@@ -180,18 +221,16 @@ BASE = [
 ]
 TOP = [
     E("etc/", "dir"),
-    E("etc/.wh.hostname"),                       # deletes a lower file
+    E("etc/.wh.hostname"),  # deletes a lower file
     E("opt/data/early", data=b"same layer, before the marker\n"),
-    E("opt/data/.wh..wh..opq"),                  # lower a, sub/ are hidden
+    E("opt/data/.wh..wh..opq"),  # lower a, sub/ are hidden
     E("opt/data/late", data=b"same layer, after the marker\n"),
-    E(".wh.var"),                                # deletes a lower directory tree
+    E(".wh.var"),  # deletes a lower directory tree
     E("lib/added.so", data=b"through the lib symlink\n"),  # lands in usr/lib
     E("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"),
-    E(".wh..wh.plnk/", "dir"),                   # AUFS bookkeeping: ignored
+    E(".wh..wh.plnk/", "dir"),  # AUFS bookkeeping: ignored
 ]
 FORMATS = ["oci", "oci-gzip", "docker"]
-
-
 
 
 def two_layer_archive(kind: str, tmp_path: Path) -> Path:
@@ -208,8 +247,13 @@ def test_layers_and_whiteouts_on_the_host_tree(kind: str, tmp_path: Path) -> Non
     dest = tmp_path / "root"
     config = unpack_oci(archive, dest)
 
-    assert config == ImageConfig(env=tuple(CONFIG["Env"]), cmd=tuple(CONFIG["Cmd"]),
-                                 entrypoint=("/entry",), working_dir="/srv", user="1000:1000")
+    assert config == ImageConfig(
+        env=tuple(CONFIG["Env"]),
+        cmd=tuple(CONFIG["Cmd"]),
+        entrypoint=("/entry",),
+        working_dir="/srv",
+        user="1000:1000",
+    )
     assert config.env_map["GREETING"] == "hello"
     assert config.argv == ("/entry", "/bin/sh", "-c", "echo hi")
 
@@ -218,7 +262,9 @@ def test_layers_and_whiteouts_on_the_host_tree(kind: str, tmp_path: Path) -> Non
     assert sorted(os.listdir(dest / "opt" / "data")) == ["early", "late"]
     assert not (dest / "var").exists()
     assert not (dest / ".wh..wh.plnk").exists()
-    assert not any(name.startswith(".wh.") for _, dirs, files in os.walk(dest) for name in dirs + files)
+    assert not any(
+        name.startswith(".wh.") for _, dirs, files in os.walk(dest) for name in dirs + files
+    )
 
     assert os.readlink(dest / "lib") == "usr/lib"
     assert (dest / "usr" / "lib" / "added.so").read_text() == "through the lib symlink\n"
@@ -246,13 +292,23 @@ def test_returned_attrs_hold_what_the_host_tree_cannot(tmp_path: Path) -> None:
 
 def test_a_whiteout_never_hides_its_own_layer(tmp_path: Path) -> None:
     """Whiteouts only affect lower layers, whatever their position in the tar."""
-    lower = layer_tar([E("d/", "dir"), E("d/old", data=b"old"), E("d/keep/", "dir"),
-                       E("d/keep/lower", data=b"lower")])
-    upper = layer_tar([E("d/keep/upper", data=b"upper"),
-                       E("d/.wh.keep"),            # after an entry of its own layer inside keep/
-                       E("d/new", data=b"new"),
-                       E("d/.wh.new"),             # same layer: must not delete d/new
-                       E("d/.wh.old")])
+    lower = layer_tar(
+        [
+            E("d/", "dir"),
+            E("d/old", data=b"old"),
+            E("d/keep/", "dir"),
+            E("d/keep/lower", data=b"lower"),
+        ]
+    )
+    upper = layer_tar(
+        [
+            E("d/keep/upper", data=b"upper"),
+            E("d/.wh.keep"),  # after an entry of its own layer inside keep/
+            E("d/new", data=b"new"),
+            E("d/.wh.new"),  # same layer: must not delete d/new
+            E("d/.wh.old"),
+        ]
+    )
     dest = tmp_path / "root"
     unpack_oci(oci_archive(tmp_path / "i.tar", [lower, upper]), dest)
     assert sorted(os.listdir(dest / "d")) == ["keep", "new"]
@@ -260,10 +316,17 @@ def test_a_whiteout_never_hides_its_own_layer(tmp_path: Path) -> None:
 
 
 def test_entries_replace_each_other_by_type(tmp_path: Path) -> None:
-    lower = layer_tar([E("x/", "dir"), E("x/inner", data=b"i"), E("y", data=b"file"),
-                       E("z", "sym", link="y")])
-    upper = layer_tar([E("x", data=b"now a file"), E("y/", "dir"), E("y/child", data=b"c"),
-                       E("z", data=b"was a symlink")])
+    lower = layer_tar(
+        [E("x/", "dir"), E("x/inner", data=b"i"), E("y", data=b"file"), E("z", "sym", link="y")]
+    )
+    upper = layer_tar(
+        [
+            E("x", data=b"now a file"),
+            E("y/", "dir"),
+            E("y/child", data=b"c"),
+            E("z", data=b"was a symlink"),
+        ]
+    )
     dest = tmp_path / "root"
     unpack_oci(oci_archive(tmp_path / "i.tar", [lower, upper]), dest)
     assert (dest / "x").read_bytes() == b"now a file"
@@ -275,21 +338,36 @@ def test_entries_replace_each_other_by_type(tmp_path: Path) -> None:
 # Hostile archives
 
 
-@pytest.mark.parametrize(("entries", "message"), [
-    ([E("../escape", data=b"x")], r"path traversal in '\.\./escape'"),
-    ([E("a/../../escape", data=b"x")], r"path traversal in 'a/\.\./\.\./escape'"),
-    ([E("/etc/abs", data=b"x")], r"absolute path '/etc/abs'"),
-    ([E("t", data=b"x"), E("h", "hard", link="../../etc/passwd")], r"path traversal.*'\.\./\.\./etc/passwd'"),
-    ([E("h", "hard", link="/etc/passwd")], r"entry 'h'.*absolute path '/etc/passwd'"),
-    ([E("up", "sym", link="../.."), E("up/pwned", data=b"x")], r"entry 'up/pwned'.*leaves the image root"),
-    ([E("a/", "dir"), E("a/up", "sym", link="../../outside"), E("a/up/pwned", data=b"x")],
-     r"entry 'a/up/pwned'.*leaves the image root"),
-    ([E("loop", "sym", link="loop"), E("loop/x", data=b"x")], r"entry 'loop/x'.*too many levels"),
-    ([E("f", data=b"x"), E("f/child", data=b"x")], r"entry 'f/child'.*/f .*not a directory"),
-    ([E("etc/.wh..", data=b"")], r"malformed whiteout"),
-])
-def test_hostile_entries_are_refused_by_name(entries: list[tuple[tarfile.TarInfo, bytes]],
-                                             message: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([E("../escape", data=b"x")], r"path traversal in '\.\./escape'"),
+        ([E("a/../../escape", data=b"x")], r"path traversal in 'a/\.\./\.\./escape'"),
+        ([E("/etc/abs", data=b"x")], r"absolute path '/etc/abs'"),
+        (
+            [E("t", data=b"x"), E("h", "hard", link="../../etc/passwd")],
+            r"path traversal.*'\.\./\.\./etc/passwd'",
+        ),
+        ([E("h", "hard", link="/etc/passwd")], r"entry 'h'.*absolute path '/etc/passwd'"),
+        (
+            [E("up", "sym", link="../.."), E("up/pwned", data=b"x")],
+            r"entry 'up/pwned'.*leaves the image root",
+        ),
+        (
+            [E("a/", "dir"), E("a/up", "sym", link="../../outside"), E("a/up/pwned", data=b"x")],
+            r"entry 'a/up/pwned'.*leaves the image root",
+        ),
+        (
+            [E("loop", "sym", link="loop"), E("loop/x", data=b"x")],
+            r"entry 'loop/x'.*too many levels",
+        ),
+        ([E("f", data=b"x"), E("f/child", data=b"x")], r"entry 'f/child'.*/f .*not a directory"),
+        ([E("etc/.wh..", data=b"")], r"malformed whiteout"),
+    ],
+)
+def test_hostile_entries_are_refused_by_name(
+    entries: list[tuple[tarfile.TarInfo, bytes]], message: str, tmp_path: Path
+) -> None:
     sentinel_dir = tmp_path / "outside"
     sentinel_dir.mkdir()
     dest = tmp_path / "a" / "b" / "root"
@@ -303,9 +381,13 @@ def test_absolute_symlinks_resolve_inside_the_root(tmp_path: Path) -> None:
     """``etc -> /real/etc`` then ``etc/x``: written to <root>/real/etc/x, never the host's /real."""
     host_target = tmp_path / "host-etc"
     host_target.mkdir()
-    layer = layer_tar([E(str(host_target).lstrip("/") + "/", "dir"),
-                       E("etc", "sym", link=str(host_target)),
-                       E("etc/x", data=b"inside")])
+    layer = layer_tar(
+        [
+            E(str(host_target).lstrip("/") + "/", "dir"),
+            E("etc", "sym", link=str(host_target)),
+            E("etc/x", data=b"inside"),
+        ]
+    )
     dest = tmp_path / "root"
     unpack_oci(oci_archive(tmp_path / "i.tar", [layer]), dest)
     assert list(host_target.iterdir()) == []
@@ -337,15 +419,28 @@ def test_corrupt_layer_is_detected_by_digest(tmp_path: Path) -> None:
         unpack_oci(archive, tmp_path / "root")
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({"hello.txt": b"hi"}, "not an image archive"),
-    ({"manifest.json": b"[]"}, "lists no image"),
-    ({"manifest.json": json.dumps([{"Config": "a.json", "RepoTags": ["a:1"], "Layers": []},
-                                   {"Config": "b.json", "RepoTags": ["b:1"], "Layers": []}]).encode()},
-     r"holds 2 images \(a:1; b:1\)"),
-    ({"oci-layout": b"{}", "index.json": b'{"manifests": [{"digest": "md5:00"}]}'},
-     "unsupported or malformed digest"),
-])
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"hello.txt": b"hi"}, "not an image archive"),
+        ({"manifest.json": b"[]"}, "lists no image"),
+        (
+            {
+                "manifest.json": json.dumps(
+                    [
+                        {"Config": "a.json", "RepoTags": ["a:1"], "Layers": []},
+                        {"Config": "b.json", "RepoTags": ["b:1"], "Layers": []},
+                    ]
+                ).encode()
+            },
+            r"holds 2 images \(a:1; b:1\)",
+        ),
+        (
+            {"oci-layout": b"{}", "index.json": b'{"manifests": [{"digest": "md5:00"}]}'},
+            "unsupported or malformed digest",
+        ),
+    ],
+)
 def test_not_an_image(files: dict[str, bytes], message: str, tmp_path: Path) -> None:
     with pytest.raises(OciFormatError, match=message):
         unpack_oci(write_tar(tmp_path / "x.tar", files), tmp_path / "root")
@@ -379,8 +474,9 @@ def test_an_unpacked_layout_directory_works_too(tmp_path: Path) -> None:
 def debugfs(image: Path, command: str) -> str:
     tool = rootfs._find_tool("debugfs")
     assert tool
-    return subprocess.run([tool, "-R", command, str(image)], capture_output=True,
-                          check=True).stdout.decode()
+    return subprocess.run(
+        [tool, "-R", command, str(image)], capture_output=True, check=True
+    ).stdout.decode()
 
 
 def inode(image: Path, path: str) -> dict[str, str]:
@@ -388,10 +484,15 @@ def inode(image: Path, path: str) -> dict[str, str]:
     if "File not found" in text or not text.strip():
         return {}
     out = {"raw": text}
-    for key, pattern in {"type": r"Type: (\w[\w ]*?)\s+Mode", "mode": r"Mode:\s+(\d+)",
-                         "uid": r"User:\s+(\d+)", "gid": r"Group:\s+(\d+)",
-                         "links": r"Links: (\d+)", "device": r"Device major/minor number: (\S+)",
-                         "fastlink": r'Fast link dest: "(.*)"'}.items():
+    for key, pattern in {
+        "type": r"Type: (\w[\w ]*?)\s+Mode",
+        "mode": r"Mode:\s+(\d+)",
+        "uid": r"User:\s+(\d+)",
+        "gid": r"Group:\s+(\d+)",
+        "links": r"Links: (\d+)",
+        "device": r"Device major/minor number: (\S+)",
+        "fastlink": r'Fast link dest: "(.*)"',
+    }.items():
         m = re.search(pattern, text)
         if m:
             out[key] = m.group(1)
@@ -400,8 +501,11 @@ def inode(image: Path, path: str) -> dict[str, str]:
 
 def names(image: Path, path: str) -> list[str]:
     lines = debugfs(image, f'ls -p "{path}"').splitlines()
-    return sorted(n for n in (ln.split("/")[5] for ln in lines if ln.startswith("/"))
-                  if n not in (".", "..", "lost+found"))
+    return sorted(
+        n
+        for n in (ln.split("/")[5] for ln in lines if ln.startswith("/"))
+        if n not in (".", "..", "lost+found")
+    )
 
 
 def fsck(image: Path) -> None:
@@ -417,7 +521,17 @@ def test_oci_rootfs_image_is_exact(kind: str, tmp_path: Path) -> None:
     image, config = build_oci_rootfs(two_layer_archive(kind, tmp_path))
     fsck(image)
     assert config.working_dir == "/srv"
-    assert names(image, "/") == ["bin", "dev", "etc", "home", "lib", "opt", "readonly", "run", "usr"]
+    assert names(image, "/") == [
+        "bin",
+        "dev",
+        "etc",
+        "home",
+        "lib",
+        "opt",
+        "readonly",
+        "run",
+        "usr",
+    ]
     assert names(image, "/etc") == ["localtime", "passwd"]
     assert names(image, "/opt/data") == ["early", "late"]
     assert names(image, "/usr/lib") == ["added.so", "libc.so"]
@@ -434,24 +548,36 @@ def test_oci_rootfs_image_is_exact(kind: str, tmp_path: Path) -> None:
     assert debugfs(image, 'cat "/readonly/secret"') == "nobody may read me\n"
     assert inode(image, "/etc/passwd")["uid"] == "0"
     null = inode(image, "/dev/null")
-    assert (null["type"], null["device"], int(null["mode"], 8)) == ("character special", "01:03", 0o666)
+    assert (null["type"], null["device"], int(null["mode"], 8)) == (
+        "character special",
+        "01:03",
+        0o666,
+    )
     assert inode(image, "/run/initctl")["type"] == "FIFO"
     assert inode(image, "/bin/sh")["links"] == "2"
-    ls = {ln.split("/")[5]: ln.split("/")[1] for ln in debugfs(image, "ls -p /bin").splitlines()
-          if ln.startswith("/")}
+    ls = {
+        ln.split("/")[5]: ln.split("/")[1]
+        for ln in debugfs(image, "ls -p /bin").splitlines()
+        if ln.startswith("/")
+    }
     assert ls["sh"] == ls["sh-hardlink"]
 
 
 @needs_e2fsprogs
-def test_oci_rootfs_is_cached_and_reproducible(tmp_path: Path, private_cache: Path,
-                                               mkfs_runs: list[Path]) -> None:
+def test_oci_rootfs_is_cached_and_reproducible(
+    tmp_path: Path, private_cache: Path, mkfs_runs: list[Path]
+) -> None:
     archive = two_layer_archive("oci-gzip", tmp_path)
     image, config = build_oci_rootfs(archive)
     again, config2 = build_oci_rootfs(archive, tmp_path / "copy.ext4")
     assert len(mkfs_runs) == 1, "the second build must come from the cache"
     assert config2 == config and again.read_bytes() == image.read_bytes()
     entry = image.parent
-    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "manifest.json", "rootfs.ext4"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "rootfs.ext4",
+    ]
 
     first = image.read_bytes()
     for p in sorted(private_cache.rglob("*"), reverse=True):
@@ -484,10 +610,12 @@ def test_write_image_archive_round_trip(fmt: str, tmp_path: Path) -> None:
     (top / "etc" / ".wh.gone").write_text("")
     (top / "etc" / "added").write_text("added\n")
     config = ImageConfig(env=("A=1",), cmd=("/bin/run",))
-    archive = write_image_archive([base, top], tmp_path / f"img-{fmt}.tar", config=config, fmt=fmt,
-                                  compress=(fmt == "oci"))
-    again = write_image_archive([base, top], tmp_path / "again.tar", config=config, fmt=fmt,
-                                compress=(fmt == "oci"))
+    archive = write_image_archive(
+        [base, top], tmp_path / f"img-{fmt}.tar", config=config, fmt=fmt, compress=(fmt == "oci")
+    )
+    again = write_image_archive(
+        [base, top], tmp_path / "again.tar", config=config, fmt=fmt, compress=(fmt == "oci")
+    )
     assert archive.read_bytes() == again.read_bytes()
     image, got = build_oci_rootfs(archive)
     assert got == config
@@ -517,7 +645,9 @@ def run_as_nobody(fn: Callable[[], None]) -> None:
 
 @needs_e2fsprogs
 @pytest.mark.skipif(os.geteuid() != 0, reason="already covered: these tests run unprivileged")
-def test_an_unprivileged_user_gets_the_same_exact_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unprivileged_user_gets_the_same_exact_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Not root (the normal case): owners, setuid bits, 0555/0000 modes and devices still exact."""
     archive = two_layer_archive("oci", tmp_path)
     as_root, _ = build_oci_rootfs(archive)

@@ -30,8 +30,9 @@ def test_safe_nodeid_is_readable_and_distinct():
 def fake_capsule(root: Path, nodeid: str, session: str) -> Path:
     path = root / safe_nodeid(nodeid)
     path.mkdir(parents=True)
-    (path / MANIFEST).write_text(json.dumps({"format": 1, "nodeid": nodeid, "session": session,
-                                             "vms": []}))
+    (path / MANIFEST).write_text(
+        json.dumps({"format": 1, "nodeid": nodeid, "session": session, "vms": []})
+    )
     return path
 
 
@@ -46,7 +47,8 @@ def test_retention_failed_removes_capsules_of_passing_tests(tmp_path):
 def test_retention_all_keeps_them(tmp_path):
     fixed = fake_capsule(tmp_path, "t.py::fixed", "s1")
     CapsuleWriter(tmp_path, session_id="s2", retention="all").apply_retention(
-        {"t.py::fixed": "passed"})
+        {"t.py::fixed": "passed"}
+    )
     assert fixed.exists()
 
 
@@ -60,8 +62,9 @@ def test_retention_none_removes_everything(tmp_path):
 
 def test_retention_count_keeps_the_newest_sessions(tmp_path):
     caps = [fake_capsule(tmp_path, f"t.py::t{i}", f"2026010{i}-000000-1") for i in range(5)]
-    CapsuleWriter(tmp_path, session_id="20260106-000000-1", retention="all",
-                  count=3).apply_retention({})
+    CapsuleWriter(
+        tmp_path, session_id="20260106-000000-1", retention="all", count=3
+    ).apply_retention({})
     assert [c.exists() for c in caps] == [False, False, False, True, True]
 
 
@@ -78,9 +81,16 @@ def test_read_manifest_refuses_what_is_not_a_capsule(tmp_path):
 
 def test_report_text_shows_path_replay_and_console_tail(tmp_path):
     (tmp_path / "microvm.console.log").write_text("\n".join(f"line {i}" for i in range(40)))
-    manifest = {"vms": [{"fixture": "microvm", "exit": "running", "console": "microvm.console.log",
-                         "chain": [{"kind": "base", "name": "microguest"},
-                                   {"kind": "layer", "name": "cfg"}]}]}
+    manifest = {
+        "vms": [
+            {
+                "fixture": "microvm",
+                "exit": "running",
+                "console": "microvm.console.log",
+                "chain": [{"kind": "base", "name": "microguest"}, {"kind": "layer", "name": "cfg"}],
+            }
+        ]
+    }
     text = report_text(tmp_path, manifest)
     assert f"capsule: {tmp_path}" in text
     assert f"supermachine replay {tmp_path} --runs 5" in text

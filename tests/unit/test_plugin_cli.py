@@ -41,8 +41,11 @@ def test_replay_of_something_that_is_not_a_capsule_is_one_line(tmp_path, capsys)
 
 
 def test_replay_command_reruns_the_nodeid_with_the_recorded_settings(tmp_path):
-    manifest = {"nodeid": "t.py::test_x", "rootdir": "/proj",
-                "replay_args": ["--supermachine-image=microguest"]}
+    manifest = {
+        "nodeid": "t.py::test_x",
+        "rootdir": "/proj",
+        "replay_args": ["--supermachine-image=microguest"],
+    }
     cmd = replay_command(Path("/cap"), manifest, 5, tmp_path / "r.json", ["-x"])
     assert cmd[:5] == [sys.executable, "-m", "pytest", "t.py::test_x", "--rootdir=/proj"]
     # one word per option: a separate value outside the rootdir would hide the project's ini

@@ -11,20 +11,25 @@ import pytest_supermachine
 
 
 def run(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_importing_the_plugin_imports_no_vmm_code():
-    out = run("import sys, pytest_supermachine.plugin, pytest_supermachine\n"
-              "print(sorted(m for m in sys.modules if '.vmm' in m or m == '_cffi_backend'))")
+    out = run(
+        "import sys, pytest_supermachine.plugin, pytest_supermachine\n"
+        "print(sorted(m for m in sys.modules if '.vmm' in m or m == '_cffi_backend'))"
+    )
     assert out == "[]"
 
 
 def test_public_api_names_resolve_lazily():
-    out = run("import pytest_supermachine as p\n"
-              "print(p.Machine.__name__, p.RunResult.__name__, p.layer.__name__, "
-              "p.LayerError.__mro__[1].__name__)")
+    out = run(
+        "import pytest_supermachine as p\n"
+        "print(p.Machine.__name__, p.RunResult.__name__, p.layer.__name__, "
+        "p.LayerError.__mro__[1].__name__)"
+    )
     assert out == "Machine RunResult layer SupermachineError"
 
 
@@ -81,7 +86,7 @@ def test_no_module_of_the_package_imports_itself_through_others():
 
     def walk(name: str, stack: list[str]) -> None:
         if name in stack:
-            cycles.append([*stack[stack.index(name):], name])
+            cycles.append([*stack[stack.index(name) :], name])
             return
         if name in done:
             return

@@ -31,7 +31,11 @@ def test_decorating_gives_a_fixture_named_after_the_function():
 
 
 def test_chain_runs_from_the_image_outwards():
-    assert [lay.name for lay in layer_of(lettered).chain()] == ["base_layer", "numbered", "lettered"]
+    assert [lay.name for lay in layer_of(lettered).chain()] == [
+        "base_layer",
+        "numbered",
+        "lettered",
+    ]
 
 
 def test_parameters_of_the_chain_combine():
@@ -39,7 +43,9 @@ def test_parameters_of_the_chain_combine():
     assert lay.param_sets() == [(1, "x"), (1, "y"), (2, "x"), (2, "y")]
     assert lay.param_ids() == ["one-x", "one-y", "two-x", "two-y"]
     assert [(each.name, p) for each, p in lay.split_params((2, "y"))][1:] == [
-        ("numbered", 2), ("lettered", "y")]
+        ("numbered", 2),
+        ("lettered", "y"),
+    ]
     assert layer_of(base_layer).param_sets() is None
 
 
@@ -57,20 +63,26 @@ def test_run_passes_the_parameter_and_wraps_errors():
     def broken(vm):
         raise KeyError("missing")
 
-    with pytest.raises(LayerError, match=r"layer 'broken' \(.*:\d+\) failed while building its "
-                                          r"snapshot: KeyError: 'missing'") as info:
+    with pytest.raises(
+        LayerError,
+        match=r"layer 'broken' \(.*:\d+\) failed while building its "
+        r"snapshot: KeyError: 'missing'",
+    ) as info:
         layer_of(broken).run(None)
     assert isinstance(info.value.__cause__, KeyError)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: layer(lambda: None), "must take \\(vm\\)"),
-    (lambda: layer(params=[1])(lambda vm: None), "must take \\(vm, param\\)"),
-    (lambda: layer(base=print)(lambda vm: None), "needs another @layer"),
-    (lambda: layer(params=[])(lambda vm, p: None), "at least one parameter"),
-    (lambda: layer(params=[1, 2], ids=["a"])(lambda vm, p: None), "one id per parameter"),
-    (lambda: layer(layer(lambda vm: None)), "already a layer"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: layer(lambda: None), "must take \\(vm\\)"),
+        (lambda: layer(params=[1])(lambda vm: None), "must take \\(vm, param\\)"),
+        (lambda: layer(base=print)(lambda vm: None), "needs another @layer"),
+        (lambda: layer(params=[])(lambda vm, p: None), "at least one parameter"),
+        (lambda: layer(params=[1, 2], ids=["a"])(lambda vm, p: None), "one id per parameter"),
+        (lambda: layer(layer(lambda vm: None)), "already a layer"),
+    ],
+)
 def test_malformed_layers_are_refused_at_decoration(make, message):
     with pytest.raises(LayerError, match=message):
         make()

@@ -29,8 +29,11 @@ def test_defaults():
 
 
 def test_cli_beats_env_beats_ini():
-    ini = {"supermachine_image": "from-ini", "supermachine_pool_size": "1",
-           "supermachine_vcpus": "3"}
+    ini = {
+        "supermachine_image": "from-ini",
+        "supermachine_pool_size": "1",
+        "supermachine_vcpus": "3",
+    }
     env = {"SUPERMACHINE_IMAGE": "from-env", "SUPERMACHINE_POOL_SIZE": "2"}
     cli = {"image": "from-cli"}
     s = resolve(cli, env, ini)
@@ -45,30 +48,46 @@ def test_empty_values_count_as_unset():
     assert s.image == "ini"
 
 
-@pytest.mark.parametrize(("name", "raw", "expected"), [
-    ("rebuild", "yes", True), ("rebuild", "0", False), ("rebuild", "True", True),
-    ("ready_timeout", "2.5", 2.5), ("capsule_retention", "ALL", "all"),
-    ("pool_size", "0", 0), ("mem_mib", "128", 128),
-])
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("rebuild", "yes", True),
+        ("rebuild", "0", False),
+        ("rebuild", "True", True),
+        ("ready_timeout", "2.5", 2.5),
+        ("capsule_retention", "ALL", "all"),
+        ("pool_size", "0", 0),
+        ("mem_mib", "128", 128),
+    ],
+)
 def test_values_are_parsed(name, raw, expected):
     assert getattr(resolve(env={f"SUPERMACHINE_{name.upper()}": raw}), name) == expected
 
 
-@pytest.mark.parametrize(("name", "raw", "message"), [
-    ("vcpus", "0", "must be at least 1"),
-    ("pool_size", "-1", "must not be negative"),
-    ("capsule_retention", "some", "must be one of all, failed, none"),
-    ("rebuild", "maybe", "expected a boolean"),
-    ("ready_timeout", "0", "positive number of seconds"),
-])
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("vcpus", "0", "must be at least 1"),
+        ("pool_size", "-1", "must not be negative"),
+        ("capsule_retention", "some", "must be one of all, failed, none"),
+        ("rebuild", "maybe", "expected a boolean"),
+        ("ready_timeout", "0", "positive number of seconds"),
+    ],
+)
 def test_bad_values_name_their_source(name, raw, message):
-    with pytest.raises(SettingsError, match=rf"{name} from ini \(supermachine_{name}\): .*{message}"):
+    with pytest.raises(
+        SettingsError, match=rf"{name} from ini \(supermachine_{name}\): .*{message}"
+    ):
         resolve(ini={f"supermachine_{name}": raw})
 
 
 def test_relative_paths_resolve_against_their_source(tmp_path):
-    s = resolve({"capsule_dir": "caps"}, ini={"supermachine_cache_dir": "cache"},
-                invocation_dir=tmp_path / "cwd", ini_dir=tmp_path / "ini")
+    s = resolve(
+        {"capsule_dir": "caps"},
+        ini={"supermachine_cache_dir": "cache"},
+        invocation_dir=tmp_path / "cwd",
+        ini_dir=tmp_path / "ini",
+    )
     assert s.capsule_dir == tmp_path / "cwd" / "caps"
     assert s.cache_dir == tmp_path / "ini" / "cache"
     assert s.resolved_capsule_dir(tmp_path) == tmp_path / "cwd" / "caps"

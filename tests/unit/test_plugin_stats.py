@@ -34,6 +34,9 @@ def test_summary_lines():
     s.record_snapshot(built=True, seconds=0.5)
     s.processes = 2
     text = "\n".join(s.summary_lines())
-    assert "VMs handed out: 1 (0 reset in place, 1 restored from a snapshot), mean handout 10.00 ms" in text
+    assert (
+        "VMs handed out: 1 (0 reset in place, 1 restored from a snapshot), mean handout 10.00 ms"
+        in text
+    )
     assert "snapshots: 1 built in 0.50 s, 0 reused from the cache" in text
     assert "(totals of 2 processes)" in text

@@ -23,8 +23,14 @@ from pytest_supermachine.vmm.layout import PAGE_SIZE, RamRegion
 from pytest_supermachine.vmm.memory import GuestMemory
 from pytest_supermachine.vmm.snapshot import SnapshotRef, write_snapshot
 
-FACTS = {"cpu_vendor": "X", "cpu_family": 1, "cpu_model": 1, "kvm_api_version": 12,
-         "pvm": False, "page_size": PAGE_SIZE}
+FACTS = {
+    "cpu_vendor": "X",
+    "cpu_family": 1,
+    "cpu_model": 1,
+    "kvm_api_version": 12,
+    "pvm": False,
+    "page_size": PAGE_SIZE,
+}
 
 
 def memory(fill: int = 1) -> GuestMemory:
@@ -34,13 +40,21 @@ def memory(fill: int = 1) -> GuestMemory:
 
 
 def write_full(path: Path, fill: int = 1) -> SnapshotRef:
-    return write_snapshot(path, sections={"s": b"x"}, host_facts=FACTS, memory=memory(fill),
-                          durable=False)
+    return write_snapshot(
+        path, sections={"s": b"x"}, host_facts=FACTS, memory=memory(fill), durable=False
+    )
 
 
 def write_diff(path: Path, parent: Path) -> SnapshotRef:
-    return write_snapshot(path, sections={"s": b"y"}, host_facts=FACTS, memory=memory(2),
-                          pages=[[0]], parent=SnapshotRef.of(parent), durable=False)
+    return write_snapshot(
+        path,
+        sections={"s": b"y"},
+        host_facts=FACTS,
+        memory=memory(2),
+        pages=[[0]],
+        parent=SnapshotRef.of(parent),
+        durable=False,
+    )
 
 
 def test_key_changes_exactly_when_a_part_does():
@@ -128,8 +142,10 @@ def _build_in_child(root: str, key: str, log: str, delay: float) -> None:
 def test_concurrent_processes_build_once(tmp_path):
     log = tmp_path / "builds.log"
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path), "k", str(log), 0.3))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_build_in_child, args=(str(tmp_path), "k", str(log), 0.3))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

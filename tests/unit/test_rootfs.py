@@ -84,8 +84,9 @@ def inode_stat(image: Path, path: str) -> dict[str, str]:
 def cat(image: Path, path: str) -> bytes:
     tool = rootfs._find_tool("debugfs")
     assert tool
-    return subprocess.run([tool, "-R", f'cat "{path}"', str(image)], capture_output=True,
-                          check=True).stdout
+    return subprocess.run(
+        [tool, "-R", f'cat "{path}"', str(image)], capture_output=True, check=True
+    ).stdout
 
 
 def fsck(image: Path) -> None:
@@ -93,8 +94,6 @@ def fsck(image: Path) -> None:
     assert tool
     proc = subprocess.run([tool, "-fn", str(image)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 
 
 def make_tree(root: Path, *, foreign_owner: bool = True) -> Path:
@@ -137,10 +136,30 @@ def test_contents_modes_links_and_root_ownership(tmp_path: Path) -> None:
     fsck(image)
 
     top = ls(image, "/")
-    assert set(top) >= {"etc", "bin", "long-link", "private", "tmp", "empty", "big", "deep",
-                        'odd name "quoted" \\ back'}
-    for path in ["/", "/etc", "/etc/hostname", "/etc/shadow", "/bin/tool", "/bin/suid", "/bin/sh",
-                 "/long-link", "/private", "/tmp", "/deep/er/est/leaf"]:
+    assert set(top) >= {
+        "etc",
+        "bin",
+        "long-link",
+        "private",
+        "tmp",
+        "empty",
+        "big",
+        "deep",
+        'odd name "quoted" \\ back',
+    }
+    for path in [
+        "/",
+        "/etc",
+        "/etc/hostname",
+        "/etc/shadow",
+        "/bin/tool",
+        "/bin/suid",
+        "/bin/sh",
+        "/long-link",
+        "/private",
+        "/tmp",
+        "/deep/er/est/leaf",
+    ]:
         info = inode_stat(image, path)
         assert (info["uid"], info["gid"]) == ("0", "0"), path
 

@@ -31,7 +31,9 @@ def test_every_section_is_named_once():
 def test_each_struct_entry_pairs_the_get_and_set_of_the_same_state():
     for state in (*VM_STATE, *VCPU_STATE):
         if isinstance(state, StructState):
-            get = next(n for n in dir(lib) if n.startswith("KVM_GET_") and getattr(lib, n) == state.get)
+            get = next(
+                n for n in dir(lib) if n.startswith("KVM_GET_") and getattr(lib, n) == state.get
+            )
             assert getattr(lib, get.replace("KVM_GET_", "KVM_SET_")) == state.set
 
 

@@ -72,6 +72,10 @@ def build_agent(source_dir: Path | None = None) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    run_build_step(cmd, cwd, what='the guest agent build',
-                   install_hint='install gcc and the static C library (Debian: apt-get install gcc libc6-dev)',
-                   timeout=BUILD_TIMEOUT_S)
+    run_build_step(
+        cmd,
+        cwd,
+        what="the guest agent build",
+        install_hint="install gcc and the static C library (Debian: apt-get install gcc libc6-dev)",
+        timeout=BUILD_TIMEOUT_S,
+    )

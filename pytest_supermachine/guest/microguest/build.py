@@ -75,8 +75,9 @@ def build_microguest(source_dir: Path | None = None) -> Path:
     Raises GuestBuildError with the compiler output when the build fails.
     """
     src = (source_dir or SOURCE_DIR).resolve()
-    return cached_artifact("microguest", build_key(src), ELF_NAME,
-                           lambda tmp: _compile_and_link(src, tmp))
+    return cached_artifact(
+        "microguest", build_key(src), ELF_NAME, lambda tmp: _compile_and_link(src, tmp)
+    )
 
 
 def _compile_and_link(src: Path, out: Path) -> None:
@@ -100,6 +101,10 @@ def _compile_and_link(src: Path, out: Path) -> None:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    run_build_step(cmd, cwd, what='microguest build',
-                   install_hint='install gcc and binutils (Debian: apt-get install gcc binutils)',
-                   timeout=BUILD_TIMEOUT_S)
+    run_build_step(
+        cmd,
+        cwd,
+        what="microguest build",
+        install_hint="install gcc and binutils (Debian: apt-get install gcc binutils)",
+        timeout=BUILD_TIMEOUT_S,
+    )

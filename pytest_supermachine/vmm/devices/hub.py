@@ -41,6 +41,7 @@ from .virtio.vsock import VirtioVsock
 if TYPE_CHECKING:
     from ..kvm import Vm
 
+
 @dataclass(frozen=True)
 class VsockSpec:
     """A virtio-vsock device; the guest's CID (the host is always CID 2)."""
@@ -161,8 +162,12 @@ class AttachedDevice:
 
     @property
     def boot_device(self) -> BootDevice:
-        return BootDevice(self.transport.device.device_type, self.slot.irq, self.slot.mmio_base,
-                          self.slot.mmio_size)
+        return BootDevice(
+            self.transport.device.device_type,
+            self.slot.irq,
+            self.slot.mmio_base,
+            self.slot.mmio_size,
+        )
 
 
 class DeviceHub:
@@ -187,13 +192,15 @@ class DeviceHub:
             self.close()
             raise
 
-    def _attach(self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory,
-                mmio: MmioBus) -> None:
+    def _attach(
+        self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory, mmio: MmioBus
+    ) -> None:
         if isinstance(spec, VsockSpec):
             device: VirtioVsock | VirtioBlock = VirtioVsock(guest_cid=spec.guest_cid)
         else:
-            device = VirtioBlock(spec.path, size=spec.size, read_only=spec.read_only,
-                                 serial=spec.serial)
+            device = VirtioBlock(
+                spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial
+            )
         irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         transport = VirtioMmioTransport(device, memory, lambda fd=irqfd: os.eventfd_write(fd, 1))
         attached = AttachedDevice(spec, slot, transport, irqfd, [])
@@ -203,11 +210,15 @@ class DeviceHub:
             bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             attached.doorbells.append(bell)
             self._vm.ioeventfd(bell, slot.mmio_base + REG_QUEUE_NOTIFY, 4, datamatch=queue)
-            self._selector.register(bell, selectors.EVENT_READ,
-                                    (True, lambda t=transport, q=queue: t.notify(q)))
+            self._selector.register(
+                bell, selectors.EVENT_READ, (True, lambda t=transport, q=queue: t.notify(q))
+            )
         if isinstance(device, VirtioVsock):  # the muxer drains its own wake-up fd
-            self._selector.register(device.fileno(), selectors.EVENT_READ,
-                                    (False, lambda d=device, t=transport: d.service(t)))
+            self._selector.register(
+                device.fileno(),
+                selectors.EVENT_READ,
+                (False, lambda d=device, t=transport: d.service(t)),
+            )
         mmio.register(slot.mmio_base, slot.mmio_size, transport)
 
     # ------------------------------------------------------------------ serving
@@ -223,8 +234,9 @@ class DeviceHub:
     def start(self) -> None:
         """Start the event thread (idempotent)."""
         if self._thread is None and self.devices:
-            self._thread = threading.Thread(target=self._serve, name="supermachine-devices",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, name="supermachine-devices", daemon=True
+            )
             self._thread.start()
 
     def _serve(self) -> None:
@@ -254,8 +266,9 @@ class DeviceHub:
             yield
 
     def vsocks(self) -> list[VirtioVsock]:
-        return [d.transport.device for d in self.devices
-                if isinstance(d.transport.device, VirtioVsock)]
+        return [
+            d.transport.device for d in self.devices if isinstance(d.transport.device, VirtioVsock)
+        ]
 
     def vsock(self) -> VirtioVsock:
         found = self.vsocks()
@@ -297,8 +310,9 @@ class DeviceHub:
                 state = d.transport.state(include_device=False)
                 device = d.transport.device
                 if isinstance(device, VirtioBlock):
-                    state["device"] = device.state(self._disk_marks.get(d.slot.index) if diff
-                                                   else None)
+                    state["device"] = device.state(
+                        self._disk_marks.get(d.slot.index) if diff else None
+                    )
                 else:
                     state["device"] = device.state()
                 sections[d.section] = pack_state(state)

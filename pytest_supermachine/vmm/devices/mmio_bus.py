@@ -41,8 +41,12 @@ class BusRegion:
 class MmioBus:
     """Non-overlapping regions of one address space (MMIO or port I/O)."""
 
-    def __init__(self, name: str, on_add: Callable[[int, int, int], None] | None = None,
-                 on_remove: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        on_add: Callable[[int, int, int], None] | None = None,
+        on_remove: Callable[[int], None] | None = None,
+    ):
         self.name = name
         self._regions: list[BusRegion] = []
         self._by_token: dict[int, BusRegion] = {}
@@ -96,7 +100,9 @@ class DeviceBuses:
 
     def __init__(self) -> None:
         self._vm: Any = ffi.NULL
-        self.mmio = MmioBus("mmio", self._adder(lib.SM_SPACE_MMIO), self._remover(lib.SM_SPACE_MMIO))
+        self.mmio = MmioBus(
+            "mmio", self._adder(lib.SM_SPACE_MMIO), self._remover(lib.SM_SPACE_MMIO)
+        )
         self.pio = MmioBus("pio", self._adder(lib.SM_SPACE_PIO), self._remover(lib.SM_SPACE_PIO))
         self.error: BaseException | None = None
         self.handle = ffi.new_handle(self)
@@ -110,15 +116,18 @@ class DeviceBuses:
             rc = lib.sm_vm_add_io_region(self._vm, space, base, size, token)
             if rc < 0:
                 raise DeviceLayoutError(f"C core refused region {base:#x}+{size:#x} (errno {-rc})")
+
         return add
 
     def _remover(self, space: int) -> Callable[[int], None]:
         def remove(base: int) -> None:
             lib.sm_vm_remove_io_region(self._vm, space, base)
+
         return remove
 
-    def dispatch(self, token: int, space: int, offset: int, data: Any, length: int,
-                 is_write: int) -> int:
+    def dispatch(
+        self, token: int, space: int, offset: int, data: Any, length: int, is_write: int
+    ) -> int:
         bus = self.mmio if space == lib.SM_SPACE_MMIO else self.pio
         device = bus.region(token).device
         if is_write:
@@ -126,14 +135,17 @@ class DeviceBuses:
         else:
             value = device.read(offset, length)
             if len(value) != length:
-                raise ValueError(f"{type(device).__name__}.read returned {len(value)} bytes, not {length}")
+                raise ValueError(
+                    f"{type(device).__name__}.read returned {len(value)} bytes, not {length}"
+                )
             ffi.memmove(data, value, length)
         return 0
 
 
 @ffi.def_extern()
-def sm_py_io(handle: Any, token: int, space: int, addr: int, data: Any, length: int,
-             is_write: int) -> int:
+def sm_py_io(
+    handle: Any, token: int, space: int, addr: int, data: Any, length: int, is_write: int
+) -> int:
     buses: DeviceBuses = ffi.from_handle(handle)
     try:
         return buses.dispatch(token, space, addr, data, length, is_write)
