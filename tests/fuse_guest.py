@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_supermachine.vmm.devices.hub import pack_state, unpack_state
 from pytest_supermachine.vmm.devices.virtio.fs import VirtioFs
 from pytest_supermachine.vmm.devices.virtio.fs.device import HIPRIO_QUEUE
 from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
@@ -65,8 +66,21 @@ class FuseGuest:
             assert err == 0, f"INIT failed: {os.strerror(err)}"
             self.init_out = out
 
+    def restore_into(self, device: VirtioFs) -> None:
+        """Continue this session on `device`: the transport state (device state included) is
+        captured, encoded as a snapshot stores it, and restored into a fresh transport for
+        `device` over the same guest memory, as a restore in another process does."""
+        state = unpack_state(pack_state(self.transport.state()))
+        transport = VirtioMmioTransport(device, self.memory)
+        transport.restore_state(state)
+        transport.set_interrupt(self.driver._on_interrupt)
+        self.driver.transport = transport
+        self.transport, self.device = transport, device
+
     # -- transport ------------------------------------------------------------------------
-    def raw(self, request: bytes, room: int = DEFAULT_ROOM, *, queue: int = REQUEST_QUEUE) -> Reply | None:
+    def raw(
+        self, request: bytes, room: int = DEFAULT_ROOM, *, queue: int = REQUEST_QUEUE
+    ) -> Reply | None:
         """Send `request` bytes as one chain; the reply, or None if the device wrote nothing."""
         self.driver.alloc.rewind(self._heap)
         q = self.queues[queue]
@@ -82,18 +96,30 @@ class FuseGuest:
         assert hdr is not None, f"reply shorter than fuse_out_header: {data!r}"
         return Reply(int(hdr.len), int(hdr.error), int(hdr.unique), data[OUT_HEADER:], n)
 
-    def request(self, opcode: str, nodeid: int, body: bytes = b"", *, room: int = DEFAULT_ROOM) -> Reply | None:
+    def request(
+        self, opcode: str, nodeid: int, body: bytes = b"", *, room: int = DEFAULT_ROOM
+    ) -> Reply | None:
         """A well-formed request: header for `opcode` on `nodeid`, then `body`."""
         self.unique += 1
         hdr = FUSE.build(
-            "fuse_in_header", len=FUSE.sizeof("fuse_in_header") + len(body),
-            opcode=OPCODES[opcode], unique=self.unique, nodeid=nodeid,
+            "fuse_in_header",
+            len=FUSE.sizeof("fuse_in_header") + len(body),
+            opcode=OPCODES[opcode],
+            unique=self.unique,
+            nodeid=nodeid,
         )
         queue = HIPRIO_QUEUE if opcode in ("FUSE_FORGET", "FUSE_BATCH_FORGET") else REQUEST_QUEUE
         return self.raw(hdr + body, room, queue=queue)
 
-    def call(self, opcode: str, nodeid: int, body: bytes = b"", out: str | None = None,
-             *, room: int = DEFAULT_ROOM) -> tuple[int, Any]:
+    def call(
+        self,
+        opcode: str,
+        nodeid: int,
+        body: bytes = b"",
+        out: str | None = None,
+        *,
+        room: int = DEFAULT_ROOM,
+    ) -> tuple[int, Any]:
         """``(errno, payload)``: payload parsed as ``struct <out>`` if given, else raw bytes."""
         reply = self.request(opcode, nodeid, body, room=room)
         assert reply is not None, f"{opcode} got no reply"
@@ -106,8 +132,9 @@ class FuseGuest:
 
     # -- operations -------------------------------------------------------------------------
     def init(self, flags: int = 0xFFFF_FFFF, flags2: int = 0xFFFF_FFFF) -> tuple[int, Any]:
-        body = FUSE.build("fuse_init_in", major=7, minor=38, max_readahead=1 << 17,
-                          flags=flags, flags2=flags2)
+        body = FUSE.build(
+            "fuse_init_in", major=7, minor=38, max_readahead=1 << 17, flags=flags, flags2=flags2
+        )
         return self.call("FUSE_INIT", 0, body, "fuse_init_out")
 
     def lookup(self, parent: int, name: bytes) -> tuple[int, Any]:
@@ -127,7 +154,9 @@ class FuseGuest:
         return self.call("FUSE_GETATTR", nodeid, FUSE.build("fuse_getattr_in"), "fuse_attr_out")
 
     def open(self, nodeid: int, flags: int = os.O_RDONLY) -> tuple[int, int]:
-        err, out = self.call("FUSE_OPEN", nodeid, FUSE.build("fuse_open_in", flags=flags), "fuse_open_out")
+        err, out = self.call(
+            "FUSE_OPEN", nodeid, FUSE.build("fuse_open_in", flags=flags), "fuse_open_out"
+        )
         return err, int(out.fh) if out is not None else 0
 
     def read(self, nodeid: int, fh: int, size: int, offset: int = 0) -> tuple[int, bytes]:
@@ -155,13 +184,17 @@ class FuseGuest:
         err, out = self.call("FUSE_OPENDIR", nodeid, FUSE.build("fuse_open_in"), "fuse_open_out")
         return err, int(out.fh) if out is not None else 0
 
-    def readdir(self, nodeid: int, fh: int, *, plus: bool = False, size: int = 4096) -> list[tuple[bytes, int, Any]]:
+    def readdir(
+        self, nodeid: int, fh: int, *, plus: bool = False, size: int = 4096
+    ) -> list[tuple[bytes, int, Any]]:
         """Every entry as ``(name, dirent type, entry_out or None)``, following offsets to the end."""
         entries: list[tuple[bytes, int, Any]] = []
         offset = 0
         op = "FUSE_READDIRPLUS" if plus else "FUSE_READDIR"
         while True:
-            err, data = self.call(op, nodeid, FUSE.build("fuse_read_in", fh=fh, offset=offset, size=size))
+            err, data = self.call(
+                op, nodeid, FUSE.build("fuse_read_in", fh=fh, offset=offset, size=size)
+            )
             assert err == 0, os.strerror(err)
             if not data:
                 return entries
@@ -181,8 +214,9 @@ class FuseGuest:
     def readlink(self, nodeid: int) -> tuple[int, bytes]:
         return self.call("FUSE_READLINK", nodeid)
 
-    def create(self, parent: int, name: bytes, mode: int = 0o644,
-               flags: int = os.O_WRONLY) -> tuple[int, Any, int]:
+    def create(
+        self, parent: int, name: bytes, mode: int = 0o644, flags: int = os.O_WRONLY
+    ) -> tuple[int, Any, int]:
         body = FUSE.build("fuse_create_in", flags=flags, mode=0o100000 | mode) + name + b"\0"
         err, data = self.call("FUSE_CREATE", parent, body)
         if err:

@@ -42,7 +42,11 @@ class FsError(Exception):
     """A request the server answers with ``-errno`` (never a host-side failure)."""
 
     def __init__(self, code: int, why: str = "") -> None:
-        super().__init__(f"{errno.errorcode.get(code, code)}: {why}" if why else errno.errorcode.get(code, str(code)))
+        super().__init__(
+            f"{errno.errorcode.get(code, code)}: {why}"
+            if why
+            else errno.errorcode.get(code, str(code))
+        )
         self.errno = code
 
 

@@ -91,9 +91,22 @@ RENAME_EXCHANGE = 2
 _MUTATING = frozenset(
     OPCODES[name]
     for name in (
-        "FUSE_SETATTR", "FUSE_SYMLINK", "FUSE_MKNOD", "FUSE_MKDIR", "FUSE_UNLINK", "FUSE_RMDIR",
-        "FUSE_RENAME", "FUSE_RENAME2", "FUSE_LINK", "FUSE_WRITE", "FUSE_CREATE", "FUSE_SETXATTR",
-        "FUSE_REMOVEXATTR", "FUSE_FALLOCATE", "FUSE_COPY_FILE_RANGE", "FUSE_TMPFILE",
+        "FUSE_SETATTR",
+        "FUSE_SYMLINK",
+        "FUSE_MKNOD",
+        "FUSE_MKDIR",
+        "FUSE_UNLINK",
+        "FUSE_RMDIR",
+        "FUSE_RENAME",
+        "FUSE_RENAME2",
+        "FUSE_LINK",
+        "FUSE_WRITE",
+        "FUSE_CREATE",
+        "FUSE_SETXATTR",
+        "FUSE_REMOVEXATTR",
+        "FUSE_FALLOCATE",
+        "FUSE_COPY_FILE_RANGE",
+        "FUSE_TMPFILE",
     )
 )
 _NO_REPLY = frozenset(OPCODES[n] for n in ("FUSE_FORGET", "FUSE_BATCH_FORGET", "FUSE_INTERRUPT"))
@@ -172,13 +185,39 @@ class FuseServer:
         self._ops = {
             OPCODES[name]: getattr(self, "_op_" + name[5:].lower())
             for name in (
-                "FUSE_INIT", "FUSE_DESTROY", "FUSE_LOOKUP", "FUSE_FORGET", "FUSE_BATCH_FORGET",
-                "FUSE_GETATTR", "FUSE_SETATTR", "FUSE_READLINK", "FUSE_SYMLINK", "FUSE_MKNOD",
-                "FUSE_MKDIR", "FUSE_UNLINK", "FUSE_RMDIR", "FUSE_RENAME", "FUSE_RENAME2",
-                "FUSE_LINK", "FUSE_OPEN", "FUSE_READ", "FUSE_WRITE", "FUSE_STATFS",
-                "FUSE_RELEASE", "FUSE_FSYNC", "FUSE_FLUSH", "FUSE_OPENDIR", "FUSE_READDIR",
-                "FUSE_READDIRPLUS", "FUSE_RELEASEDIR", "FUSE_FSYNCDIR", "FUSE_ACCESS",
-                "FUSE_CREATE", "FUSE_LSEEK", "FUSE_INTERRUPT", "FUSE_SETUPMAPPING",
+                "FUSE_INIT",
+                "FUSE_DESTROY",
+                "FUSE_LOOKUP",
+                "FUSE_FORGET",
+                "FUSE_BATCH_FORGET",
+                "FUSE_GETATTR",
+                "FUSE_SETATTR",
+                "FUSE_READLINK",
+                "FUSE_SYMLINK",
+                "FUSE_MKNOD",
+                "FUSE_MKDIR",
+                "FUSE_UNLINK",
+                "FUSE_RMDIR",
+                "FUSE_RENAME",
+                "FUSE_RENAME2",
+                "FUSE_LINK",
+                "FUSE_OPEN",
+                "FUSE_READ",
+                "FUSE_WRITE",
+                "FUSE_STATFS",
+                "FUSE_RELEASE",
+                "FUSE_FSYNC",
+                "FUSE_FLUSH",
+                "FUSE_OPENDIR",
+                "FUSE_READDIR",
+                "FUSE_READDIRPLUS",
+                "FUSE_RELEASEDIR",
+                "FUSE_FSYNCDIR",
+                "FUSE_ACCESS",
+                "FUSE_CREATE",
+                "FUSE_LSEEK",
+                "FUSE_INTERRUPT",
+                "FUSE_SETUPMAPPING",
                 "FUSE_REMOVEMAPPING",
             )
         }
@@ -288,12 +327,21 @@ class FuseServer:
     @staticmethod
     def _attr(st: os.stat_result) -> dict[str, int]:
         return {
-            "ino": st.st_ino, "size": st.st_size, "blocks": st.st_blocks,
-            "atime": int(st.st_atime), "atimensec": st.st_atime_ns % 10**9,
-            "mtime": int(st.st_mtime), "mtimensec": st.st_mtime_ns % 10**9,
-            "ctime": int(st.st_ctime), "ctimensec": st.st_ctime_ns % 10**9,
-            "mode": st.st_mode, "nlink": st.st_nlink, "uid": st.st_uid, "gid": st.st_gid,
-            "rdev": st.st_rdev & 0xFFFF_FFFF, "blksize": st.st_blksize,
+            "ino": st.st_ino,
+            "size": st.st_size,
+            "blocks": st.st_blocks,
+            "atime": int(st.st_atime),
+            "atimensec": st.st_atime_ns % 10**9,
+            "mtime": int(st.st_mtime),
+            "mtimensec": st.st_mtime_ns % 10**9,
+            "ctime": int(st.st_ctime),
+            "ctimensec": st.st_ctime_ns % 10**9,
+            "mode": st.st_mode,
+            "nlink": st.st_nlink,
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "rdev": st.st_rdev & 0xFFFF_FFFF,
+            "blksize": st.st_blksize,
         }
 
     def _attr_out(self, st: os.stat_result) -> bytes:
@@ -310,8 +358,12 @@ class FuseServer:
         node = self.nodes[nodeid]
         node.lookups += 1
         return FUSE.build(
-            "fuse_entry_out", nodeid=nodeid, generation=node.generation,
-            entry_valid=0, attr_valid=0, attr=self._attr(st),
+            "fuse_entry_out",
+            nodeid=nodeid,
+            generation=node.generation,
+            entry_valid=0,
+            attr_valid=0,
+            attr=self._attr(st),
         )
 
     def _lookup_path(self, path: bytes) -> bytes:
@@ -330,9 +382,16 @@ class FuseServer:
         agreed = flags & offered
         self.minor = min(int(arg.minor), KERNEL_MINOR)
         return FUSE.build(
-            "fuse_init_out", major=KERNEL_MAJOR, minor=self.minor,
-            max_readahead=arg.max_readahead, flags=agreed & 0xFFFF_FFFF, flags2=agreed >> 32,
-            max_background=16, congestion_threshold=12, max_write=MAX_WRITE, time_gran=1,
+            "fuse_init_out",
+            major=KERNEL_MAJOR,
+            minor=self.minor,
+            max_readahead=arg.max_readahead,
+            flags=agreed & 0xFFFF_FFFF,
+            flags2=agreed >> 32,
+            max_background=16,
+            congestion_threshold=12,
+            max_write=MAX_WRITE,
+            time_gran=1,
             max_pages=MAX_PAGES,
             map_alignment=DAX_ALIGNMENT_SHIFT if agreed & C["FUSE_MAP_ALIGNMENT"] else 0,
         )
@@ -418,14 +477,28 @@ class FuseServer:
             gid = int(arg.gid) if valid & C["FATTR_GID"] else -1
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
         if valid & (C["FATTR_ATIME"] | C["FATTR_MTIME"]):
+
             def when(flag: int, now: int, sec: int, nsec: int, old: int) -> int:
                 if not valid & flag:
                     return old
                 if valid & now:
                     return time.time_ns()
                 return sec * 10**9 + nsec
-            atime = when(C["FATTR_ATIME"], C["FATTR_ATIME_NOW"], int(arg.atime), int(arg.atimensec), st.st_atime_ns)
-            mtime = when(C["FATTR_MTIME"], C["FATTR_MTIME_NOW"], int(arg.mtime), int(arg.mtimensec), st.st_mtime_ns)
+
+            atime = when(
+                C["FATTR_ATIME"],
+                C["FATTR_ATIME_NOW"],
+                int(arg.atime),
+                int(arg.atimensec),
+                st.st_atime_ns,
+            )
+            mtime = when(
+                C["FATTR_MTIME"],
+                C["FATTR_MTIME_NOW"],
+                int(arg.mtime),
+                int(arg.mtimensec),
+                st.st_mtime_ns,
+            )
             os.utime(name, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
 
     def _op_readlink(self, nodeid: int, body: memoryview, room: int) -> bytes:
@@ -438,7 +511,9 @@ class FuseServer:
         finally:
             os.close(pfd)
 
-    def _in_dir(self, nodeid: int, body: memoryview, offset: int, count: int) -> tuple[bytes, int, list[bytes]]:
+    def _in_dir(
+        self, nodeid: int, body: memoryview, offset: int, count: int
+    ) -> tuple[bytes, int, list[bytes]]:
         """``(parent path, parent O_PATH fd, names)`` for requests naming entries of a directory."""
         names = [check_name(n) for n in self._names(body, offset, count)]
         parent = self._path(nodeid)
@@ -501,7 +576,10 @@ class FuseServer:
         return self._remove(nodeid, body, directory=True)
 
     def _rename(self, olddir: int, newdir: int, body: memoryview, offset: int, flags: int) -> bytes:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if (
+            flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)
+            or flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise FsError(errno.EINVAL, f"rename flags {flags:#x}")
         old_parent, ofd, _ = self._in_dir(olddir, body, offset, 1)
         try:
@@ -542,7 +620,9 @@ class FuseServer:
 
     def _op_rename2(self, nodeid: int, body: memoryview, room: int) -> bytes:
         arg = self._arg("fuse_rename2_in", body)
-        return self._rename(nodeid, int(arg.newdir), body, FUSE.sizeof("fuse_rename2_in"), int(arg.flags))
+        return self._rename(
+            nodeid, int(arg.newdir), body, FUSE.sizeof("fuse_rename2_in"), int(arg.flags)
+        )
 
     def _op_link(self, nodeid: int, body: memoryview, room: int) -> bytes:
         arg = self._arg("fuse_link_in", body)
@@ -609,10 +689,19 @@ class FuseServer:
 
     def _op_statfs(self, nodeid: int, body: memoryview, room: int) -> bytes:
         s = os.statvfs(self.host.root_fd)
-        return FUSE.build("fuse_statfs_out", st={
-            "blocks": s.f_blocks, "bfree": s.f_bfree, "bavail": s.f_bavail, "files": s.f_files,
-            "ffree": s.f_ffree, "bsize": s.f_bsize, "namelen": s.f_namemax, "frsize": s.f_frsize,
-        })
+        return FUSE.build(
+            "fuse_statfs_out",
+            st={
+                "blocks": s.f_blocks,
+                "bfree": s.f_bfree,
+                "bavail": s.f_bavail,
+                "files": s.f_files,
+                "ffree": s.f_ffree,
+                "bsize": s.f_bsize,
+                "namelen": s.f_namemax,
+                "frsize": s.f_frsize,
+            },
+        )
 
     def _release(self, body: memoryview, *, is_dir: bool) -> bytes:
         fh = int(self._arg("fuse_release_in", body).fh)
@@ -691,10 +780,16 @@ class FuseServer:
                 record += ENTRY_OUT
             if len(out) + record > room:
                 break
-            dirent = FUSE.build(
-                "fuse_dirent", ino=st.st_ino, off=index + 1, namelen=len(name),
-                type=stat.S_IFMT(st.st_mode) >> 12,
-            ) + name
+            dirent = (
+                FUSE.build(
+                    "fuse_dirent",
+                    ino=st.st_ino,
+                    off=index + 1,
+                    namelen=len(name),
+                    type=stat.S_IFMT(st.st_mode) >> 12,
+                )
+                + name
+            )
             dirent += bytes(-len(dirent) % 8)
             if plus:
                 if name in (b".", b"..") or parent is None:
@@ -753,7 +848,8 @@ class FuseServer:
 
     def _forget_mappings(self, moffset: int, length: int) -> None:
         self.mappings = [
-            m for m in self.mappings
+            m
+            for m in self.mappings
             if m.moffset + m.length <= moffset or moffset + length <= m.moffset
         ]
 
@@ -765,7 +861,13 @@ class FuseServer:
             "next_nodeid": self._next_nodeid,
             "next_fh": self._next_fh,
             "nodes": [
-                [n.nodeid, n.path if n.path is not None else b"", n.path is not None, n.generation, n.lookups]
+                [
+                    n.nodeid,
+                    n.path if n.path is not None else b"",
+                    n.path is not None,
+                    n.generation,
+                    n.lookups,
+                ]
                 for n in self.nodes.values()
             ],
             "handles": [[h.fh, h.nodeid, h.flags, h.is_dir] for h in self.handles.values()],
@@ -798,7 +900,9 @@ class FuseServer:
                 try:
                     h.fd = self.host.open(node.path, h.flags & ~os.O_TRUNC)
                 except OSError as e:
-                    log.info("virtio-fs: handle %d (%r) is stale after restore: %s", h.fh, node.path, e)
+                    log.info(
+                        "virtio-fs: handle %d (%r) is stale after restore: %s", h.fh, node.path, e
+                    )
             self.handles[h.fh] = h
         self.mappings = []
         for moffset, length, fh, foffset, writable in state.get("mappings", []):

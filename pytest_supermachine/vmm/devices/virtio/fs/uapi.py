@@ -36,9 +36,17 @@ INCLUDE_DIRS = ("/usr/include", "/usr/include/x86_64-linux-gnu")
 _KERNEL_TYPES = "".join(
     f"typedef {std} {k};\n"
     for k, std in (
-        ("__u8", "uint8_t"), ("__u16", "uint16_t"), ("__u32", "uint32_t"), ("__u64", "uint64_t"),
-        ("__s8", "int8_t"), ("__s16", "int16_t"), ("__s32", "int32_t"), ("__s64", "int64_t"),
-        ("__le16", "uint16_t"), ("__le32", "uint32_t"), ("__le64", "uint64_t"),
+        ("__u8", "uint8_t"),
+        ("__u16", "uint16_t"),
+        ("__u32", "uint32_t"),
+        ("__u64", "uint64_t"),
+        ("__s8", "int8_t"),
+        ("__s16", "int16_t"),
+        ("__s32", "int32_t"),
+        ("__s64", "int64_t"),
+        ("__le16", "uint16_t"),
+        ("__le32", "uint32_t"),
+        ("__le64", "uint64_t"),
     )
 )
 _PACKED = re.compile(r"__attribute__\s*\(\(\s*packed\s*\)\)")
