@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from ..device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
-from .server import DaxWindow, FuseServer
+from .server import OUT_HEADER, DaxWindow, FuseServer
 from .uapi import VIRTIO_FS
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,13 @@ class VirtioFs(VirtioDevice):
         queue = self.queues[index]
         added = False
         while (chain := queue.pop()) is not None:
-            reply = self.server.handle(chain.read(), chain.writable_len)
-            written = chain.write(0, reply) if reply else 0
+            written = 0
+            if chain.writable_len >= OUT_HEADER or index == HIPRIO_QUEUE:
+                reply = self.server.handle(chain.read(), chain.writable_len)
+                if reply and chain.writable_len >= OUT_HEADER:
+                    written = chain.write(0, reply)
+            else:  # no room for even an error header: complete it with nothing written
+                log.debug("virtio-fs: request without room for a reply on queue %d", index)
             queue.add_used(chain.head, written)
             added = True
         if added:

@@ -84,7 +84,7 @@ INIT_FLAGS = (
     | C["FUSE_INIT_EXT"]
 )
 #: Open flags a handle keeps (creation flags are the server's business, access mode the guest's).
-_OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_DIRECT | os.O_SYNC
+_OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -253,6 +253,8 @@ class FuseServer:
             payload = -e.errno
         except OSError as e:
             payload = -(e.errno or errno.EIO)
+        except (OverflowError, ValueError):  # a field out of the host call's range
+            payload = -errno.EINVAL
         except Exception:  # a server bug must not take the VMM down; the guest sees EIO
             log.exception("virtio-fs: opcode %d failed", opcode)
             payload = -errno.EIO
@@ -303,6 +305,21 @@ class FuseServer:
             return self.host.open(rel, flags, mode)
         except FileNotFoundError:
             raise FsError(errno.ESTALE, f"{rel!r} vanished on the host") from None
+
+    def _open_file(self, rel: bytes, flags: int, mode: int = 0) -> int:
+        """An fd of the regular file at `rel`; anything else (a FIFO that would block the
+        VMM, a device node, a directory) is refused before it is used."""
+        fd = self._open(rel, flags | os.O_NONBLOCK, mode)
+        try:
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind != stat.S_IFREG:
+                raise FsError(errno.EISDIR if kind == stat.S_IFDIR else errno.EACCES)
+            if not flags & os.O_NONBLOCK:
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _lstat(self, rel: bytes) -> os.stat_result:
         fd = self._open(rel, os.O_PATH)
@@ -452,7 +469,7 @@ class FuseServer:
             if h is not None and h.fd >= 0 and h.nodeid == nodeid and not h.is_dir:
                 os.ftruncate(h.fd, int(arg.size))
             else:
-                fd = self._open(path, os.O_WRONLY)
+                fd = self._open_file(path, os.O_WRONLY)
                 try:
                     os.ftruncate(fd, int(arg.size))
                 finally:
@@ -653,10 +670,7 @@ class FuseServer:
     def _op_open(self, nodeid: int, body: memoryview, room: int) -> bytes:
         flags = self._check_open_flags(int(self._arg("fuse_open_in", body).flags))
         path = self._path(nodeid)
-        fd = self._open(path, flags)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise FsError(errno.EISDIR)
+        fd = self._open_file(path, flags)
         fh = self._new_handle(nodeid, flags & ~os.O_TRUNC, fd, is_dir=False)
         return FUSE.build("fuse_open_out", fh=fh, open_flags=0)
 
@@ -667,7 +681,12 @@ class FuseServer:
         path = join(parent, name)
         flags = self._check_open_flags(int(arg.flags))
         excl = int(arg.flags) & os.O_EXCL
-        fd = self.host.open(path, flags | os.O_CREAT | excl, int(arg.mode) & 0o7777)
+        try:
+            fd = self._open_file(path, flags | os.O_CREAT | excl, int(arg.mode) & 0o7777)
+        except FsError as e:
+            if e.errno == errno.ESTALE:  # the parent vanished between the two opens
+                raise FsError(errno.ENOENT) from None
+            raise
         entry = self._entry(path, os.fstat(fd))
         fh = self._new_handle(self._by_path[path], flags & ~os.O_TRUNC, fd, is_dir=False)
         return entry + FUSE.build("fuse_open_out", fh=fh, open_flags=0)
@@ -898,8 +917,11 @@ class FuseServer:
             node = self.nodes.get(h.nodeid)
             if node is not None and node.path is not None:
                 try:
-                    h.fd = self.host.open(node.path, h.flags & ~os.O_TRUNC)
-                except OSError as e:
+                    if h.is_dir:
+                        h.fd = self.host.open(node.path, h.flags | os.O_DIRECTORY)
+                    else:
+                        h.fd = self._open_file(node.path, h.flags & ~os.O_TRUNC)
+                except (OSError, FsError) as e:
                     log.info(
                         "virtio-fs: handle %d (%r) is stale after restore: %s", h.fh, node.path, e
                     )
