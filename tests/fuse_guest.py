@@ -224,3 +224,16 @@ class FuseGuest:
         entry = FUSE.parse("fuse_entry_out", data)
         opened = FUSE.parse("fuse_open_out", data, FUSE.sizeof("fuse_entry_out"))
         return 0, entry, int(opened.fh)
+
+
+def fds_under(prefix: str) -> list[str]:
+    """This process's open fds whose target lies under `prefix`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the fd listdir itself used
+            continue
+        if target.startswith(prefix):
+            found.append(target)
+    return found

@@ -20,7 +20,7 @@ from pytest_supermachine.vmm.devices.virtio.fs.device import SHM_CACHE
 from pytest_supermachine.vmm.devices.virtio.fs.server import FuseServer
 from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
 from pytest_supermachine.vmm.devices.virtio.mmio import REG_DEVICE_ID
-from tests.fuse_guest import ROOT, FuseGuest
+from tests.fuse_guest import ROOT, FuseGuest, fds_under
 
 pytestmark = pytest.mark.unit
 
@@ -681,3 +681,44 @@ def test_without_a_window_dax_requests_are_enosys(ro):
     node = ro.walk("big.bin")
     _, fh = ro.open(node)
     assert setupmapping(ro, node, fh, 0, 4096) == errno.ENOSYS
+
+
+# -- session edges -------------------------------------------------------------------------------
+def test_renaming_a_file_onto_itself_keeps_its_node(rw):
+    node = rw.walk("hello.txt")
+    body = FUSE.build("fuse_rename_in", newdir=ROOT) + b"hello.txt\0hello.txt\0"
+    assert rw.call("FUSE_RENAME", ROOT, body)[0] == 0
+    assert rw.getattr(node)[0] == 0
+
+
+def test_a_second_init_starts_a_new_session(ro):
+    node = ro.walk("hello.txt")
+    assert ro.open(node)[0] == 0
+    assert ro.init()[0] == 0
+    assert ro.device.server.handles == {}
+    assert ro.getattr(node)[0] == errno.ESTALE
+    assert ro.getattr(ROOT)[0] == 0
+
+
+def test_opening_a_fifo_is_refused_instead_of_blocking_the_vmm(rw, tree):
+    body = FUSE.build("fuse_mknod_in", mode=stat.S_IFIFO | 0o644) + b"pipe\0"
+    err, entry = rw.call("FUSE_MKNOD", ROOT, body, "fuse_entry_out")
+    assert err == 0 and stat.S_ISFIFO((tree / "pipe").lstat().st_mode)
+    assert rw.open(int(entry.nodeid))[0] == errno.EACCES
+    assert rw.open(int(entry.nodeid), os.O_WRONLY)[0] in (errno.EACCES, errno.ENXIO)
+
+
+def test_device_nodes_are_not_created_on_the_host(rw, tree):
+    body = FUSE.build("fuse_mknod_in", mode=stat.S_IFCHR | 0o666, rdev=0x0103) + b"null\0"
+    assert rw.call("FUSE_MKNOD", ROOT, body)[0] == errno.EPERM
+    assert not (tree / "null").exists()
+
+
+def test_closing_the_device_releases_every_host_fd(tree):
+    dev = VirtioFs(tree, "src")
+    guest = FuseGuest(dev)
+    for name in ("hello.txt", "big.bin"):
+        assert guest.open(guest.walk(name))[0] == 0
+    assert guest.opendir(ROOT)[0] == 0
+    dev.close()
+    assert fds_under(str(tree)) == []

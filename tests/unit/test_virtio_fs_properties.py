@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from pytest_supermachine.vmm.devices.virtio.fs import VirtioFs
 from pytest_supermachine.vmm.devices.virtio.fs.server import FuseServer
 from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
-from tests.fuse_guest import FuseGuest
+from tests.fuse_guest import FuseGuest, fds_under
 from tests.unit.test_virtio_fs import SECRET, make_tree
 
 pytestmark = pytest.mark.unit
@@ -196,6 +196,7 @@ def fresh_session(writable: bool) -> Iterator[tuple[FuseGuest, Path, Path, dict]
             yield guest, root, outside, before
         finally:
             dev.close()
+        assert fds_under(tmp) == [], "host fds of the mounted tree outlived the device"
 
 
 WRITABLE = pytest.mark.parametrize("writable", [False, True], ids=["read-only", "writable"])

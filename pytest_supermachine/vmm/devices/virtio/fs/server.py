@@ -394,6 +394,7 @@ class FuseServer:
             raise FsError(errno.EPROTO, "FUSE major version below 7")
         if arg.major > KERNEL_MAJOR:  # the kernel retries with ours
             return FUSE.build("fuse_init_out", major=KERNEL_MAJOR, minor=KERNEL_MINOR)
+        self._end_session()  # a new mount (after a guest reboot) starts from nothing
         flags = arg.flags | (arg.flags2 << 32 if arg.flags & C["FUSE_INIT_EXT"] else 0)
         offered = INIT_FLAGS | (C["FUSE_MAP_ALIGNMENT"] if self.dax is not None else 0)
         agreed = flags & offered
@@ -414,10 +415,14 @@ class FuseServer:
         )
 
     def _op_destroy(self, nodeid: int, body: memoryview, room: int) -> bytes:
+        self._end_session()
+        return b""
+
+    def _end_session(self) -> None:
+        """Close every handle and forget every node but the root (ids are still never reused)."""
         self._drop_handles()
         self.nodes = {FUSE_ROOT_ID: Node(FUSE_ROOT_ID, b"", 0, 1)}
         self._by_path = {b"": FUSE_ROOT_ID}
-        return b""
 
     def _op_interrupt(self, nodeid: int, body: memoryview, room: int) -> bytes:
         return b""  # requests are served synchronously: nothing is ever in flight
@@ -474,14 +479,14 @@ class FuseServer:
                     os.ftruncate(fd, int(arg.size))
                 finally:
                     os.close(fd)
+        if not path and valid & (C["FATTR_MODE"] | C["FATTR_UID"] | C["FATTR_GID"]):
+            raise FsError(errno.EPERM, "the mount root's attributes are the host's")
         if path:
             pfd, name = self.host.open_parent(path)
             try:
                 self._set_attrs_at(pfd, name, arg, valid, st)
             finally:
                 os.close(pfd)
-        elif valid & C["FATTR_MODE"]:
-            raise FsError(errno.EPERM, "the mount root's attributes are the host's")
         return self._attr_out(self._lstat(path))
 
     @staticmethod
@@ -538,8 +543,8 @@ class FuseServer:
 
     def _op_symlink(self, nodeid: int, body: memoryview, room: int) -> bytes:
         parent, pfd, _ = self._in_dir(nodeid, body, 0, 1)
-        name, target = self._names(body, 0, 2)
         try:
+            name, target = self._names(body, 0, 2)
             if not target:
                 raise FsError(errno.ENOENT, "empty symlink target")
             os.symlink(target, name, dir_fd=pfd)
@@ -610,6 +615,8 @@ class FuseServer:
         finally:
             os.close(ofd)
         old, new = join(old_parent, oldname), join(new_parent, newname)
+        if old == new:
+            return b""
         if flags & RENAME_EXCHANGE:
             self._move_paths({old: new, new: old})
         else:
