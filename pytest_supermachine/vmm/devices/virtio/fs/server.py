@@ -118,6 +118,12 @@ class DaxWindow(Protocol):
     Offsets are relative to the window's start; the machine guarantees that
     `map` of a range replaces whatever was mapped there, and that `unmap`
     leaves the range mapped to nothing the guest can read host data through.
+
+    Linux maps whole ``FUSE_DAX_SZ`` (2 MiB) ranges, so a range may extend
+    past the end of the file: the window must back that tail with zero pages
+    (a guest access past EOF must never become a SIGBUS in a vCPU thread).
+    The server has checked that ranges are page-aligned and inside `size`,
+    and that `writable` is only ever asked for on a writable mount.
     """
 
     @property
