@@ -40,7 +40,7 @@ open handle's host fd into the window; the mappings are part of the state and
 re-established by `restore_state`. Without a window both answer ENOSYS.
 
 GETXATTR/LISTXATTR/SETXATTR/REMOVEXATTR answer ENOSYS (the guest kernel then
-stops asking); so does every opcode not listed in `FuseServer._ops`.
+stops asking); so does every opcode without an ``_op_<name>`` method.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -188,44 +189,11 @@ class FuseServer:
         self.mappings: list[DaxMapping] = []
         self._next_nodeid = FUSE_ROOT_ID + 1
         self._next_fh = 1
+        #: opcode -> handler: every ``_op_<name>`` method serves ``FUSE_<NAME>``.
         self._ops = {
-            OPCODES[name]: getattr(self, "_op_" + name[5:].lower())
-            for name in (
-                "FUSE_INIT",
-                "FUSE_DESTROY",
-                "FUSE_LOOKUP",
-                "FUSE_FORGET",
-                "FUSE_BATCH_FORGET",
-                "FUSE_GETATTR",
-                "FUSE_SETATTR",
-                "FUSE_READLINK",
-                "FUSE_SYMLINK",
-                "FUSE_MKNOD",
-                "FUSE_MKDIR",
-                "FUSE_UNLINK",
-                "FUSE_RMDIR",
-                "FUSE_RENAME",
-                "FUSE_RENAME2",
-                "FUSE_LINK",
-                "FUSE_OPEN",
-                "FUSE_READ",
-                "FUSE_WRITE",
-                "FUSE_STATFS",
-                "FUSE_RELEASE",
-                "FUSE_FSYNC",
-                "FUSE_FLUSH",
-                "FUSE_OPENDIR",
-                "FUSE_READDIR",
-                "FUSE_READDIRPLUS",
-                "FUSE_RELEASEDIR",
-                "FUSE_FSYNCDIR",
-                "FUSE_ACCESS",
-                "FUSE_CREATE",
-                "FUSE_LSEEK",
-                "FUSE_INTERRUPT",
-                "FUSE_SETUPMAPPING",
-                "FUSE_REMOVEMAPPING",
-            )
+            OPCODES["FUSE_" + attr[4:].upper()]: getattr(self, attr)
+            for attr in dir(type(self))
+            if attr.startswith("_op_")
         }
 
     @property
@@ -328,11 +296,11 @@ class FuseServer:
         return fd
 
     def _lstat(self, rel: bytes) -> os.stat_result:
-        fd = self._open(rel, os.O_PATH)
+        """`HostDirectory.lstat` where a missing path of a known node means ESTALE."""
         try:
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
+            return self.host.lstat(rel)
+        except FileNotFoundError:
+            raise FsError(errno.ESTALE, f"{rel!r} vanished on the host") from None
 
     def _parent_fd(self, nodeid: int) -> int:
         """An ``O_PATH`` fd of directory node `nodeid` (ENOTDIR if it is not one)."""
@@ -547,37 +515,43 @@ class FuseServer:
         parent = self._path(nodeid)
         return parent, self._parent_fd(nodeid), names
 
-    def _op_symlink(self, nodeid: int, body: memoryview, room: int) -> bytes:
-        parent, pfd, _ = self._in_dir(nodeid, body, 0, 1)
+    def _make(
+        self, nodeid: int, body: memoryview, offset: int, make: Callable[[bytes, int], None]
+    ) -> bytes:
+        """Create the entry named at `offset` of `body` in directory `nodeid` with
+        ``make(name, parent_fd)``; its ``fuse_entry_out``."""
+        parent, pfd, (name,) = self._in_dir(nodeid, body, offset, 1)
         try:
-            name, target = self._names(body, 0, 2)
-            if not target:
-                raise FsError(errno.ENOENT, "empty symlink target")
-            os.symlink(target, name, dir_fd=pfd)
+            make(name, pfd)
         finally:
             os.close(pfd)
         return self._lookup_path(join(parent, name))
+
+    def _op_symlink(self, nodeid: int, body: memoryview, room: int) -> bytes:
+        _, target = self._names(body, 0, 2)
+        if not target:
+            raise FsError(errno.ENOENT, "empty symlink target")
+        return self._make(nodeid, body, 0, lambda name, pfd: os.symlink(target, name, dir_fd=pfd))
 
     def _op_mknod(self, nodeid: int, body: memoryview, room: int) -> bytes:
-        arg = self._arg("fuse_mknod_in", body)
-        parent, pfd, (name,) = self._in_dir(nodeid, body, FUSE.sizeof("fuse_mknod_in"), 1)
-        try:
-            mode = int(arg.mode)
-            if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-                raise FsError(errno.EPERM, "device nodes are not created on the host")
-            os.mknod(name, mode, 0, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-        return self._lookup_path(join(parent, name))
+        mode = int(self._arg("fuse_mknod_in", body).mode)
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise FsError(errno.EPERM, "device nodes are not created on the host")
+        return self._make(
+            nodeid,
+            body,
+            FUSE.sizeof("fuse_mknod_in"),
+            lambda name, pfd: os.mknod(name, mode, 0, dir_fd=pfd),
+        )
 
     def _op_mkdir(self, nodeid: int, body: memoryview, room: int) -> bytes:
-        arg = self._arg("fuse_mkdir_in", body)
-        parent, pfd, (name,) = self._in_dir(nodeid, body, FUSE.sizeof("fuse_mkdir_in"), 1)
-        try:
-            os.mkdir(name, int(arg.mode) & 0o7777, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-        return self._lookup_path(join(parent, name))
+        mode = int(self._arg("fuse_mkdir_in", body).mode) & 0o7777
+        return self._make(
+            nodeid,
+            body,
+            FUSE.sizeof("fuse_mkdir_in"),
+            lambda name, pfd: os.mkdir(name, mode, dir_fd=pfd),
+        )
 
     def _detach(self, path: bytes) -> None:
         """The node at `path` (if any) no longer names a host file."""
@@ -655,18 +629,16 @@ class FuseServer:
         )
 
     def _op_link(self, nodeid: int, body: memoryview, room: int) -> bytes:
-        arg = self._arg("fuse_link_in", body)
-        parent, pfd, (name,) = self._in_dir(nodeid, body, FUSE.sizeof("fuse_link_in"), 1)
-        try:
-            src = self._path(int(arg.oldnodeid))
+        src = self._path(int(self._arg("fuse_link_in", body).oldnodeid))
+
+        def link(name: bytes, pfd: int) -> None:
             sfd, sname = self.host.open_parent(src)
             try:
                 os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
             finally:
                 os.close(sfd)
-        finally:
-            os.close(pfd)
-        return self._lookup_path(join(parent, name))
+
+        return self._make(nodeid, body, FUSE.sizeof("fuse_link_in"), link)
 
     # -- files ------------------------------------------------------------------------------
     def _check_open_flags(self, flags: int) -> int:
