@@ -44,6 +44,7 @@ def make_tree(base: Path) -> Path:
     (root / "link_abs").symlink_to(outside / "canary")
     (root / "link_out").symlink_to("../outside/canary")
     (root / "link_dir_out").symlink_to("../outside")
+    (root / "link_dir_abs").symlink_to(outside)
     (root / "chain2").symlink_to("link_out")
     (root / "chain1").symlink_to("chain2")
     return root
@@ -434,7 +435,7 @@ def test_opening_a_symlink_never_follows_it_on_the_host(ro, link):
     assert err == errno.ELOOP
 
 
-@pytest.mark.parametrize("link", ["link_dir_out", "link_abs", "chain1"])
+@pytest.mark.parametrize("link", ["link_dir_out", "link_dir_abs", "link_abs", "chain1"])
 def test_looking_up_through_a_symlink_never_follows_it_on_the_host(ro, link):
     node = ro.walk(link)
     err, _ = ro.lookup(node, b"canary")

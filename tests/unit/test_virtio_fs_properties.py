@@ -46,6 +46,10 @@ FAST = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
+#: The escape search needs more examples than the per-request checks: an escape takes a
+#: lookup through a link node with a reply large enough to show what it reached.
+ESCAPES = settings(FAST, max_examples=int(os.environ.get("SUPERMACHINE_FUZZ_EXAMPLES", "300")))
+
 #: The argument struct each opcode starts with (names follow where FUSE has them).
 ARG_STRUCT = {
     "FUSE_INIT": "fuse_init_in",
@@ -104,19 +108,40 @@ escape_names = st.sampled_from(
         b"planted",
     ]
 )
-names = st.one_of(escape_names, st.binary(max_size=24))
+names = st.one_of(escape_names, escape_names, escape_names, st.binary(max_size=24))
+#: What a guest walking a tree does most, so that multi-step escapes (LOOKUP through a
+#: link node, then OPEN and READ what came back) are reached, not just single requests.
+COMMON_OPS = [
+    "FUSE_LOOKUP",
+    "FUSE_GETATTR",
+    "FUSE_OPEN",
+    "FUSE_READ",
+    "FUSE_READLINK",
+    "FUSE_OPENDIR",
+    "FUSE_READDIRPLUS",
+    "FUSE_CREATE",
+    "FUSE_MKDIR",
+    "FUSE_SYMLINK",
+    "FUSE_RENAME",
+    "FUSE_LINK",
+]
 u64 = st.one_of(st.integers(0, 8), st.integers(0, 2**64 - 1))
 
 
 @st.composite
-def hostile_request(draw: st.DrawFn, issued_nodes: list[int], issued_fhs: list[int]) -> bytes:
-    """One request: mostly a plausible header with a hostile body, sometimes raw garbage."""
-    kind = draw(st.sampled_from(["structured", "structured", "structured", "garbage", "short"]))
+def hostile_request(
+    draw: st.DrawFn, issued_nodes: list[int], issued_fhs: list[int], link_nodes: list[int]
+) -> bytes:
+    """One request: a plausible header with a hostile body, an escape attempt through a
+    symlink node, or raw garbage."""
+    kind = draw(st.sampled_from(["structured", "structured", "escape", "garbage", "short"]))
     if kind == "garbage":
         return draw(st.binary(min_size=1, max_size=200))
-    opname = draw(st.sampled_from(sorted(OPCODES)))
+    if kind == "escape":
+        return escape_attempt(draw, link_nodes)
+    opname = draw(st.one_of(st.sampled_from(COMMON_OPS), st.sampled_from(sorted(OPCODES))))
     opcode = draw(st.one_of(st.just(OPCODES[opname]), st.integers(0, 2**32 - 1)))
-    nodeid = draw(st.one_of(st.sampled_from(issued_nodes), u64))
+    nodeid = draw(st.one_of(st.sampled_from(issued_nodes), st.sampled_from(issued_nodes), u64))
     body = b""
     struct = ARG_STRUCT.get(opname)
     if struct:
@@ -150,6 +175,59 @@ def hostile_request(draw: st.DrawFn, issued_nodes: list[int], issued_fhs: list[i
     return header + body
 
 
+ESCAPE_OPS = {
+    "FUSE_LOOKUP": None,
+    "FUSE_OPENDIR": "fuse_open_in",
+    "FUSE_CREATE": "fuse_create_in",
+    "FUSE_MKDIR": "fuse_mkdir_in",
+    "FUSE_MKNOD": "fuse_mknod_in",
+    "FUSE_SYMLINK": None,
+    "FUSE_UNLINK": None,
+    "FUSE_READDIRPLUS": "fuse_read_in",
+}
+LINKS = ("link_out", "link_abs", "link_dir_out", "link_dir_abs", "chain1")
+
+
+def escape_attempt(draw: st.DrawFn, link_nodes: list[int]) -> bytes:
+    """A request on a symlink node that, were the link followed on the host, would reach
+    the canary's directory: a LOOKUP of ``canary`` in ``link_dir_out`` and the like."""
+    opname = draw(st.sampled_from(sorted(ESCAPE_OPS)))
+    struct = ESCAPE_OPS[opname]
+    body = b""
+    if struct:
+        arg = FUSE.new(struct)
+        if struct == "fuse_read_in":
+            arg.size = 4096
+        elif struct in ("fuse_create_in", "fuse_mknod_in"):
+            arg.mode = 0o100644
+        elif struct == "fuse_mkdir_in":
+            arg.mode = 0o755
+        body = FUSE.bytes_of(arg)
+    name = draw(st.sampled_from([b"canary", b"planted", b"..", b"outside"]))
+    body += name + b"\0" + (b"target\0" if opname == "FUSE_SYMLINK" else b"")
+    header = FUSE.build(
+        "fuse_in_header",
+        len=40 + len(body),
+        opcode=OPCODES[opname],
+        unique=1,
+        nodeid=draw(st.sampled_from(link_nodes)),
+    )
+    return header + body
+
+
+def outside_markers(outside: Path) -> list[bytes]:
+    """Bytes that appear in a reply only if the server touched something outside the mount:
+    the canary's secret, and the inode numbers of the canary and its directory (a LOOKUP or
+    GETATTR that reached them would carry one)."""
+    inos = [(outside / "canary").stat().st_ino, outside.stat().st_ino]
+    return [SECRET, *(ino.to_bytes(8, "little") for ino in inos)]
+
+
+def assert_nothing_from_outside(reply: bytes, outside: Path) -> None:
+    for marker in outside_markers(outside):
+        assert marker not in reply, f"a reply carries {marker!r} from outside the mount"
+
+
 def read_noatime(path: Path) -> bytes:
     """The file's bytes, read without moving its atime (the check must not disturb the canary)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
@@ -177,7 +255,9 @@ def assert_confined(server: FuseServer, root: Path) -> None:
 
 
 @contextlib.contextmanager
-def fresh_session(writable: bool) -> Iterator[tuple[FuseGuest, Path, Path, dict]]:
+def fresh_session(
+    writable: bool,
+) -> Iterator[tuple[FuseGuest, Path, Path, dict, list[int]]]:
     """A new tree, canary and FUSE session per example (examples must not share state)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tree(Path(tmp))
@@ -188,12 +268,11 @@ def fresh_session(writable: bool) -> Iterator[tuple[FuseGuest, Path, Path, dict]
         try:
             guest = FuseGuest(dev)
             guest.walk("sub/deeper/data.json")
-            for link in ("link_out", "link_abs", "link_dir_out", "chain1", "hello.txt"):
-                guest.walk(link)
+            links = [guest.walk(link) for link in LINKS]
             guest.open(guest.walk("big.bin"))
             before = outside_state(outside)
             assert before["canary"][2] == 0, "the canary's atime must start before its mtime"
-            yield guest, root, outside, before
+            yield guest, root, outside, before, links
         finally:
             dev.close()
         assert fds_under(tmp) == [], "host fds of the mounted tree outlived the device"
@@ -203,24 +282,26 @@ WRITABLE = pytest.mark.parametrize("writable", [False, True], ids=["read-only", 
 
 
 @WRITABLE
-@FAST
+@ESCAPES
 @given(data=st.data())
 def test_hostile_requests_never_escape_the_device_or_the_mount(writable, data, caplog):
     caplog.set_level(logging.ERROR, logger="pytest_supermachine.vmm.devices.virtio.fs")
     caplog.clear()
-    with fresh_session(writable) as (guest, root, outside, before):
-        check_hostile_session(guest, root, outside, before, data, caplog)
+    with fresh_session(writable) as (guest, root, outside, before, link_nodes):
+        check_hostile_session(guest, root, outside, before, link_nodes, data, caplog)
 
 
-def check_hostile_session(guest, root, outside, before, data, caplog) -> None:
+def check_hostile_session(guest, root, outside, before, link_nodes, data, caplog) -> None:
     server = guest.device.server
     for _ in range(data.draw(st.integers(1, 12))):
-        request = data.draw(hostile_request(list(server.nodes) or [1], list(server.handles)))
-        room = data.draw(st.sampled_from([0, 1, 15, 16, 64, 4096, 1 << 17]))
+        request = data.draw(
+            hostile_request(list(server.nodes) or [1], list(server.handles), link_nodes)
+        )
+        room = data.draw(st.one_of(st.just(1 << 17), st.sampled_from([0, 1, 15, 16, 64, 4096])))
         queue = data.draw(st.sampled_from([0, 1]))
         reply = guest.raw(request, room, queue=queue)  # asserts the device completed it
         if reply is not None:
-            assert SECRET not in reply.payload
+            assert_nothing_from_outside(reply.payload, outside)
         assert not guest.transport.needs_reset
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert outside_state(outside) == before
@@ -239,11 +320,11 @@ def check_hostile_session(guest, root, outside, before, data, caplog) -> None:
 @FAST
 @given(request=st.binary(max_size=300), room=st.integers(0, 1 << 16))
 def test_any_bytes_get_a_well_formed_reply_or_none(writable, request, room):
-    with fresh_session(writable) as (guest, _root, outside, before):
+    with fresh_session(writable) as (guest, _root, outside, before, _links):
         reply = guest.device.server.handle(request, room)
         if reply is not None:
             header = FUSE.parse("fuse_out_header", reply)
             assert header is not None and header.len == len(reply) <= max(room, 16)
             assert header.error <= 0
-            assert SECRET not in reply
+            assert_nothing_from_outside(reply, outside)
         assert outside_state(outside) == before
