@@ -144,6 +144,16 @@ def test_open_never_asks_the_guest_to_keep_its_page_cache(ro):
     assert err == 0 and not out.open_flags & C["FOPEN_KEEP_CACHE"]
 
 
+def test_times_before_1970_travel_as_twos_complement(rw, tree):
+    os.utime(tree / "empty", ns=(0, -5 * 10**9))
+    err, attr = rw.getattr(rw.walk("empty"))
+    assert err == 0 and attr.attr.mtime == 2**64 - 5
+    node = rw.walk("hello.txt")
+    body = FUSE.build("fuse_setattr_in", valid=C["FATTR_MTIME"], mtime=2**64 - 7)
+    assert rw.call("FUSE_SETATTR", node, body)[0] == 0
+    assert (tree / "hello.txt").stat().st_mtime_ns == -7 * 10**9
+
+
 def test_the_same_path_looked_up_twice_is_the_same_node(ro):
     assert ro.walk("sub/notes.md") == ro.walk("sub/notes.md")
 

@@ -321,11 +321,11 @@ class FuseServer:
             "ino": st.st_ino,
             "size": st.st_size,
             "blocks": st.st_blocks,
-            "atime": int(st.st_atime),
+            "atime": _u64(st.st_atime_ns // 10**9),
             "atimensec": st.st_atime_ns % 10**9,
-            "mtime": int(st.st_mtime),
+            "mtime": _u64(st.st_mtime_ns // 10**9),
             "mtimensec": st.st_mtime_ns % 10**9,
-            "ctime": int(st.st_ctime),
+            "ctime": _u64(st.st_ctime_ns // 10**9),
             "ctimensec": st.st_ctime_ns % 10**9,
             "mode": st.st_mode,
             "nlink": st.st_nlink,
@@ -479,7 +479,7 @@ class FuseServer:
                     return old
                 if valid & now:
                     return time.time_ns()
-                return sec * 10**9 + nsec
+                return _s64(sec) * 10**9 + nsec
 
             atime = when(
                 C["FATTR_ATIME"],
@@ -928,3 +928,13 @@ class FuseServer:
             for m in self.mappings:
                 self.dax.unmap(m.moffset, m.length)
         self.mappings = []
+
+
+def _u64(seconds: int) -> int:
+    """A signed time as the wire's ``uint64_t`` (two's complement: times before 1970)."""
+    return seconds & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _s64(wire: int) -> int:
+    """The wire's ``uint64_t`` seconds as the signed time they encode."""
+    return wire - (1 << 64) if wire >= 1 << 63 else wire
