@@ -15,7 +15,8 @@ Guarantees:
   header asks for an offload that was not negotiated is dropped and counted
   (`tx_dropped`), never an exception; the buffer goes back to the driver.
 * Every transmitted frame passes the `EgressFilter` before the backend sees
-  it (refusals: `refused`, a reply frame for the guest, one log line).
+  it (`filtered` counts what it keeps back; each refusal is counted in
+  `refused`, answered with a frame for the guest and logged in one line).
 * Frames from the backend are delivered as soon as the driver has posted rx
   buffers, queued meanwhile up to `rx_backlog` frames (the oldest beyond
   that are dropped and counted in `rx_dropped`: the guest's TCP
@@ -72,6 +73,9 @@ DEFAULT_MAC = "52:54:00:12:34:56"
 #: Flows remembered for `reset_connections` (the oldest are forgotten beyond this).
 MAX_TRACKED_FLOWS = 4096
 
+#: Refusal lines logged per device; a guest hammering a closed port must not flood the log.
+MAX_LOGGED_REFUSALS = 1000
+
 _CONFIG = struct.Struct("<6sH")
 
 #: (guest address, guest port, remote address, remote port)
@@ -116,6 +120,8 @@ class VirtioNet(VirtioDevice):
         #: Counters for tests and diagnostics.
         self.tx_frames = 0
         self.tx_dropped = 0
+        #: Frames the egress filter kept from the backend (refusals among them).
+        self.filtered = 0
         self.refused = 0
         self.rx_frames = 0
         self.rx_dropped = 0
@@ -199,10 +205,13 @@ class VirtioNet(VirtioDevice):
     def _transmit(self, frame: bytes) -> None:
         verdict = self.egress.check(frame)
         if not verdict.allowed:
+            self.filtered += 1
             if verdict.refusal is not None:
                 self.refused += 1
-                if self.on_refusal is not None:
+                if self.on_refusal is not None and self.refused <= MAX_LOGGED_REFUSALS:
                     self.on_refusal(verdict.refusal)
+                    if self.refused == MAX_LOGGED_REFUSALS:
+                        self.on_refusal("network: further refusals are counted, not logged")
             if verdict.reply is not None:
                 self.receive(verdict.reply)
             return

@@ -24,17 +24,19 @@ refusal is also one line through the ``on_refusal`` callback, the VM's log):
 * DNS (UDP to the backend's DNS address, port 53) is answered here: names
   in the allow-list get their host-resolved addresses (loopback addresses
   as the gateway, which the backend maps to the host's loopback), every
-  other name NXDOMAIN. DNS over TCP is refused like any other TCP;
+  other name (and an allowed one the host cannot resolve) NXDOMAIN. DNS over TCP is refused like any other TCP;
 * ICMP to anything but the gateway and DNS addresses is dropped (ping
-  sockets would otherwise reach the world);
-* IP fragments are dropped (a later fragment carries no port, and a tiny
+  sockets would otherwise reach the world), and logged;
+* IP fragments are dropped and logged (a later fragment carries no port, and a tiny
   first fragment could hide one); the guest's stack never fragments TCP at
   MTU 1500 and sets DF;
 * every other ethertype than IPv4 and ARP is dropped (the backend has IPv6
   disabled).
 
-The backend maps the gateway address to the host's loopback, so the rule
-``127.0.0.1:8080`` is what allows the guest's connection to ``10.0.2.2:8080``.
+The backend maps the gateway address (in fact every address of the guest
+network but the DNS one) to the host's loopback, so the rule
+``127.0.0.1:8080`` is what allows the guest's connection to ``10.0.2.2:8080``;
+the DNS address is reachable only through the DNS answers made here.
 With ``network=True`` frames pass unchecked (DNS is then the backend's, which
 forwards to the host's resolver).
 """
@@ -186,16 +188,24 @@ class EgressFilter:
             else host_address
         )
 
-    def _host_address(self, guest_dst: str) -> ipaddress.IPv4Address:
-        if guest_dst == self.addressing.gateway:
+    def _host_address(self, guest_dst: str) -> ipaddress.IPv4Address | None:
+        """The host endpoint the backend connects to for `guest_dst` (None: the host's
+        DNS server, which only the DNS answers here may use). slirp maps every address
+        of the guest network but the DNS one to the host's loopback."""
+        address = ipaddress.IPv4Address(guest_dst)
+        if guest_dst == self.addressing.dns:
+            return None
+        if address in self.addressing.network:
             return ipaddress.IPv4Address("127.0.0.1")
-        return ipaddress.IPv4Address(guest_dst)
+        return address
 
     def allows(self, guest_dst: str, port: int) -> bool:
         """May the guest open a connection to `guest_dst`:`port` (its view of the address)?"""
         if self.policy.allow_all:
             return True
         host = self._host_address(guest_dst)
+        if host is None:
+            return False
         return any(host in net and (p is None or p == port) for net, p in self._allowed)
 
     def check(self, frame: bytes) -> Verdict:
@@ -210,15 +220,27 @@ class EgressFilter:
         if eth.ethertype != pk.ETHERTYPE_IPV4:
             return _DROP
         ip = pk.parse_ipv4(eth.payload)
-        if ip is None or ip.fragment:
+        if ip is None:
             return _DROP
+        if ip.fragment:
+            return Verdict(
+                False,
+                None,
+                f"network: dropped an IP fragment to {ip.dst} "
+                "(fragments cannot be checked against the allow-list)",
+            )
         if ip.proto == pk.IPPROTO_TCP:
             return self._check_tcp(eth, ip)
         if ip.proto == pk.IPPROTO_UDP:
             return self._check_udp(eth, ip)
         if ip.proto == pk.IPPROTO_ICMP and ip.dst in (self.addressing.gateway, self.addressing.dns):
             return _PASS
-        return _DROP
+        return Verdict(
+            False,
+            None,
+            f"network: dropped IP protocol {ip.proto} packet to {ip.dst} "
+            "(only TCP and UDP can be allowed)",
+        )
 
     def _check_tcp(self, eth: pk.EthernetFrame, ip: pk.Ipv4Packet) -> Verdict:
         seg = pk.parse_tcp(ip)
@@ -275,7 +297,7 @@ class EgressFilter:
             return _DROP
         addresses = self.names.get(question.name)
         refusal = None
-        if addresses is None:
+        if not addresses:
             rcode, answer = pk.DNS_RCODE_NXDOMAIN, []
             refusal = f"network: refused DNS lookup of {question.name!r} (not in the allow-list)"
         else:
@@ -287,6 +309,6 @@ class EgressFilter:
         return Verdict(False, pk.ethernet(eth.src, eth.dst, pk.ETHERTYPE_IPV4, reply), refusal)
 
     def _describe(self, guest_dst: str) -> str:
-        if guest_dst == self.addressing.gateway:
+        if self._host_address(guest_dst) == ipaddress.IPv4Address("127.0.0.1"):
             return f"{guest_dst} (the host's 127.0.0.1)"
         return guest_dst

@@ -186,6 +186,11 @@ class SlirpBackend:
         self._lib = load_libslirp()
         self.addressing = addressing
         self._lock = threading.RLock()
+        #: Bumped by `reset`: poll results of an older stack are discarded.
+        self._generation = 0
+        #: The generation whose fds the poll thread is blocked on, if it is.
+        self._polling: int | None = None
+        self._out_of_poll = threading.Condition(self._lock)
         self._receiver: Callable[[bytes], None] | None = None
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: timer handle -> [SlirpTimerId, cb_opaque, expiry in ms or None]
@@ -314,11 +319,13 @@ class SlirpBackend:
         with self._lock:
             if self._closed:
                 return
+            generation = self._generation
             self._poll_fds = [(self._wakeup, select.POLLIN)]
             timeout_ms = _ffi.new("uint32_t *", max(0, min(int(timeout * 1000), 0xFFFFFFFF)))
             self._lib.slirp_pollfds_fill(self._slirp, timeout_ms, self._add_poll_cb, _ffi.NULL)
             wait_ms = min(timeout_ms[0], self._ms_to_next_timer())
             fds = list(self._poll_fds)
+            self._polling = generation
         poller = select.poll()
         for fd, mask in fds:
             poller.register(fd, mask)
@@ -331,8 +338,10 @@ class SlirpBackend:
             os.eventfd_read(self._wakeup)
         index_of = {fd: i for i, (fd, _) in enumerate(fds)}
         with self._lock:
-            if self._closed:
-                return
+            self._polling = None
+            self._out_of_poll.notify_all()
+            if self._closed or generation != self._generation:
+                return  # the stack these fds belonged to is gone (reset)
             self._revents = {index_of[fd]: ev for fd, ev in ready if fd in index_of}
             self._lib.slirp_pollfds_poll(self._slirp, failed, self._get_revents_cb, _ffi.NULL)
             self._revents = {}
@@ -358,9 +367,19 @@ class SlirpBackend:
                 return
             self._lib.slirp_cleanup(self._slirp)
             self._timers.clear()
+            old, self._generation = self._generation, self._generation + 1
             self._slirp = self._new_stack()
+            # A thread blocked in poll(2) keeps the old stack's closed listening sockets
+            # alive (bound); wait until it has left, or the ports cannot be bound again.
+            self._wake()
+            self._out_of_poll.wait_for(lambda: self._polling != old, timeout=5)
             for guest_port, host_address, host_port in self._forwards:
-                self._add_forward(guest_port, host_address, host_port)
+                if not self._add_forward(guest_port, host_address, host_port):
+                    log.warning(
+                        "slirp: exposed port %s:%d could not be bound again after reset",
+                        host_address,
+                        host_port,
+                    )
         self._wake()
 
     # -- exposed ports ------------------------------------------------------------------------
