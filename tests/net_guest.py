@@ -209,6 +209,10 @@ class TcpClient:
             raise ConnectionResetError("the network reset the connection")
         return seg
 
+    def ack(self) -> None:
+        """A bare ACK of everything received so far."""
+        self._segment(pk.TCP_ACK)
+
     def send(self, data: bytes) -> None:
         self._segment(pk.TCP_ACK | pk.TCP_PSH, data)
 

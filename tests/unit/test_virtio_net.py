@@ -8,6 +8,7 @@ egress filter and libslirp to real sockets on 127.0.0.1, and back.
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import struct
 import threading
@@ -33,7 +34,16 @@ from pytest_supermachine.vmm.devices.virtio.net.device import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 )
-from tests.net_guest import DNS_IP, GATEWAY_IP, GUEST_IP, NetGuest, TcpClient, ipv4_of, tcp_of
+from tests.net_guest import (
+    DNS_IP,
+    GATEWAY_IP,
+    GUEST_IP,
+    NetGuest,
+    TcpClient,
+    arp_reply_from,
+    ipv4_of,
+    tcp_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -141,7 +151,7 @@ def test_allow_all_reaches_any_host_server(nic_factory, http_port) -> None:
 def test_a_server_not_in_the_allow_list_is_refused_with_rst_and_a_log_line(
     nic_factory, http_port
 ) -> None:
-    nic = nic_factory([f"127.0.0.1:{http_port + 1 if http_port < 65535 else 1}"])
+    nic = nic_factory(["192.0.2.1:80"])
     nic.guest.resolve_gateway()
     sent_before = nic.backend.frames_from_guest
     conn = TcpClient(nic.guest, 40001, GATEWAY_IP, http_port)
@@ -200,6 +210,16 @@ def test_dns_refuses_names_not_in_the_allow_list(nic_factory) -> None:
     assert "refused DNS lookup of 'example.com'" in nic.log[0]
 
 
+def test_refusal_lines_stop_at_a_limit_and_refusals_are_still_counted(nic_factory) -> None:
+    nic = nic_factory([])
+    nic.device.max_logged_refusals = 3
+    for port in range(1, 6):
+        TcpClient(nic.guest, 40000 + port, GATEWAY_IP, port).connect()
+    assert nic.device.refused == 5
+    assert len(nic.log) == 4
+    assert nic.log[-1] == "network: further refusals are counted, not logged"
+
+
 def test_the_hermetic_default_asks_for_no_nic_at_all() -> None:
     assert EgressPolicy.from_setting(False) is None
 
@@ -208,16 +228,11 @@ def test_the_hermetic_default_asks_for_no_nic_at_all() -> None:
 
 
 def test_an_exposed_port_reaches_a_guest_listener(nic_factory) -> None:
-    nic = nic_factory(False or [])  # an empty allow-list: inbound still works
+    nic = nic_factory([])  # an allow-list that allows no egress: inbound still works
     host, port = nic.backend.expose(8080)
     assert host == "127.0.0.1"
     with socket.create_connection((host, port), timeout=10) as client:
-        syn_frame = nic.guest.wait_for(
-            lambda f: (
-                (t := tcp_of(f)) is not None and t[1].dst_port == 8080 and t[1].flags == pk.TCP_SYN
-            )
-        )
-        ip, syn = tcp_of(syn_frame)  # type: ignore[misc]
+        ip, syn = tcp_of(nic.guest.wait_for(is_syn_to(8080)))  # type: ignore[misc]
         assert ip.dst == GUEST_IP
         server = TcpClient(nic.guest, 8080, ip.src, syn.src_port)
         server.accept(syn)
@@ -227,38 +242,61 @@ def test_an_exposed_port_reaches_a_guest_listener(nic_factory) -> None:
     assert nic.log == []
 
 
-def test_reset_keeps_exposed_ports_and_resets_open_connections(nic_factory, http_port) -> None:
-    nic = nic_factory(True)
-    host, port = nic.backend.expose(8080)
-    conn = TcpClient(nic.guest, 40002, GATEWAY_IP, http_port)
-    assert conn.connect().flags & pk.TCP_ACK
-    assert nic.device.flows() == [(GUEST_IP, 40002, GATEWAY_IP, http_port)]
-    nic.device.reset_connections()
-    # The stray segment the device injects makes the guest answer (a duplicate ACK)...
-    stray = conn.next_segment()
-    assert stray.flags == pk.TCP_ACK
-    conn._segment(pk.TCP_ACK)
-    # ...which the fresh backend, knowing no such connection, answers with an RST.
-    assert conn.next_segment().flags & pk.TCP_RST
-    with socket.create_connection((host, port), timeout=10):
-        nic.guest.wait_for(lambda f: (t := tcp_of(f)) is not None and t[1].dst_port == 8080)
+def is_syn_to(port: int):
+    def match(frame: bytes) -> bool:
+        got = tcp_of(frame)
+        return got is not None and got[1].dst_port == port and got[1].flags == pk.TCP_SYN
+
+    return match
 
 
 # ------------------------------------------------------------------------------ snapshots
 
 
-def test_state_round_trips_mac_and_open_flows(nic_factory) -> None:
+def test_restore_resets_open_connections_and_keeps_exposed_ports(nic_factory, http_port) -> None:
     nic = nic_factory(True)
-    nic.device._flows[(GUEST_IP, 1, GATEWAY_IP, 2)] = None
-    state = nic.device.state()
-    other = nic_factory(True)
-    other.device.restore_state(state)
-    assert other.device.flows() == [(GUEST_IP, 1, GATEWAY_IP, 2)]
-    assert other.device.mac == nic.device.mac
-    assert other.device.acked_features == nic.device.acked_features
+    host, port = nic.backend.expose(8080)
+    conn = TcpClient(nic.guest, 40002, GATEWAY_IP, http_port)
+    assert conn.connect().flags & pk.TCP_ACK
+    assert nic.device.flows() == [(GUEST_IP, 40002, GATEWAY_IP, http_port)]
+    snapshot = json.loads(json.dumps(nic.guest.transport.state()))  # what a snapshot keeps
+    nic.guest.transport.restore_state(snapshot)
+    nic.device.reset_connections()
+    # The stray segment the device injects makes the guest answer (a duplicate ACK)...
+    assert conn.next_segment().flags == pk.TCP_ACK
+    conn.ack()
+    # ...which the fresh backend, knowing no such connection, answers with an RST.
+    assert conn.next_segment().flags & pk.TCP_RST
+    assert nic.device.flows() == []
+    with socket.create_connection((host, port), timeout=10):
+        nic.guest.wait_for(is_syn_to(8080))
+
+
+def test_state_keeps_the_mac_and_the_open_flows(nic_factory, http_port) -> None:
+    nic = nic_factory(True)
+    TcpClient(nic.guest, 40003, GATEWAY_IP, http_port).connect()
+    state = json.loads(json.dumps(nic.device.state()))
+    other = VirtioNet(SlirpBackend(), nic.device.egress, mac="52:54:00:00:00:01")
+    try:
+        other.restore_state(state)
+        assert other.flows() == [(GUEST_IP, 40003, GATEWAY_IP, http_port)]
+        assert other.mac == nic.device.mac
+        assert other.acked_features == nic.device.acked_features
+    finally:
+        other.close()
 
 
 # ------------------------------------------------------------------------------ bad frames
+
+
+def test_a_frame_split_across_descriptors_is_sent_whole(nic_factory) -> None:
+    nic = nic_factory(True)
+    guest = nic.guest
+    request = pk.arp(1, guest.mac, GUEST_IP, bytes(6), GATEWAY_IP)
+    frame = pk.ethernet(b"\xff" * 6, guest.mac, pk.ETHERTYPE_ARP, request)
+    guest.txq.submit([NET_HDR.pack(0, 0, 0, 0, 0, 0, 0), frame[:6], frame[6:]], [])
+    guest.txq.kick()
+    assert guest.wait_for(lambda f: arp_reply_from(f, GATEWAY_IP) is not None)
 
 
 def test_a_frame_with_offload_flags_is_dropped(nic_factory) -> None:

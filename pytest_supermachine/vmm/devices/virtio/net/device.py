@@ -114,6 +114,7 @@ class VirtioNet(VirtioDevice):
         self._rx_lock = threading.Lock()
         self._rx: collections.deque[bytes] = collections.deque()
         self.rx_backlog = rx_backlog
+        self.max_logged_refusals = MAX_LOGGED_REFUSALS
         self._rx_ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._flows: dict[Flow, None] = {}
         self._gateway_mac: bytes | None = None
@@ -208,9 +209,9 @@ class VirtioNet(VirtioDevice):
             self.filtered += 1
             if verdict.refusal is not None:
                 self.refused += 1
-                if self.on_refusal is not None and self.refused <= MAX_LOGGED_REFUSALS:
+                if self.on_refusal is not None and self.refused <= self.max_logged_refusals:
                     self.on_refusal(verdict.refusal)
-                    if self.refused == MAX_LOGGED_REFUSALS:
+                    if self.refused == self.max_logged_refusals:
                         self.on_refusal("network: further refusals are counted, not logged")
             if verdict.reply is not None:
                 self.receive(verdict.reply)
