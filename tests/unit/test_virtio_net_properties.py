@@ -23,6 +23,7 @@ from pytest_supermachine.vmm.devices.virtio.net import (
 )
 from pytest_supermachine.vmm.devices.virtio.net import packets as pk
 from pytest_supermachine.vmm.devices.virtio.net.device import MAX_FRAME_LEN, NET_HDR, NET_HDR_SIZE
+from pytest_supermachine.vmm.devices.virtio.net.policy import tcp_without_syn
 from tests.net_guest import DNS_IP, GATEWAY_IP, GUEST_IP, NetGuest
 
 pytestmark = pytest.mark.unit
@@ -122,3 +123,16 @@ def test_frames_from_the_network_of_any_size_are_delivered_or_dropped(
     guest._collect()
     assert dev.rx_frames + dev.rx_dropped >= before + len(sizes)
     assert not guest.transport.needs_reset
+
+
+@FAST
+@given(frame=frames)
+def test_the_filters_fast_path_passes_only_unfragmentedtcp_without_syn(frame: bytes) -> None:
+    if not tcp_without_syn(frame):
+        return
+    eth = pk.parse_ethernet(frame)
+    assert eth is not None and eth.ethertype == pk.ETHERTYPE_IPV4
+    ip = pk.parse_ipv4(eth.payload)
+    assert ip is not None and not ip.fragment
+    seg = pk.parse_tcp(ip)
+    assert seg is None or not seg.flags & pk.TCP_SYN

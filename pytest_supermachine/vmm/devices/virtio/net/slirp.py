@@ -206,7 +206,11 @@ class SlirpBackend:
         self.frames_to_guest = 0
         self.frames_from_guest = 0
         self._callbacks = self._make_callbacks()
-        self._slirp = self._new_stack()
+        try:
+            self._slirp = self._new_stack()
+        except BaseException:
+            os.close(self._wakeup)
+            raise
 
     # -- the libslirp instance ------------------------------------------------------------
     def _make_callbacks(self) -> Any:
