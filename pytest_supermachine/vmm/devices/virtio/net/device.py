@@ -89,7 +89,12 @@ class _Transport(Protocol):
 class VirtioNet(VirtioDevice):
     """The virtio-net device (id 1) in front of a `NetBackend`, behind an `EgressFilter`.
 
-    `on_refusal` receives one line per refused connection (the VM's log).
+    The device owns `backend` (`close` closes it) but does not run it: the
+    machine starts the backend's loop (``SlirpBackend.start``). `mac` is the
+    guest's address (locally administered by default); `on_refusal` receives
+    one line per refused connection (the VM's log), at most
+    `max_logged_refusals` of them; `rx_backlog` bounds the frames waiting
+    for rx buffers.
     """
 
     device_type = VIRTIO_ID_NET
