@@ -19,6 +19,7 @@ for tool in make bc bison flex perl patch xz; do
   command -v $tool >/dev/null || need_apt+=("$([ $tool = xz ] && echo xz-utils || echo $tool)")
 done
 [ -f /usr/include/gelf.h ] || need_apt+=(libelf-dev)
+[ -f /usr/include/slirp/libslirp.h ] || need_apt+=(libslirp-dev)   # virtio-net backend (brings libslirp0)
 # OCI registry tests (tests/unit/test_distribution.py): a real registry, skopeo to push, htpasswd.
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
