@@ -141,6 +141,11 @@ PVM_CMDLINE: tuple[str, ...] = (
     # "Write protecting" -> "Run /init" stretch went from ~5 s to 0.16 s). A
     # test VM gains nothing from a write-protected kernel text.
     "rodata=off",
+    # Passed to /init's environment, so to every process: CPUID and XGETBV run natively at
+    # CPL3 under kvm_pvm and show the host's AVX/AVX-512, which this kernel (FXSAVE only)
+    # does not context-switch; glibc's AVX string functions then lose registers across a
+    # context switch (issue 11, fixtures_images/kernel/README.md "User register state").
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX",
 )
 
 
