@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit_json, print_table, summarize
 
 from pytest_supermachine.images.linux import LinuxImage
-from pytest_supermachine.vmm.agent import RunResult
+from pytest_supermachine.vmm.agent import AgentError, RunResult
 from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 
@@ -140,9 +140,14 @@ def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
     failures: list[str] = []
 
     def one(m: Machine, i: int) -> None:
-        result = m.run("true", timeout=EXEC_TIMEOUT)
+        try:
+            result = m.run("true", timeout=EXEC_TIMEOUT)
+        except AgentError as e:  # counted like a failed command, with what the guest said
+            tail = " | ".join(m.console.splitlines()[-5:]) or "(nothing)"
+            failures.append(f"#{i}: {type(e).__name__}: {str(e)[:200]}; console tail: {tail}")
+            return
         if not result.ok:
-            lines = [ln for ln in m.console.splitlines() if "segfault" in ln or "fsbase" in ln]
+            lines = [ln for ln in m.console.splitlines() if "segfault" in ln]
             failures.append(f"#{i}: returncode {result.returncode}; console: "
                             + (" | ".join(lines[-3:]) or "(nothing)"))
 
