@@ -15,7 +15,6 @@ No VM or pytest code here: this module only turns a recipe into two files.
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 import selectors
@@ -26,16 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
-from pytest_supermachine.cache import cache_dir, content_key
+from pytest_supermachine.cache import build_once, content_key
 from pytest_supermachine.errors import GuestBuildError
 
 #: Debian ships the kernel source as one tarball; its name carries the series.
 LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 #: The Debian package that installs `LINUX_SOURCE`.
 LINUX_SOURCE_PACKAGE = "linux-source-6.1"
-#: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see DESIGN.md §7).
+#: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine").
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 #: The recipe directory, next to the package in a source checkout.
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures_images" / "kernel"
@@ -141,11 +138,6 @@ PVM_CMDLINE: tuple[str, ...] = (
     # "Write protecting" -> "Run /init" stretch went from ~5 s to 0.16 s). A
     # test VM gains nothing from a write-protected kernel text.
     "rodata=off",
-    # Passed to /init's environment, so to every process: CPUID and XGETBV run natively at
-    # CPL3 under kvm_pvm and show the host's AVX/AVX-512, which this kernel (FXSAVE only)
-    # does not context-switch; glibc's AVX string functions then lose registers across a
-    # context switch (issue 11, fixtures_images/kernel/README.md "User register state").
-    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX",
 )
 
 
@@ -154,7 +146,7 @@ class KernelVariant(str, enum.Enum):
 
     ``kvm``: upstream code, full CPUID, for hardware virtualisation.
     ``pvm``: the patches in ``fixtures_images/kernel/pvm/`` plus `cmdline_extra`,
-    for kvm_pvm where guest kernel code is emulated (DESIGN.md §7). The VMM must
+    for kvm_pvm where guest kernel code is emulated (docs/vmm.md, "Facts of this machine"). The VMM must
     also give a ``pvm`` guest a reduced CPUID; see `cmdline_extra` and the patches.
     """
 
@@ -394,10 +386,6 @@ class _Builder:
         return lines
 
 
-def _entry_complete(entry: Path) -> bool:
-    return all((entry / name).is_file() for name in ("manifest.json", "vmlinux", "bzImage"))
-
-
 def _artifacts(entry: Path, key: str, variant: KernelVariant) -> KernelArtifacts:
     return KernelArtifacts(
         vmlinux=entry / "vmlinux",
@@ -407,13 +395,6 @@ def _artifacts(entry: Path, key: str, variant: KernelVariant) -> KernelArtifacts
         variant=variant,
         config=entry / "config",
     )
-
-
-def _install(src: Path, dst: Path) -> None:
-    """Copy then rename, so a reader never sees a half-written artifact."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def build_kernel(
@@ -430,62 +411,46 @@ def build_kernel(
     """Build (or find in the cache) the guest kernel for ``variant``.
 
     The entry ``<cache>/kernel/<key>/`` holds ``vmlinux``, ``bzImage``, ``config``,
-    ``build.log`` and ``manifest.json`` (written last: its presence means
-    complete). A `FileLock` next to the entry makes concurrent callers (xdist
-    workers) build once and the others wait, reporting phase "wait". The source
-    tree and objects (~1 GiB) are deleted after a successful build unless
-    ``keep_work``; after a failure they stay for inspection and are replaced by
-    the next attempt. ``niceness`` lowers the compiler's priority so a build does
-    not starve the tests running beside it.
+    ``build.log`` and ``manifest.json``; it is made by `build_once` (cache.py), so
+    concurrent callers (xdist workers) build once and the others wait, reporting
+    phase "wait". The source tree and objects (~1 GiB) are deleted after a
+    successful build unless ``keep_work``; after a failure they stay for inspection
+    and are replaced by the next attempt. ``niceness`` lowers the compiler's
+    priority so a build does not starve the tests running beside it.
     """
     variant = variant or detect_variant()
     ensure_linux_source(source)
     key = kernel_cache_key(variant, recipe_dir=recipe_dir, source=source)
-    base = (root if root is not None else cache_dir()) / "kernel"
-    entry = base / key
     start = time.monotonic()
 
-    def done() -> KernelArtifacts:
-        if progress is not None:
-            progress("done", time.monotonic() - start, 0)
-        return _artifacts(entry, key, variant)
-
-    if _entry_complete(entry):
-        return done()
-    base.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(base / f"{key}.lock"))
-    if progress is not None:
-        progress("wait", 0.0, 0)
-    with lock:
-        if _entry_complete(entry):
-            return done()
+    def fill(entry: Path) -> dict[str, object]:
         check_build_tools()
-        entry.mkdir(exist_ok=True)
         work = entry / "work"
-        if work.exists():
-            shutil.rmtree(work)
         work.mkdir()
         log = entry / "build.log"
         log.write_bytes(f"kernel {key} variant={variant.value}\n".encode())
         b = _Builder(work, log, progress, niceness)
         b.start = start
         _build_tree(b, variant, work, recipe_dir, source, jobs or os.cpu_count() or 1)
-        _install(work / ".config", entry / "config")
-        _install(work / "vmlinux", entry / "vmlinux")
-        _install(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
-        manifest = {
-            "key": key,
+        shutil.copyfile(work / ".config", entry / "config")
+        shutil.copyfile(work / "vmlinux", entry / "vmlinux")
+        shutil.copyfile(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        return {
             "variant": variant.value,
             "source": source_version(source),
             "patches": [p.name for p in variant.patches(recipe_dir)],
-            "build_seconds": round(time.monotonic() - start, 1),
         }
-        tmp = entry / f".manifest.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, entry / "manifest.json")
-        if not keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-    return done()
+
+    def waiting() -> None:
+        if progress is not None:
+            progress("wait", 0.0, 0)
+
+    entry = build_once("kernel", key, fill, root=root, on_wait=waiting, keep_failed=True)
+    if progress is not None:
+        progress("done", time.monotonic() - start, 0)
+    return _artifacts(entry, key, variant)
 
 
 def _build_tree(
