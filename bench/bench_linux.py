@@ -42,14 +42,10 @@ from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 
 INIT_LINE = "Run /init as init process"
-<<<<<<< HEAD
 QEMU_CPU_PVM = (
     "host,-xsave,-avx,-avx2,-cx16,-smap,-pku,-fsgsbase,-pcid,-invpcid,-rdrand,"
     "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities"
 )
-=======
-QEMU_CPU_PVM = ("host,-xsave,-avx,-avx2,-cx16,-smap,-pku,-fsgsbase,-pcid,-invpcid,-rdrand,"
-                "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities")
 QEMU_PACKAGE = "qemu-system-x86"
 EXEC_TIMEOUT = 600.0
 TRUE_ARGV = ["/bin/busybox", "true"]
@@ -60,7 +56,6 @@ class BenchFailure(SystemExit):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"bench_linux: {message}")
->>>>>>> s11-pvm
 
 
 def verbose_cmdline(image: LinuxImage) -> str:
@@ -71,8 +66,10 @@ def verbose_cmdline(image: LinuxImage) -> str:
 
 
 def describe_failure(m: Machine, what: str, result: RunResult) -> str:
-    return (f"{what} failed: returncode {result.returncode}, timed_out={result.timed_out}, "
-            f"stderr {result.stderr[-300:]!r}\n--- guest console tail ---\n{m.console[-3000:]}")
+    return (
+        f"{what} failed: returncode {result.returncode}, timed_out={result.timed_out}, "
+        f"stderr {result.stderr[-300:]!r}\n--- guest console tail ---\n{m.console[-3000:]}"
+    )
 
 
 def timed_exec(m: Machine, what: str) -> float:
@@ -104,9 +101,11 @@ def find_qemu() -> str:
     """The QEMU binary, or a `BenchFailure` saying how to install it."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
-        raise BenchFailure(f"qemu-system-x86_64 not found: install the baseline with "
-                           f"`apt-get install {QEMU_PACKAGE}`, or run with --no-qemu to "
-                           "leave it out")
+        raise BenchFailure(
+            f"qemu-system-x86_64 not found: install the baseline with "
+            f"`apt-get install {QEMU_PACKAGE}`, or run with --no-qemu to "
+            "leave it out"
+        )
     return qemu
 
 
@@ -150,19 +149,13 @@ def boot_qemu(image: LinuxImage, qemu: str, timeout: float = 1800) -> float:
             buf = (buf + chunk)[-8192:]
             if INIT_LINE.encode() in buf:
                 return time.monotonic() - t0
-<<<<<<< HEAD
-        print(
-            f"QEMU never printed {INIT_LINE!r}; its last output:\n"
-            + buf[-2000:].decode(errors="replace")
-        )
-        return None
-=======
->>>>>>> s11-pvm
     finally:
         proc.kill()
         proc.wait()
-    raise BenchFailure(f"QEMU never printed {INIT_LINE!r} (exit status {proc.returncode}); "
-                       "its last output:\n" + buf[-2000:].decode(errors="replace"))
+    raise BenchFailure(
+        f"QEMU never printed {INIT_LINE!r} (exit status {proc.returncode}); "
+        "its last output:\n" + buf[-2000:].decode(errors="replace")
+    )
 
 
 def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
@@ -182,8 +175,10 @@ def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
             return
         if not result.ok:
             lines = [ln for ln in m.console.splitlines() if "segfault" in ln]
-            failures.append(f"#{i}: returncode {result.returncode}; console: "
-                            + (" | ".join(lines[-3:]) or "(nothing)"))
+            failures.append(
+                f"#{i}: returncode {result.returncode}; console: "
+                + (" | ".join(lines[-3:]) or "(nothing)")
+            )
 
     if pooled:
         with Machine.restore(snap) as m:
@@ -200,10 +195,15 @@ def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--soak-pooled", type=int, default=500,
-                    help="commands on one machine reset in place before each (0: skip)")
-    ap.add_argument("--soak-fresh", type=int, default=200,
-                    help="commands on a fresh restore each (0: skip)")
+    ap.add_argument(
+        "--soak-pooled",
+        type=int,
+        default=500,
+        help="commands on one machine reset in place before each (0: skip)",
+    )
+    ap.add_argument(
+        "--soak-fresh", type=int, default=200, help="commands on a fresh restore each (0: skip)"
+    )
     ap.add_argument("--no-qemu", action="store_true", help="leave the QEMU baseline out")
     args = ap.parse_args()
     qemu_bin = None if args.no_qemu else find_qemu()  # before the long part, not after it
@@ -236,27 +236,9 @@ def main() -> None:
         (f"soak: failed of {args.soak_pooled} reset + `true`", len(soak_pooled), "cmds"),
         (f"soak: failed of {args.soak_fresh} restore + `true`", len(soak_fresh), "cmds"),
     ]
-<<<<<<< HEAD
-    if qemu is not None:
-        rows += [
-            ("QEMU microvm: process start -> 'Run /init' (baseline)", qemu, "s"),
-            ("  our boot to /init relative to QEMU's", to_init / qemu, "x"),
-        ]
-    print_table(f"Linux guest ({'nested PVM' if is_nested_pvm() else 'hardware KVM'})", rows)
-    emit_json(
-        "linux",
-        {
-            "boot_to_init_s": round(to_init, 2),
-            "boot_to_ready_s": round(to_ready, 2),
-            "restore_to_first_exec_s": round(summarize(restore_exec)["median"], 3),
-            "exec_s": round(summarize(exec_rt)["median"], 3),
-            "reset_exec_s": round(summarize(reset_exec)["median"], 3),
-            "qemu_boot_to_init_s": None if qemu is None else round(qemu, 2),
-        },
-    )
-=======
     results: dict[str, object] = {
-        "boot_to_init_s": round(to_init, 2), "boot_to_ready_s": round(to_ready, 2),
+        "boot_to_init_s": round(to_init, 2),
+        "boot_to_ready_s": round(to_ready, 2),
         "restore_to_first_exec_s": round(summarize(restore_exec)["median"], 3),
         "exec_s": round(summarize(exec_rt)["median"], 3),
         "reset_exec_s": round(summarize(reset_exec)["median"], 3),
@@ -264,8 +246,10 @@ def main() -> None:
         "soak_fresh": {"commands": args.soak_fresh, "failed": len(soak_fresh)},
     }
     if qemu is not None:
-        rows += [("QEMU microvm: process start -> 'Run /init' (baseline)", qemu, "s"),
-                 ("  our boot to /init relative to QEMU's", to_init / qemu, "x")]
+        rows += [
+            ("QEMU microvm: process start -> 'Run /init' (baseline)", qemu, "s"),
+            ("  our boot to /init relative to QEMU's", to_init / qemu, "x"),
+        ]
         results["qemu_boot_to_init_s"] = round(qemu, 2)
     print_table(f"Linux guest ({'nested PVM' if is_nested_pvm() else 'hardware KVM'})", rows)
     for failure in soak_pooled + soak_fresh:
@@ -273,7 +257,6 @@ def main() -> None:
     emit_json("linux", results)
     if soak_pooled or soak_fresh:
         raise SystemExit(1)
->>>>>>> s11-pvm
 
 
 if __name__ == "__main__":
