@@ -27,6 +27,7 @@ from pytest_supermachine.vmm.devices.virtio.vsock import (
     VirtioVsock,
     VsockConnectionRefused,
     VsockError,
+    VsockMuxer,
     VsockTimeout,
     connection,
 )
@@ -535,6 +536,19 @@ def test_a_transport_reset_asks_for_the_kick_that_acknowledges_it(guest):
     ) & 0xFFFF
     guest.evq.kick()
     assert not guest.device.reset_unacknowledged
+
+
+def test_a_restored_device_never_reuses_a_host_port_of_the_snapshot(guest):
+    """The restored guest still holds the snapshot's connections until it handles the
+    transport reset; a REQUEST from a port it holds would be answered with RST."""
+    _sock, conn = connected(guest)
+    state = guest.transport.state()["device"]
+    fresh = VirtioVsock(3, backend=VsockMuxer(3))  # a new process restoring the snapshot
+    try:
+        fresh.restore_state(state)
+        assert fresh.backend.next_host_port > conn.host_port
+    finally:
+        fresh.close()
 
 
 def test_restore_into_a_fresh_device_keeps_the_guest_cid():

@@ -70,6 +70,13 @@ class VsockBackend(Protocol):
         """Forget every connection without telling the guest; listeners stay."""
         ...
 
+    @property
+    def next_host_port(self) -> int:
+        """The host port the next host-initiated connection will try first (settable):
+        carried by snapshots so a restored VM never reuses a port its guest may still
+        hold a connection on."""
+        ...
+
     def close(self) -> None:
         """Release every host resource; the backend is unusable afterwards."""
         ...

@@ -155,14 +155,22 @@ class VirtioVsock(VirtioDevice):
     def state(self) -> dict[str, Any]:
         st = super().state()
         st["guest_cid"] = self.guest_cid
+        st["next_host_port"] = self.backend.next_host_port
         return st
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Load `state()`. Connections are not part of it: the guest is told with a
-        TRANSPORT_RESET event (at the next opportunity) to forget the ones it had."""
+        TRANSPORT_RESET event (at the next opportunity) to forget the ones it had.
+
+        Until the guest has handled that event it still holds the connections of the
+        snapshot, so host ports carry on from the snapshot's: a new connection never
+        lands on a stale one (the guest would answer its REQUEST with RST)."""
         super().restore_state(state)
         self.guest_cid = int(state.get("guest_cid", self.guest_cid))
         self.backend.guest_cid = self.guest_cid
+        saved_port = state.get("next_host_port")
+        if isinstance(saved_port, int) and saved_port > self.backend.next_host_port:
+            self.backend.next_host_port = saved_port
         self._reset_event_pending = True
 
     def transport_reset(self) -> None:

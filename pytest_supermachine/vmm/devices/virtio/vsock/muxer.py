@@ -283,6 +283,18 @@ class VsockMuxer:
                     conn.check_deadline(now)
                     self._settle(conn)
 
+    @property
+    def next_host_port(self) -> int:
+        """The host port the next host-initiated connection will try first."""
+        return self._next_port
+
+    @next_host_port.setter
+    def next_host_port(self, port: int) -> None:
+        if not EPHEMERAL_FIRST <= port < U32_MASK:
+            raise ValueError(f"host vsock port {port} is outside {EPHEMERAL_FIRST}..{U32_MASK - 1}")
+        with self._lock:
+            self._next_port = port
+
     def connections(self) -> list[tuple[int, int, ConnectionState]]:
         """(host port, guest port, state) of every live connection, for tests and diagnostics."""
         with self._lock:
