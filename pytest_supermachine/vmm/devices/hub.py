@@ -81,6 +81,10 @@ def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
 
 # ----------------------------------------------------------------------------- state encoding
 
+#: What devices put in a snapshot and expect back; snapshot keys cover it, so a change in
+#: what restore relies on rebuilds cached snapshots. 2: vsock carries its next host port.
+DEVICE_STATE_FORMAT = 2
+
 _BLOB_HEADER = struct.Struct("<I")
 
 
