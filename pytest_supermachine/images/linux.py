@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..guest.agent.initramfs import build_initramfs
 from .image import Image
-from .kernel import KernelArtifacts, build_kernel
+from .kernel import KernelArtifacts, guest_kernel
 
 if TYPE_CHECKING:
     from ..vmm.machine import Machine
@@ -47,7 +47,7 @@ def _progress(phase: str, elapsed: float, lines: int) -> None:
 
 
 class LinuxImage(Image):
-    """The bundled Linux guest (kernel recipe in fixtures_images/kernel, agent in guest/agent)."""
+    """The bundled Linux guest (kernel recipe in images/kernel_recipe, agent in guest/agent)."""
 
     name = "linux"
     description = "Linux 6.1 (Debian source, our config) + busybox + the agent, in an initramfs"
@@ -55,7 +55,7 @@ class LinuxImage(Image):
     default_mem_mib = 128
 
     def kernel(self) -> KernelArtifacts:
-        return build_kernel(progress=_progress)
+        return guest_kernel(progress=_progress)
 
     def initramfs(self) -> Path:
         return build_initramfs()
