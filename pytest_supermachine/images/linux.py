@@ -13,12 +13,12 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import progress
 from ..guest.agent.initramfs import build_initramfs
 from .image import Image
 from .kernel import KernelArtifacts, guest_kernel
@@ -37,13 +37,9 @@ PVM_MIN_READY_TIMEOUT = 900.0
 
 
 def _progress(phase: str, elapsed: float, lines: int) -> None:
-    """Kernel build progress on stderr (a build takes minutes; silence looks like a hang)."""
-    if phase == "compile":
-        msg = f"\rsupermachine: building the guest kernel: {phase} ({lines} steps, {elapsed:.0f} s)"
-    else:
-        msg = f"\rsupermachine: building the guest kernel: {phase} ({elapsed:.0f} s)"
-    sys.stderr.write(msg + ("\n" if phase == "done" else ""))
-    sys.stderr.flush()
+    """Kernel build progress (a build takes minutes; silence looks like a hang)."""
+    detail = f"{lines} make steps" if phase == "compile" else ""
+    progress.report("guest kernel build", phase, elapsed, detail)
 
 
 class LinuxImage(Image):
