@@ -145,6 +145,7 @@ def _terminal_progress(config: pytest.Config) -> progress.ProgressSink | None:
         with suspended:
             reporter.ensure_newline()
             reporter.write_line(line)
+            reporter.flush()  # a pipe or file is block-buffered: progress must show now
 
     return sink
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import progress
+from ..errors import GuestTimeout
 from ..guest.agent.initramfs import build_initramfs
 from .image import Image
 from .kernel import KernelArtifacts, guest_kernel
@@ -40,6 +41,21 @@ def _progress(phase: str, elapsed: float, lines: int) -> None:
     """Kernel build progress (a build takes minutes; silence looks like a hang)."""
     detail = f"{lines} make steps" if phase == "compile" else ""
     progress.report("guest kernel build", phase, elapsed, detail)
+
+
+def _wait_ready_reporting(machine: Machine, timeout: float) -> None:
+    """`Machine.wait_ready`, reporting the boot's elapsed time (minutes under PVM)."""
+    start = time.monotonic()
+    while True:
+        left = timeout - (time.monotonic() - start)
+        try:
+            machine.wait_ready(max(min(progress.INTERVAL_S, left), 0.0))
+            break
+        except GuestTimeout as e:
+            if left <= progress.INTERVAL_S:
+                raise GuestTimeout(f"guest not ready after {timeout:g} s", e.console_tail) from None
+            progress.report("Linux guest boot", "booting", time.monotonic() - start)
+    progress.report("Linux guest boot", "done", time.monotonic() - start)
 
 
 class LinuxImage(Image):
@@ -86,7 +102,7 @@ class LinuxImage(Image):
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()
             machine.start()
-            machine.wait_ready(timeout)
+            _wait_ready_reporting(machine, timeout)
             machine.timings.marks.append((0, time.monotonic() - t0))  # boot-to-ready
         except BaseException:
             machine.stop()
