@@ -124,19 +124,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     progress.install_sink(None)
 
 
-def _terminal_progress(config: pytest.Config) -> progress.ProgressSink | None:
+def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
     """Progress lines through the terminal reporter, with pytest's capture suspended.
 
     Written while a fixture builds or boots, under capture: suspending it (only the
     main thread may) puts the line on the terminal now instead of into that test's
-    captured output, where it would resurface in an unrelated failure report.
+    captured output, where it would resurface in an unrelated failure report. The
+    reporter is looked up per line: it registers after this plugin's configure.
     """
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return None
 
     def sink(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:  # -p no:terminal
+            progress.stderr_sink(line)
+            return
         suspended = (
             capture.global_and_fixture_disabled()
             if capture is not None and threading.current_thread() is threading.main_thread()

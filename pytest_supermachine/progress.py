@@ -23,7 +23,8 @@ INTERVAL_S = 5.0
 ProgressSink = Callable[[str], None]
 
 
-def _stderr_sink(line: str) -> None:
+def stderr_sink(line: str) -> None:
+    """Where progress goes outside pytest (the `supermachine` command, scripts)."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
@@ -32,7 +33,7 @@ class Progress:
     """Where progress goes, what was last shown per piece of work, what finished."""
 
     def __init__(self, sink: ProgressSink | None = None) -> None:
-        self.sink: ProgressSink = sink or _stderr_sink
+        self.sink: ProgressSink = sink or stderr_sink
         self._lock = threading.Lock()
         self._last: dict[str, tuple[str, float]] = {}  # work -> (phase, when shown)
         self._finished: dict[str, float] = {}  # work -> seconds spent
@@ -70,7 +71,7 @@ PROGRESS = Progress()
 
 def install_sink(sink: ProgressSink | None) -> None:
     """Route the process's progress to ``sink`` (None: back to stderr)."""
-    PROGRESS.sink = sink or _stderr_sink
+    PROGRESS.sink = sink or stderr_sink
 
 
 def report(work: str, phase: str, elapsed: float, detail: str = "") -> None:
