@@ -16,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 
-#: How often a running phase repeats its line (the issue's bar: at least every 10 s).
-INTERVAL_S = 5.0
+#: How often a running phase repeats its line: often enough that a wait never looks like
+#: a hang (a line at least every 10 s), rarely enough that a 10-minute build stays readable.
+INTERVAL_S = 8.0
 
 #: ``sink(line)``: show one line of progress to the user.
 ProgressSink = Callable[[str], None]
