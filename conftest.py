@@ -1,7 +1,8 @@
 """The repository's own test configuration: tiers, and why a tier cannot run here.
 
 Tiers (docs/architecture.md): `unit` (no KVM), `kvm` (microguest), `linux` (Linux guest,
-slow), `plugin` (pytester). A test's tier is its directory under tests/. A tier
+slow), `plugin` (pytester), `packaging` (the wheel installed
+outside the checkout, no compiler or kernel source reachable). A test's tier is its directory under tests/. A tier
 whose requirements are missing is skipped with the reason printed in the
 summary, never silently.
 """
@@ -15,7 +16,7 @@ import pytest
 
 pytest_plugins = ["pytester", "tests.image_fixtures"]  # image_fixtures: private_cache, mkfs_runs
 
-TIERS = ("unit", "kvm", "linux", "plugin")
+TIERS = ("unit", "kvm", "linux", "plugin", "packaging")
 _kvm_problem: str | bool | None = False  # False: not checked yet
 
 
@@ -50,6 +51,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         item.get_closest_marker("kvm")
         or item.get_closest_marker("linux")
         or item.get_closest_marker("plugin")
+        or item.get_closest_marker("packaging")
     ):
         problem = kvm_problem()
         if problem:

@@ -21,6 +21,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from .package_data import bundled_dir
+
 APP = "pytest-supermachine"
 #: Written last into every `build_once` entry: its presence means the entry is complete.
 MANIFEST_NAME = "manifest.json"
@@ -81,11 +83,17 @@ def build_once(
     An incomplete entry (left by a build that failed or was killed) is cleared by
     the next build. If ``fill`` raises, the entry is removed, unless ``keep_failed``
     (then its files stay for inspection until the next attempt).
+
+    With the default ``root``, an entry the installed wheel carries (`bundled_entry`)
+    is returned when the user cache has none: the user's own build wins, the bundled
+    one saves the build (and the compiler) otherwise.
     """
     base = (root if root is not None else cache_dir()) / kind
     entry = base / key
     if (entry / MANIFEST_NAME).is_file():
         return entry
+    if root is None and (bundled := bundled_entry(kind, key)) is not None:
+        return bundled
     base.mkdir(parents=True, exist_ok=True)
     if on_wait is not None:
         on_wait()
@@ -107,6 +115,15 @@ def build_once(
             {"key": key, **extra, "build_seconds": round(time.monotonic() - start, 2)},
         )
     return entry
+
+
+def bundled_entry(kind: str, key: str) -> Path | None:
+    """The complete entry ``kind/key`` among the wheel's prebuilt guests, if it carries one.
+
+    Same layout and completeness rule as a cache entry (a manifest), read-only.
+    """
+    entry = bundled_dir() / kind / key
+    return entry if (entry / MANIFEST_NAME).is_file() else None
 
 
 def cached_artifact(kind: str, key: str, name: str, build: Callable[[Path], None]) -> Path:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import threading
 import time
 from collections.abc import Generator
 from typing import Any
 
 import pytest
 
-from . import hookspecs
+from . import hookspecs, progress
 from .capsules.capsule import CapsuleWriter, read_manifest, report_text
 from .capsules.replay import ReplayPlugin, load_replay_state
 from .doctor import kvm_summary
@@ -115,6 +116,40 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     config.pluginmanager.register(_Outcomes(state), "supermachine-outcomes")
     xdist.register(config, state)
+    if not state.is_worker:
+        progress.install_sink(_terminal_progress(config))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    progress.install_sink(None)
+
+
+def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
+    """Progress lines through the terminal reporter, with pytest's capture suspended.
+
+    Written while a fixture builds or boots, under capture: suspending it (only the
+    main thread may) puts the line on the terminal now instead of into that test's
+    captured output, where it would resurface in an unrelated failure report. The
+    reporter is looked up per line: it registers after this plugin's configure.
+    """
+
+    def sink(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:  # -p no:terminal
+            progress.stderr_sink(line)
+            return
+        suspended = (
+            capture.global_and_fixture_disabled()
+            if capture is not None and threading.current_thread() is threading.main_thread()
+            else contextlib.nullcontext()
+        )
+        with suspended:
+            reporter.ensure_newline()
+            reporter.write_line(line)
+            reporter.flush()  # a pipe or file is block-buffered: progress must show now
+
+    return sink
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -192,6 +227,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None:
         return
+    state.stats.guest_builds.extend(f"{w} ({s:.0f} s)" for w, s in progress.finished().items())
     if state.is_worker:
         xdist.send_worker_stats(session.config, state.stats)
         return

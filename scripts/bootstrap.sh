@@ -13,8 +13,11 @@ command -v ld >/dev/null || need_apt+=(binutils)
 [ -f /usr/include/stdint.h ] || need_apt+=(libc6-dev)
 [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)      # ext4 rootfs images
 [ -x /bin/busybox ] || need_apt+=(busybox-static)                                 # Linux initramfs
-# The Linux guest's kernel is built from Debian's source with our recipe (images/kernel.py).
-[ -f /usr/src/linux-source-6.1.tar.xz ] || need_apt+=(linux-source-6.1)
+# The Linux guest's kernel is built from a kernel source with our recipe (images/kernel.py):
+# any /usr/src/linux-source-*.tar.* (the `linux-source` package), or $SUPERMACHINE_KERNEL_SOURCE.
+if [ -z "${SUPERMACHINE_KERNEL_SOURCE:-}" ] && ! compgen -G '/usr/src/linux-source-*.tar.*' >/dev/null; then
+  need_apt+=(linux-source)
+fi
 for tool in make bc bison flex perl patch xz; do
   command -v $tool >/dev/null || need_apt+=("$([ $tool = xz ] && echo xz-utils || echo $tool)")
 done

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/actionlint .github/workflows/*.yml
 set +e
 .venv/bin/python -m pytest -ra -p no:cacheprovider "$@"
 rc=$?

@@ -6,10 +6,11 @@ import subprocess
 from pathlib import Path
 
 from ..errors import GuestBuildError
+from ..package_data import package_path
 
 #: The agent-protocol header both guests compile (``include/agent_protocol.h``): each build
 #: puts it on its include path and into its cache key.
-PROTOCOL_INCLUDE_DIR = Path(__file__).resolve().parent / "include"
+PROTOCOL_INCLUDE_DIR = package_path(__name__, "include")
 
 
 def run_build_step(

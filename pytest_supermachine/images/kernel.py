@@ -1,13 +1,19 @@
-"""The guest kernel: Debian's linux-source-6.1, our config fragment, and per-host patches.
+"""The guest kernel: a Linux source, our config fragment, and per-host patches.
 
 Why build our own kernel instead of using the host's or a distro image: a test VM
 must boot in milliseconds on hardware KVM and at all under nested PVM, which needs
 a tiny, module-free kernel with the PVH entry, virtio-mmio cmdline devices and
-vsock built in, plus (on PVM) a few patches. The recipe lives in
-``fixtures_images/kernel/``: ``pvh.config`` (merged onto ``make tinyconfig``) and
+vsock built in, plus (on PVM) a few patches. The recipe is package data,
+``pytest_supermachine/images/kernel_recipe/``: ``pvh.config`` (merged onto ``make tinyconfig``) and
 ``pvm/*.patch``. Everything that changes the bytes of the result goes into the
 cache key, so a recipe edit rebuilds exactly once and every xdist worker shares
 that one build.
+
+Where the kernel comes from (`guest_kernel`): ``$SUPERMACHINE_KERNEL`` (a vmlinux the
+user built), else the user cache's build for the installed source, else the one the
+wheel carries (built from the same recipe), else a build now from the source that
+`find_kernel_source` finds (``$SUPERMACHINE_KERNEL_SOURCE``, or any
+``/usr/src/linux-source-*.tar.*``).
 
 No VM or pytest code here: this module only turns a recipe into two files.
 """
@@ -15,27 +21,36 @@ No VM or pytest code here: this module only turns a recipe into two files.
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import os
 import re
 import selectors
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_supermachine.cache import build_once, content_key
+from pytest_supermachine.cache import MANIFEST_NAME, build_once, cache_dir, content_key
 from pytest_supermachine.errors import GuestBuildError
+from pytest_supermachine.package_data import bundled_dir, package_path
 
-#: Debian ships the kernel source as one tarball; its name carries the series.
-LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
-#: The Debian package that installs `LINUX_SOURCE`.
-LINUX_SOURCE_PACKAGE = "linux-source-6.1"
+#: Where Debian and Ubuntu's ``linux-source-<series>`` packages put their tarball.
+SOURCE_SEARCH_DIR = Path("/usr/src")
+#: A kernel source tarball (kernel.org's ``linux-6.12.tar.xz``, Debian's) or a source tree.
+SOURCE_ENV = "SUPERMACHINE_KERNEL_SOURCE"
+#: A vmlinux (PVH entry) the user built: used as is, nothing is built.
+KERNEL_ENV = "SUPERMACHINE_KERNEL"
+#: The series the recipe was verified on: preferred when several sources are installed.
+VERIFIED_SERIES = "6.1"
+#: Compressions ``tar -xf`` recognises by itself (given the decompressor).
+TARBALL_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar.bz2", ".tar.zst")
 #: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine").
 PVM_MODULE = Path("/sys/module/kvm_pvm")
-#: The recipe directory, next to the package in a source checkout.
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "fixtures_images" / "kernel"
+#: The recipe directory (package data, so an installed wheel has it).
+RECIPE_DIR = package_path("pytest_supermachine.images", "kernel_recipe")
 FRAGMENT_NAME = "pvh.config"
 #: Bumped whenever this module changes how the same inputs become artifacts.
 RECIPE_VERSION = "1"
@@ -130,7 +145,7 @@ PVM_CMDLINE: tuple[str, ...] = (
     # emulator cannot deliver; the i8042 reset (0xFE to port 0x64) is a clean
     # PIO exit that the VMM treats as "guest stopped".
     "reboot=k",
-    # Both options come from our patches (fixtures_images/kernel/pvm/).
+    # Both options come from our patches (kernel_recipe/pvm/).
     "no_int3_selftest",
     "no_initmem_poison",
     # mark_rodata_ro() splits and rewrites the kernel's page tables page by page
@@ -145,7 +160,7 @@ class KernelVariant(str, enum.Enum):
     """Which kernel a host needs.
 
     ``kvm``: upstream code, full CPUID, for hardware virtualisation.
-    ``pvm``: the patches in ``fixtures_images/kernel/pvm/`` plus `cmdline_extra`,
+    ``pvm``: the patches in ``kernel_recipe/pvm/`` plus `cmdline_extra`,
     for kvm_pvm where guest kernel code is emulated (docs/vmm.md, "Facts of this machine"). The VMM must
     also give a ``pvm`` guest a reduced CPUID; see `cmdline_extra` and the patches.
     """
@@ -172,14 +187,15 @@ class KernelArtifacts:
     ``vmlinux`` is the uncompressed ELF with the PVH entry note (the fast way in:
     no decompressor); ``bzimage`` the Linux boot protocol image of the same build.
     ``cmdline_extra`` must be appended to the kernel command line by the boot code.
+    A user-supplied kernel (``$SUPERMACHINE_KERNEL``) has no ``bzimage`` or ``config``.
     """
 
     vmlinux: Path
-    bzimage: Path
+    bzimage: Path | None
     cmdline_extra: list[str]
     key: str
     variant: KernelVariant
-    config: Path
+    config: Path | None
 
 
 def detect_variant(sys_module: Path = Path("/sys/module")) -> KernelVariant:
@@ -200,15 +216,77 @@ def detect_variant(sys_module: Path = Path("/sys/module")) -> KernelVariant:
     return KernelVariant.PVM if (sys_module / "kvm_pvm").exists() else KernelVariant.KVM
 
 
-def ensure_linux_source(source: Path = LINUX_SOURCE) -> Path:
-    """Return the kernel source tarball, or say exactly how to install it."""
-    if not source.is_file():
-        raise GuestBuildError(
-            f"kernel source {source} not found: install it with\n"
-            f"    apt-get install {LINUX_SOURCE_PACKAGE}\n"
-            "(Debian 12 / bookworm; as root, after `apt-get update`)"
+@dataclass(frozen=True)
+class KernelSource:
+    """A kernel source: a tarball (``tar -xf`` unpacks it) or a tree (copied, never built in)."""
+
+    path: Path
+
+    @property
+    def is_tree(self) -> bool:
+        return self.path.is_dir()
+
+
+def _is_tarball(path: Path) -> bool:
+    return path.name.endswith(TARBALL_SUFFIXES)
+
+
+def _series(path: Path) -> tuple[int, ...]:
+    """(6, 12) for ``linux-source-6.12.tar.xz`` or ``linux-6.12.tar.xz``; () if none."""
+    m = re.search(r"(\d+(?:\.\d+)*)\.t", path.name)
+    return tuple(int(n) for n in m.group(1).split(".")) if m else ()
+
+
+def _is_source_tree(path: Path) -> bool:
+    return (
+        (path / "Makefile").is_file() and (path / "Kconfig").is_file() and (path / "arch").is_dir()
+    )
+
+
+def find_kernel_source(
+    env: Mapping[str, str] | None = None, search_dir: Path = SOURCE_SEARCH_DIR
+) -> KernelSource:
+    """The source to build the guest kernel from, or an error naming what was found.
+
+    ``$SUPERMACHINE_KERNEL_SOURCE`` (a tarball or a tree) wins; otherwise the
+    ``linux-source-*.tar.*`` tarballs in ``search_dir``: series `VERIFIED_SERIES` if
+    installed, else the newest.
+    """
+    env = os.environ if env is None else env
+    supported = (
+        f"a kernel source tarball ({', '.join(TARBALL_SUFFIXES)}; kernel.org's or Debian's "
+        f"linux-source-<series>) or an unpacked source tree; the recipe is verified on "
+        f"Linux {VERIFIED_SERIES}"
+    )
+    explicit = env.get(SOURCE_ENV, "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.is_file() and _is_tarball(path):
+            return KernelSource(path)
+        if path.is_dir() and _is_source_tree(path):
+            return KernelSource(path)
+        found = (
+            "does not exist"
+            if not path.exists()
+            else "is a directory without a kernel Makefile/Kconfig/arch"
+            if path.is_dir()
+            else "is a file that is not a tarball"
         )
-    return source
+        raise GuestBuildError(f"${SOURCE_ENV}={explicit} {found}; it must name {supported}")
+    candidates = sorted(
+        (p for p in search_dir.glob("linux-source-*") if p.is_file() and _is_tarball(p)),
+        key=_series,
+    )
+    if not candidates:
+        others = sorted(p.name for p in search_dir.glob("linux-source-*"))
+        seen = f"found only {', '.join(others)}" if others else "found none"
+        raise GuestBuildError(
+            f"no kernel source for the guest kernel: looked for {search_dir}/linux-source-*.tar.* "
+            f"({seen}). Install one (Debian/Ubuntu: apt-get install linux-source), or set "
+            f"${SOURCE_ENV} to {supported}; or set ${KERNEL_ENV} to a vmlinux you built"
+        )
+    verified = [p for p in candidates if ".".join(map(str, _series(p))) == VERIFIED_SERIES]
+    return KernelSource((verified or candidates)[-1])
 
 
 def check_build_tools() -> None:
@@ -225,17 +303,37 @@ def check_build_tools() -> None:
         )
 
 
-def source_version(source: Path = LINUX_SOURCE) -> str:
-    """Identify the installed kernel source cheaply (no decompression).
+def _tree_version(tree: Path) -> str:
+    """``6.12.0`` from a source tree's Makefile (VERSION, PATCHLEVEL, SUBLEVEL)."""
+    fields = dict(
+        re.findall(
+            r"^(VERSION|PATCHLEVEL|SUBLEVEL) = (\d+)$",
+            (tree / "Makefile").read_text(errors="replace"),
+            re.M,
+        )
+    )
+    return ".".join(fields.get(k, "?") for k in ("VERSION", "PATCHLEVEL", "SUBLEVEL"))
 
-    The tarball name only says "6.1"; Debian updates the point release under the
-    same name, so the installed package version is part of the identity. Without
-    dpkg (a hand-placed tarball) the file's size and mtime stand in for it.
+
+def source_version(source: Path) -> str:
+    """Identify the kernel source cheaply (no decompression).
+
+    Debian's tarball name only says "6.1" and Debian updates the point release
+    under the same name, so the version of the package that installed it
+    (``linux-source-6.1``) is part of the identity. Without dpkg (a hand-placed or
+    kernel.org tarball) the file's size and mtime stand in for it; a tree is
+    named by its Makefile's version and the Makefile's mtime (an edited tree
+    must be rebuilt: point at a tarball for a stable identity).
     """
-    name = source.name.removesuffix(".tar.xz")
+    if source.is_dir():
+        mtime = (source / "Makefile").stat().st_mtime_ns
+        return f"tree {source} {_tree_version(source)} mtime={mtime}"
+    name = source.name
+    for suffix in TARBALL_SUFFIXES:
+        name = name.removesuffix(suffix)
     try:
         out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", LINUX_SOURCE_PACKAGE],
+            ["dpkg-query", "-W", "-f=${Version}", name],
             capture_output=True,
             text=True,
             check=False,
@@ -257,7 +355,7 @@ def kernel_cache_key(
     *,
     recipe_dir: Path = RECIPE_DIR,
     version: str | None = None,
-    source: Path = LINUX_SOURCE,
+    source: Path | None = None,
 ) -> str:
     """hash(recipe version, source version, fragment, patches, variant).
 
@@ -267,7 +365,24 @@ def kernel_cache_key(
     parts: list[bytes | str] = [
         "kernel",
         RECIPE_VERSION,
-        version if version is not None else source_version(source),
+        version if version is not None else source_version(source or find_kernel_source().path),
+        variant.value,
+        (recipe_dir / FRAGMENT_NAME).read_bytes(),
+    ]
+    for patch in variant.patches(recipe_dir):
+        parts += [patch.name, patch.read_bytes()]
+    return content_key(*parts)
+
+
+def recipe_key(variant: KernelVariant, recipe_dir: Path = RECIPE_DIR) -> str:
+    """hash(recipe version, variant, fragment, patches): the recipe without the source.
+
+    A bundled kernel is matched by this (the machine that runs it may have no
+    source to compute the full `kernel_cache_key` from).
+    """
+    parts: list[bytes | str] = [
+        "kernel-recipe",
+        RECIPE_VERSION,
         variant.value,
         (recipe_dir / FRAGMENT_NAME).read_bytes(),
     ]
@@ -402,7 +517,7 @@ def build_kernel(
     *,
     progress: ProgressCallback | None = None,
     recipe_dir: Path = RECIPE_DIR,
-    source: Path = LINUX_SOURCE,
+    source: Path | None = None,
     root: Path | None = None,
     jobs: int | None = None,
     niceness: int = 10,
@@ -419,7 +534,7 @@ def build_kernel(
     priority so a build does not starve the tests running beside it.
     """
     variant = variant or detect_variant()
-    ensure_linux_source(source)
+    source = source or find_kernel_source().path
     key = kernel_cache_key(variant, recipe_dir=recipe_dir, source=source)
     start = time.monotonic()
 
@@ -441,6 +556,7 @@ def build_kernel(
             "variant": variant.value,
             "source": source_version(source),
             "patches": [p.name for p in variant.patches(recipe_dir)],
+            "recipe": recipe_key(variant, recipe_dir),
         }
 
     def waiting() -> None:
@@ -463,7 +579,10 @@ def _build_tree(
 ) -> None:
     """extract -> patch -> configure (+verify) -> compile, inside ``work``."""
     b.report("extract")
-    b.run("extract", ["tar", "-xf", source, "-C", work, "--strip-components=1"], cwd=work)
+    if source.is_dir():
+        b.run("extract", ["cp", "-a", f"{source}/.", work], cwd=work)
+    else:
+        b.run("extract", ["tar", "-xf", source, "-C", work, "--strip-components=1"], cwd=work)
 
     b.report("patch")
     for patch in variant.patches(recipe_dir):
@@ -489,3 +608,64 @@ def _build_tree(
 
     b.report("compile")
     b.run("compile", ["make", f"-j{jobs}", "vmlinux", "bzImage"], cwd=work)
+
+
+def bundled_kernel(variant: KernelVariant, *, bundle: Path | None = None) -> KernelArtifacts | None:
+    """The kernel of ``variant`` the installed wheel carries, if built from this recipe."""
+    want = recipe_key(variant)
+    for manifest in sorted((bundle or bundled_dir()).glob(f"kernel/*/{MANIFEST_NAME}")):
+        fields = json.loads(manifest.read_text())
+        if fields.get("variant") == variant.value and fields.get("recipe") == want:
+            return _artifacts(manifest.parent, manifest.parent.name, variant)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _file_key(path: Path, size: int, mtime_ns: int) -> str:
+    return content_key("user-kernel", path.read_bytes())
+
+
+def user_kernel(vmlinux: Path, variant: KernelVariant) -> KernelArtifacts:
+    """``$SUPERMACHINE_KERNEL``: a vmlinux built elsewhere, keyed by its bytes."""
+    if not vmlinux.is_file() or vmlinux.read_bytes()[:4] != b"\x7fELF":
+        raise GuestBuildError(
+            f"${KERNEL_ENV}={vmlinux} is not a vmlinux (an uncompressed ELF kernel with the PVH "
+            "entry note); unset it to use the bundled or cached kernel"
+        )
+    st = vmlinux.stat()
+    return KernelArtifacts(
+        vmlinux=vmlinux,
+        bzimage=None,
+        cmdline_extra=variant.cmdline_extra,
+        key=_file_key(vmlinux.resolve(), st.st_size, st.st_mtime_ns),
+        variant=variant,
+        config=None,
+    )
+
+
+def guest_kernel(
+    variant: KernelVariant | None = None, *, progress: ProgressCallback | None = None
+) -> KernelArtifacts:
+    """The kernel the Linux image boots, cheapest source first.
+
+    ``$SUPERMACHINE_KERNEL``; else the user cache's build for the installed source;
+    else the wheel's bundled kernel of the same recipe; else a build now (which needs
+    a source, see `find_kernel_source`, and the build tools). Only the last can fail
+    for want of a source, and then says what it looked for.
+    """
+    variant = variant or detect_variant()
+    user = os.environ.get(KERNEL_ENV, "").strip()
+    if user:
+        return user_kernel(Path(user).expanduser(), variant)
+    try:
+        source: Path | None = find_kernel_source().path
+    except GuestBuildError:
+        source = None
+    if source is not None:
+        key = kernel_cache_key(variant, source=source)
+        if (cache_dir() / "kernel" / key / MANIFEST_NAME).is_file():
+            return _artifacts(cache_dir() / "kernel" / key, key, variant)
+    bundled = bundled_kernel(variant)
+    if bundled is not None:
+        return bundled
+    return build_kernel(variant, progress=progress, source=source)

@@ -13,15 +13,16 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import progress
+from ..errors import GuestTimeout
 from ..guest.agent.initramfs import build_initramfs
 from .image import Image
-from .kernel import KernelArtifacts, build_kernel
+from .kernel import KernelArtifacts, guest_kernel
 
 if TYPE_CHECKING:
     from ..vmm.machine import Machine
@@ -37,17 +38,28 @@ PVM_MIN_READY_TIMEOUT = 900.0
 
 
 def _progress(phase: str, elapsed: float, lines: int) -> None:
-    """Kernel build progress on stderr (a build takes minutes; silence looks like a hang)."""
-    if phase == "compile":
-        msg = f"\rsupermachine: building the guest kernel: {phase} ({lines} steps, {elapsed:.0f} s)"
-    else:
-        msg = f"\rsupermachine: building the guest kernel: {phase} ({elapsed:.0f} s)"
-    sys.stderr.write(msg + ("\n" if phase == "done" else ""))
-    sys.stderr.flush()
+    """Kernel build progress (a build takes minutes; silence looks like a hang)."""
+    detail = f"{lines} make steps" if phase == "compile" else ""
+    progress.report("guest kernel build", phase, elapsed, detail)
+
+
+def _wait_ready_reporting(machine: Machine, timeout: float) -> None:
+    """`Machine.wait_ready`, reporting the boot's elapsed time (minutes under PVM)."""
+    start = time.monotonic()
+    while True:
+        left = timeout - (time.monotonic() - start)
+        try:
+            machine.wait_ready(max(min(progress.INTERVAL_S, left), 0.0))
+            break
+        except GuestTimeout as e:
+            if left <= progress.INTERVAL_S:
+                raise GuestTimeout(f"guest not ready after {timeout:g} s", e.console_tail) from None
+            progress.report("Linux guest boot", "booting", time.monotonic() - start)
+    progress.report("Linux guest boot", "done", time.monotonic() - start)
 
 
 class LinuxImage(Image):
-    """The bundled Linux guest (kernel recipe in fixtures_images/kernel, agent in guest/agent)."""
+    """The bundled Linux guest (kernel recipe in images/kernel_recipe, agent in guest/agent)."""
 
     name = "linux"
     description = "Linux 6.1 (Debian source, our config) + busybox + the agent, in an initramfs"
@@ -55,7 +67,7 @@ class LinuxImage(Image):
     default_mem_mib = 128
 
     def kernel(self) -> KernelArtifacts:
-        return build_kernel(progress=_progress)
+        return guest_kernel(progress=_progress)
 
     def initramfs(self) -> Path:
         return build_initramfs()
@@ -90,7 +102,7 @@ class LinuxImage(Image):
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()
             machine.start()
-            machine.wait_ready(timeout)
+            _wait_ready_reporting(machine, timeout)
             machine.timings.marks.append((0, time.monotonic() - t0))  # boot-to-ready
         except BaseException:
             machine.stop()

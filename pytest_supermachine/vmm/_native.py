@@ -1,7 +1,9 @@
 """Loads the compiled C core, rebuilding it in a development checkout whose sources changed.
 
-An installed package always has a current `_core` (built at install time). In an
-editable checkout the C sources can change after `pip install -e .`; a stale
+An installed package always has a current `_core` (built at install time, and an
+installed file's mtime says nothing about its sources: no rebuild there, the user
+may have no compiler). In an editable checkout (the package directory sits next to
+``pyproject.toml``) the C sources can change after `pip install -e .`; a stale
 extension would silently run old code, so when the sources are newer than the
 built module we rebuild it in place before importing.
 """
@@ -14,7 +16,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from ..package_data import package_path
+
+HERE = package_path("pytest_supermachine.vmm")
+#: Present only in a source checkout (an editable install), never in an installed wheel.
+CHECKOUT_MARKER = HERE.parents[1] / "pyproject.toml"
 _SOURCES = [
     HERE / "_core.c",
     HERE / "_core.h",
@@ -60,7 +66,7 @@ def _rebuild() -> None:
 
 def load() -> ModuleType:
     """Import `pytest_supermachine.vmm._core`, rebuilding first if a checkout's sources changed."""
-    if (HERE / "_core.c").exists() and _stale():
+    if CHECKOUT_MARKER.is_file() and _stale():
         from filelock import FileLock
 
         with FileLock(str(HERE / ".core-build.lock")):  # xdist workers rebuild once

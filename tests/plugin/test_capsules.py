@@ -49,7 +49,7 @@ def test_failed_test_writes_a_capsule_and_reports_it(project):
         [
             "*- supermachine failure capsule -*",
             f"capsule: {capsule}",
-            "replay:  supermachine replay * --runs 5*",
+            "replay:  * -m pytest_supermachine replay * --runs 5*",
             "--- configured: microguest (base) > configured; guest running",
             "console tail (configured):",
         ]

@@ -5,6 +5,7 @@ No kernel is built here; the build itself is exercised by the linux tier.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from pytest_supermachine.errors import GuestBuildError
 from pytest_supermachine.images import kernel
 from pytest_supermachine.images.kernel import (
     KernelVariant,
+    bundled_kernel,
     config_mismatches,
     detect_variant,
-    ensure_linux_source,
+    find_kernel_source,
+    guest_kernel,
     kernel_cache_key,
+    recipe_key,
 )
 
 pytestmark = pytest.mark.unit
@@ -154,9 +158,93 @@ def test_config_mismatches_clean() -> None:
     assert config_mismatches(fragment, fragment) == []
 
 
-def test_missing_source_says_what_to_install(tmp_path: Path) -> None:
-    with pytest.raises(GuestBuildError, match=r"apt-get install linux-source-6\.1"):
-        ensure_linux_source(tmp_path / "linux-source-6.1.tar.xz")
+def test_missing_source_says_what_was_looked_for_and_what_to_install(tmp_path: Path) -> None:
+    (tmp_path / "linux-source-6.1").mkdir()  # an unpacked leftover, not a tarball
+    with pytest.raises(GuestBuildError) as err:
+        find_kernel_source({}, search_dir=tmp_path)
+    message = str(err.value)
+    assert f"{tmp_path}/linux-source-*.tar.*" in message
+    assert "found only linux-source-6.1" in message
+    assert "apt-get install linux-source" in message and "SUPERMACHINE_KERNEL_SOURCE" in message
+
+
+def test_any_installed_source_tarball_is_found(tmp_path: Path) -> None:
+    (tmp_path / "linux-source-6.12.tar.xz").write_bytes(b"")
+    assert find_kernel_source({}, search_dir=tmp_path).path == tmp_path / "linux-source-6.12.tar.xz"
+
+
+def test_verified_series_is_preferred_then_the_newest(tmp_path: Path) -> None:
+    for name in (
+        "linux-source-5.10.tar.xz",
+        "linux-source-6.12.tar.bz2",
+        "linux-source-6.2.tar.gz",
+    ):
+        (tmp_path / name).write_bytes(b"")
+    assert find_kernel_source({}, search_dir=tmp_path).path.name == "linux-source-6.12.tar.bz2"
+    (tmp_path / "linux-source-6.1.tar.xz").write_bytes(b"")
+    assert find_kernel_source({}, search_dir=tmp_path).path.name == "linux-source-6.1.tar.xz"
+
+
+def test_source_env_names_a_kernel_org_tarball(tmp_path: Path) -> None:
+    tarball = tmp_path / "linux-6.12.9.tar.xz"
+    tarball.write_bytes(b"")
+    env = {kernel.SOURCE_ENV: str(tarball)}
+    assert find_kernel_source(env, search_dir=tmp_path / "none").path == tarball
+
+
+def test_source_env_names_a_source_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "linux"
+    (tree / "arch").mkdir(parents=True)
+    (tree / "Kconfig").write_text("")
+    (tree / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 9\n")
+    source = find_kernel_source({kernel.SOURCE_ENV: str(tree)}, search_dir=tmp_path)
+    assert source.path == tree and source.is_tree
+    assert " 6.12.9 " in kernel.source_version(tree)
+
+
+def test_source_env_that_is_no_source_says_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "linux-source-6.1.tar.xz").write_bytes(b"")  # not taken: the variable wins
+    with pytest.raises(GuestBuildError, match="directory without a kernel Makefile"):
+        find_kernel_source({kernel.SOURCE_ENV: str(tmp_path)}, search_dir=tmp_path)
+    with pytest.raises(GuestBuildError, match="does not exist"):
+        find_kernel_source({kernel.SOURCE_ENV: str(tmp_path / "x")}, search_dir=tmp_path)
+
+
+def test_bundled_kernel_is_found_by_variant_and_recipe(tmp_path: Path) -> None:
+    """A wheel's kernel counts only when built from this recipe, for this variant."""
+    entry = tmp_path / "kernel" / "k1"
+    entry.mkdir(parents=True)
+    (entry / "vmlinux").write_bytes(b"\x7fELF")
+    manifest = entry / "manifest.json"
+    manifest.write_text(json.dumps({"variant": "pvm", "recipe": "old recipe"}))
+    assert bundled_kernel(KernelVariant.PVM, bundle=tmp_path) is None
+    manifest.write_text(json.dumps({"variant": "pvm", "recipe": recipe_key(KernelVariant.PVM)}))
+    found = bundled_kernel(KernelVariant.PVM, bundle=tmp_path)
+    assert found is not None and found.vmlinux == entry / "vmlinux" and found.key == "k1"
+    assert bundled_kernel(KernelVariant.KVM, bundle=tmp_path) is None
+
+
+def test_user_kernel_wins_and_is_keyed_by_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(b"\x7fELF one")
+    monkeypatch.setenv(kernel.KERNEL_ENV, str(vmlinux))
+    first = guest_kernel(KernelVariant.PVM)
+    assert first.vmlinux == vmlinux and first.cmdline_extra == KernelVariant.PVM.cmdline_extra
+    other = tmp_path / "other"
+    other.write_bytes(b"\x7fELF two")
+    monkeypatch.setenv(kernel.KERNEL_ENV, str(other))
+    assert guest_kernel(KernelVariant.PVM).key != first.key
+
+
+def test_user_kernel_that_is_no_elf_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(kernel.KERNEL_ENV, str(tmp_path / "bzImage"))
+    (tmp_path / "bzImage").write_bytes(b"MZ")
+    with pytest.raises(GuestBuildError, match="is not a vmlinux"):
+        guest_kernel(KernelVariant.PVM)
 
 
 def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,6 @@ def test_report_text_shows_path_replay_and_console_tail(tmp_path):
     }
     text = report_text(tmp_path, manifest)
     assert f"capsule: {tmp_path}" in text
-    assert f"supermachine replay {tmp_path} --runs 5" in text
+    assert f"{sys.executable} -m pytest_supermachine replay {tmp_path} --runs 5" in text
     assert "--- microvm: microguest (base) > cfg; guest running" in text
     assert "line 39" in text and "line 19" not in text  # the last 20 lines

@@ -40,3 +40,12 @@ def test_summary_lines():
     )
     assert "snapshots: 1 built in 0.50 s, 0 reused from the cache" in text
     assert "(totals of 2 processes)" in text
+
+
+def test_summary_accounts_for_what_was_built_before_the_first_vm():
+    """A first run's minutes of kernel build and boot show in the summary, not only snapshots."""
+    s = Stats(guest_builds=["guest kernel build (504 s)", "Linux guest boot (57 s)"])
+    assert s.active
+    assert "before the first VM: guest kernel build (504 s), Linux guest boot (57 s)" in (
+        s.summary_lines()
+    )

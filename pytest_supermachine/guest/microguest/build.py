@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...cache import cached_artifact, content_key
+from ...package_data import package_path
 from .. import PROTOCOL_INCLUDE_DIR, run_build_step
 
-SOURCE_DIR = Path(__file__).resolve().parent
+#: The microguest's sources, package data (an installed wheel carries them).
+SOURCE_DIR = package_path("pytest_supermachine.guest.microguest")
 SOURCE_SUFFIXES = (".c", ".S", ".h", ".ld")
 ELF_NAME = "microguest.elf"
 LINKER_SCRIPT = "linker.ld"
