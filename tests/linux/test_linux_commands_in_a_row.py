@@ -1,6 +1,6 @@
 """Every command succeeds, not just most: issue 11 saw ~5-10 % of commands die with SIGSEGV
 on nested PVM (AVX-512 registers glibc uses are not context-switched by the FXSAVE-only
-guest kernel, see fixtures_images/kernel/README.md), most often the first one
+guest kernel, see pytest_supermachine/images/kernel_recipe/README.md), most often the first one
 after a reset. Fifty handouts in a row make a rate like that fail this test."""
 
 from __future__ import annotations
