@@ -26,6 +26,10 @@ class AgentRemoteError(AgentError):
         self.guest_message = guest_message
 
 
+class AgentFileTooLarge(AgentError):
+    """``read_file`` refused a guest file longer than its ``limit``."""
+
+
 class AgentTimeout(AgentError, GuestTimeout):
     """The agent did not answer in time; carries the console tail when the VMM provides one."""
 
@@ -34,7 +38,13 @@ class AgentTimeout(AgentError, GuestTimeout):
 
 
 class AgentGuestStopped(AgentError, GuestCrashed):
-    """The machine stopped (crash, power-off) while the host waited for the agent."""
+    """The machine stopped (crash, power-off) while the host waited for the agent.
+
+    Carries the console tail in ``console_tail`` (and the message), like `GuestCrashed`.
+    """
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        GuestCrashed.__init__(self, message, console_tail)
 
 
 class CommandFailed(AgentError):
