@@ -152,7 +152,7 @@ class AgentClient:
         self._send_lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._reading = False
-        self._failed: tuple[type[AgentError], str] | None = None
+        self._failed: tuple[type[AgentError], str, str] | None = None
         self._next_id = 1
         self.agent: Hello = Hello(max_inflight=1, max_frame=MIN_FRAME, software=b"(no handshake)")
         self._slots = threading.BoundedSemaphore(1)
@@ -199,7 +199,7 @@ class AgentClient:
         """Close the connection; calls in progress fail with AgentError."""
         with self._cv:
             if self._failed is None:
-                self._failed = (AgentError, "the agent connection was closed by the host")
+                self._failed = (AgentError, "the agent connection was closed by the host", "")
             self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in poll()
@@ -496,24 +496,30 @@ class AgentClient:
                 tail = f"(console tail unavailable: {exc})"
         return AgentTimeout(f"timed out waiting for {waiting_for} from the guest agent", tail)
 
-    def _fail(self, cls: type[AgentError], message: str) -> NoReturn:
+    def _fail(self, cls: type[AgentError], message: str, console_tail: str = "") -> NoReturn:
         """Mark the connection dead (first reason wins), wake everyone, raise."""
         with self._cv:
             if self._failed is None:
-                self._failed = (cls, message)
+                self._failed = (cls, message, console_tail)
             self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._raise_failed()  # the first reason, which may be another thread's
 
-    def abort(self, cls: type[AgentError], message: str) -> None:
-        """Fail every pending and future call with `cls(message)` (from any thread)."""
+    def abort(self, cls: type[AgentError], message: str, console_tail: str = "") -> None:
+        """Fail every pending and future call with `cls(message)` (from any thread).
+
+        With a ``console_tail``, ``cls`` must take it as its second argument (a
+        `ConsoleTailError`, such as `AgentGuestStopped`).
+        """
         with contextlib.suppress(AgentError):
-            self._fail(cls, message)
+            self._fail(cls, message, console_tail)
 
     def _raise_failed(self) -> NoReturn:
         assert self._failed is not None
-        cls, message = self._failed
+        cls, message, console_tail = self._failed
+        if console_tail:
+            raise cls(message, console_tail)  # type: ignore[call-arg]
         raise cls(message)
 
     def _wait(self, rid: int, deadline: float | None, waiting_for: str) -> Frame:
