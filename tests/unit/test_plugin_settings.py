@@ -58,6 +58,13 @@ def test_empty_values_count_as_unset():
         ("capsule_retention", "ALL", "all"),
         ("pool_size", "0", 0),
         ("mem_mib", "128", 128),
+        ("run_timeout", "30", 30.0),
+        ("run_timeout", "none", float("inf")),
+        ("output_limit", "1000", 1000),
+        ("output_limit", "16M", 16 << 20),
+        ("output_limit", "2KiB", 2048),
+        ("output_limit", "1g", 1 << 30),
+        ("output_limit", "none", None),
     ],
 )
 def test_values_are_parsed(name, raw, expected):
@@ -72,6 +79,9 @@ def test_values_are_parsed(name, raw, expected):
         ("capsule_retention", "some", "must be one of all, failed, none"),
         ("rebuild", "maybe", "expected a boolean"),
         ("ready_timeout", "0", "positive number of seconds"),
+        ("run_timeout", "0", "positive number of seconds, or 'none'"),
+        ("output_limit", "lots", "number of bytes .*or 'none'"),
+        ("output_limit", "-5", "number of bytes"),
     ],
 )
 def test_bad_values_name_their_source(name, raw, message):
@@ -110,39 +120,6 @@ def test_cache_dir_default_is_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert resolve().resolved_cache_dir() == tmp_path / "pytest-supermachine"
     assert resolve({"cache_dir": "/x"}).resolved_cache_dir() == Path("/x")
-
-
-@pytest.mark.parametrize(
-    ("name", "raw", "expected"),
-    [
-        ("run_timeout", "30", 30.0),
-        ("run_timeout", "none", float("inf")),
-        ("output_limit", "1000", 1000),
-        ("output_limit", "16M", 16 << 20),
-        ("output_limit", "2KiB", 2048),
-        ("output_limit", "1g", 1 << 30),
-        ("output_limit", "none", None),
-    ],
-)
-def test_run_timeout_and_output_limit_are_parsed(name, raw, expected):
-    s = resolve(env={f"SUPERMACHINE_{name.upper()}": raw})
-    assert getattr(s, name) == expected
-    assert name in s.sources
-
-
-@pytest.mark.parametrize(
-    ("name", "raw", "message"),
-    [
-        ("run_timeout", "0", "positive number of seconds, or 'none'"),
-        ("output_limit", "lots", "number of bytes .*or 'none'"),
-        ("output_limit", "-5", "number of bytes"),
-    ],
-)
-def test_bad_run_timeout_and_output_limit_name_their_source(name, raw, message):
-    with pytest.raises(
-        SettingsError, match=rf"{name} from ini \(supermachine_{name}\): .*{message}"
-    ):
-        resolve(ini={f"supermachine_{name}": raw})
 
 
 def test_run_timeout_and_output_limit_follow_marker_cli_env_ini():
