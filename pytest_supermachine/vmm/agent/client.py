@@ -7,6 +7,11 @@ several threads may use one client at once (requests are multiplexed by id).
 It has no thread of its own: whichever caller is waiting reads the socket and
 hands frames of other requests to their owners, and a caller sending stdin
 keeps draining incoming output so neither side can block the other.
+
+Whatever the agent sends, a call ends by one deadline for the whole call (a
+`run` given no timeout gets `run_timeout`), and the host keeps a bounded
+amount of what it sent: `run` output up to ``output_limit`` per stream
+(`output`), `read_file` data up to its ``limit``.
 """
 
 from __future__ import annotations
