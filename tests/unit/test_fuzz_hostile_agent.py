@@ -74,29 +74,53 @@ flood_action = st.builds(
 )
 garbage_action = st.builds(lambda b: ("garbage", b), st.binary(min_size=1, max_size=200))
 pause_action = st.builds(lambda ms: ("pause", ms), st.integers(0, 50))
-actions = st.lists(
+hostile_actions = st.lists(
     st.one_of(frame_action, frame_action, flood_action, flood_action, garbage_action, pause_action),
     max_size=8,
 )
-endings = st.sampled_from(["hangup", "silence", "exit", "file-end", "ok", "pong"])
+# Streams a call can survive: floods of its own request, frames for requests the
+# host is not waiting for (dropped), pauses.
+stray_action = st.builds(
+    lambda t, rid, body: ("frame", Frame(t, rid, body).encode()),
+    st.sampled_from(sorted(P.TYPE_NAMES)),
+    st.sampled_from([2, 77, 0xFFFFFFFF]),
+    payloads,
+)
+own_flood = st.builds(
+    lambda msg, n: ("flood", msg.frame(1) * n),
+    st.sampled_from([P.Stdout(b"o" * 4000), P.Stderr(b"e" * 4000), P.FileData(b"f" * 4000, True)]),
+    st.integers(1, 40),
+)
+plausible_actions = st.lists(st.one_of(stray_action, own_flood, pause_action), max_size=8)
+actions = st.one_of(hostile_actions, plausible_actions)
+endings = st.sampled_from(["hangup", "silence", "answer", "answer", "answer", "exit", "ok"])
 calls = st.sampled_from(["run", "read_file", "write_file", "ping"])
 handshakes = st.sampled_from(["hello", "hello", "hello", "wrong-version", "garbage", "silence"])
 
 OUTCOMES: Counter[str] = Counter()
 
 
-def _ending_frame(ending: str) -> bytes:
-    msg = {
-        "exit": P.Exit(0, False, False, 1),
-        "file-end": P.FileData(b"end", more=False),
-        "ok": P.Ok(),
-        "pong": P.Pong(b"12345678"),
-    }.get(ending)
+ANSWERS = {
+    "run": P.Exit(0, False, False, 1),
+    "read_file": P.FileData(b"end", more=False),
+    "write_file": P.Ok(),
+    "ping": P.Pong(b"12345678"),
+}
+
+
+def _ending_frame(ending: str, call: str) -> bytes:
+    """The last frame: the call's own answer, another call's, or none (hang up / fall silent)."""
+    msg = {"answer": ANSWERS[call], "exit": ANSWERS["run"], "ok": ANSWERS["write_file"]}.get(ending)
     return b"" if msg is None else msg.frame(1)
 
 
 def _serve(
-    guest: socket.socket, handshake: str, script: list, ending: str, done: threading.Event
+    guest: socket.socket,
+    handshake: str,
+    script: list,
+    ending: str,
+    call: str,
+    done: threading.Event,
 ) -> None:
     decoder = FrameDecoder()
     with contextlib.suppress(OSError, P.AgentProtocolError):
@@ -119,7 +143,7 @@ def _serve(
                 time.sleep(data / 1000)
             else:
                 guest.sendall(data)
-        guest.sendall(_ending_frame(ending))
+        guest.sendall(_ending_frame(ending, call))
         if ending == "silence":
             done.wait()
         guest.shutdown(socket.SHUT_WR)
@@ -138,7 +162,7 @@ def _classify(handshake: str, script: list, ending: str, call: str) -> str:
     host, guest = socket.socketpair()
     done = threading.Event()
     server = threading.Thread(
-        target=_serve, args=(guest, handshake, script, ending, done), daemon=True
+        target=_serve, args=(guest, handshake, script, ending, call, done), daemon=True
     )
     server.start()
     outcome: list[str] = []
