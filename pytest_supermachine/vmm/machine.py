@@ -736,35 +736,48 @@ class Machine:
         next call reconnects.
         """
         deadline = time.monotonic() + timeout
-        with self._agent_lock:
+        # Another thread may be connecting: wait for it only as long as our own deadline.
+        if not self._agent_lock.acquire(timeout=-1 if timeout == math.inf else max(timeout, 0)):
+            raise AgentTimeout(
+                f"another thread was still connecting to the guest agent after {timeout:.3g} s",
+                self._console_tail(),
+            )
+        try:
             if self._agent is not None and not self._agent.closed:
                 return self._agent
             self._agent = None
             self._require_guest_running("no guest agent")
-            try:
-                sock = self._vsock_connect(AGENT_PORT, timeout)
-            except VsockTimeout as exc:
-                raise AgentTimeout(
-                    f"the guest agent did not answer on vsock port {AGENT_PORT} within "
-                    f"{timeout:.3g} s (is the guest up and its agent listening?)",
-                    self.serial.tail(),
-                ) from exc
-            client = AgentClient(
-                sock,
-                console_tail=self.serial.tail,
-                run_timeout=self.run_timeout,
-                output_limit=self.output_limit,
-                handshake=False,
-            )
-            self._agent = client  # from here on a guest that stops aborts the handshake
-            try:
-                self._require_guest_running("no guest agent")
-                client.handshake(max(deadline - time.monotonic(), 0.001))
-            except BaseException:
-                client.close()
-                self._agent = None
-                raise
-            return client
+            return self._open_agent(deadline)
+        finally:
+            self._agent_lock.release()
+
+    def _open_agent(self, deadline: float) -> AgentClient:
+        """Connect and handshake by ``deadline``; the caller holds the agent lock."""
+        timeout = deadline - time.monotonic()
+        try:
+            sock = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
+        except VsockTimeout as exc:
+            raise AgentTimeout(
+                f"the guest agent did not answer on vsock port {AGENT_PORT} within "
+                f"{timeout:.3g} s (is the guest up and its agent listening?)",
+                self._console_tail(),
+            ) from exc
+        client = AgentClient(
+            sock,
+            console_tail=self.serial.tail,
+            run_timeout=self.run_timeout,
+            output_limit=self.output_limit,
+            handshake=False,
+        )
+        self._agent = client  # from here on a guest that stops aborts the handshake
+        try:
+            self._require_guest_running("no guest agent")
+            client.handshake(max(deadline - time.monotonic(), 0.001))
+        except BaseException:
+            client.close()
+            self._agent = None
+            raise
+        return client
 
     def _require_guest_running(self, what: str) -> None:
         """Raise `AgentGuestStopped` (with the console tail) if the guest stopped, else

@@ -8,6 +8,8 @@ timeout: never the connect's 30 s default, never never.
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,3 +130,25 @@ def test_read_file_refuses_a_file_over_its_limit(agent_vm: Machine) -> None:
     with pytest.raises(P.AgentFileTooLarge, match="limit=N"):
         agent_vm.read_file("/big", limit=50_000)
     assert agent_vm.read_file("/big", limit=100_000) == b"x" * 100_000
+
+
+def test_a_call_queued_behind_another_threads_connect_keeps_its_own_deadline(
+    started: Callable[[GuestMode], Machine],
+) -> None:
+    m = started(GuestMode.SPIN)
+    errors: list[BaseException] = []
+
+    def slow_connect() -> None:
+        try:
+            m.agent(timeout=5)
+        except P.AgentTimeout as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=slow_connect)
+    first.start()
+    while not m._agent_lock.locked():  # the first caller is connecting
+        time.sleep(0.001)
+    with pytest.raises(P.AgentTimeout, match="another thread was still connecting"):
+        m.run("echo hi", timeout=0.5)
+    first.join()
+    assert len(errors) == 1
