@@ -635,3 +635,8 @@ def test_a_stopped_guest_error_keeps_the_console_tail_apart(pair):
     with pytest.raises(P.AgentGuestStopped) as info:
         client.run("true")
     assert info.value.console_tail == "last console line"
+
+
+def test_command_failed_says_when_output_was_truncated():
+    result = RunResult(1, b"x" * 10, b"", 0.1, stdout_truncated=True)
+    assert "stdout tail (output past the limit was dropped)" in str(CommandFailed("'x'", result))

@@ -60,11 +60,15 @@ class CommandFailed(AgentError):
         else:
             how = f"exited with status {result.returncode}"
         parts = [f"guest command {command} {how}"]
-        for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+        for name, data, truncated in (
+            ("stdout", result.stdout, result.stdout_truncated),
+            ("stderr", result.stderr, result.stderr_truncated),
+        ):
             if data:
                 tail = data[-self.TAIL :].decode("utf-8", "replace")
                 cut = "...(cut)..." if len(data) > self.TAIL else ""
-                parts.append(f"--- {name} tail ---\n{cut}{tail}")
+                limit = " (output past the limit was dropped)" if truncated else ""
+                parts.append(f"--- {name} tail{limit} ---\n{cut}{tail}")
         super().__init__("\n".join(parts))
         self.command = command
         self.result = result
