@@ -26,7 +26,15 @@ if TYPE_CHECKING:
     from .fixtures.layers import LayerError, layer
     from .images.image import Image
     from .images.registry import register_image
-    from .vmm.agent import AgentError, AgentTimeout, CommandFailed, RunResult
+    from .vmm.agent import (
+        AgentError,
+        AgentFileTooLarge,
+        AgentGuestStopped,
+        AgentRemoteError,
+        AgentTimeout,
+        CommandFailed,
+        RunResult,
+    )
     from .vmm.machine import Machine
     from .vmm.snapshot import SnapshotError
 
@@ -39,6 +47,9 @@ _LAZY = {
     "RunResult": ".vmm.agent",
     "AgentError": ".vmm.agent",
     "AgentTimeout": ".vmm.agent",
+    "AgentRemoteError": ".vmm.agent",
+    "AgentGuestStopped": ".vmm.agent",
+    "AgentFileTooLarge": ".vmm.agent",
     "CommandFailed": ".vmm.agent",
     "SnapshotError": ".vmm.snapshot",
     "MicrovmFactory": ".fixtures.factory",
@@ -61,6 +72,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AgentError",
+    "AgentFileTooLarge",
+    "AgentGuestStopped",
+    "AgentRemoteError",
     "AgentTimeout",
     "CommandFailed",
     "GuestCrashed",

@@ -8,7 +8,7 @@ Every test gets its own VM, reset in place to a snapshot before it runs.
 
 import pytest
 
-from pytest_supermachine import layer
+from pytest_supermachine import AgentRemoteError, layer
 
 # Works on both bundled images: Linux runs it through busybox's shell, the
 # microguest through its built-in `echo`.
@@ -43,7 +43,5 @@ def test_writes_do_not_leak_into_the_next_test_part_1(microvm):
 
 
 def test_writes_do_not_leak_into_the_next_test_part_2(microvm):
-    from pytest_supermachine.vmm.agent import AgentRemoteError
-
     with pytest.raises(AgentRemoteError, match="ENOENT"):
         microvm.read_file("/tmp/scratch")

@@ -30,11 +30,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import math
 import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,17 +46,25 @@ from . import boot, hostfacts, layout, reaper, vmstate
 from ._native import ffi, lib
 from .agent import (
     AGENT_PORT,
+    DEFAULT,
+    DEFAULT_OUTPUT_LIMIT,
+    DEFAULT_READ_LIMIT,
+    DEFAULT_RUN_TIMEOUT,
     READY_PORT,
     AgentClient,
     AgentGuestStopped,
+    AgentTimeout,
+    DefaultLimit,
+    OutputSink,
     RunResult,
+    check_run_timeout,
     read_ready,
 )
 from .cpuid import CpuidTable
 from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
-from .devices.virtio.vsock import VsockError, VsockListener
+from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
 from .kvm import Kvm, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
@@ -153,6 +162,7 @@ class Machine:
         self._origin: SnapshotOrigin | None = None
         self._agent: AgentClient | None = None
         self._agent_lock = threading.Lock()
+        self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
         self.memory = _memory
         try:
@@ -709,35 +719,107 @@ class Machine:
 
     # ------------------------------------------------------------------ the guest agent
 
+    #: The timeout of a `run` given none, and the bytes each of its output streams
+    #: keeps: the agent client's defaults unless changed on the class or an instance
+    #: (the plugin sets both from its settings).
+    run_timeout: float = DEFAULT_RUN_TIMEOUT
+    output_limit: int | None = DEFAULT_OUTPUT_LIMIT
+
     def agent(self, timeout: float = 30.0) -> AgentClient:
         """The connection to the guest agent (vsock port 5253), opened on first use.
 
-        Restore and reset close it (the guest's side is gone); the next call reconnects.
+        Opening it — the vsock connect, waiting for the guest to answer, the
+        handshake — takes at most ``timeout`` seconds (``math.inf``: no limit),
+        else `AgentTimeout` with the console tail. A guest that has stopped, or
+        stops meanwhile, raises `AgentGuestStopped` (a `GuestCrashed`) at once.
+        Restore and reset close the connection (the guest's side is gone); the
+        next call reconnects.
         """
-        with self._agent_lock:
+        deadline = time.monotonic() + timeout
+        # Another thread may be connecting: wait for it only as long as our own deadline.
+        if not self._agent_lock.acquire(timeout=-1 if timeout == math.inf else max(timeout, 0)):
+            raise AgentTimeout(
+                f"another thread was still connecting to the guest agent after {timeout:.3g} s",
+                self._console_tail(),
+            )
+        try:
             if self._agent is not None and not self._agent.closed:
                 return self._agent
-            if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
-                raise MachineError(
-                    f"no guest agent: the machine is {self.state.value} "
-                    f"({self.exit_info().describe()})"
-                    if self.state is MachineState.EXITED
-                    else f"no guest agent: the machine is {self.state.value}"
-                )
-            sock = self.devices.vsock().connect(AGENT_PORT, timeout=timeout)
-            self._agent = AgentClient(sock, timeout=timeout, console_tail=self.serial.tail)
-            return self._agent
+            self._agent = None
+            self._require_guest_running("no guest agent")
+            return self._open_agent(deadline)
+        finally:
+            self._agent_lock.release()
+
+    def _open_agent(self, deadline: float) -> AgentClient:
+        """Connect and handshake by ``deadline``; the caller holds the agent lock."""
+        timeout = deadline - time.monotonic()
+        try:
+            sock = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
+        except VsockTimeout as exc:
+            raise AgentTimeout(
+                f"the guest agent did not answer on vsock port {AGENT_PORT} within "
+                f"{timeout:.3g} s (is the guest up and its agent listening?)",
+                self._console_tail(),
+            ) from exc
+        client = AgentClient(
+            sock,
+            console_tail=self.serial.tail,
+            run_timeout=self.run_timeout,
+            output_limit=self.output_limit,
+            handshake=False,
+        )
+        self._agent = client  # from here on a guest that stops aborts the handshake
+        try:
+            self._require_guest_running("no guest agent")
+            client.handshake(max(deadline - time.monotonic(), 0.001))
+        except BaseException:
+            client.close()
+            self._agent = None
+            raise
+        return client
+
+    def _require_guest_running(self, what: str) -> None:
+        """Raise `AgentGuestStopped` (with the console tail) if the guest stopped, else
+        `MachineError` unless the machine is running or paused."""
+        exit_ = self.exit_info() if self._core != ffi.NULL else self._exit
+        if exit_ is not None and exit_.reason not in (ExitReason.NONE, ExitReason.CANCELED):
+            raise AgentGuestStopped(
+                f"{what}: the guest stopped: {exit_.describe()}", self._console_tail()
+            )
+        if self.state not in (MachineState.RUNNING, MachineState.PAUSED):
+            raise MachineError(f"{what}: the machine is {self.state.value}")
+
+    def _console_tail(self) -> str:
+        return self.serial.tail() if self._final_console is None else self.console[-4000:]
+
+    def _vsock_connect(self, port: int, timeout: float) -> socket.socket:
+        """Connect to a guest vsock port within ``timeout``; a guest that stops fails it at once."""
+        pending = self.devices.vsock().connect_nowait(port)
+        self._vsock_connecting.add(pending)
+        try:
+            self._require_guest_running(f"connecting to guest vsock port {port}")
+            return pending.result(None if timeout == math.inf else timeout)
+        except VsockError:
+            self._require_guest_running(f"connecting to guest vsock port {port}")
+            raise
+        except BaseException:
+            pending.socket.close()
+            raise
+        finally:
+            self._vsock_connecting.discard(pending)
 
     def _on_guest_stopped(self) -> None:
         """Event thread: the machine got an exit reason; fail agent calls now, not at timeout."""
-        agent = self._agent  # no lock: agent() may hold it while it waits on this thread
         exit_ = self.exit_info()
+        for pending in list(self._vsock_connecting):
+            pending.complete(VsockError("the guest stopped"))  # the waiter raises the reason
+        agent = self._agent  # no lock: agent() may hold it while it waits on this thread
         if agent is not None and exit_.reason is not ExitReason.CANCELED:
-            tail = self.serial.tail()
             agent.abort(
                 AgentGuestStopped,
-                f"the guest stopped while the host waited for its agent: "
-                f"{exit_.describe()}\n--- console tail ---\n{tail}",
+                f"the guest stopped while the host waited for its agent: {exit_.describe()}",
+                self.serial.tail(),
             )
 
     def _drop_agent(self) -> None:
@@ -745,6 +827,23 @@ class Machine:
             if self._agent is not None:
                 self._agent.close()
                 self._agent = None
+
+    def _call_budget(self, timeout: float | None, default: float) -> Callable[[], float]:
+        """``timeout`` (or ``default``) as a clock: seconds left of the whole call, checked."""
+        total = check_run_timeout(default if timeout is None else timeout)
+        deadline = time.monotonic() + total
+
+        def left() -> float:
+            if total == math.inf:
+                return math.inf
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentTimeout(
+                    f"the guest agent call did not finish within {total:g} s", self.serial.tail()
+                )
+            return remaining
+
+        return left
 
     def run(
         self,
@@ -755,27 +854,67 @@ class Machine:
         cwd: str | None = None,
         input: bytes | str | None = None,
         check: bool = False,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        output_limit: int | DefaultLimit | None = DEFAULT,
     ) -> RunResult:
         """Run a command in the guest through its agent; see `AgentClient.run`.
 
-        A string runs through the guest's shell, a list as argv. `timeout` kills the
-        command in the guest and returns `timed_out=True`; a guest that stops
-        answering raises `AgentTimeout` with the console tail; `check` raises
+        A string runs through the guest's shell, a list as argv. ``timeout``
+        (seconds; ``None`` means `run_timeout`, 300 s unless the plugin's
+        ``--supermachine-run-timeout`` or the caller changed it; ``math.inf``
+        means none) covers the whole call, connecting to the agent included:
+        the command is killed in the guest when it runs out and the result has
+        ``timed_out=True``; a guest that stops answering raises `AgentTimeout`
+        (with the console tail) at most ``kill_grace`` seconds later, a guest
+        that stops raises `AgentGuestStopped` at once. Each of stdout and
+        stderr keeps at most ``output_limit`` bytes (`output_limit` unless
+        given; ``None``: unlimited), the result's ``stdout_truncated`` /
+        ``stderr_truncated`` say if some was dropped; ``stdout=``/``stderr=`` a
+        binary file or callable streams it there instead. ``check`` raises
         `CommandFailed` on a non-zero exit.
         """
-        return self.agent().run(cmd, timeout=timeout, env=env, cwd=cwd, input=input, check=check)
+        left = self._call_budget(timeout, self.run_timeout)
+        client = self.agent(timeout=left())
+        return client.run(
+            cmd,
+            timeout=left(),
+            env=env,
+            cwd=cwd,
+            input=input,
+            check=check,
+            stdout=stdout,
+            stderr=stderr,
+            output_limit=self.output_limit if output_limit is DEFAULT else output_limit,
+        )
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Create or replace a file in the guest."""
-        self.agent().write_file(path, data, mode)
+    def write_file(
+        self, path: str, data: bytes, mode: int = 0o644, *, timeout: float | None = None
+    ) -> None:
+        """Create or replace a file in the guest, all of it within ``timeout`` (default 30 s)."""
+        left = self._call_budget(timeout, 30.0)
+        self.agent(timeout=left()).write_file(path, data, mode, timeout=left())
 
-    def read_file(self, path: str) -> bytes:
-        """The contents of a file in the guest."""
-        return self.agent().read_file(path)
+    def read_file(
+        self, path: str, *, timeout: float | None = None, limit: int | None = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The contents of a file in the guest, all of it within ``timeout`` (default 30 s).
+
+        A file over ``limit`` bytes (128 MiB by default, ``None`` for no limit)
+        raises `AgentFileTooLarge`; see `AgentClient.read_file`.
+        """
+        left = self._call_budget(timeout, 30.0)
+        return self.agent(timeout=left()).read_file(path, timeout=left(), limit=limit)
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
-        """A host stream socket connected to a guest vsock listener on `port`."""
-        return self.devices.vsock().connect(port, timeout=timeout)
+        """A host stream socket connected to a guest vsock listener on ``port``.
+
+        Raises `VsockConnectionRefused` if nothing listens, `VsockTimeout` after
+        ``timeout`` seconds without an answer, `AgentGuestStopped` (a
+        `GuestCrashed`) at once if the guest stops or has stopped.
+        """
+        self._require_guest_running(f"connecting to guest vsock port {port}")
+        return self._vsock_connect(port, timeout)
 
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
         """Accept guest-initiated vsock connections to host port `port`."""

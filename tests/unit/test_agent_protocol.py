@@ -6,6 +6,7 @@ a socketpair. No VM, no KVM.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -527,3 +528,115 @@ def test_close_wakes_a_thread_blocked_waiting_for_the_agent():
     t.join(2)
     assert not t.is_alive() and errors
     guest.close()
+
+
+# ----------------------------------------------------------------------------- hostile agents: limits
+
+
+def _trickle_file_data(guest: socket.socket, stop: threading.Event) -> None:
+    """Answer a GET_FILE with one FILE_DATA(MORE) frame every 0.5 s, forever (until ``stop``)."""
+    guest.recv(4096)
+    while not stop.wait(0.5):
+        try:
+            guest.sendall(P.FileData(b"x", more=True).frame(1))
+        except OSError:
+            return
+
+
+def test_read_file_has_a_deadline_for_the_whole_file_not_per_frame():
+    stop = threading.Event()
+    client, guest = _raw_agent(lambda g: _trickle_file_data(g, stop))
+    try:
+        with pytest.raises(AgentTimeout, match="the contents of /f"):
+            client.read_file("/f", timeout=1.2)
+    finally:
+        stop.set()
+        guest.close()
+
+
+def _flood(frame: bytes, guest: socket.socket) -> None:
+    guest.recv(4096)
+    with contextlib.suppress(OSError):
+        while True:
+            guest.sendall(frame)
+
+
+def test_read_file_refuses_a_file_that_outgrows_its_limit():
+    chunk = P.FileData(b"x" * 4000, more=True).frame(1)
+    client, guest = _raw_agent(lambda g: _flood(chunk, g))
+    with pytest.raises(P.AgentFileTooLarge, match="larger than the read limit of 100000 bytes"):
+        client.read_file("/f", limit=100_000)
+    guest.close()
+
+
+def test_run_keeps_at_most_the_output_limit_of_a_flood_and_says_so():
+    def script(g: socket.socket) -> None:
+        g.recv(4096)
+        for _ in range(300):
+            g.sendall(P.Stdout(b"y" * 4000).frame(1))
+        g.sendall(P.Exit(0, False, False, 1).frame(1))
+
+    client, guest = _raw_agent(script)
+    result = client.run("flood", output_limit=10_000)
+    assert (result.stdout, result.stdout_truncated) == (b"y" * 10_000, True)
+    guest.close()
+
+
+def test_the_clients_output_limit_is_the_default_of_run(pair):
+    client, _ = pair
+    client.output_limit = 100
+    result = client.run("emit 1000")
+    assert (len(result.stdout), result.truncated) == (100, True)
+
+
+def test_output_limit_none_keeps_everything(pair):
+    client, _ = pair
+    client.output_limit = 100
+    assert len(client.run("emit 300000", output_limit=None).stdout) == 300000
+
+
+def test_a_run_without_timeout_is_bounded_by_the_clients_run_timeout(pair):
+    client, _ = pair
+    client.run_timeout = 0.3
+    client.kill_grace = 0.3
+    with pytest.raises(AgentTimeout):
+        client.run("hang")
+
+
+def test_a_failing_output_sink_kills_the_command_and_propagates(pair):
+    client, peer = pair
+
+    def broken(chunk: bytes) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        client.run("emit 300000", stdout=broken)
+    assert client.run("echo still usable").stdout == b"still usable\n"
+    assert any(frame.type == MsgType.KILL for frame in peer.received)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", True])
+def test_a_bad_output_limit_is_refused_naming_what_is_accepted(pair, bad):
+    client, _ = pair
+    with pytest.raises(ValueError, match="number of bytes >= 0 or None"):
+        client.run("true", output_limit=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, float("nan")])
+def test_a_bad_run_timeout_is_refused_naming_what_is_accepted(pair, bad):
+    client, _ = pair
+    with pytest.raises(ValueError, match="seconds > 0"):
+        client.run("true", timeout=bad)
+
+
+def test_a_stopped_guest_error_keeps_the_console_tail_apart(pair):
+    client, _ = pair
+    client.abort(P.AgentGuestStopped, "the guest stopped", "last console line")
+    with pytest.raises(P.AgentGuestStopped) as info:
+        client.run("true")
+    assert info.value.console_tail == "last console line"
+
+
+def test_command_failed_says_when_output_was_truncated():
+    result = RunResult(1, b"x" * 10, b"", 0.1, stdout_truncated=True)
+    assert "stdout tail (output past the limit was dropped)" in str(CommandFailed("'x'", result))

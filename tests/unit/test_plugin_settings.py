@@ -58,6 +58,13 @@ def test_empty_values_count_as_unset():
         ("capsule_retention", "ALL", "all"),
         ("pool_size", "0", 0),
         ("mem_mib", "128", 128),
+        ("run_timeout", "30", 30.0),
+        ("run_timeout", "none", float("inf")),
+        ("output_limit", "1000", 1000),
+        ("output_limit", "16M", 16 << 20),
+        ("output_limit", "2KiB", 2048),
+        ("output_limit", "1g", 1 << 30),
+        ("output_limit", "none", None),
     ],
 )
 def test_values_are_parsed(name, raw, expected):
@@ -72,6 +79,9 @@ def test_values_are_parsed(name, raw, expected):
         ("capsule_retention", "some", "must be one of all, failed, none"),
         ("rebuild", "maybe", "expected a boolean"),
         ("ready_timeout", "0", "positive number of seconds"),
+        ("run_timeout", "0", "positive number of seconds, or 'none'"),
+        ("output_limit", "lots", "number of bytes .*or 'none'"),
+        ("output_limit", "-5", "number of bytes"),
     ],
 )
 def test_bad_values_name_their_source(name, raw, message):
@@ -110,3 +120,24 @@ def test_cache_dir_default_is_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert resolve().resolved_cache_dir() == tmp_path / "pytest-supermachine"
     assert resolve({"cache_dir": "/x"}).resolved_cache_dir() == Path("/x")
+
+
+def test_run_timeout_and_output_limit_follow_marker_cli_env_ini():
+    ini = {"supermachine_run_timeout": "10", "supermachine_output_limit": "1K"}
+    env = {"SUPERMACHINE_RUN_TIMEOUT": "20", "SUPERMACHINE_OUTPUT_LIMIT": "2K"}
+    s = resolve({"run_timeout": "30"}, env, ini)
+    assert (s.run_timeout, s.output_limit) == (30.0, 2048)
+    marked = s.with_marker({"run_timeout": 5, "output_limit": "8K"})
+    assert (marked.run_timeout, marked.output_limit) == (5.0, 8192)
+    assert marked.sources["output_limit"] == "marker"
+
+
+def test_a_marker_output_limit_of_none_means_unlimited():
+    marked = resolve(env={"SUPERMACHINE_OUTPUT_LIMIT": "1K"}).with_marker({"output_limit": None})
+    assert (marked.output_limit, marked.sources["output_limit"]) == (None, "marker")
+
+
+def test_unset_run_timeout_and_output_limit_leave_the_machines_defaults():
+    s = resolve()
+    assert (s.run_timeout, s.output_limit) == (None, None)
+    assert "output_limit" not in s.sources

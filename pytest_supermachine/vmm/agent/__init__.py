@@ -18,7 +18,8 @@ Three layers, each usable alone, each in its own module:
   multiplexed by id). `read_ready` reads the READY an agent sends once it
   listens.
 
-`errors` holds what they raise, `result` what a command did (`RunResult`).
+`errors` holds what they raise, `result` what a command did (`RunResult`),
+`output` how much of a command's output the host keeps (limits and sinks).
 This package re-exports every public name, so ``from
 pytest_supermachine.vmm.agent import X`` does not depend on the module layout.
 The guests' C side of the same wire format is one header,
@@ -27,9 +28,16 @@ The guests' C side of the same wire format is one header,
 
 from __future__ import annotations
 
-from .client import AgentClient, read_ready
+from .client import (
+    DEFAULT_READ_LIMIT,
+    DEFAULT_RUN_TIMEOUT,
+    AgentClient,
+    check_run_timeout,
+    read_ready,
+)
 from .errors import (
     AgentError,
+    AgentFileTooLarge,
     AgentGuestStopped,
     AgentProtocolError,
     AgentRemoteError,
@@ -56,6 +64,14 @@ from .messages import (
     StdinEof,
     Stdout,
     decode_message,
+)
+from .output import (
+    DEFAULT,
+    DEFAULT_OUTPUT_LIMIT,
+    DefaultLimit,
+    OutputCapture,
+    OutputSink,
+    check_output_limit,
 )
 from .protocol import (
     AGENT_PORT,
@@ -103,6 +119,10 @@ __all__ = [
     "CAP_SHELL",
     "CAP_STDIN",
     "CAP_TIMEOUT",
+    "DEFAULT",
+    "DEFAULT_OUTPUT_LIMIT",
+    "DEFAULT_READ_LIMIT",
+    "DEFAULT_RUN_TIMEOUT",
     "EXEC_SHELL",
     "EXEC_STDIN",
     "EXIT_SIGNALED",
@@ -123,12 +143,14 @@ __all__ = [
     "TYPE_NAMES",
     "AgentClient",
     "AgentError",
+    "AgentFileTooLarge",
     "AgentGuestStopped",
     "AgentProtocolError",
     "AgentRemoteError",
     "AgentTimeout",
     "Command",
     "CommandFailed",
+    "DefaultLimit",
     "Error",
     "Exec",
     "Exit",
@@ -141,6 +163,8 @@ __all__ = [
     "Message",
     "MsgType",
     "Ok",
+    "OutputCapture",
+    "OutputSink",
     "Ping",
     "Pong",
     "PutFile",
@@ -150,6 +174,8 @@ __all__ = [
     "Stdin",
     "StdinEof",
     "Stdout",
+    "check_output_limit",
+    "check_run_timeout",
     "decode_message",
     "encode_frame",
     "read_ready",

@@ -7,11 +7,17 @@ several threads may use one client at once (requests are multiplexed by id).
 It has no thread of its own: whichever caller is waiting reads the socket and
 hands frames of other requests to their owners, and a caller sending stdin
 keeps draining incoming output so neither side can block the other.
+
+Whatever the agent sends, a call ends by one deadline for the whole call (a
+`run` given no timeout gets `run_timeout`), and the host keeps a bounded
+amount of what it sent: `run` output up to ``output_limit`` per stream
+(`output`), `read_file` data up to its ``limit``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import socket
@@ -22,7 +28,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from .errors import AgentError, AgentProtocolError, AgentRemoteError, AgentTimeout, CommandFailed
+from .errors import (
+    AgentError,
+    AgentFileTooLarge,
+    AgentProtocolError,
+    AgentRemoteError,
+    AgentTimeout,
+    CommandFailed,
+)
 from .messages import (
     Error,
     Exec,
@@ -40,6 +53,14 @@ from .messages import (
     Stderr,
     Stdout,
     decode_message,
+)
+from .output import (
+    DEFAULT,
+    DEFAULT_OUTPUT_LIMIT,
+    DefaultLimit,
+    OutputCapture,
+    OutputSink,
+    check_output_limit,
 )
 from .protocol import (
     CAP_CWD,
@@ -61,6 +82,23 @@ from .protocol import (
 )
 from .result import Command, RunResult
 
+#: Seconds a command may run when `AgentClient.run` is given no timeout (the
+#: plugin's ``--supermachine-run-timeout`` changes it for a session): a hung
+#: guest must end in `AgentTimeout`, never hang the caller.
+DEFAULT_RUN_TIMEOUT = 300.0
+
+#: Bytes `AgentClient.read_file` accepts by default before it refuses the file.
+DEFAULT_READ_LIMIT = 128 * 1024 * 1024
+
+
+def check_run_timeout(timeout: float) -> float:
+    """A run timeout as seconds > 0 (``math.inf``: no limit), or ValueError naming the problem."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(
+            f"a run timeout must be a number of seconds > 0 (math.inf for none), got {timeout!r}"
+        )
+    return float(timeout)
+
 
 def _fs(value: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> bytes:
     return os.fsencode(value)
@@ -80,6 +118,11 @@ class AgentClient:
     ``kill_grace`` — how long past a command's own ``timeout`` the host waits
     for the agent's EXIT before it gives up with `AgentTimeout`.
     ``console_tail`` — called to attach the guest console to timeout errors.
+    ``run_timeout`` — the timeout of a `run` given none (`DEFAULT_RUN_TIMEOUT`).
+    ``output_limit`` — bytes of each output stream a `run` keeps by default
+    (`DEFAULT_OUTPUT_LIMIT`; ``None`` keeps everything).
+    ``handshake`` — False leaves the handshake to a later `handshake()` call
+    (so the owner can register the client before waiting on the guest).
 
     Thread safety: any number of threads may call `run`, `write_file`,
     `read_file` and `ping` concurrently; at most the agent's ``max_inflight``
@@ -97,29 +140,35 @@ class AgentClient:
         timeout: float | None = 30.0,
         kill_grace: float = 10.0,
         console_tail: Callable[[], str] | None = None,
+        run_timeout: float = DEFAULT_RUN_TIMEOUT,
+        output_limit: int | None = DEFAULT_OUTPUT_LIMIT,
         handshake: bool = True,
     ) -> None:
+        check_output_limit(output_limit)
         self._sock = sock
         sock.setblocking(False)
         self.timeout = timeout
         self.kill_grace = kill_grace
+        self.run_timeout = check_run_timeout(run_timeout)
+        self.output_limit = output_limit
         self._console_tail = console_tail
         self._decoder = FrameDecoder(MAX_FRAME)
         self._cv = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._reading = False
-        self._failed: tuple[type[AgentError], str] | None = None
+        self._failed: tuple[type[AgentError], str, str] | None = None
         self._next_id = 1
         self.agent: Hello = Hello(max_inflight=1, max_frame=MIN_FRAME, software=b"(no handshake)")
         self._slots = threading.BoundedSemaphore(1)
         if handshake:
-            self._handshake()
+            self.handshake()
 
     # --------------------------------------------------------------- lifecycle
 
-    def _handshake(self) -> None:
-        deadline = self._deadline(self.timeout)
+    def handshake(self, timeout: float | None = None) -> None:
+        """Exchange HELLOs (within ``timeout``, else the client's ``timeout``); learn the agent."""
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
         self._requests[0] = _Request()
         try:
             self._send(Hello(software=self.HOST_SOFTWARE).frame(0), deadline)
@@ -155,7 +204,7 @@ class AgentClient:
         """Close the connection; calls in progress fail with AgentError."""
         with self._cv:
             if self._failed is None:
-                self._failed = (AgentError, "the agent connection was closed by the host")
+                self._failed = (AgentError, "the agent connection was closed by the host", "")
             self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in poll()
@@ -195,6 +244,9 @@ class AgentClient:
         cwd: str | os.PathLike[str] | None = None,
         input: bytes | str | None = None,
         check: bool = False,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        output_limit: int | DefaultLimit | None = DEFAULT,
     ) -> RunResult:
         """Run a command in the guest and wait for it.
 
@@ -203,9 +255,21 @@ class AgentClient:
         argv. ``timeout`` (seconds) is enforced by the agent, which kills the
         command and reports ``timed_out=True``; if the agent does not report
         within ``timeout + kill_grace`` the host sends KILL and raises
-        `AgentTimeout`. ``input`` is fed as stdin, otherwise stdin is empty.
+        `AgentTimeout`. ``timeout=None`` means the client's ``run_timeout``
+        (`DEFAULT_RUN_TIMEOUT` unless set; an agent without timeouts is then
+        only bounded by the host); only ``math.inf`` waits forever.
+        ``input`` is fed as stdin, otherwise stdin is empty.
         ``check=True`` raises `CommandFailed` unless the result is ``ok``.
         Raises `AgentRemoteError` when the command cannot be started.
+
+        Output: each of stdout and stderr is kept up to ``output_limit`` bytes
+        (the client's ``output_limit`` when not given, `DEFAULT_OUTPUT_LIMIT`
+        unless set; ``None`` keeps everything); the rest is read and dropped,
+        and the result's ``stdout_truncated``/``stderr_truncated`` say so.
+        ``stdout=``/``stderr=`` a binary file or a callable streams that output
+        there, chunk by chunk as it arrives, instead of keeping it (no limit
+        applies; the result's field is empty). If a sink raises, the command is
+        killed and the exception propagates.
         """
         shell = isinstance(cmd, (str, bytes))
         argv = (_fs(cmd),) if shell else tuple(_fs(a) for a in cmd)  # type: ignore[union-attr]
@@ -216,6 +280,10 @@ class AgentClient:
             if not k or "=" in k or "\0" in k:
                 raise ValueError(f"invalid environment variable name {k!r}")
         stdin = input.encode() if isinstance(input, str) else input
+        limit = self.output_limit if isinstance(output_limit, DefaultLimit) else output_limit
+        check_output_limit(limit)
+        out = OutputCapture(stdout, limit)
+        err = OutputCapture(stderr, limit)
         self._require(CAP_EXEC, "running commands")
         if shell:
             self._require(CAP_SHELL, "command lines (pass an argv list instead)")
@@ -225,11 +293,12 @@ class AgentClient:
             self._require(CAP_ENV, "environment variables")
         if cwd is not None:
             self._require(CAP_CWD, "a working directory")
+        explicit = timeout is not None
+        timeout = check_run_timeout(self.run_timeout if timeout is None else timeout)
         timeout_ms = 0
-        if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be positive, got {timeout}")
+        if explicit and timeout != math.inf:
             self._require(CAP_TIMEOUT, "timeouts")
+        if timeout != math.inf and self.agent.capabilities & CAP_TIMEOUT:
             timeout_ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
         msg = Exec(
             argv,
@@ -249,8 +318,7 @@ class AgentClient:
         if len(payload) > self.agent.max_frame:
             raise ValueError(f"command {shown} does not fit in one frame of the agent")
         with self._request() as rid:
-            deadline = self._deadline(None if timeout is None else timeout + self.kill_grace)
-            out, err = bytearray(), bytearray()
+            deadline = self._deadline(timeout + self.kill_grace)
             try:
                 self._send(encode_frame(MsgType.EXEC, rid, payload), deadline)
                 if stdin is not None:
@@ -258,32 +326,47 @@ class AgentClient:
                 while True:
                     m = self._expect(rid, deadline, f"the end of guest command {shown}")
                     if isinstance(m, Stdout):
-                        out += m.data
+                        out.take(m.data)
                     elif isinstance(m, Stderr):
-                        err += m.data
+                        err.take(m.data)
                     elif isinstance(m, Exit):
                         break
                     else:
                         self._fail(AgentProtocolError, f"unexpected {type(m).__name__} for EXEC")
-            except AgentTimeout:
+            except (AgentRemoteError, AgentProtocolError):
+                raise
+            except BaseException:  # timed out, or a sink failed: the command must not linger
                 if self.agent.capabilities & CAP_KILL and not self.closed:
                     with contextlib.suppress(AgentError):
                         self._send(Kill(SIGKILL).frame(rid), self._deadline(1.0))
                 raise
         result = RunResult(
             returncode=-m.status if m.signaled else m.status,
-            stdout=bytes(out),
-            stderr=bytes(err),
+            stdout=out.value(),
+            stderr=err.value(),
             duration=m.duration_ns / 1e9,
             timed_out=m.timed_out,
             signal=m.status if m.signaled else None,
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
         )
         if check and not result.ok:
             raise CommandFailed(shown, result)
         return result
 
-    def write_file(self, path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-        """Create or truncate ``path`` in the guest with ``data`` (split across frames as needed)."""
+    def write_file(
+        self,
+        path: str | os.PathLike[str],
+        data: bytes,
+        mode: int = 0o644,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Create or truncate ``path`` in the guest with ``data`` (split across frames as needed).
+
+        The whole transfer must finish within ``timeout`` seconds (the client's
+        ``timeout`` when not given), else `AgentTimeout`.
+        """
         self._require(CAP_FILES, "file transfer")
         bpath = _fs(path)
         if not bpath or b"\0" in bpath:
@@ -293,34 +376,56 @@ class AgentClient:
         room = self.agent.max_frame - PutFile.OVERHEAD - len(bpath)
         if room < 1:
             raise ValueError(f"guest path of {len(bpath)} bytes does not fit in a frame")
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
         view = memoryview(data)
         offset = 0
         while True:
             chunk = bytes(view[offset : offset + room])
-            self._file_request(PutFile(bpath, chunk, mode, append=offset > 0), f"write {path}")
+            put = PutFile(bpath, chunk, mode, append=offset > 0)
+            self._file_request(put, f"write {path}", deadline)
             offset += len(chunk)
             if offset >= len(view):
                 break
 
-    def read_file(self, path: str | os.PathLike[str]) -> bytes:
-        """The contents of ``path`` in the guest; `AgentRemoteError` (with errno) if unreadable."""
+    def read_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+        limit: int | None = DEFAULT_READ_LIMIT,
+    ) -> bytes:
+        """The contents of ``path`` in the guest; `AgentRemoteError` (with errno) if unreadable.
+
+        The whole file must arrive within ``timeout`` seconds (the client's
+        ``timeout`` when not given), else `AgentTimeout`; a file longer than
+        ``limit`` bytes (`DEFAULT_READ_LIMIT`; ``None`` for no limit) raises
+        `AgentFileTooLarge` as soon as the limit is passed, so a guest cannot
+        make the host hold more than that.
+        """
         self._require(CAP_FILES, "file transfer")
+        check_output_limit(limit)
         bpath = _fs(path)
         if not bpath or b"\0" in bpath:
             raise ValueError(f"invalid guest path {path!r}")
         parts: list[bytes] = []
+        size = 0
         with self._request() as rid:
-            deadline = self._deadline(self.timeout)
+            deadline = self._deadline(self.timeout if timeout is None else timeout)
             self._send(GetFile(bpath).frame(rid), deadline)
             while True:
                 m = self._expect(rid, deadline, f"the contents of {path}", f"read {path}")
                 if not isinstance(m, FileData):
                     self._fail(AgentProtocolError, f"GET_FILE answered with {m!r}")
                 assert isinstance(m, FileData)
+                size += len(m.data)
+                if limit is not None and size > limit:
+                    raise AgentFileTooLarge(
+                        f"guest file {path} is larger than the read limit of {limit} bytes: "
+                        "pass read_file(..., limit=N) (None for no limit) to read it"
+                    )
                 parts.append(m.data)
                 if not m.more:
                     return b"".join(parts)
-                deadline = self._deadline(self.timeout)
 
     # --------------------------------------------------------------- requests
 
@@ -328,9 +433,8 @@ class AgentClient:
         if not self.agent.capabilities & cap:
             raise AgentError(f"the guest agent {self.agent.name!r} does not support {what}")
 
-    def _file_request(self, msg: Message, what: str) -> None:
+    def _file_request(self, msg: Message, what: str, deadline: float | None) -> None:
         with self._request() as rid:
-            deadline = self._deadline(self.timeout)
             self._send(msg.frame(rid), deadline)
             m = self._expect(rid, deadline, f"the answer to {what}", what)
             if not isinstance(m, Ok):
@@ -384,7 +488,9 @@ class AgentClient:
 
     @staticmethod
     def _deadline(timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
+        if timeout is None or timeout == math.inf:
+            return None
+        return time.monotonic() + timeout
 
     def _timeout_error(self, waiting_for: str) -> AgentTimeout:
         tail = ""
@@ -395,24 +501,30 @@ class AgentClient:
                 tail = f"(console tail unavailable: {exc})"
         return AgentTimeout(f"timed out waiting for {waiting_for} from the guest agent", tail)
 
-    def _fail(self, cls: type[AgentError], message: str) -> NoReturn:
+    def _fail(self, cls: type[AgentError], message: str, console_tail: str = "") -> NoReturn:
         """Mark the connection dead (first reason wins), wake everyone, raise."""
         with self._cv:
             if self._failed is None:
-                self._failed = (cls, message)
+                self._failed = (cls, message, console_tail)
             self._cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._raise_failed()  # the first reason, which may be another thread's
 
-    def abort(self, cls: type[AgentError], message: str) -> None:
-        """Fail every pending and future call with `cls(message)` (from any thread)."""
+    def abort(self, cls: type[AgentError], message: str, console_tail: str = "") -> None:
+        """Fail every pending and future call with `cls(message)` (from any thread).
+
+        With a ``console_tail``, ``cls`` must take it as its second argument (a
+        `ConsoleTailError`, such as `AgentGuestStopped`).
+        """
         with contextlib.suppress(AgentError):
-            self._fail(cls, message)
+            self._fail(cls, message, console_tail)
 
     def _raise_failed(self) -> NoReturn:
         assert self._failed is not None
-        cls, message = self._failed
+        cls, message, console_tail = self._failed
+        if console_tail:
+            raise cls(message, console_tail)  # type: ignore[call-arg]
         raise cls(message)
 
     def _wait(self, rid: int, deadline: float | None, waiting_for: str) -> Frame:

@@ -26,6 +26,10 @@ class AgentRemoteError(AgentError):
         self.guest_message = guest_message
 
 
+class AgentFileTooLarge(AgentError):
+    """``read_file`` refused a guest file longer than its ``limit``."""
+
+
 class AgentTimeout(AgentError, GuestTimeout):
     """The agent did not answer in time; carries the console tail when the VMM provides one."""
 
@@ -34,7 +38,13 @@ class AgentTimeout(AgentError, GuestTimeout):
 
 
 class AgentGuestStopped(AgentError, GuestCrashed):
-    """The machine stopped (crash, power-off) while the host waited for the agent."""
+    """The machine stopped (crash, power-off) while the host waited for the agent.
+
+    Carries the console tail in ``console_tail`` (and the message), like `GuestCrashed`.
+    """
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        GuestCrashed.__init__(self, message, console_tail)
 
 
 class CommandFailed(AgentError):
@@ -50,11 +60,15 @@ class CommandFailed(AgentError):
         else:
             how = f"exited with status {result.returncode}"
         parts = [f"guest command {command} {how}"]
-        for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+        for name, data, truncated in (
+            ("stdout", result.stdout, result.stdout_truncated),
+            ("stderr", result.stderr, result.stderr_truncated),
+        ):
             if data:
                 tail = data[-self.TAIL :].decode("utf-8", "replace")
                 cut = "...(cut)..." if len(data) > self.TAIL else ""
-                parts.append(f"--- {name} tail ---\n{cut}{tail}")
+                limit = " (output past the limit was dropped)" if truncated else ""
+                parts.append(f"--- {name} tail{limit} ---\n{cut}{tail}")
         super().__init__("\n".join(parts))
         self.command = command
         self.result = result
