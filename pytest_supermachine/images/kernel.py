@@ -16,6 +16,11 @@ wheel carries (built from the same recipe), else a build now from the source tha
 ``/usr/src/linux-source-*.tar.*``).
 
 No VM or pytest code here: this module only turns a recipe into two files.
+
+Why this module is longer than ~600 lines: it is the whole recipe-to-vmlinux path, from
+finding a source and keying the build to the build itself and the places a built kernel
+may already be (user, cache, wheel); one cache key ties them, and splitting would spread
+that key's inputs over several files.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ Images are built under ``cache_dir()/rootfs/<key>/`` by `build_once` (cache.py),
 so concurrent callers (xdist workers) build once and nobody takes a half-built
 entry. Output files are written to a temporary name and renamed, so nobody ever
 sees half an image.
+
+Why this module is longer than ~600 lines: reproducible ext4 images need the tree scan, the
+size and inode estimates, the mkfs and debugfs passes and the sparse copy to agree on one
+entry model (`_Entry`, `EntryAttrs`); they are one concept, a directory as an image.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ Whatever the agent sends, a call ends by one deadline for the whole call (a
 `run` given no timeout gets `run_timeout`), and the host keeps a bounded
 amount of what it sent: `run` output up to ``output_limit`` per stream
 (`output`), `read_file` data up to its ``limit``.
+
+Why this module is longer than ~600 lines: `AgentClient` multiplexes every request over one
+socket without a thread of its own, and every public call (run, files, ping) shares the
+same reading, deadline and abort machinery; the framing and messages already live in
+protocol.py and messages.py, the output caps in output.py.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ re-established by `restore_state`. Without a window both answer ENOSYS.
 
 GETXATTR/LISTXATTR/SETXATTR/REMOVEXATTR answer ENOSYS (the guest kernel then
 stops asking); so does every opcode without an ``_op_<name>`` method.
+
+Why this module is longer than ~600 lines: it holds one handler per FUSE opcode (about
+forty), found by name from one list; each is short, and they share the node and handle
+tables that snapshots carry. Host access is in hostdir.py, the struct layouts in uapi.py.
 """
 
 from __future__ import annotations
