@@ -617,7 +617,13 @@ class Machine:
             raise MachineError(f"cannot snapshot a machine that is {self.state.value}")
         was_running = self.state is MachineState.RUNNING
         if was_running:
-            self.pause()
+            try:
+                self.pause()
+            except MachineError:
+                if self.state is not MachineState.EXITED:
+                    raise
+                # The guest stopped (crashed, powered off) before it could be parked: its
+                # vCPU threads are gone, so the capture below takes the stopped state as is.
         try:
             with self.devices.quiesced():
                 return self._write_snapshot(path, full=full, durable=durable)

@@ -251,7 +251,10 @@ class DeviceHub:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(key.fd)
                     try:
-                        handler()
+                        if handler() is True and is_doorbell:
+                            # The kick's budget ran out with chains still waiting: ring
+                            # again, so they are served after everything else had a turn.
+                            os.eventfd_write(key.fd, 1)
                     except Exception as e:  # a device bug: remember it, keep serving the rest
                         if self.error is None:
                             self.error = e
