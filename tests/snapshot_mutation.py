@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_supermachine.vmm.devices.hub import pack_state, unpack_state
+from pytest_supermachine.guest.microguest import GuestMode
+from pytest_supermachine.vmm.devices.hub import DiskSpec, pack_state, unpack_state
 from pytest_supermachine.vmm.layout import RamRegion
+from pytest_supermachine.vmm.machine import Machine
 from pytest_supermachine.vmm.memory import GuestMemory
 from pytest_supermachine.vmm.snapshot import SnapshotChain, write_snapshot
 
@@ -78,3 +80,23 @@ def edit_device(section: str, edit: Callable[[dict[str, Any]], None]) -> Callabl
 def device_state(path: Path, section: str) -> Mapping[str, Any]:
     with SnapshotChain.open(path) as chain:
         return unpack_state(chain.sections[section])
+
+
+def snapshot_agent_guest(microguest_elf: Path, where: Path) -> Path:
+    """`where`/agent.snap: an AGENT microguest with vsock and a disk image, once it is ready.
+
+    The image it was built with is deleted afterwards: the snapshot must carry its own.
+    """
+    image = where / "base.img"
+    image.write_bytes(bytes(range(256)) * 256)
+    m = Machine(mem_mib=64, disks=(DiskSpec(str(image), serial="d"),))
+    try:
+        m.boot_direct64(microguest_elf, mode=GuestMode.AGENT)
+        m.start()
+        m.wait_ready(30)
+        path = where / "agent.snap"
+        m.snapshot(path)
+    finally:
+        m.stop()
+    image.unlink()
+    return path

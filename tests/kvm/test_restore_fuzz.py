@@ -20,11 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_supermachine.guest.microguest import GuestMode
-from pytest_supermachine.vmm.devices.hub import DiskSpec
 from pytest_supermachine.vmm.machine import Machine
 from pytest_supermachine.vmm.snapshot import SnapshotChain, SnapshotError
-from tests.snapshot_mutation import Sections, edit_device, edit_machine, resign
+from tests.snapshot_mutation import (
+    Sections,
+    edit_device,
+    edit_machine,
+    resign,
+    snapshot_agent_guest,
+)
 
 LIFECYCLE_SECONDS = 60.0  # restore + reset + snapshot + stop slower than this is a hang
 VALUES = st.one_of(
@@ -56,19 +60,7 @@ QUEUE_KEYS = (
 
 @pytest.fixture(scope="module")
 def agent_snapshot(microguest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    where = tmp_path_factory.mktemp("fuzz")
-    image = where / "base.img"
-    image.write_bytes(bytes(range(256)) * 256)
-    m = Machine(mem_mib=64, disks=(DiskSpec(str(image), serial="d"),))
-    try:
-        m.boot_direct64(microguest_elf, mode=GuestMode.AGENT)
-        m.start()
-        m.wait_ready(30)
-        path = where / "agent.snap"
-        m.snapshot(path)
-    finally:
-        m.stop()
-    return path
+    return snapshot_agent_guest(microguest_elf, tmp_path_factory.mktemp("fuzz"))
 
 
 @st.composite

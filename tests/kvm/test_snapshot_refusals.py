@@ -15,11 +15,16 @@ from typing import Any
 import pytest
 
 from pytest_supermachine.guest.microguest import GuestMode
-from pytest_supermachine.vmm.devices.hub import DiskSpec
 from pytest_supermachine.vmm.layout import MMIO_BASE, MiB, RamRegion
 from pytest_supermachine.vmm.machine import ExitReason, Machine
 from pytest_supermachine.vmm.snapshot import SnapshotInvalid
-from tests.snapshot_mutation import Sections, edit_device, edit_machine, resign
+from tests.snapshot_mutation import (
+    Sections,
+    edit_device,
+    edit_machine,
+    resign,
+    snapshot_agent_guest,
+)
 
 VSOCK = "device/0-vsock"
 DISK = "device/1-disk"
@@ -28,20 +33,7 @@ DISK = "device/1-disk"
 @pytest.fixture(scope="module")
 def agent_snapshot(microguest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An AGENT microguest with vsock and a disk image, snapshotted once it is ready."""
-    where = tmp_path_factory.mktemp("agent-snapshot")
-    image = where / "base.img"
-    image.write_bytes(bytes(range(256)) * 256)
-    m = Machine(mem_mib=64, disks=(DiskSpec(str(image), serial="d"),))
-    try:
-        m.boot_direct64(microguest_elf, mode=GuestMode.AGENT)
-        m.start()
-        m.wait_ready(30)
-        path = where / "agent.snap"
-        m.snapshot(path)
-    finally:
-        m.stop()
-    image.unlink()  # the snapshot must not depend on where the image was
-    return path
+    return snapshot_agent_guest(microguest_elf, tmp_path_factory.mktemp("agent-snapshot"))
 
 
 @pytest.fixture

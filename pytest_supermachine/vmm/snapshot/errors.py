@@ -59,6 +59,9 @@ class SnapshotInvalid(SnapshotError):
             f"crafted; {REBUILD_HINT}"
         )
 
+    def __reduce__(self) -> tuple[type[SnapshotInvalid], tuple[str, str, str | None]]:
+        return (SnapshotInvalid, (self.section, self.problem, self.path))
+
     def in_file(self, path: str | os.PathLike[str]) -> SnapshotInvalid:
         """The same refusal, naming the file (the layers that find the problem do not know it)."""
         return SnapshotInvalid(self.section, self.problem, path)
