@@ -345,6 +345,7 @@ class DeviceHub:
                         raise SnapshotInvalid(d.section, "the section is missing")
                     for state in states:
                         d.transport.restore_state(state)
+                    d.transport.check_driver_indices()  # the leaf's state against the chain's RAM
                 except (MachineError, DeviceStateError) as e:
                     raise SnapshotInvalid(d.section, str(e)) from None
                 device = d.transport.device

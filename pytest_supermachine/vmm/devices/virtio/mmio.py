@@ -437,9 +437,10 @@ class VirtioMmioTransport:
 
         The state is checked before any of it is used: every register in its range,
         every queue against the spec and this device (`VirtQueue.restore_state`), and the
-        rings of an active queue inside guest RAM with the driver's available index at
-        most a queue's worth ahead. Anything else raises `DeviceStateError` (a snapshot
-        is refused rather than accepted and broken at the next kick or reset).
+        rings of an active queue inside guest RAM. Anything else raises `DeviceStateError`
+        (a snapshot is refused rather than accepted and broken at the next kick or reset).
+        Whether the state agrees with the RAM it is restored with is
+        `check_driver_indices`, once the last state of a chain is loaded.
         """
         if not isinstance(state, dict):
             raise DeviceStateError(f"transport state is a {type(state).__name__}, not a mapping")
@@ -481,7 +482,6 @@ class VirtioMmioTransport:
                         if q.ready:
                             try:
                                 q.bind(self.memory)
-                                q.pending()
                             except (VirtQueueError, GuestMemoryError) as e:
                                 raise DeviceStateError(f"queue {index}: {e}") from None
                     self.device.activate(self.queues, self.memory, self._irq)
@@ -489,6 +489,20 @@ class VirtioMmioTransport:
                 self.device.reset()
                 self._reset_registers()
                 raise
+
+    def check_driver_indices(self) -> None:
+        """Raise `DeviceStateError` unless every live queue's avail index in guest RAM is
+        at most a queue's worth ahead of the device's: the restored state and the restored
+        RAM belong together (otherwise the next kick or vsock reset event would fail)."""
+        with self.lock:
+            if not self.device.active:
+                return
+            for index, q in enumerate(self.queues):
+                if q.active:
+                    try:
+                        q.pending()
+                    except (VirtQueueError, GuestMemoryError) as e:
+                        raise DeviceStateError(f"queue {index}: {e}") from None
 
 
 _STATE_REGISTERS: tuple[tuple[str, int, int | None], ...] = (
