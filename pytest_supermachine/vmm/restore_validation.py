@@ -43,6 +43,7 @@ from . import layout, vmstate
 from ._native import lib
 from .cpuid import CpuidTable
 from .devices.hub import DeviceSpec, DiskSpec, VsockSpec, device_section
+from .devices.virtio.blk import ID_BYTES, SECTOR_SIZE
 from .devices.virtio.vsock.device import MAX_GUEST_CID, MIN_GUEST_CID
 from .kvm import Kvm, KvmError
 from .snapshot import SnapshotChain, SnapshotInvalid
@@ -164,8 +165,21 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
                 f"{MIN_GUEST_CID}..{MAX_GUEST_CID:#x}",
             )
         return spec
-    if spec.size is not None and not 0 < spec.size <= _MAX_DISK_BYTES:
-        raise SnapshotInvalid("machine", f"device {index}: disk size={spec.size}")
+    if spec.size is not None and (not 0 <= spec.size <= _MAX_DISK_BYTES or spec.size % SECTOR_SIZE):
+        raise SnapshotInvalid(
+            "machine",
+            f"device {index}: disk size={spec.size} is not a multiple of {SECTOR_SIZE} "
+            f"in 0..{_MAX_DISK_BYTES}",
+        )
+    try:
+        serial_bytes = len(spec.serial.encode())
+    except UnicodeEncodeError:
+        serial_bytes = ID_BYTES + 1
+    if serial_bytes > ID_BYTES:
+        raise SnapshotInvalid(
+            "machine",
+            f"device {index}: disk serial {spec.serial!r} is not UTF-8 of at most {ID_BYTES} bytes",
+        )
     if spec.path is None:
         if spec.size is None:
             raise SnapshotInvalid("machine", f"device {index}: a blank disk without a size")

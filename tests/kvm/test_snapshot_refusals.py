@@ -120,6 +120,8 @@ def test_a_disk_image_with_other_content_is_refused(craft: Callable[..., Path]) 
         pytest.param(lambda m: m["devices"][0].update(guest_cid=-5), "machine", id="cid=-5"),
         pytest.param(lambda m: m["devices"][0].update(guest_cid=2**70), "machine", id="cid=2**70"),
         pytest.param(lambda m: m["devices"][0].update(color="red"), "machine", id="unknown-key"),
+        pytest.param(lambda m: m["devices"][1].update(size=1504), "machine", id="disk-size-1504"),
+        pytest.param(lambda m: m["devices"][1].update(serial="s" * 21), "machine", id="serial-21"),
         pytest.param(lambda m: m["devices"].append({"kind": "gpu"}), "machine", id="unknown-kind"),
     ],
 )
