@@ -33,7 +33,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -285,7 +285,7 @@ def _cpuids(sections: Mapping[str, bytes], vcpus: int) -> list[CpuidTable]:
     return tables
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "RestorePlan",
     "confine_disk",
     "publish_disk",
