@@ -53,7 +53,7 @@ _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 _STATE_INT_LIMITS = {
     "max_size": VIRTQ_MAX_SIZE,
-    "size": VIRTQ_MAX_SIZE,
+    "size": _U32_MAX,  # what the driver wrote to QueueNum; checked when the queue goes live
     "desc_addr": _U64_MAX,
     "avail_addr": _U64_MAX,
     "used_addr": _U64_MAX,
@@ -229,18 +229,18 @@ class QueueState:
     def check(self, max_size: int) -> None:
         """Raise `VirtQueueError` unless this state is one a correct device and driver produce.
 
-        The queue belongs to a device whose queue holds at most `max_size` entries. Ring
-        placement against guest RAM is checked when the queue is bound (`VirtQueue.validate`).
+        The queue belongs to a device whose queue holds at most `max_size` entries. The
+        size the driver chose and the ring placement are checked when the queue is bound
+        (`VirtQueue.validate`): until then a driver may have written anything there, and a
+        snapshot taken meanwhile is still one this VMM wrote.
         """
         if self.max_size != max_size:
             raise VirtQueueError(f"queue max size {self.max_size} in state, device has {max_size}")
-        if not 1 <= self.size <= max_size or self.size & (self.size - 1):
-            raise VirtQueueError(f"queue size {self.size} is not a power of two in 1..{max_size}")
         in_flight = (self.next_avail - self.next_used) & 0xFFFF
-        if in_flight > self.size:
+        if in_flight > max_size:
             raise VirtQueueError(
                 f"next_used {self.next_used} is {in_flight} entries behind next_avail "
-                f"{self.next_avail}, more than the queue size {self.size}"
+                f"{self.next_avail}, more than the queue holds ({max_size})"
             )
 
 
@@ -301,10 +301,17 @@ class VirtQueue:
         self._memory = None
 
     def validate(self, memory: GuestMemory | DeviceMemory) -> None:
-        """Check size, alignment and that all three areas are guest RAM; raise `VirtQueueError`."""
+        """Check size, indices, alignment, that all three areas are guest RAM and that the
+        used ring overlaps neither of the others; raise `VirtQueueError`."""
         size = self.size
         if not 1 <= size <= self.max_size or size & (size - 1):
             raise VirtQueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
+        in_flight = (self.next_avail - self.next_used) & 0xFFFF
+        if in_flight > size:
+            raise VirtQueueError(
+                f"{in_flight} chains in flight (next_avail {self.next_avail}, next_used "
+                f"{self.next_used}), more than the queue size {size}"
+            )
         guest = memory.guest if isinstance(memory, DeviceMemory) else memory
         areas = (
             ("descriptor table", self.desc_addr, 16, VIRTQ_DESC_SIZE * size),
