@@ -31,11 +31,17 @@ def test_a_state_captured_while_the_driver_sets_an_odd_queue_size_restores() -> 
     assert t.state() == state
 
 
-def test_the_used_ring_on_the_available_ring_is_refused() -> None:
+def live_transport() -> VirtioMmioTransport:
+    """A transport whose driver set up queue 0 (8 entries) and is running."""
     t, driver = transport()
     driver.init()
     driver.setup_queue(0, 8)
     driver.driver_ok()
+    return t
+
+
+def test_the_used_ring_on_the_available_ring_is_refused() -> None:
+    t = live_transport()
     state = t.state()
     queue = state["queues"][0]
     queue["used_addr"] = queue["avail_addr"]
@@ -44,11 +50,8 @@ def test_the_used_ring_on_the_available_ring_is_refused() -> None:
 
 
 def test_more_chains_in_flight_than_the_queue_holds_is_refused() -> None:
-    t, driver = transport()
-    driver.init()
-    driver.setup_queue(0, 8)
-    driver.driver_ok()
+    t = live_transport()
     state = t.state()
     state["queues"][0]["next_used"] = 1  # one ahead of next_avail 0: 65535 in flight
-    with pytest.raises(DeviceStateError, match="in flight|behind next_avail"):
+    with pytest.raises(DeviceStateError, match="in flight"):
         t.restore_state(state)

@@ -186,6 +186,17 @@ class DescriptorChain:
         return views
 
 
+def check_in_flight(next_avail: int, next_used: int, size: int) -> None:
+    """Raise `VirtQueueError` unless the device has at most `size` chains popped and not
+    yet used: no correct device holds more than its queue, whatever the driver does."""
+    in_flight = (next_avail - next_used) & 0xFFFF
+    if in_flight > size:
+        raise VirtQueueError(
+            f"{in_flight} chains in flight (next_avail {next_avail}, next_used {next_used}), "
+            f"more than the queue size {size}"
+        )
+
+
 @dataclass
 class QueueState:
     """Everything a virtqueue remembers, for snapshots. The rings themselves live in guest RAM."""
@@ -236,12 +247,7 @@ class QueueState:
         """
         if self.max_size != max_size:
             raise VirtQueueError(f"queue max size {self.max_size} in state, device has {max_size}")
-        in_flight = (self.next_avail - self.next_used) & 0xFFFF
-        if in_flight > max_size:
-            raise VirtQueueError(
-                f"next_used {self.next_used} is {in_flight} entries behind next_avail "
-                f"{self.next_avail}, more than the queue holds ({max_size})"
-            )
+        check_in_flight(self.next_avail, self.next_used, max_size)
 
 
 class VirtQueue:
@@ -306,12 +312,7 @@ class VirtQueue:
         size = self.size
         if not 1 <= size <= self.max_size or size & (size - 1):
             raise VirtQueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
-        in_flight = (self.next_avail - self.next_used) & 0xFFFF
-        if in_flight > size:
-            raise VirtQueueError(
-                f"{in_flight} chains in flight (next_avail {self.next_avail}, next_used "
-                f"{self.next_used}), more than the queue size {size}"
-            )
+        check_in_flight(self.next_avail, self.next_used, size)
         guest = memory.guest if isinstance(memory, DeviceMemory) else memory
         areas = (
             ("descriptor table", self.desc_addr, 16, VIRTQ_DESC_SIZE * size),
