@@ -61,15 +61,16 @@ from .agent import (
     read_ready,
 )
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec, spec_from_dict
+from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
-from .kvm import Kvm, Vcpu, Vm
+from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
-from .snapshot import SnapshotChain, SnapshotRef, write_snapshot
+from .restore_validation import publish_disk, validate_snapshot
+from .snapshot import SnapshotChain, SnapshotInvalid, SnapshotRef, write_snapshot
 
 _kvm_lock = threading.Lock()
 _shared_kvm: Kvm | None = None
@@ -559,17 +560,17 @@ class Machine:
 
         RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
         guest touches, not the RAM size; machines restored from one file share its page
-        cache. Refuses (SnapshotError subclasses) corrupt files, broken chains and
-        snapshots from another CPU model or KVM ABI.
+        cache. Refuses (SnapshotError subclasses) corrupt files, broken chains,
+        snapshots from another CPU model or KVM ABI, and (`SnapshotInvalid`, naming file,
+        section and problem) any state this VMM could not have written: see
+        vmm/restore_validation.py. Nothing else escapes for a bad file.
         """
         kvm = kvm or shared_kvm()
         chain = SnapshotChain.open(path)
         try:
             hostfacts.check_snapshot(chain.files, hostfacts.host_facts(kvm))
+            plan = validate_snapshot(chain, kvm)
             sections = chain.sections
-            vcpus, mem_bytes = vmstate.machine_shape(sections)
-            specs = [spec_from_dict(d) for d in vmstate.machine_devices(sections)]
-            cpuids = vmstate.vcpu_cpuids(sections, vcpus)
             memory = chain.map_ram()
         except BaseException:
             chain.close()
@@ -577,17 +578,17 @@ class Machine:
         try:
             m = cls(
                 MachineConfig(
-                    vcpus=vcpus,
-                    mem_mib=mem_bytes >> 20,
+                    vcpus=plan.vcpus,
+                    mem_mib=plan.mem_bytes >> 20,
                     console_log_bytes=console_log_bytes,
                     console_stream=console_stream,
                     track_dirty_pages=True,
-                    vsock=any(isinstance(x, VsockSpec) for x in specs),
-                    disks=tuple(x for x in specs if isinstance(x, DiskSpec)),
+                    vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
+                    disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
                 ),
                 kvm=kvm,
                 _memory=memory,
-                _cpuids=cpuids,
+                _cpuids=plan.cpuids,
             )
         except BaseException:
             memory.close()
@@ -601,8 +602,14 @@ class Machine:
             raise
         m._origin = SnapshotOrigin(chain, state, m.vm, memory, m.page_writers)
         try:
-            state.apply()
-            m.devices.restore([f.sections for f in chain.files])
+            try:
+                state.apply()
+            except KvmError as e:  # the first apply: KVM refused a recorded value
+                raise SnapshotInvalid("vcpu and VM state", str(e), chain.leaf.path) from None
+            try:
+                m.devices.restore([f.sections for f in chain.files])
+            except SnapshotInvalid as e:
+                raise e.in_file(chain.leaf.path) from None
             m.devices.clear_written_pages()  # restoring queues is not a guest-visible change
             if start:
                 m.start()
@@ -627,7 +634,13 @@ class Machine:
             raise MachineError(f"cannot snapshot a machine that is {self.state.value}")
         was_running = self.state is MachineState.RUNNING
         if was_running:
-            self.pause()
+            try:
+                self.pause()
+            except MachineError:
+                if self.state is not MachineState.EXITED:
+                    raise
+                # The guest stopped (crashed, powered off) before it could be parked: its
+                # vCPU threads are gone, so the capture below takes the stopped state as is.
         try:
             with self.devices.quiesced():
                 return self._write_snapshot(path, full=full, durable=durable)
@@ -648,7 +661,10 @@ class Machine:
             self.vcpu_cpuid,
             self.serial,
             mem_bytes=self.memory.size,
-            device_specs=self.devices.specs(),
+            device_specs=[
+                publish_disk(d.spec, Path(path)) if isinstance(d.spec, DiskSpec) else spec
+                for d, spec in zip(self.devices.devices, self.devices.specs(), strict=True)
+            ],
         )
         sections.update(self.devices.capture(diff=diff))
         facts = hostfacts.host_facts(self.kvm, self.vcpu_cpuid[0])

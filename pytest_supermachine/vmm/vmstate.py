@@ -34,6 +34,7 @@ from ..errors import MachineError
 from ._native import ffi, lib
 from .cpuid import CpuidTable
 from .kvm import KvmError, Vcpu, Vm, read_struct
+from .snapshot.errors import SnapshotInvalid
 
 if TYPE_CHECKING:
     from .devices.serial import Serial
@@ -191,30 +192,66 @@ def capture(
     return sections
 
 
-def machine_shape(sections: Mapping[str, bytes]) -> tuple[int, int]:
-    """(vcpus, mem_bytes) recorded in a snapshot, checked for sanity."""
+def machine_meta(sections: Mapping[str, bytes]) -> dict[str, Any]:
+    """The 'machine' section as a JSON object of this module's format; `SnapshotInvalid` if not."""
     try:
         meta = json.loads(sections["machine"])
-        vcpus, mem_bytes = int(meta["vcpus"]), int(meta["mem_bytes"])
-        fmt = int(meta["format"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise MachineError(f"snapshot has no usable 'machine' section: {e}") from None
-    if fmt != STATE_FORMAT:
-        raise MachineError(f"snapshot VM state format {fmt} is not the supported {STATE_FORMAT}")
+    except KeyError:
+        raise SnapshotInvalid("machine", "the section is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SnapshotInvalid("machine", f"not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise SnapshotInvalid("machine", "not a JSON object")
+    if meta.get("format") != STATE_FORMAT:
+        raise SnapshotInvalid(
+            "machine", f"VM state format {meta.get('format')!r} is not the supported {STATE_FORMAT}"
+        )
+    return meta
+
+
+def machine_shape(sections: Mapping[str, bytes]) -> tuple[int, int]:
+    """(vcpus, mem_bytes) recorded in a snapshot (range-checked by restore_validation)."""
+    meta = machine_meta(sections)
+    vcpus, mem_bytes = meta.get("vcpus"), meta.get("mem_bytes")
+    if type(vcpus) is not int or type(mem_bytes) is not int:
+        raise SnapshotInvalid("machine", f"vcpus={vcpus!r}, mem_bytes={mem_bytes!r}")
     return vcpus, mem_bytes
 
 
-def machine_devices(sections: Mapping[str, bytes]) -> list[dict[str, Any]]:
-    """The device specs recorded in a snapshot's 'machine' section (slot order)."""
-    devices = json.loads(sections["machine"]).get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
-        raise MachineError("snapshot's 'machine' section has a malformed device list")
-    return devices
+def check_sections(sections: Mapping[str, bytes], vcpus: int, *, xsave_size: int) -> None:
+    """Every VM, vCPU and serial section present and exactly the size it is loaded as.
 
-
-def vcpu_cpuids(sections: Mapping[str, bytes], vcpus: int) -> list[CpuidTable]:
-    """The CPUID each vCPU was given, as recorded (a restored vCPU gets the same)."""
-    return [CpuidTable.from_bytes(_need(sections, f"vcpu/{i}/cpuid")) for i in range(vcpus)]
+    `xsave_size` is the host's XSAVE area size: KVM reads that many bytes on restore,
+    so a shorter section would let it read past the buffer. Raises `SnapshotInvalid`.
+    """
+    expected: dict[str, int | None] = {s.section: ffi.sizeof(s.ctype) for s in VM_STATE}
+    for i in range(vcpus):
+        for vstate in VCPU_STATE:
+            name = f"vcpu/{i}/{vstate.section}"
+            if isinstance(vstate, StructState):
+                expected[name] = ffi.sizeof(vstate.ctype)
+            elif isinstance(vstate, XsaveState):
+                expected[name] = xsave_size
+            else:
+                expected[name] = None
+    for name, size in expected.items():
+        data = sections.get(name)
+        if data is None:
+            raise SnapshotInvalid(name, "the section is missing")
+        if size is not None and len(data) != size:
+            raise SnapshotInvalid(
+                name, f"{len(data)} bytes, this host loads {size}: snapshot from another KVM ABI"
+            )
+        if size is None and len(data) % _MSR.size:
+            raise SnapshotInvalid(name, f"{len(data)} bytes is not whole MSR records")
+    serial = sections.get("serial")
+    head = ffi.offsetof("struct sm_serial_state", "rx")
+    if serial is None or not head <= len(serial) <= head + lib.SM_SERIAL_RX_MAX:
+        raise SnapshotInvalid(
+            "serial",
+            f"{'no section' if serial is None else f'{len(serial)} bytes'}, "
+            f"expected {head}..{head + lib.SM_SERIAL_RX_MAX}",
+        )
 
 
 def _need(sections: Mapping[str, bytes], name: str) -> bytes:

@@ -402,7 +402,7 @@ def test_restored_queue_continues_where_the_old_one_stopped(s: Setup):
 
 
 def test_restoring_into_a_queue_of_another_size_is_refused(s: Setup):
-    with pytest.raises(ValueError, match="max size"):
+    with pytest.raises(VirtQueueError, match="max size"):
         VirtQueue(SIZE * 2).restore_state(s.q.state())
 
 

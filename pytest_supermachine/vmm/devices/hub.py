@@ -33,8 +33,10 @@ from ...errors import MachineError
 from .. import layout
 from ..boot import BootDevice
 from ..memory import GuestMemory
+from ..snapshot.errors import SnapshotInvalid
 from .mmio_bus import MmioBus
 from .virtio.blk import VirtioBlock
+from .virtio.device import DeviceStateError
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from .virtio.vsock import VirtioVsock
 
@@ -61,6 +63,8 @@ class DiskSpec:
     size: int | None = None
     read_only: bool = False
     serial: str = ""
+    sha256: str | None = None
+    """The image's content digest: snapshots record it and find the image by it."""
 
 
 DeviceSpec = VsockSpec | DiskSpec
@@ -68,6 +72,11 @@ DeviceSpec = VsockSpec | DiskSpec
 
 def spec_to_dict(spec: DeviceSpec) -> dict[str, Any]:
     return {"kind": "vsock" if isinstance(spec, VsockSpec) else "disk", **asdict(spec)}
+
+
+def device_section(index: int, spec: DeviceSpec) -> str:
+    """The snapshot section holding the state of the device in slot `index`."""
+    return f"device/{index}-{'vsock' if isinstance(spec, VsockSpec) else 'disk'}"
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
@@ -161,8 +170,7 @@ class AttachedDevice:
 
     @property
     def section(self) -> str:
-        kind = "vsock" if isinstance(self.spec, VsockSpec) else "disk"
-        return f"device/{self.slot.index}-{kind}"
+        return device_section(self.slot.index, self.spec)
 
     @property
     def boot_device(self) -> BootDevice:
@@ -255,7 +263,10 @@ class DeviceHub:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(key.fd)
                     try:
-                        handler()
+                        if handler() is True and is_doorbell:
+                            # The kick's budget ran out with chains still waiting: ring
+                            # again, so they are served after everything else had a turn.
+                            os.eventfd_write(key.fd, 1)
                     except Exception as e:  # a device bug: remember it, keep serving the rest
                         if self.error is None:
                             self.error = e
@@ -327,14 +338,20 @@ class DeviceHub:
 
         Disks apply every file's overlay in order (a diff holds only its own
         blocks); then a mark is taken, so `reset()` can roll the disk back to it.
+        A state no such device could have had raises `SnapshotInvalid` (naming the
+        section) before the guest runs.
         """
         with self._activity:
             for d in self.devices:
-                states = [unpack_state(s[d.section]) for s in chain_sections if d.section in s]
-                if not states:
-                    raise MachineError(f"snapshot lacks the '{d.section}' section")
-                for state in states:
-                    d.transport.restore_state(state)
+                try:
+                    states = [unpack_state(s[d.section]) for s in chain_sections if d.section in s]
+                    if not states:
+                        raise SnapshotInvalid(d.section, "the section is missing")
+                    for state in states:
+                        d.transport.restore_state(state)
+                    d.transport.check_driver_indices()  # the leaf's state against the chain's RAM
+                except (MachineError, DeviceStateError) as e:
+                    raise SnapshotInvalid(d.section, str(e)) from None
                 device = d.transport.device
                 if isinstance(device, VirtioBlock):
                     self._disk_marks[d.slot.index] = device.mark()

@@ -49,7 +49,7 @@ class SnapshotChain:
                         f"snapshot chain from {files[0].path} is deeper than {max_depth} files; "
                         "flatten it (snapshot.flatten) or raise max_depth"
                     )
-                parent = _open_parent(snap)
+                parent = _open_parent(snap, [f.path for f in files])
                 if parent.digest in seen:
                     parent.close()
                     raise SnapshotParentError(
@@ -212,8 +212,14 @@ class SnapshotChain:
         self.close()
 
 
-def _open_parent(child: SnapshotFile) -> SnapshotFile:
-    """Find the child's parent through its path hints and check digest and layout."""
+def _open_parent(child: SnapshotFile, chain: Sequence[Path]) -> SnapshotFile:
+    """Find the child's parent through its path hints and check digest and layout.
+
+    `chain` is the files opened so far (the child last): a hint that points back into
+    it is a loop, reported as one (a digest names its file's content, so a file can
+    never be its own ancestor). A hint the file system refuses (a name too long, a
+    file that cannot be read) is a hint that did not lead anywhere, never an OSError.
+    """
     assert child.parent_digest is not None
     wanted = child.parent_digest
     tried: list[str] = []
@@ -221,15 +227,29 @@ def _open_parent(child: SnapshotFile) -> SnapshotFile:
     for hint in child.parent_hints:
         candidate = Path(hint) if os.path.isabs(hint) else child.path.parent / hint
         candidate = Path(os.path.normpath(candidate))
-        if not candidate.exists():
-            tried.append(str(candidate))
+        try:
+            if not candidate.exists():
+                tried.append(str(candidate))
+                continue
+            loop = next((f for f in chain if f.exists() and candidate.samefile(f)), None)
+        except OSError as exc:
+            tried.append(f"{candidate} ({exc.strerror or exc})")
             continue
+        if loop is not None:
+            what = "itself" if loop == chain[-1] else f"{loop}, a file it descends from"
+            raise SnapshotParentError(
+                f"diff snapshot {child.path} names {what} as its parent: the chain loops. "
+                "The file was damaged or crafted; rebuild it"
+            )
         try:
             parent = SnapshotFile.open(candidate)
         except SnapshotError as exc:
             raise SnapshotParentError(
                 f"parent {candidate} of diff snapshot {child.path} is unusable: {exc}"
             ) from exc
+        except OSError as exc:
+            tried.append(f"{candidate} ({exc.strerror or exc})")
+            continue
         if parent.digest != wanted:
             changed.append(f"{candidate} (digest {parent.digest.hex()[:16]}…)")
             parent.close()
@@ -250,7 +270,8 @@ def _open_parent(child: SnapshotFile) -> SnapshotFile:
         )
     raise SnapshotParentError(
         f"diff snapshot {child.path} needs its parent (digest {wanted.hex()[:16]}…), which is "
-        f"missing: looked at {', '.join(tried)}. Restore the parent file next to it, or rebuild the diff"
+        f"missing: looked at {', '.join(tried)}. Restore the parent file next to it, or "
+        "rebuild the diff"
     )
 
 

@@ -28,6 +28,7 @@ from .device import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_BLOCK,
+    DeviceStateError,
     VirtioDevice,
 )
 from .queue import DescriptorChain
@@ -336,14 +337,16 @@ class VirtioBlock(VirtioDevice):
         return _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
 
     # -- requests ------------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
+    def process_queue(self, index: int) -> bool:
+        """Serve at most one queue's worth of requests; True if more are waiting."""
         queue = self.queues[index]
-        added = False
-        while (chain := queue.pop()) is not None:
+        served = 0
+        while served < queue.size and (chain := queue.pop()) is not None:
             queue.add_used(chain.head, self._handle(chain))
-            added = True
-        if added:
+            served += 1
+        if served:
             self.signal_used(queue)
+        return served == queue.size and queue.pending() > 0
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written to the guest)."""
@@ -409,4 +412,7 @@ class VirtioBlock(VirtioDevice):
     def restore_state(self, state: dict[str, Any]) -> None:
         super().restore_state(state)
         if "overlay" in state:
-            self.disk.restore_state(state["overlay"])
+            try:
+                self.disk.restore_state(state["overlay"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DeviceStateError(f"disk overlay: {e!r}") from None

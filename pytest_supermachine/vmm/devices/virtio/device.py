@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
+from ....errors import SupermachineError
 from ...memory import DeviceMemory
 from .queue import VirtQueue
 
@@ -36,6 +37,22 @@ VIRTIO_F_VERSION_1 = 32
 # Device ids (virtio 1.x, 5): the one definition; the boot info (bootinfo.h SM_DEV_*) mirrors them.
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_VSOCK = 19
+
+
+class DeviceStateError(SupermachineError, ValueError):
+    """A saved device state (from a snapshot) that no device of this kind could have had.
+
+    Raised by `restore_state` before the state is used; the snapshot code names the
+    file and section (`SnapshotInvalid`).
+    """
+
+
+def state_int(state: dict[str, Any], key: str, limit: int, default: int | None = None) -> int:
+    """`state[key]` as an integer in 0..`limit`, or `DeviceStateError` (`default` if absent)."""
+    value = state.get(key, default)
+    if type(value) is not int or not 0 <= value <= limit:
+        raise DeviceStateError(f"{key}={value!r} is not an integer 0..{limit:#x}")
+    return value
 
 
 class Interrupt(Protocol):
@@ -109,8 +126,14 @@ class VirtioDevice(ABC):
         self.interrupt = interrupt
 
     @abstractmethod
-    def process_queue(self, index: int) -> None:
-        """The driver kicked queue `index`: serve what it made available."""
+    def process_queue(self, index: int) -> bool:
+        """The driver kicked queue `index`: serve what it made available, up to `size` chains.
+
+        One kick serves at most one queue's worth of chains, so a driver that keeps the
+        ring full (or a state that would make the device's own writes look like new work)
+        cannot hold the transport lock forever. Returns True when chains are still
+        waiting: the transport then asks to be called again after other work.
+        """
 
     def reset(self) -> None:
         """Driver reset (status 0): forget queues, features and memory; keep device content."""
@@ -124,8 +147,11 @@ class VirtioDevice(ABC):
         return {"acked_features": self.acked_features}
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        """Load `state()`; the transport re-activates the device afterwards if it was active."""
-        self.acked_features = state.get("acked_features", 0)
+        """Load `state()`; the transport re-activates the device afterwards if it was active.
+
+        A state this device could not have had raises `DeviceStateError`.
+        """
+        self.acked_features = state_int(state, "acked_features", (1 << 64) - 1, 0)
 
     # -- helpers for subclasses -----------------------------------------------------
     def signal_used(self, queue: VirtQueue) -> bool:

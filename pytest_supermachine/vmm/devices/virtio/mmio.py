@@ -39,9 +39,11 @@ from .device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
+    DeviceStateError,
     VirtioDevice,
+    state_int,
 )
-from .queue import QueueState, VirtQueue, VirtQueueError
+from .queue import VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +205,24 @@ class VirtioMmioTransport:
                 return
             self._write_register(offset, _U32.unpack(data)[0])
 
-    def notify(self, queue_index: int) -> None:
-        """The driver kicked queue `queue_index` (QueueNotify write or ioeventfd)."""
+    def notify(self, queue_index: int) -> bool:
+        """The driver kicked queue `queue_index` (QueueNotify write or ioeventfd).
+
+        Serves at most one queue's worth of chains (`VirtioDevice.process_queue`) and
+        returns True when more are waiting: the caller kicks again once other work had
+        its turn, so no queue state holds the lock (and reset, snapshot) for ever.
+        """
         with self.lock:
             if not self.device.active or self.status & STATUS_DEVICE_NEEDS_RESET:
-                return
+                return False
             if not 0 <= queue_index < len(self.queues) or not self.queues[queue_index].active:
                 log.debug("virtio-mmio: notify of unusable queue %d ignored", queue_index)
-                return
+                return False
             try:
-                self.device.process_queue(queue_index)
+                return bool(self.device.process_queue(queue_index))
             except (VirtQueueError, GuestMemoryError) as e:
                 self._fail(f"queue {queue_index}: {e}")
+                return False
 
     def process_device(self, action: Callable[[], None]) -> None:
         """Run `action` (a device backend's work, e.g. host data arriving) under the lock,
@@ -426,38 +434,88 @@ class VirtioMmioTransport:
 
         Leave out the ``"device"`` key to keep the device's current content
         (e.g. an in-place reset that rolls a disk back with `discard_to`).
+
+        The state is checked before any of it is used: every register in its range,
+        every queue against the spec and this device (`VirtQueue.restore_state`), and the
+        rings of an active queue inside guest RAM. Anything else raises `DeviceStateError`
+        (a snapshot is refused rather than accepted and broken at the next kick or reset).
+        Whether the state agrees with the RAM it is restored with is
+        `check_driver_indices`, once the last state of a chain is loaded.
         """
+        if not isinstance(state, dict):
+            raise DeviceStateError(f"transport state is a {type(state).__name__}, not a mapping")
         with self.lock:
-            if state["device_type"] != self.device.device_type:
-                raise ValueError(
-                    f"state of device type {state['device_type']} for a {self.device.device_type}"
+            device_type = state.get("device_type")
+            if device_type != self.device.device_type:
+                raise DeviceStateError(
+                    f"state of device type {device_type!r} for a {self.device.device_type}"
                 )
-            if len(state["queues"]) != len(self.queues):
-                raise ValueError("state has a different number of queues")
+            registers = {
+                name: state_int(state, name, limit, default)
+                for name, limit, default in _STATE_REGISTERS
+            }
+            last_error = state.get("last_error")
+            if last_error is not None and not isinstance(last_error, str):
+                raise DeviceStateError(f"last_error={last_error!r} is not a string")
+            queues = state.get("queues")
+            if not isinstance(queues, list) or len(queues) != len(self.queues):
+                raise DeviceStateError(f"state has not the device's {len(self.queues)} queues")
+            device_state = state.get("device")
+            if device_state is not None and not isinstance(device_state, dict):
+                raise DeviceStateError("device state is not a mapping")
             self.device.reset()
-            self.status = state["status"]
-            self.device_features_sel = state["device_features_sel"]
-            self.driver_features_sel = state["driver_features_sel"]
-            self.driver_features = state["driver_features"]
-            self.queue_sel = state["queue_sel"]
-            self.interrupt_status = state["interrupt_status"]
-            self.config_generation = state["config_generation"]
-            self.shm_sel = state.get("shm_sel", 0)
-            self.last_error = state.get("last_error")
-            for q, qs in zip(self.queues, state["queues"], strict=True):
-                q.restore_state(QueueState.from_dict(qs))
-            if "device" in state:
-                self.device.restore_state(state["device"])
-            if self.status & STATUS_FEATURES_OK:
-                self.device.ack_features(self.driver_features)
-            if self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET:
-                try:
-                    for q in self.queues:
+            try:
+                for index, (q, qs) in enumerate(zip(self.queues, queues, strict=True)):
+                    try:
+                        q.restore_state(qs)
+                    except VirtQueueError as e:
+                        raise DeviceStateError(f"queue {index}: {e}") from None
+                for name, value in registers.items():
+                    setattr(self, name, value)
+                self.last_error = last_error
+                if device_state is not None:
+                    self.device.restore_state(device_state)
+                if self.status & STATUS_FEATURES_OK:
+                    self.device.ack_features(self.driver_features)
+                if self.status & STATUS_DRIVER_OK and not self.status & STATUS_DEVICE_NEEDS_RESET:
+                    for index, q in enumerate(self.queues):
                         if q.ready:
-                            q.bind(self.memory)
+                            try:
+                                q.bind(self.memory)
+                            except (VirtQueueError, GuestMemoryError) as e:
+                                raise DeviceStateError(f"queue {index}: {e}") from None
                     self.device.activate(self.queues, self.memory, self._irq)
-                except (VirtQueueError, GuestMemoryError) as e:
-                    self._fail(f"restore: {e}")
+            except BaseException:
+                self.device.reset()
+                self._reset_registers()
+                raise
+
+    def check_driver_indices(self) -> None:
+        """Raise `DeviceStateError` unless every live queue's avail index in guest RAM is
+        at most a queue's worth ahead of the device's: the restored state and the restored
+        RAM belong together (otherwise the next kick or vsock reset event would fail)."""
+        with self.lock:
+            if not self.device.active:
+                return
+            for index, q in enumerate(self.queues):
+                if q.active:
+                    try:
+                        q.pending()
+                    except (VirtQueueError, GuestMemoryError) as e:
+                        raise DeviceStateError(f"queue {index}: {e}") from None
+
+
+_STATE_REGISTERS: tuple[tuple[str, int, int | None], ...] = (
+    ("status", 0xFF, None),
+    ("device_features_sel", _LOW32, None),
+    ("driver_features_sel", _LOW32, None),
+    ("driver_features", (1 << 64) - 1, None),
+    ("queue_sel", _LOW32, None),
+    ("interrupt_status", 0x3, None),
+    ("config_generation", _LOW32, None),
+    ("shm_sel", _LOW32, 0),
+)
+"""The transport registers a state holds: (name, largest value, default if absent)."""
 
 
 _QUEUE_ADDR_REGS: dict[int, tuple[str, int]] = {

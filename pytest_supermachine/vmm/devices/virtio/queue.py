@@ -49,6 +49,19 @@ _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _U16 = struct.Struct("<H")
 _U32_MAX = 0xFFFF_FFFF
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+_STATE_INT_LIMITS = {
+    "max_size": VIRTQ_MAX_SIZE,
+    "size": _U32_MAX,  # what the driver wrote to QueueNum; checked when the queue goes live
+    "desc_addr": _U64_MAX,
+    "avail_addr": _U64_MAX,
+    "used_addr": _U64_MAX,
+    "next_avail": 0xFFFF,
+    "next_used": 0xFFFF,
+    "signalled_used": 0xFFFF,
+}
+"""The integer fields of `QueueState` and their largest value (the register or index width)."""
 
 
 class VirtQueueError(SupermachineError):
@@ -173,6 +186,17 @@ class DescriptorChain:
         return views
 
 
+def check_in_flight(next_avail: int, next_used: int, size: int) -> None:
+    """Raise `VirtQueueError` unless the device has at most `size` chains popped and not
+    yet used: no correct device holds more than its queue, whatever the driver does."""
+    in_flight = (next_avail - next_used) & 0xFFFF
+    if in_flight > size:
+        raise VirtQueueError(
+            f"{in_flight} chains in flight (next_avail {next_avail}, next_used {next_used}), "
+            f"more than the queue size {size}"
+        )
+
+
 @dataclass
 class QueueState:
     """Everything a virtqueue remembers, for snapshots. The rings themselves live in guest RAM."""
@@ -193,8 +217,37 @@ class QueueState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> QueueState:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+    def from_dict(cls, d: object) -> QueueState:
+        """The state `to_dict` wrote; anything else (missing, extra or mistyped fields,
+        values out of their register's range) raises `VirtQueueError`."""
+        if not isinstance(d, dict):
+            raise VirtQueueError(f"queue state is a {type(d).__name__}, not a mapping")
+        fields = cls.__dataclass_fields__
+        if set(d) != set(fields):
+            missing, extra = sorted(set(fields) - set(d)), sorted(set(d) - set(fields))
+            raise VirtQueueError(f"queue state fields: missing {missing}, unknown {extra}")
+        for name, limit in _STATE_INT_LIMITS.items():
+            value = d[name]
+            if name == "signalled_used" and value is None:
+                continue
+            if type(value) is not int or not 0 <= value <= limit:
+                raise VirtQueueError(f"queue state {name}={value!r} is not an integer 0..{limit}")
+        for name in ("ready", "event_idx", "indirect"):
+            if type(d[name]) is not bool:
+                raise VirtQueueError(f"queue state {name}={d[name]!r} is not a boolean")
+        return cls(**{k: d[k] for k in fields})
+
+    def check(self, max_size: int) -> None:
+        """Raise `VirtQueueError` unless this state is one a correct device and driver produce.
+
+        The queue belongs to a device whose queue holds at most `max_size` entries. The
+        size the driver chose and the ring placement are checked when the queue is bound
+        (`VirtQueue.validate`): until then a driver may have written anything there, and a
+        snapshot taken meanwhile is still one this VMM wrote.
+        """
+        if self.max_size != max_size:
+            raise VirtQueueError(f"queue max size {self.max_size} in state, device has {max_size}")
+        check_in_flight(self.next_avail, self.next_used, max_size)
 
 
 class VirtQueue:
@@ -254,22 +307,35 @@ class VirtQueue:
         self._memory = None
 
     def validate(self, memory: GuestMemory | DeviceMemory) -> None:
-        """Check size, alignment and that all three areas are guest RAM; raise `VirtQueueError`."""
+        """Check size, indices, alignment, that all three areas are guest RAM and that the
+        used ring overlaps neither of the others; raise `VirtQueueError`."""
         size = self.size
         if not 1 <= size <= self.max_size or size & (size - 1):
             raise VirtQueueError(f"queue size {size} is not a power of two in 1..{self.max_size}")
+        check_in_flight(self.next_avail, self.next_used, size)
         guest = memory.guest if isinstance(memory, DeviceMemory) else memory
-        for name, addr, align, length in (
+        areas = (
             ("descriptor table", self.desc_addr, 16, VIRTQ_DESC_SIZE * size),
             ("available ring", self.avail_addr, 2, 6 + 2 * size),
             ("used ring", self.used_addr, 4, 6 + VIRTQ_USED_ELEM_SIZE * size),
-        ):
+        )
+        for name, addr, align, length in areas:
             if addr % align:
                 raise VirtQueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
             try:
                 guest.locate(addr, length)
             except GuestMemoryError as e:
                 raise VirtQueueError(f"{name} is not in guest RAM: {e}") from None
+        # The device writes the used ring. Over the available ring or the descriptors, its
+        # own writes would make new work for it (each used entry bumping the avail index):
+        # no correct driver does that, and the device would serve itself forever.
+        _, used_addr, _, used_len = areas[2]
+        for name, addr, _, length in areas[:2]:
+            if addr < used_addr + used_len and used_addr < addr + length:
+                raise VirtQueueError(
+                    f"used ring [{used_addr:#x}, {used_addr + used_len:#x}) overlaps the "
+                    f"{name} [{addr:#x}, {addr + length:#x})"
+                )
 
     def activate(self, memory: DeviceMemory, *, event_idx: bool, indirect: bool) -> None:
         """Validate the rings and bind guest memory; `event_idx`/`indirect` are negotiated features."""
@@ -318,13 +384,14 @@ class VirtQueue:
         )
 
     def restore_state(self, state: QueueState | dict, memory: DeviceMemory | None = None) -> None:
-        """Load a `state()`; with `memory`, re-bind (and re-validate) an active queue."""
-        if isinstance(state, dict):
+        """Load a `state()`; with `memory`, re-bind (and re-validate) an active queue.
+
+        A state no correct device and driver produce (see `QueueState.from_dict` and
+        `QueueState.check`; with `memory`, also `validate`) raises `VirtQueueError`.
+        """
+        if not isinstance(state, QueueState):
             state = QueueState.from_dict(state)
-        if state.max_size != self.max_size:
-            raise ValueError(
-                f"queue max size {state.max_size} in state, device has {self.max_size}"
-            )
+        state.check(self.max_size)
         self.size = state.size
         self.ready = state.ready
         self.desc_addr = state.desc_addr

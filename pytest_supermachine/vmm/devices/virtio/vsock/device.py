@@ -56,6 +56,7 @@ from ..device import (
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_VSOCK,
+    DeviceStateError,
     Interrupt,
     VirtioDevice,
 )
@@ -63,10 +64,13 @@ from ..queue import DescriptorChain, VirtQueue, VirtQueueError
 from .backend import VsockBackend
 from .connection import PendingConnection
 from .listener import VsockListener
-from .muxer import VsockMuxer
-from .packet import EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_DATA, VsockPacket
+from .muxer import EPHEMERAL_FIRST, VsockMuxer
+from .packet import EVENT_TRANSPORT_RESET, HDR_SIZE, MAX_PKT_DATA, U32_MASK, VsockPacket
 
 log = logging.getLogger(__name__)
+
+MIN_GUEST_CID = 3  # 0-2 are the hypervisor, local and host addresses
+MAX_GUEST_CID = 0xFFFF_FFFE  # 0xFFFFFFFF is VMADDR_CID_ANY
 
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
 QUEUE_SIZES = (256, 256, 16)
@@ -95,8 +99,10 @@ class VirtioVsock(VirtioDevice):
 
     def __init__(self, guest_cid: int = 3, *, backend: VsockBackend | None = None) -> None:
         super().__init__()
-        if not 3 <= guest_cid <= 0xFFFFFFFE:
-            raise ValueError(f"guest CID must be in 3..0xFFFFFFFE, got {guest_cid}")
+        if type(guest_cid) is not int or not MIN_GUEST_CID <= guest_cid <= MAX_GUEST_CID:
+            raise ValueError(
+                f"guest CID must be in {MIN_GUEST_CID}..{MAX_GUEST_CID:#x}, got {guest_cid!r}"
+            )
         self.guest_cid = guest_cid
         self.backend: VsockBackend = backend if backend is not None else VsockMuxer(guest_cid)
         self._reset_event_pending = False
@@ -166,10 +172,20 @@ class VirtioVsock(VirtioDevice):
         snapshot, so host ports carry on from the snapshot's: a new connection never
         lands on a stale one (the guest would answer its REQUEST with RST)."""
         super().restore_state(state)
-        self.guest_cid = int(state.get("guest_cid", self.guest_cid))
-        self.backend.guest_cid = self.guest_cid
-        saved_port = state.get("next_host_port")
-        if isinstance(saved_port, int) and saved_port > self.backend.next_host_port:
+        cid = state.get("guest_cid", self.guest_cid)
+        if type(cid) is not int or not MIN_GUEST_CID <= cid <= MAX_GUEST_CID:
+            raise DeviceStateError(
+                f"guest_cid={cid!r} is not a guest CID ({MIN_GUEST_CID}..{MAX_GUEST_CID:#x})"
+            )
+        saved_port = state.get("next_host_port", EPHEMERAL_FIRST)
+        if type(saved_port) is not int or not EPHEMERAL_FIRST <= saved_port < U32_MASK:
+            raise DeviceStateError(
+                f"next_host_port={saved_port!r} is not a host vsock port "
+                f"({EPHEMERAL_FIRST}..{U32_MASK - 1})"
+            )
+        self.guest_cid = cid
+        self.backend.guest_cid = cid
+        if saved_port > self.backend.next_host_port:
             self.backend.next_host_port = saved_port
         self._reset_event_pending = True
 
@@ -187,16 +203,18 @@ class VirtioVsock(VirtioDevice):
         return self._reset_unacked_since is not None
 
     # -- data path ---------------------------------------------------------------------------
-    def process_queue(self, index: int) -> None:
-        """The driver kicked queue ``index``."""
+    def process_queue(self, index: int) -> bool:
+        """The driver kicked queue ``index``; True if tx chains are still waiting."""
         if index == EVENT_QUEUE:
             self._reset_unacked_since = None  # it handled the reset and re-posted the buffer
+        more = False
         if index == TX_QUEUE:
-            self._drain_tx()
+            more = self._drain_tx()
         elif index == RX_QUEUE:
             self.backend.rx_available()
         self._deliver_events()
         self._fill_rx()
+        return more
 
     def service(self, transport: _Transport) -> None:
         """What the VMM's event thread calls whenever `fileno` is readable.
@@ -216,17 +234,19 @@ class VirtioVsock(VirtioDevice):
             self._deliver_events()
             self._fill_rx()
 
-    def _drain_tx(self) -> None:
+    def _drain_tx(self) -> bool:
+        """Take at most one queue's worth of packets; True if more are waiting."""
         queue = self.queues[TX_QUEUE]
-        added = False
-        while (chain := queue.pop()) is not None:
+        served = 0
+        while served < queue.size and (chain := queue.pop()) is not None:
             # Read the packet before publishing the slot: once it is in the used ring the
             # driver may reuse the buffer, and we would read its next packet instead.
             self._handle_tx(chain)
             queue.add_used(chain.head, 0)
-            added = True
-        if added:
+            served += 1
+        if served:
             self.signal_used(queue)
+        return served == queue.size and queue.pending() > 0
 
     def _handle_tx(self, chain: DescriptorChain) -> None:
         if chain.readable_len < HDR_SIZE:
@@ -262,7 +282,10 @@ class VirtioVsock(VirtioDevice):
             self._reset_unacked_since = None
         queue = self.queues[RX_QUEUE]
         added = False
-        while self.backend.has_pending():
+        # At most one queue's worth per call; the event thread calls again for the rest.
+        for _ in range(queue.size):
+            if not self.backend.has_pending():
+                break
             chain = queue.pop()
             if chain is None:
                 self.backend.rx_starved()
@@ -307,4 +330,4 @@ class VirtioVsock(VirtioDevice):
         self.signal_used(queue)
 
 
-__all__ = ["QUEUE_SIZES", "RESET_ACK_TIMEOUT", "VirtioVsock"]
+__all__ = ["MAX_GUEST_CID", "MIN_GUEST_CID", "QUEUE_SIZES", "RESET_ACK_TIMEOUT", "VirtioVsock"]
