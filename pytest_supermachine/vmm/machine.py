@@ -142,6 +142,11 @@ class Machine:
         self.kvm = kvm or shared_kvm()
         self.state = MachineState.CREATED
         self.timings = MachineTimings(created=t0)
+        #: What `run` uses when the caller gives no env/cwd (an OCI image's Env and WorkingDir;
+        #: set by whoever hands the machine out) and what the image says about itself.
+        self.default_env: Mapping[str, str] = {}
+        self.default_cwd: str | None = None
+        self.image_config: Any = None
         self._threads: list[threading.Thread] = []
         self._final_console: bytes | None = None
         self._exit: MachineExit | None = None
@@ -761,8 +766,13 @@ class Machine:
         A string runs through the guest's shell, a list as argv. `timeout` kills the
         command in the guest and returns `timed_out=True`; a guest that stops
         answering raises `AgentTimeout` with the console tail; `check` raises
-        `CommandFailed` on a non-zero exit.
+        `CommandFailed` on a non-zero exit. `env` adds to `default_env`; `cwd` defaults
+        to `default_cwd`.
         """
+        if self.default_env:
+            env = {**self.default_env, **(env or {})}
+        if cwd is None:
+            cwd = self.default_cwd
         return self.agent().run(cmd, timeout=timeout, env=env, cwd=cwd, input=input, check=check)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
