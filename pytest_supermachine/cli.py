@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .errors import SupermachineError
 
 if TYPE_CHECKING:
+    from .images.reference import RegistryReference
     from .snapshot_store import SnapshotStore
 
 
@@ -49,6 +50,13 @@ def _pull_root(args: argparse.Namespace) -> Path | None:
     return Path(args.cache_dir) / CACHE_KIND if getattr(args, "cache_dir", None) else None
 
 
+def _tagged_name(reference: RegistryReference) -> str:
+    """``host/repo:tag`` of a pulled image (its digest is shown in a column of its own)."""
+    import dataclasses
+
+    return dataclasses.replace(reference, digest=None).name if reference.tag else reference.name
+
+
 def _last_use(layout: Path) -> float:
     from .images.distribution import PULL_RECORD
 
@@ -74,7 +82,7 @@ def _image_list(args: argparse.Namespace) -> int:
     for p in pulled:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(_last_use(p.layout)))
         print(
-            f"  {p.reference.name}  {p.manifest_digest[:19]}  {_size(p.size)}, "
+            f"  {_tagged_name(p.reference)}  {p.manifest_digest[:19]}  {_size(p.size)}, "
             f"{p.layers} layers, last used {used}"
         )
     return 0
@@ -102,7 +110,7 @@ def _image_pull(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
     how = "already cached" if pulled.from_cache else f"pulled in {time.perf_counter() - t0:.1f} s"
     print(
-        f"{pulled.reference.name}: {pulled.manifest_digest} ({pulled.platform}, "
+        f"{_tagged_name(pulled.reference)}: {pulled.manifest_digest} ({pulled.platform}, "
         f"{_size(pulled.size)}, {pulled.layers} layers) {how}"
     )
     return 0
@@ -189,7 +197,7 @@ def _prune_pulled(args: argparse.Namespace) -> list[tuple[Path, str]]:
         if args.all:
             why = "--all"
         elif cutoff is not None and _last_use(p.layout) < cutoff:
-            why = f"pulled image {p.reference.name} unused for over {args.unused_days:g} days"
+            why = f"pulled image {_tagged_name(p.reference)} unused for over {args.unused_days:g} days"
         else:
             continue
         removed.append((entry, why))
