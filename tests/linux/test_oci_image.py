@@ -29,6 +29,9 @@ def test_debian_python(microvm):
     assert microvm.run("echo $APP_MODE; pwd").stdout == b"oci-test\\n/srv\\n"
     assert microvm.image_config.exposed_ports == ("8000/tcp",)
     assert microvm.image_config.cmd == ("python3",)
+    # the writable layer (supermachine_disk_mib = 16) filling up is ENOSPC in the guest
+    full = microvm.run("head -c 32M /dev/zero > /var/big")
+    assert full.returncode != 0 and b"No space left on device" in full.stderr, full
 """
 
 
@@ -41,10 +44,14 @@ def debian_project(
 ) -> Iterator[tuple[Project, str]]:
     """A pytester project and the reference of the Debian image pushed to the local registry."""
     pushed = local_registry.push(debian_python_layout(), "debian/python", "bookworm")
-    yield Project(pytester, USER_CACHE, monkeypatch), pushed.ref
+    project = Project(pytester, USER_CACHE, monkeypatch)
+    project.ini("supermachine_disk_mib = 16")
+    yield project, pushed.ref
 
 
-def test_a_debian_image_from_a_registry_runs_python_with_its_config(debian_project) -> None:
+def test_a_debian_image_from_a_registry_runs_python_with_its_config_and_a_bounded_disk(
+    debian_project,
+) -> None:
     project, ref = debian_project
     project.write("test_debian.py", ON_DEBIAN.format(ref=ref))
     result = project.run()
