@@ -1,6 +1,6 @@
 """The `supermachine` command (also `python -m pytest_supermachine`).
 
-Subcommands: ``doctor``, ``demo``, ``image list|build``, ``cache list|prune``,
+Subcommands: ``doctor``, ``demo``, ``image list|build|pull``, ``cache list|prune``,
 ``replay CAPSULE [--runs N] [--shell]``. Errors we raise on purpose print as one
 line (exit 1); anything else is a bug and keeps its traceback.
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from .errors import SupermachineError
 
 if TYPE_CHECKING:
+    from .images.reference import RegistryReference
     from .snapshot_store import SnapshotStore
 
 
@@ -42,7 +43,28 @@ def _store(args: argparse.Namespace) -> SnapshotStore:
     return SnapshotStore(Path(args.cache_dir) if args.cache_dir else cache_dir())
 
 
+def _pull_root(args: argparse.Namespace) -> Path | None:
+    """The pull cache under ``--cache-dir``, or None for the default (``cache_dir()/oci``)."""
+    from .images.distribution import CACHE_KIND
+
+    return Path(args.cache_dir) / CACHE_KIND if getattr(args, "cache_dir", None) else None
+
+
+def _tagged_name(reference: RegistryReference) -> str:
+    """``host/repo:tag`` of a pulled image (its digest is shown in a column of its own)."""
+    import dataclasses
+
+    return dataclasses.replace(reference, digest=None).name if reference.tag else reference.name
+
+
+def _last_use(layout: Path) -> float:
+    from .images.distribution import PULL_RECORD
+
+    return (layout.parent / PULL_RECORD).stat().st_mtime
+
+
 def _image_list(args: argparse.Namespace) -> int:
+    from .images.distribution import pulled_images
     from .images.registry import alias_target, canonical_name, get_image, image_names
 
     for name in image_names():
@@ -54,6 +76,43 @@ def _image_list(args: argparse.Namespace) -> int:
             f"{name:<12} {image.description} (default {image.default_vcpus} vCPU, "
             f"{image.default_mem_mib} MiB)"
         )
+    pulled = pulled_images(_pull_root(args))
+    if pulled:
+        print("pulled OCI images (use them as oci:REF):")
+    for p in pulled:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(_last_use(p.layout)))
+        print(
+            f"  {_tagged_name(p.reference)}  {p.manifest_digest[:19]}  {_size(p.size)}, "
+            f"{p.layers} layers, last used {used}"
+        )
+    return 0
+
+
+def _image_pull(args: argparse.Namespace) -> int:
+    """Pull an ``oci:`` image into the cache with a progress bar (bytes and layers)."""
+    from .images.distribution import PullProgress, pull_image
+
+    def show(p: PullProgress) -> None:
+        width = 30
+        done = p.bytes_done / p.bytes_total if p.bytes_total else 1.0
+        bar = "#" * int(done * width)
+        sys.stderr.write(
+            f"\r[{bar:<{width}}] {_size(p.bytes_done)} / {_size(p.bytes_total)}, "
+            f"layers {p.layers_done}/{p.layers_total}"
+        )
+        sys.stderr.flush()
+
+    t0 = time.perf_counter()
+    pulled = pull_image(
+        args.reference, cache_root=_pull_root(args), progress=None if args.quiet else show
+    )
+    if not args.quiet and not pulled.from_cache:
+        sys.stderr.write("\n")
+    how = "already cached" if pulled.from_cache else f"pulled in {time.perf_counter() - t0:.1f} s"
+    print(
+        f"{_tagged_name(pulled.reference)}: {pulled.manifest_digest} ({pulled.platform}, "
+        f"{_size(pulled.size)}, {pulled.layers} layers) {how}"
+    )
     return 0
 
 
@@ -119,9 +178,42 @@ def _cache_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_pulled(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """Pulled images to remove (all with ``--all``, else those unused for ``--unused-days``).
+
+    Each is removed under its ``.lock`` (the one `pull_image` holds), lock file included,
+    so a concurrent pull of the same image is never cut off.
+    """
+    import shutil
+
+    from filelock import FileLock
+
+    from .images.distribution import pulled_images
+
+    cutoff = None if args.unused_days is None else time.time() - args.unused_days * 86400
+    removed: list[tuple[Path, str]] = []
+    for p in pulled_images(_pull_root(args)):
+        entry = p.layout.parent
+        if args.all:
+            why = "--all"
+        elif cutoff is not None and _last_use(p.layout) < cutoff:
+            why = f"pulled image {_tagged_name(p.reference)} unused for over {args.unused_days:g} days"
+        else:
+            continue
+        removed.append((entry, why))
+        if args.dry_run:
+            continue
+        lock = entry.with_name(entry.name + ".lock")
+        with FileLock(str(lock)):
+            shutil.rmtree(entry, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    return removed
+
+
 def _cache_prune(args: argparse.Namespace) -> int:
     store = _store(args)
     removed = store.prune(everything=args.all, unused_days=args.unused_days, dry_run=args.dry_run)
+    removed += _prune_pulled(args)
     verb = "would remove" if args.dry_run else "removed"
     for path, why in removed:
         print(f"{verb} {path.name}: {why}")
@@ -158,10 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="guest images: list them, build one and its base snapshot")
     isub = image.add_subparsers(dest="image_command", required=True)
-    p = isub.add_parser("list", help="the images tests can use")
+    p = isub.add_parser("list", help="the images tests can use, and the pulled OCI images")
+    cache_dir_option(p)
     p.set_defaults(func=_image_list)
+    p = isub.add_parser("pull", help="pull an OCI image (oci:REF) into the cache")
+    p.add_argument("reference", help="oci:[HOST[:PORT]/]REPO[:TAG|@sha256:HEX]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache_dir_option(p)
+    p.set_defaults(func=_image_pull)
     p = isub.add_parser("build", help="build an image and its base snapshot into the cache")
-    p.add_argument("name", nargs="?", default="default")
+    p.add_argument(
+        "name", nargs="?", default="default", help="an image name or an OCI reference (oci:REF …)"
+    )
     p.add_argument("--vcpus", type=int, default=None)
     p.add_argument("--mem-mib", type=int, default=None)
     p.add_argument(

@@ -170,9 +170,10 @@ def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
     """The default: images added with `register_image`, then the bundled ones.
 
     ``trylast`` (like pytest-xdist's default ``pytest_xdist_make_scheduler``), so any
-    other implementation, in a plugin or a conftest, is asked first and wins.
+    other implementation, in a plugin or a conftest, is asked first and wins. An OCI
+    image reference gives an `OciImage` with the session's ``disk_mib``.
     """
-    return find_image(name)
+    return find_image(name, disk_mib=state_of(config).settings.disk_mib)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -26,6 +26,7 @@ done
 # OCI registry tests (tests/unit/test_distribution.py): a real registry, skopeo to push, htpasswd.
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)  # Debian OCI test image (tests/debian_image.py)
 command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need_apt+=(python3)

@@ -44,6 +44,14 @@ class Image(ABC):
     def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
         """A started machine whose guest is ready; the caller owns (and stops) it."""
 
+    def prepare(self, machine: Machine) -> None:
+        """Make a machine restored from this image's snapshots behave as the image says.
+
+        Called on every machine handed to a test; the default does nothing (an OCI
+        image sets `run()`'s defaults and ``machine.image_config``).
+        """
+        return None
+
     def build(self) -> str:
         """Build what the image needs if missing; returns a short description of the result."""
         return self.description

@@ -90,6 +90,10 @@ class LinuxImage(Image):
             "devices": "vsock",
         }
 
+    def disks(self) -> tuple:
+        """The virtio-blk disks the guest boots with (none; images with a root disk add theirs)."""
+        return ()
+
     def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
         from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
@@ -97,7 +101,7 @@ class LinuxImage(Image):
         kernel, initrd = self.kernel(), self.initramfs()
         if is_nested_pvm():
             timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
-        machine = Machine(vcpus=vcpus, mem_mib=mem_mib)
+        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks())
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()

@@ -72,7 +72,7 @@ from .rootfs import (
 )
 
 #: Bumped whenever this module changes how the same tarball becomes a tree.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: config.json keeps ExposedPorts and Labels
 #: The image config next to the image in a cache entry.
 CONFIG_NAME = "config.json"
 
@@ -100,6 +100,8 @@ class ImageConfig:
     entrypoint: tuple[str, ...] = ()
     working_dir: str = ""
     user: str = ""
+    exposed_ports: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_config_json(cls, doc: Mapping[str, Any]) -> ImageConfig:
@@ -118,6 +120,8 @@ class ImageConfig:
             entrypoint=strings("Entrypoint"),
             working_dir=str(cfg.get("WorkingDir") or ""),
             user=str(cfg.get("User") or ""),
+            exposed_ports=tuple(sorted(str(p) for p in cfg.get("ExposedPorts") or {})),
+            labels={str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()},
         )
 
     @property
@@ -137,6 +141,8 @@ class ImageConfig:
             "Entrypoint": list(self.entrypoint),
             "WorkingDir": self.working_dir,
             "User": self.user,
+            "ExposedPorts": {port: {} for port in self.exposed_ports},
+            "Labels": dict(self.labels),
         }
 
     @classmethod
@@ -271,8 +277,10 @@ class _Layer:
     diff_id: str | None  # of the uncompressed tar (config rootfs.diff_ids)
 
 
-def _read_oci_layout(src: _Source) -> tuple[dict[str, Any], list[_Layer]]:
+def _read_oci_layout(src: _Source, tag: str | None) -> tuple[dict[str, Any], list[_Layer]]:
     index = src.read_json("index.json")
+    if tag is not None:
+        index = _tagged(index, tag)
     desc = _pick_manifest(src, index, "index.json")
     manifest = src.read_json(_blob_name(desc.get("digest", "")), desc.get("digest"))
     config_desc = manifest.get("config") or {}
@@ -282,6 +290,18 @@ def _read_oci_layout(src: _Source) -> tuple[dict[str, Any], list[_Layer]]:
         for d in manifest.get("layers") or []
     ]
     return config, layers
+
+
+def _tagged(index: Mapping[str, Any], tag: str) -> dict[str, Any]:
+    """The index reduced to the manifests annotated ``org.opencontainers.image.ref.name: tag``."""
+    manifests = [
+        m
+        for m in index.get("manifests") or []
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag
+    ]
+    if not manifests:
+        raise OciFormatError(f"index.json names no image tagged {tag!r}")
+    return {**index, "manifests": manifests}
 
 
 def _pick_manifest(
@@ -336,9 +356,9 @@ def _read_docker_save(src: _Source) -> tuple[dict[str, Any], list[_Layer]]:
     return config, layers
 
 
-def _read_image(src: _Source) -> tuple[ImageConfig, list[_Layer]]:
+def _read_image(src: _Source, tag: str | None = None) -> tuple[ImageConfig, list[_Layer]]:
     if src.has("index.json") and src.has("oci-layout"):
-        config, layers = _read_oci_layout(src)
+        config, layers = _read_oci_layout(src, tag)
     elif src.has("manifest.json"):
         config, layers = _read_docker_save(src)
     else:
@@ -671,8 +691,11 @@ def _apply_layers(src: _Source, layers: list[_Layer], tree: _Tree) -> None:
             _check_digest(f"{what} uncompressed", tar_digest, layer.diff_id)
 
 
-def unpack_oci_tree(tarball: Path, dest: Path) -> UnpackedImage:
+def unpack_oci_tree(tarball: Path, dest: Path, *, tag: str | None = None) -> UnpackedImage:
     """Unpack the image in ``tarball`` into the empty (or new) directory ``dest``.
+
+    ``tag`` picks the image of an OCI layout annotated with that
+    ``org.opencontainers.image.ref.name`` (what ``oci-layout:DIR:TAG`` names).
 
     Returns the image config and the attributes the host tree cannot hold
     (owners, exact modes, device nodes; see the module docstring). Raises
@@ -687,7 +710,7 @@ def unpack_oci_tree(tarball: Path, dest: Path) -> UnpackedImage:
         raise GuestBuildError(f"cannot unpack an image into {dest}: the directory is not empty")
     src = _open_source(tarball)
     try:
-        config, layers = _read_image(src)
+        config, layers = _read_image(src, tag)
         tree = _Tree(dest)
         _apply_layers(src, layers, tree)
     finally:
@@ -739,8 +762,20 @@ def archive_digest(path: Path) -> str:
     return digest
 
 
-def oci_cache_key(tarball: Path, *, size: int | None = None, label: str = "rootfs") -> str:
-    """The cache key of `build_oci_rootfs`: archive bytes + everything that changes the image."""
+def oci_cache_key(
+    tarball: Path,
+    *,
+    size: int | None = None,
+    label: str = "rootfs",
+    tag: str | None = None,
+    content_digest: str | None = None,
+) -> str:
+    """The cache key of `build_oci_rootfs`: the image's identity + everything that changes the image.
+
+    The identity is ``content_digest`` when the caller has a digest that pins the
+    image's content (a pulled image's manifest digest: it names the config and
+    every layer by digest), else the archive's bytes.
+    """
     return content_key(
         "rootfs-oci",
         RECIPE_VERSION,
@@ -749,12 +784,19 @@ def oci_cache_key(tarball: Path, *, size: int | None = None, label: str = "rootf
         str(source_date_epoch()),
         label,
         str(size),
-        archive_digest(tarball),
+        str(tag),
+        content_digest or archive_digest(tarball),
     )
 
 
 def build_oci_rootfs(
-    tarball: Path, out: Path | None = None, *, size: int | None = None, label: str = "rootfs"
+    tarball: Path,
+    out: Path | None = None,
+    *,
+    size: int | None = None,
+    label: str = "rootfs",
+    tag: str | None = None,
+    content_digest: str | None = None,
 ) -> tuple[Path, ImageConfig]:
     """An ext4 root filesystem of the image in ``tarball``, and the image's config.
 
@@ -763,15 +805,17 @@ def build_oci_rootfs(
     unpacking (`unpack_oci_tree`) and `make_ext4` with the layers' owners,
     modes and device nodes; the unpacked tree is deleted afterwards. Returns the
     shared cached image (attach it read-only) when ``out`` is None, else a
-    private sparse copy at ``out``.
+    private sparse copy at ``out``. ``tag`` selects an image of a layout
+    (`unpack_oci_tree`); ``content_digest``, when given, keys the cache instead
+    of re-hashing the archive (`oci_cache_key`).
     """
     tarball = Path(tarball)
-    key = oci_cache_key(tarball, size=size, label=label)
+    key = oci_cache_key(tarball, size=size, label=label, tag=tag, content_digest=content_digest)
 
     def fill(entry: Path) -> Mapping[str, object]:
         tree = entry / "tree"
         try:
-            unpacked = unpack_oci_tree(tarball, tree)
+            unpacked = unpack_oci_tree(tarball, tree, tag=tag)
             make_ext4(
                 tree, entry / IMAGE_NAME, seed=key, size=size, label=label, attrs=unpacked.attrs
             )

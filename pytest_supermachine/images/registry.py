@@ -7,7 +7,9 @@ first (and may replace a bundled image by returning another for its name); then
 come images added with `register_image` (``replace=True`` replaces a bundled one);
 then the bundled images: ``microguest`` (always available), ``linux`` (the Linux
 guest), and ``default``, the alias naming the image tests get unless they ask for
-another (``linux``).
+another (``linux``). A name that is an image reference (``oci:…``,
+``oci-archive:…``, ``docker-archive:…``, ``oci-layout:…``; images/reference.py)
+is an `OciImage` of it, one per reference and writable-layer size.
 
 Nothing is made at import: an image is created on first use, once per process, so
 importing this module builds nothing and opens no device.
@@ -22,6 +24,7 @@ from ..errors import SupermachineError
 from .image import Image
 from .linux import LinuxImage
 from .microguest import MicroguestImage
+from .reference import is_image_reference
 
 #: The images this package ships, by name.
 BUNDLED_IMAGES: Mapping[str, Callable[[], Image]] = {
@@ -85,8 +88,21 @@ def image_names() -> list[str]:
     return sorted({*_factories, *_aliases, *BUNDLED_IMAGES, *BUNDLED_ALIASES})
 
 
-def find_image(name: str) -> Image | None:
-    """The image called `name` (aliases followed), created on first use; None if none is."""
+def find_image(name: str, *, disk_mib: int | None = None) -> Image | None:
+    """The image called `name` (aliases followed), created on first use; None if none is.
+
+    A reference (`is_image_reference`) gives its `OciImage` whose writable layer is
+    `disk_mib` MiB (default: oci_image.DEFAULT_DISK_MIB); a malformed reference or a missing
+    archive or layout raises `ImageReferenceError` naming it. Nothing is pulled here.
+    """
+    if is_image_reference(name) and name not in _factories:
+        from .oci_image import DEFAULT_DISK_MIB, image_for_reference  # lazy: httpx etc.
+
+        key = f"{name}\0{disk_mib or DEFAULT_DISK_MIB}"
+        with _lock:
+            if key not in _instances:
+                _instances[key] = image_for_reference(name, disk_mib=disk_mib or DEFAULT_DISK_MIB)
+            return _instances[key]
     real = canonical_name(name)
     with _lock:
         image = _instances.get(real)
@@ -104,7 +120,8 @@ def unknown_image(name: str) -> UnknownImageError:
     """The error for an image name nothing provides; it names the choices."""
     return UnknownImageError(
         f"no guest image named {name!r}; available: {', '.join(image_names())} "
-        "(plugins add images through the pytest_supermachine_image hook)"
+        "(plugins add images through the pytest_supermachine_image hook), or an OCI image "
+        "reference: oci:REF, oci-archive:PATH, docker-archive:PATH, oci-layout:DIR[:TAG]"
     )
 
 

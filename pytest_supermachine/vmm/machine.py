@@ -152,6 +152,11 @@ class Machine:
         self.kvm = kvm or shared_kvm()
         self.state = MachineState.CREATED
         self.timings = MachineTimings(created=t0)
+        #: What `run` uses when the caller gives no env/cwd (an OCI image's Env and WorkingDir;
+        #: set by whoever hands the machine out) and what the image says about itself.
+        self.default_env: Mapping[str, str] = {}
+        self.default_cwd: str | None = None
+        self.image_config: Any = None
         self._threads: list[threading.Thread] = []
         self._final_console: bytes | None = None
         self._exit: MachineExit | None = None
@@ -888,8 +893,13 @@ class Machine:
         given; ``None``: unlimited), the result's ``stdout_truncated`` /
         ``stderr_truncated`` say if some was dropped; ``stdout=``/``stderr=`` a
         binary file or callable streams it there instead. ``check`` raises
-        `CommandFailed` on a non-zero exit.
+        `CommandFailed` on a non-zero exit. ``env`` adds to `default_env`; ``cwd``
+        defaults to `default_cwd` (an image's configured environment and directory).
         """
+        if self.default_env:
+            env = {**self.default_env, **(env or {})}
+        if cwd is None:
+            cwd = self.default_cwd
         left = self._call_budget(timeout, self.run_timeout)
         client = self.agent(timeout=left())
         return client.run(

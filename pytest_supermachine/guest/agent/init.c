@@ -14,7 +14,8 @@
  *   2. hostname (sm.hostname=, default "supermachine"), loopback up;
  *   3. with sm.root=DEV: mount DEV read-only (sm.rootfstype=, default ext4) as
  *      the lower layer of an overlay whose upper layer is a tmpfs, or, with
- *      sm.overlay=0, DEV read-write by itself; move /dev /proc /sys /run /tmp
+ *      sm.overlay=0, DEV read-write by itself (sm.overlay_mib=N caps the tmpfs
+ *      upper layer at N MiB: a full upper layer is ENOSPC in the guest); move /dev /proc /sys /run /tmp
  *      into it, bind the initramfs /bin (busybox) at /.supermachine/bin, and
  *      switch root into it (mount --move + chroot, what busybox switch_root
  *      does; the initramfs files stay, ~3 MB, because that bind uses them);
@@ -124,7 +125,7 @@ static void move_into(const char *mnt)
 }
 
 /* Step 3. 0 on success; on failure the initramfs stays the root. */
-static int switch_root(const char *dev, const char *fstype, int overlay)
+static int switch_root(const char *dev, const char *fstype, int overlay, unsigned long upper_mib)
 {
     if (wait_for(dev, ROOT_WAIT_MS) < 0) {
         logmsg("init: root device %s did not appear in %d ms", dev, ROOT_WAIT_MS);
@@ -137,7 +138,10 @@ static int switch_root(const char *dev, const char *fstype, int overlay)
             logmsg("init: mount %s (%s, read-only): %s", dev, fstype, strerror(errno));
             return -1;
         }
-        do_mount("tmpfs", RW, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+        char opts[64] = "mode=0755";
+        if (upper_mib)
+            snprintf(opts, sizeof(opts), "mode=0755,size=%lum", upper_mib);
+        do_mount("tmpfs", RW, "tmpfs", MS_NOSUID | MS_NODEV, opts);
         mkdir(RW "/upper", 0755);
         mkdir(RW "/work", 0755);
         if (mount("overlay", NEWROOT, "overlay", 0,
@@ -207,7 +211,8 @@ void init_system(const char *cmdline_override, struct init_result *out)
         const char *fs = cmdline_get("sm.rootfstype", fstype, sizeof(fstype));
         const char *ov = cmdline_get("sm.overlay", buf, sizeof(buf));
         int overlay = !(ov && (!strcmp(ov, "0") || !strcmp(ov, "no") || !strcmp(ov, "off")));
-        switch_root(dev, fs && *fs ? fs : "ext4", overlay);
+        const char *mib = cmdline_get("sm.overlay_mib", buf, sizeof(buf));
+        switch_root(dev, fs && *fs ? fs : "ext4", overlay, mib ? strtoul(mib, NULL, 10) : 0);
     }
 
     /* 4. environment for the commands */
