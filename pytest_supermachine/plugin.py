@@ -88,7 +88,12 @@ def pytest_configure(config: pytest.Config) -> None:
         start = time.time()
         session_id = new_session_id(start)
     state = SessionState(
-        config, settings, session_id, start, is_worker=hasattr(config, "workerinput")
+        config,
+        settings,
+        session_id,
+        start,
+        is_worker=hasattr(config, "workerinput"),
+        builds_before=progress.finished(),
     )
     config.stash[STATE_KEY] = state
 
@@ -228,7 +233,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None:
         return
-    state.stats.guest_builds.extend(f"{w} ({s:.0f} s)" for w, s in progress.finished().items())
+    state.stats.guest_builds.extend(
+        f"{work} ({spent:.0f} s)"
+        for work, total in progress.finished().items()
+        if (spent := total - state.builds_before.get(work, 0.0)) > 0
+    )
     if state.is_worker:
         xdist.send_worker_stats(session.config, state.stats)
         return
