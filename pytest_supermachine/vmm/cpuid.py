@@ -35,29 +35,19 @@ def _bit(*bits: int) -> int:
     return sum(1 << b for b in bits)
 
 
-#: The XSAVE area of x87|SSE alone: the 512-byte legacy area and the 64-byte header.
-XSAVE_AREA_FPSSE = 512 + 64
-
 # (leaf, subleaf or None for all, register, bits to clear, bits to set, why)
 # Under nested PVM the guest's CPL0 code runs in KVM's instruction emulator, which
-# lacks XRSTOR, CMPXCHG16B, AVX and friends: a guest kernel that sees these
+# lacks XSAVE/XRSTOR, CMPXCHG16B, AVX and friends: a guest kernel that sees these
 # features uses them in its own code and dies with an emulation failure.
-# XSAVE itself stays visible with XCR0 limited to x87|SSE: the pvm kernel
-# (`clearcpuid=xsave`, patch 0005) never executes XSAVE/XRSTOR but sets
-# CR4.OSXSAVE and XCR0 = x87|SSE, which KVM accepts only if this CPUID offers
-# them. KVM then runs the guest with that XCR0, so guest user code, which runs
-# natively and sees the host's CPUID, finds AVX state not enabled by the OS and
-# stays on SSE: this kernel context-switches only the FXSAVE area, and AVX and
-# AVX-512 registers would leak between guest processes (issue 11).
 PVM_CPUID_MASK: tuple[tuple[int, int | None, str, int, int, str], ...] = (
     (
         1,
         None,
         "ecx",
-        _bit(12, 13, 17, 22, 23, 27, 28, 29, 30),
+        _bit(12, 13, 17, 22, 23, 26, 27, 28, 29, 30),
         _bit(24),
-        "FMA, CX16, PCID, MOVBE, POPCNT, OSXSAVE (KVM mirrors CR4), AVX, F16C, RDRAND: "
-        "not emulated; TSC-deadline on so the LAPIC timer needs no calibration against the PIT",
+        "FMA, CX16, PCID, MOVBE, POPCNT, XSAVE, OSXSAVE, AVX, F16C, RDRAND: not emulated; "
+        "TSC-deadline on so the LAPIC timer needs no calibration against the PIT",
     ),
     (
         7,
@@ -85,12 +75,10 @@ PVM_CPUID_MASK: tuple[tuple[int, int | None, str, int, int, str], ...] = (
         "AVX-512 4x/VP2INTERSECT/FP16, FSRM, AMX, ARCH_CAPABILITIES",
     ),
     (7, 1, "eax", 0xFFFFFFFF, 0, "AVX-VNNI, AVX512-BF16 and later extensions"),
-    (0xD, None, "eax", 0xFFFFFFFF, 0, "XSAVE components past SSE, XSAVEOPT/C/S: hidden"),
-    (0xD, None, "ebx", 0xFFFFFFFF, 0, "XSAVE area sizes and offsets (KVM fills subleaf 0's)"),
+    (0xD, None, "eax", 0xFFFFFFFF, 0, "XSAVE state components: XSAVE is hidden"),
+    (0xD, None, "ebx", 0xFFFFFFFF, 0, "XSAVE area sizes"),
     (0xD, None, "ecx", 0xFFFFFFFF, 0, "XSAVE area sizes"),
     (0xD, None, "edx", 0xFFFFFFFF, 0, "XSAVE state components"),
-    (0xD, 0, "eax", 0, _bit(0, 1), "x87|SSE: the XCR0 the pvm kernel sets (patch 0005)"),
-    (0xD, 0, "ecx", 0, XSAVE_AREA_FPSSE, "the XSAVE area of x87|SSE"),
     (0x80000001, None, "ecx", _bit(5, 6, 11, 16, 21), 0, "ABM/LZCNT, SSE4A, XOP, FMA4, TBM"),
     (
         0x80000008,

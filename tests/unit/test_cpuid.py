@@ -11,23 +11,16 @@ def table() -> CpuidTable:
             CpuidEntry(0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65),
             CpuidEntry(1, 0, 0, 0x00A00F11, 0, XSAVE | AVX | CX16 | 1, 0x178BFBFF),
             CpuidEntry(7, 0, 1, 0, (1 << 5) | (1 << 9), 0, 0),
-            CpuidEntry(0xD, 0, 1, 0xE7, 0x340, 0xA88, 0),
-            CpuidEntry(0xD, 1, 1, 0xF, 0, 0, 0),
+            CpuidEntry(0xD, 0, 1, 7, 0x340, 0x340, 0),
             CpuidEntry(0x80000008, 0, 0, 0x3030, 0, 0, 0),
         ]
     )
 
 
-def test_pvm_hides_avx_and_cmpxchg16b():
+def test_pvm_hides_xsave_avx_and_cmpxchg16b():
     leaf1 = table().for_guest(pvm=True).find(1)
-    assert leaf1.ecx & (AVX | CX16) == 0
+    assert leaf1.ecx & (XSAVE | AVX | CX16) == 0
     assert leaf1.ecx & 1  # SSE3 untouched
-
-
-def test_pvm_keeps_xsave_so_the_kernel_can_limit_xcr0_to_x87_and_sse():
-    t = table().for_guest(pvm=True)
-    assert t.find(1).ecx & XSAVE
-    assert (t.find(0xD).eax, t.find(0xD).ecx, t.find(0xD).edx) == (0b11, 512 + 64, 0)
 
 
 def test_pvm_advertises_tsc_deadline_and_xsaveerptr():
@@ -36,9 +29,9 @@ def test_pvm_advertises_tsc_deadline_and_xsaveerptr():
     assert t.find(0x80000008).ebx & (1 << 2)
 
 
-def test_pvm_hides_xsaveopt_xsavec_xsaves_avx2_and_erms():
+def test_pvm_empties_the_xsave_leaf_and_hides_avx2_and_erms():
     t = table().for_guest(pvm=True)
-    assert t.find(0xD, 1).eax == 0
+    assert (t.find(0xD).eax, t.find(0xD).ebx) == (0, 0)
     assert t.find(7).ebx == 0  # AVX2 (bit 5) and ERMS (bit 9): rep stosb is emulated per byte
 
 
