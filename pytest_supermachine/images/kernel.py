@@ -162,7 +162,7 @@ PVM_CMDLINE: tuple[str, ...] = (
     # runs natively under kvm_pvm: CPUID and XGETBV show the host's AVX/AVX-512 and XCR0,
     # while this kernel (XSAVE hidden) context-switches only the FXSAVE area, so glibc's
     # AVX/EVEX string functions share YMM/ZMM registers between processes (issue 11,
-    # fixtures_images/kernel/README.md "User register state"). Setting XCR0 = x87|SSE from
+    # images/kernel_recipe/README.md "User register state"). Setting XCR0 = x87|SSE from
     # the guest kernel does not help on kvm_pvm hosts that keep the host's XCR0 for guest
     # user mode (measured), so glibc is told not to use AVX instead.
     "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX2,-AVX",
