@@ -36,10 +36,13 @@ def test_progress_is_shown_live_and_not_captured_into_a_failure_report(
 
 
 def test_a_session_reports_only_the_builds_it_waited_for(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_progress=SLOW_FIXTURE)
-    first = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    # Module names of their own: in-process runs share sys.modules with this test session.
+    pytester.makepyfile(test_session_that_builds=SLOW_FIXTURE)
+    first = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_session_that_builds.py")
     first.stdout.fnmatch_lines(["*before the first VM: guest kernel build (30 s)"])
-    pytester.makepyfile(test_progress="def test_nothing_to_build():\n    pass\n")
-    second = pytester.runpytest_inprocess("-p", "no:cacheprovider")  # the same process
+    pytester.makepyfile(test_session_after_it="def test_nothing_to_build():\n    pass\n")
+    second = pytester.runpytest_inprocess(  # the same process
+        "-p", "no:cacheprovider", "test_session_after_it.py"
+    )
     second.assert_outcomes(passed=1)
     assert "before the first VM" not in second.stdout.str()
