@@ -6,7 +6,9 @@ restore brings back, so restoring the state just taken is a reset to "now". No K
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,10 +22,10 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def guest():
-    g = GuestVsock()
-    yield g
-    g.device.close()
+def guest() -> Iterator[GuestVsock]:
+    """The guest's driver over a fresh device, closed after the test."""
+    with contextlib.closing(GuestVsock()) as g:
+        yield g
 
 
 def carried_connection(
