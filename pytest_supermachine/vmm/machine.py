@@ -18,7 +18,7 @@ Lifecycle::
 Why this module is longer than ~600 lines: `Machine` is the one object that owns the
 lifecycle above, and each remaining method is a transition of it or an observation
 that must respect it (boot only when CREATED, snapshot and reset around the pause
-barrier, the agent connection dropped on every restore and reset). Every concept with
+barrier, the agent session carried across restore and reset). Every concept with
 a life of its own already has its module: exits.py (why it stopped), origin.py (the
 snapshot it was restored from, its dirty pages and the RAM side of reset), vmstate.py
 (vCPU and irqchip state), hostfacts.py, memory.py, devices/, boot.py. Splitting the
@@ -53,6 +53,7 @@ from .agent import (
     READY_PORT,
     AgentClient,
     AgentGuestStopped,
+    AgentProtocolError,
     AgentTimeout,
     DefaultLimit,
     OutputSink,
@@ -168,6 +169,9 @@ class Machine:
         self._origin: SnapshotOrigin | None = None
         self._agent: AgentClient | None = None
         self._agent_lock = threading.Lock()
+        #: Connections opened to the guest agent (vsock connect + handshake) by this machine;
+        #: a session carried by the snapshot across restore and reset opens none.
+        self.agent_connects = 0
         self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
         self.memory = _memory
@@ -616,6 +620,10 @@ class Machine:
             except SnapshotInvalid as e:
                 raise e.in_file(chain.leaf.path) from None
             m.devices.clear_written_pages()  # restoring queues is not a guest-visible change
+            try:
+                m._adopt_agent_session()
+            except AgentProtocolError as e:
+                raise SnapshotInvalid("agent session", str(e), chain.leaf.path) from None
             if start:
                 m.start()
         except BaseException:
@@ -709,7 +717,8 @@ class Machine:
         bytes (see ResetStrategy: copied back, or dropped with MADV_DONTNEED so they
         read the file again), copies back the pages a diff chain overlays, re-applies
         vCPU, irqchip, PIT, clock, serial and device state (disk writes since are
-        dropped, vsock connections closed), and lets the guest run again (with
+        dropped; the agent session the snapshot carried continues, other vsock
+        connections are reset), and lets the guest run again (with
         `resume=False` it stays at the snapshot's instruction until `resume()`). The
         console log starts afresh. Works whether the guest was running, paused or had
         stopped (crashed, powered off).
@@ -729,6 +738,7 @@ class Machine:
             self._origin.reset_memory(strategy or self.config.reset_strategy)
             self._origin.state.apply()
             self.devices.reset()
+        self._adopt_agent_session()
         lib.sm_serial_log_clear(self._core)
         lib.sm_vm_clear_ready(self._core)
         self._exit = None
@@ -753,8 +763,10 @@ class Machine:
         handshake — takes at most ``timeout`` seconds (``math.inf``: no limit),
         else `AgentTimeout` with the console tail. A guest that has stopped, or
         stops meanwhile, raises `AgentGuestStopped` (a `GuestCrashed`) at once.
-        Restore and reset close the connection (the guest's side is gone); the
-        next call reconnects.
+        A snapshot taken while the connection is idle carries it: restore and reset
+        bring it back with the guest, so no connect and no handshake are needed
+        (`agent_connects` counts the ones made). Without such a session, or once the
+        connection is closed (either side), the next call reconnects.
         """
         deadline = time.monotonic() + timeout
         # Another thread may be connecting: wait for it only as long as our own deadline.
@@ -764,8 +776,10 @@ class Machine:
                 self._console_tail(),
             )
         try:
-            if self._agent is not None and not self._agent.closed:
-                return self._agent
+            client = self._agent
+            if client is not None and not client.closed:
+                client.run_timeout, client.output_limit = self.run_timeout, self.output_limit
+                return client
             self._agent = None
             self._require_guest_running("no guest agent")
             return self._open_agent(deadline)
@@ -776,7 +790,7 @@ class Machine:
         """Connect and handshake by ``deadline``; the caller holds the agent lock."""
         timeout = deadline - time.monotonic()
         try:
-            sock = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
+            sock, host_port = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
         except VsockTimeout as exc:
             raise AgentTimeout(
                 f"the guest agent did not answer on vsock port {AGENT_PORT} within "
@@ -798,7 +812,50 @@ class Machine:
             client.close()
             self._agent = None
             raise
+        self.agent_connects += 1
+        self._carry_agent(client, host_port)
         return client
+
+    def _carry_agent(self, client: AgentClient, host_port: int) -> None:
+        """Make the agent connection part of this machine's state (snapshots record it)."""
+        with contextlib.suppress(VsockError):  # already gone again: nothing to carry
+            self.devices.vsock().carry(host_port, AGENT_PORT, lambda: self._agent_session(client))
+
+    def _agent_session(self, client: AgentClient) -> dict[str, Any] | None:
+        """At capture: the agent session's state if it is worth carrying, else None.
+
+        Carried only while the guest runs (a stopped guest's agent answers nothing)
+        and the client is this machine's current one and between exchanges."""
+        if self.state is not MachineState.PAUSED or self._agent is not client:
+            return None
+        return client.session_state()
+
+    def _adopt_agent_session(self) -> None:
+        """After restore or reset: continue the agent session the snapshot carried, if any.
+
+        Raises `AgentProtocolError` for a recorded session no capture could have written.
+        """
+        if not self.config.vsock:
+            return
+        for carried in self.devices.vsock().take_carried():
+            if carried.guest_port != AGENT_PORT or self._agent is not None:
+                carried.socket.close()  # nobody continues it: closed towards the guest
+                continue
+            client = AgentClient(
+                carried.socket,
+                console_tail=self.serial.tail,
+                run_timeout=self.run_timeout,
+                output_limit=self.output_limit,
+                handshake=False,
+            )
+            try:
+                client.resume_session(carried.owner)
+            except BaseException:
+                client.close()
+                raise
+            with self._agent_lock:
+                self._agent = client
+            self._carry_agent(client, carried.host_port)
 
     def _require_guest_running(self, what: str) -> None:
         """Raise `AgentGuestStopped` (with the console tail) if the guest stopped, else
@@ -814,13 +871,15 @@ class Machine:
     def _console_tail(self) -> str:
         return self.serial.tail() if self._final_console is None else self.console[-4000:]
 
-    def _vsock_connect(self, port: int, timeout: float) -> socket.socket:
-        """Connect to a guest vsock port within ``timeout``; a guest that stops fails it at once."""
+    def _vsock_connect(self, port: int, timeout: float) -> tuple[socket.socket, int]:
+        """Connect to a guest vsock port within ``timeout``; a guest that stops fails it at once.
+
+        Returns the socket and the connection's host port."""
         pending = self.devices.vsock().connect_nowait(port)
         self._vsock_connecting.add(pending)
         try:
             self._require_guest_running(f"connecting to guest vsock port {port}")
-            return pending.result(None if timeout == math.inf else timeout)
+            return pending.result(None if timeout == math.inf else timeout), pending.host_port
         except VsockError:
             self._require_guest_running(f"connecting to guest vsock port {port}")
             raise
@@ -940,7 +999,7 @@ class Machine:
         `GuestCrashed`) at once if the guest stops or has stopped.
         """
         self._require_guest_running(f"connecting to guest vsock port {port}")
-        return self._vsock_connect(port, timeout)
+        return self._vsock_connect(port, timeout)[0]
 
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
         """Accept guest-initiated vsock connections to host port `port`."""
@@ -960,8 +1019,9 @@ class Machine:
         return self.console_bytes.decode("utf-8", "replace")
 
     def stats(self) -> dict[str, int]:
+        """Exit counters of the C core, and `agent_connects`."""
         if self._core == ffi.NULL:
-            return {}
+            return {"agent_connects": self.agent_connects}
         s = ffi.new("struct sm_stats *")
         lib.sm_vm_stats(self._core, s)
         return {
@@ -975,7 +1035,7 @@ class Machine:
                 "control_nops",
                 "kicks",
             )
-        }
+        } | {"agent_connects": self.agent_connects}
 
     def marks(self) -> list[tuple[int, float]]:
         """Guest progress marks (control port MARK): (id, seconds since start())."""

@@ -39,6 +39,7 @@ from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from .virtio.vsock import VirtioVsock
+from .virtio.vsock.device import carried_connections
 
 if TYPE_CHECKING:
     from ..kvm import Vm
@@ -92,7 +93,8 @@ def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
 
 #: What devices put in a snapshot and expect back; snapshot keys cover it, so a change in
 #: what restore relies on rebuilds cached snapshots. 2: vsock carries its next host port.
-DEVICE_STATE_FORMAT = 2
+#: 3: vsock records its connections (the agent's carried across restore and reset).
+DEVICE_STATE_FORMAT = 3
 
 _BLOB_HEADER = struct.Struct("<I")
 
@@ -355,7 +357,7 @@ class DeviceHub:
                 device = d.transport.device
                 if isinstance(device, VirtioBlock):
                     self._disk_marks[d.slot.index] = device.mark()
-                self._leaf_states[d.section] = states[-1]  # vsock: restore tells the guest
+                self._leaf_states[d.section] = states[-1]  # vsock: its connections, for reset
 
     def reset(self) -> None:
         """Return every device to the state it had at restore (disk blocks written since dropped)."""
@@ -368,7 +370,10 @@ class DeviceHub:
                     device.discard_to(self._disk_marks[d.slot.index])
                 d.transport.restore_state(state)
                 if isinstance(device, VirtioVsock):
-                    device.transport_reset()
+                    recorded = self._leaf_states[d.section].get("device")
+                    device.rewind_connections(
+                        carried_connections(recorded) if isinstance(recorded, dict) else None
+                    )
 
     # ------------------------------------------------------------------ teardown
 
