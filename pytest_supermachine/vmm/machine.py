@@ -61,9 +61,10 @@ from .agent import (
     read_ready,
 )
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
+from .devices.virtio.balloon import BalloonStats
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
 from .kvm import Kvm, KvmError, Vcpu, Vm
@@ -105,10 +106,15 @@ class MachineConfig:
     reset_strategy: ResetStrategy = ResetStrategy.COPY
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
+    balloon: BalloonSpec | None = None
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
-        return [*([VsockSpec()] if self.vsock else []), *self.disks]
+        """The virtio devices, in slot order: vsock first (the agent's), then disks, balloon."""
+        return [
+            *([VsockSpec()] if self.vsock else []),
+            *self.disks,
+            *([self.balloon] if self.balloon is not None else []),
+        ]
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
@@ -217,7 +223,9 @@ class Machine:
         self.serial = Serial(self._core)
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
-        self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
+        self.devices = DeviceHub(
+            self.vm, self.memory, self.buses.mmio, cfg.device_specs(), discarder=self
+        )
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
         self._ready_listener: VsockListener | None = None
@@ -590,6 +598,7 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
+                    balloon=next((x for x in plan.devices if isinstance(x, BalloonSpec)), None),
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -737,6 +746,54 @@ class Machine:
             self.state = MachineState.CREATED
         if resume:
             self.resume()
+
+    # ------------------------------------------------------------------ memory
+
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the host memory behind page-aligned guest ranges back (the balloon's
+        `PageDiscarder`): through the snapshot origin, which keeps dirty-page tracking
+        true, or straight onto RAM for a booted machine."""
+        if self._origin is not None:
+            self._origin.discard(ranges)
+        elif self.memory is not None:
+            for gpa, length in ranges:
+                self.memory.discard(gpa, length)
+
+    def balloon(self, target_mib: float, *, timeout: float | None = 60.0) -> BalloonStats:
+        """Ask the guest to hand `target_mib` MiB of its RAM to the balloon (0: all back).
+
+        The guest's balloon driver inflates (its MemTotal drops by what it gives; the host
+        gets the memory back) or deflates towards the target. With `timeout` (seconds)
+        this waits until the driver reports the balloon at the target, else `GuestTimeout`
+        (a guest without a balloon driver never gets there); None returns at once. A
+        reset or restore returns the balloon to the snapshot's. Needs a machine created
+        with ``balloon=BalloonSpec()`` (`MachineError` otherwise).
+        """
+        pages = round(target_mib * layout.MiB) // layout.PAGE_SIZE
+        if not 0 <= pages <= self.config.mem_mib * layout.MiB // layout.PAGE_SIZE:
+            raise MachineError(f"balloon target {target_mib} MiB is not 0..{self.config.mem_mib}")
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            device.set_target(pages)
+        if timeout is not None and not device.wait_actual(pages, timeout, stop=self._guest_stopped):
+            self._require_guest_running("balloon")
+            raise GuestTimeout(
+                f"the guest's balloon holds {device.actual_pages} pages, not the "
+                f"{pages} asked for, after {timeout:g} s",
+                self.serial.tail(),
+            )
+        return device.stats()
+
+    def balloon_stats(self) -> BalloonStats:
+        """What the balloon holds and has given back (target, actual, reported pages)."""
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            return device.stats()
+
+    def _guest_stopped(self) -> bool:
+        return self.state is MachineState.STOPPED or (
+            self._core != ffi.NULL and self.exit_info().reason is not ExitReason.NONE
+        )
 
     # ------------------------------------------------------------------ the guest agent
 

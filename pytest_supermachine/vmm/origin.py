@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,10 @@ class SnapshotOrigin:
         self._page_writers = page_writers
         self._dirty = DirtyPages(memory.regions)
         self._base_views: list[tuple[mmap.mmap, Any]] = []
+        #: Harvests come from the machine's thread (reset, snapshot, `dirty_pages`) and from
+        #: the device thread (`discard`, a balloon giving pages back); one at a time.
+        self._lock = threading.Lock()
+        self._overlaid: list[int] | None = None
 
     @property
     def parent(self) -> SnapshotRef:
@@ -71,6 +76,10 @@ class SnapshotOrigin:
 
     def harvest(self) -> DirtyPages:
         """OR KVM's dirty log (which it clears) and the devices' host writes (cleared too) in."""
+        with self._lock:
+            return self._harvest()
+
+    def _harvest(self) -> DirtyPages:
         for slot, region in enumerate(self._memory.regions):
             self._dirty.add_bitmap(slot, self._vm.get_dirty_log(slot, region.size // PAGE_SIZE))
         for writer in self._page_writers:
@@ -83,6 +92,39 @@ class SnapshotOrigin:
         dirty = self.harvest()
         return [dirty.bitmap(slot) for slot in range(len(self._memory.regions))]
 
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the host memory behind page-aligned guest ranges back, keeping the books true.
+
+        After ``MADV_DONTNEED`` a page of this MAP_PRIVATE mapping reads as the *base* file's
+        bytes. Where that is the origin's content too (the page is not in a diff of the
+        chain), the page no longer differs from the origin: it leaves the dirty set, so a
+        COPY reset does not copy it back in (and make it resident again) and a diff snapshot
+        does not store it. Pages a diff overlays stay dirty: reset puts the diff's bytes back.
+        The guest must not be writing these pages meanwhile (a balloon's driver gave them
+        away); the dirty log is harvested first, so an earlier write is not re-added later.
+        """
+        with self._lock:
+            self._harvest()
+            overlaid = self._overlaid_bits()
+            for gpa, length in ranges:
+                self._memory.discard(gpa, length)
+                slot, offset = self._memory.locate(gpa, length)
+                self._dirty.unmark(
+                    slot, offset // PAGE_SIZE, length // PAGE_SIZE, keep=overlaid[slot]
+                )
+
+    def _overlaid_bits(self) -> list[int]:
+        """Per region, a bitmap (as an int) of the pages some diff of the chain overlays."""
+        if self._overlaid is None:
+            self._overlaid = [0] * len(self._memory.regions)
+            if self.chain.depth > 1:
+                for slot, pages in enumerate(self.chain.diff_page_sources()):
+                    bits = 0
+                    for page in pages:
+                        bits |= 1 << page
+                    self._overlaid[slot] = bits
+        return self._overlaid
+
     def _base_view(self, slot: int) -> Any:
         """Read-only page-cache view of the base snapshot's RAM region `slot` (mapped once)."""
         if not self._base_views:
@@ -93,7 +135,11 @@ class SnapshotOrigin:
 
     def reset_memory(self, strategy: ResetStrategy) -> None:
         """Return every page changed since the origin to the origin's bytes (vCPUs parked)."""
-        dirty = self.harvest()
+        with self._lock:
+            self._reset_memory(strategy)
+
+    def _reset_memory(self, strategy: ResetStrategy) -> None:
+        dirty = self._harvest()
         chain_pages: list[bytes] = []
         for slot, region in enumerate(self._memory.regions):
             npages = region.size // PAGE_SIZE
