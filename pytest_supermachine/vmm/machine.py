@@ -70,6 +70,7 @@ from .exits import ExitReason, MachineExit
 from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
+from .reset_cost import ResetChoice, ResetCostModel
 from .restore_validation import publish_disk, validate_snapshot
 from .snapshot import SnapshotChain, SnapshotInvalid, SnapshotRef, write_snapshot
 
@@ -103,7 +104,8 @@ class MachineConfig:
     console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES
     console_stream: IO[bytes] | int | None = None
     track_dirty_pages: bool = False
-    reset_strategy: ResetStrategy = ResetStrategy.COPY
+    reset_strategy: ResetStrategy = ResetStrategy.AUTO
+    reset_costs: ResetCostModel = field(default_factory=ResetCostModel)
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
     balloon: BalloonSpec | None = None
@@ -735,7 +737,9 @@ class Machine:
                     raise
         self._drop_agent()
         with self.devices.quiesced():
-            self._origin.reset_memory(strategy or self.config.reset_strategy)
+            self._origin.reset_memory(
+                strategy or self.config.reset_strategy, self.config.reset_costs
+            )
             self._origin.state.apply()
             self.devices.reset()
         lib.sm_serial_log_clear(self._core)
@@ -794,6 +798,22 @@ class Machine:
         return self.state is MachineState.STOPPED or (
             self._core != ffi.NULL and self.exit_info().reason is not ExitReason.NONE
         )
+
+    def reset_choice(self) -> ResetChoice:
+        """The cheapest way back to the snapshot now: COPY or DISCARD in place, or RESTORE
+        (a fresh `Machine.restore` costs less in all); by `config.reset_costs`
+        (vmm/reset_cost.py) from the pages changed so far. The pool asks this before
+        reusing a parked machine. Pauses a running machine for the count."""
+        if self._origin is None:
+            raise MachineError("reset_choice() needs a machine restored from a snapshot")
+        was_running = self.state is MachineState.RUNNING
+        if was_running:
+            self.pause()
+        try:
+            return self._origin.choose(self.config.reset_costs)
+        finally:
+            if was_running:
+                self.resume()
 
     # ------------------------------------------------------------------ the guest agent
 

@@ -262,6 +262,10 @@ class DirtyPages:
         mask = ((1 << count) - 1) << first
         self._bits[region] &= ~(mask & ~keep)
 
+    def bits(self) -> list[int]:
+        """Per region, the marked pages as an int (bit i = page i): a copy."""
+        return list(self._bits)
+
     def count(self) -> int:
         """How many pages are marked, over every region."""
         return sum(bits.bit_count() for bits in self._bits)

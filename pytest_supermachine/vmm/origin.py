@@ -23,6 +23,7 @@ from ._native import ffi, lib
 from .kvm import Vm
 from .layout import PAGE_SIZE
 from .memory import DirtyPages, GuestMemory, PageWriter
+from .reset_cost import ResetChoice, ResetCostModel, RetouchEstimate
 from .snapshot import SnapshotChain, SnapshotRef
 from .vmstate import PreparedState
 
@@ -30,16 +31,19 @@ from .vmstate import PreparedState
 class ResetStrategy(enum.Enum):
     """How `reset()` returns dirtied RAM pages to the snapshot's bytes.
 
-    COPY (default) copies the snapshot's bytes back over each dirtied page: the page
-    stays resident and writable, so the guest's next write to it (the next test doing
-    what this one did) costs nothing. Measured here: ~2x the reset time of DISCARD, but
-    the following run re-dirties the same pages ~4x faster (no copy-on-write faults).
+    COPY copies the snapshot's bytes back over each dirtied page: the page stays
+    resident and writable, so the guest's next write to it (the next test doing what
+    this one did) costs nothing. Measured here: ~2x the reset time of DISCARD, but the
+    following run re-dirties the same pages ~4x faster (no copy-on-write faults).
     DISCARD drops the pages with MADV_DONTNEED: the quickest reset and the memory goes
     back to the host, but every page is faulted in and copied again on its next write.
+    AUTO (default) picks one of the two per reset from the dirty count and how much of
+    it the machine's runs write again, by whole cost (vmm/reset_cost.py).
     """
 
     COPY = "copy"
     DISCARD = "discard"
+    AUTO = "auto"
 
 
 class SnapshotOrigin:
@@ -68,6 +72,9 @@ class SnapshotOrigin:
         #: the device thread (`discard`, a balloon giving pages back); one at a time.
         self._lock = threading.Lock()
         self._overlaid: list[int] | None = None
+        self.retouch = RetouchEstimate()
+        #: What the last reset did (COPY or DISCARD), for benchmarks and diagnostics.
+        self.last_reset: ResetStrategy | None = None
 
     @property
     def parent(self) -> SnapshotRef:
@@ -133,10 +140,30 @@ class SnapshotOrigin:
             ]
         return self._base_views[slot][1]
 
-    def reset_memory(self, strategy: ResetStrategy) -> None:
-        """Return every page changed since the origin to the origin's bytes (vCPUs parked)."""
+    def choose(self, model: ResetCostModel, *, restore: bool = True) -> ResetChoice:
+        """The cheapest way back for the pages changed now (vCPUs parked; see reset_cost.py)."""
         with self._lock:
+            return model.choose(self._harvest().count(), self.retouch.value, restore=restore)
+
+    def reset_memory(
+        self, strategy: ResetStrategy, model: ResetCostModel | None = None
+    ) -> ResetStrategy:
+        """Return every page changed since the origin to the origin's bytes (vCPUs parked).
+
+        AUTO asks `model` (default constants if None) for COPY or DISCARD. Returns the
+        strategy used.
+        """
+        with self._lock:
+            dirty = self._harvest()
+            if strategy is ResetStrategy.AUTO:
+                choice = (model or ResetCostModel()).choose(
+                    dirty.count(), self.retouch.value, restore=False
+                )
+                strategy = ResetStrategy(choice.value)
+            self.retouch.observe(dirty.bits())
             self._reset_memory(strategy)
+            self.last_reset = strategy
+            return strategy
 
     def _reset_memory(self, strategy: ResetStrategy) -> None:
         dirty = self._harvest()

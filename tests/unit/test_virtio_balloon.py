@@ -223,9 +223,13 @@ END = RAM_BASE + MEM
 pfn_values = st.one_of(
     st.integers(PAGES_AT >> 12, (END >> 12) - 1), st.integers(0, 0xFFFF_FFFF)
 ).filter(lambda pfn: pfn not in HEAP_PFNS)
-pfn_buffers = st.tuples(st.lists(pfn_values, max_size=16), st.binary(max_size=3)).map(
-    lambda t: struct.pack(f"<{len(t[0])}I", *t[0]) + t[1]  # whole PFNs, then a torn one
-).filter(len)  # an empty buffer is a zero-length descriptor: a queue error, tested elsewhere
+pfn_buffers = (
+    st.tuples(st.lists(pfn_values, max_size=16), st.binary(max_size=3))
+    .map(
+        lambda t: struct.pack(f"<{len(t[0])}I", *t[0]) + t[1]  # whole PFNs, then a torn one
+    )
+    .filter(len)
+)  # an empty buffer is a zero-length descriptor: a queue error, tested elsewhere
 
 
 @FAST
