@@ -256,11 +256,11 @@ class DirtyPages:
     def any(self, region: int) -> bool:
         return self._bits[region] != 0
 
-    def unmark(self, region: int, first: int, count: int, *, keep: int = 0) -> None:
-        """Unmark pages ``first .. first+count-1`` of `region`, except those set in `keep`
-        (a bitmap like this one's: pages whose content the caller cannot vouch for)."""
+    def set_range(self, region: int, first: int, count: int, marked: int = 0) -> None:
+        """Make pages ``first .. first+count-1`` of `region` marked exactly where `marked`
+        (a bitmap like this one's, bit i = page i) is set; other pages are left alone."""
         mask = ((1 << count) - 1) << first
-        self._bits[region] &= ~(mask & ~keep)
+        self._bits[region] = self._bits[region] & ~mask | marked & mask
 
     def bits(self) -> list[int]:
         """Per region, the marked pages as an int (bit i = page i): a copy."""

@@ -106,7 +106,8 @@ class SnapshotOrigin:
         bytes. Where that is the origin's content too (the page is not in a diff of the
         chain), the page no longer differs from the origin: it leaves the dirty set, so a
         COPY reset does not copy it back in (and make it resident again) and a diff snapshot
-        does not store it. Pages a diff overlays stay dirty: reset puts the diff's bytes back.
+        does not store it. A page a diff overlays now differs from the origin whatever it
+        held before: it joins the dirty set, and reset puts the diff's bytes back.
         The guest must not be writing these pages meanwhile (a balloon's driver gave them
         away); the dirty log is harvested first, so an earlier write is not re-added later.
         """
@@ -116,8 +117,8 @@ class SnapshotOrigin:
             for gpa, length in ranges:
                 self._memory.discard(gpa, length)
                 slot, offset = self._memory.locate(gpa, length)
-                self._dirty.unmark(
-                    slot, offset // PAGE_SIZE, length // PAGE_SIZE, keep=overlaid[slot]
+                self._dirty.set_range(
+                    slot, offset // PAGE_SIZE, length // PAGE_SIZE, overlaid[slot]
                 )
 
     def _overlaid_bits(self) -> list[int]:
