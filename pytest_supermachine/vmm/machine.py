@@ -799,6 +799,11 @@ class Machine:
             self._core != ffi.NULL and self.exit_info().reason is not ExitReason.NONE
         )
 
+    @property
+    def last_reset(self) -> ResetStrategy | None:
+        """What the last reset did with the dirtied pages: COPY or DISCARD (AUTO picks per reset)."""
+        return None if self._origin is None else self._origin.last_reset
+
     def reset_choice(self) -> ResetChoice:
         """The cheapest way back to the snapshot now: COPY or DISCARD in place, or RESTORE
         (a fresh `Machine.restore` costs less in all); by `config.reset_costs`

@@ -136,6 +136,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "serial": (str,),
     "sha256": (str, type(None)),
     "reporting": (bool,),
+    "deflate_on_oom": (bool,),
 }
 
 

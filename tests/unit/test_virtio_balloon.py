@@ -97,19 +97,24 @@ class Guest:
         return num_pages, actual
 
 
-def test_the_device_is_a_balloon_offering_reporting_and_deflate_on_oom_only():
+def test_the_device_is_a_balloon_offering_reporting_only():
     g = Guest()
     assert g.driver.read32(REG_DEVICE_ID) == VIRTIO_ID_BALLOON == 5
     offered = g.driver.device_features()
-    for bit in (VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
-        assert offered >> bit & 1
+    assert offered >> VIRTIO_BALLOON_F_REPORTING & 1
     for bit in (
+        VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
         VIRTIO_BALLOON_F_MUST_TELL_HOST,
         VIRTIO_BALLOON_F_STATS_VQ,
         VIRTIO_BALLOON_F_FREE_PAGE_HINT,
         VIRTIO_BALLOON_F_PAGE_POISON,
     ):
         assert not offered >> bit & 1
+
+
+def test_deflate_on_oom_is_offered_on_request():
+    g = Guest(VirtioBalloon(deflate_on_oom=True))
+    assert g.driver.has_feature(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
 
 
 def test_without_reporting_the_device_has_two_queues_and_offers_no_reporting():
@@ -195,7 +200,7 @@ def test_only_whole_pages_of_a_reported_range_are_given_back():
 def test_a_driver_without_reporting_has_no_reporting_queue():
     g = Guest(exclude=1 << VIRTIO_BALLOON_F_REPORTING)
     assert g.reporting is None
-    assert g.driver.features == version_1() | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+    assert g.driver.features == version_1()
 
 
 def test_the_balloon_survives_a_snapshot_of_its_state():

@@ -71,9 +71,11 @@ class DiskSpec:
 @dataclass(frozen=True)
 class BalloonSpec:
     """A virtio-balloon device: `Machine.balloon` sizes it; `reporting` offers free page
-    reporting (the guest hands freed memory back to the host)."""
+    reporting (the guest hands freed memory back to the host); `deflate_on_oom` lets a
+    guest under memory pressure take ballooned pages back (else it shrinks for real)."""
 
     reporting: bool = True
+    deflate_on_oom: bool = False
 
 
 DeviceSpec = VsockSpec | DiskSpec | BalloonSpec
@@ -238,7 +240,11 @@ class DeviceHub:
         if isinstance(spec, VsockSpec):
             device = VirtioVsock(guest_cid=spec.guest_cid)
         elif isinstance(spec, BalloonSpec):
-            device = VirtioBalloon(reporting=spec.reporting, discarder=self._discarder)
+            device = VirtioBalloon(
+                reporting=spec.reporting,
+                deflate_on_oom=spec.deflate_on_oom,
+                discarder=self._discarder,
+            )
         else:
             device = VirtioBlock(
                 spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial

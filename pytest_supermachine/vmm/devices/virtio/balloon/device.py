@@ -5,8 +5,10 @@ index, as Linux's virtio-mmio driver numbers them): 0 = inflateq, 1 = deflateq, 
 reporting_vq if ``VIRTIO_BALLOON_F_REPORTING`` was negotiated. Not offered: the
 stats queue (``STATS_VQ``), free page hinting (``FREE_PAGE_HINT``, a migration
 aid), ``PAGE_POISON`` (see pages.py for why reporting needs none) and
-``MUST_TELL_HOST``. Offered: ``DEFLATE_ON_OOM``, so a guest under memory pressure
-takes pages back from the balloon instead of invoking its OOM killer.
+``MUST_TELL_HOST``. ``DEFLATE_ON_OOM`` only on request (`deflate_on_oom`): without
+it Linux takes inflated pages out of its MemTotal and a guest under pressure meets
+its OOM killer as a machine that small would, which is what a test that shrinks a
+guest wants; with it the guest takes pages back from the balloon instead.
 
 Configuration space (``struct virtio_balloon_config``, little endian): ``num_pages``
 (the target the host asks for, in 4 KiB pages; driver read-only) and ``actual``
@@ -92,7 +94,8 @@ class BalloonStats:
 
 
 class VirtioBalloon(VirtioDevice):
-    """The balloon device (id 5). `reporting`: offer free page reporting.
+    """The balloon device (id 5). `reporting`: offer free page reporting;
+    `deflate_on_oom`: offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
 
     `discarder` gives the host memory of inflated and reported pages back; None
     means straight onto the guest memory the device is activated with
@@ -102,9 +105,16 @@ class VirtioBalloon(VirtioDevice):
 
     device_type = VIRTIO_ID_BALLOON
 
-    def __init__(self, *, reporting: bool = True, discarder: PageDiscarder | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        reporting: bool = True,
+        deflate_on_oom: bool = False,
+        discarder: PageDiscarder | None = None,
+    ) -> None:
         super().__init__()
         self.reporting = reporting
+        self.deflate_on_oom = deflate_on_oom
         self.queue_max_sizes = (QUEUE_SIZE,) * (3 if reporting else 2)
         self.discarder = discarder
         self.target_pages = 0
@@ -117,7 +127,9 @@ class VirtioBalloon(VirtioDevice):
 
     # -- negotiation and config -----------------------------------------------------------
     def device_features(self) -> int:
-        features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+        features = 1 << VIRTIO_F_VERSION_1
+        if self.deflate_on_oom:
+            features |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM
         if self.reporting:
             features |= 1 << VIRTIO_BALLOON_F_REPORTING
         return features
