@@ -180,7 +180,7 @@ class OciImage(LinuxImage):
             **super().key_parts(vcpus, mem_mib),
             "oci": self.identity(),
             "oci-config": json.dumps(config.to_json(), sort_keys=True),
-            "devices": "vsock+disk:image(ro)",
+            "devices": "vsock+disk:image(ro)" + ("+balloon" if self.balloon() else ""),
         }
 
     def build(self) -> str:

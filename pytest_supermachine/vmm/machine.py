@@ -62,14 +62,16 @@ from .agent import (
     read_ready,
 )
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
+from .devices.virtio.balloon import BalloonStats
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
 from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
+from .reset_cost import ResetChoice, ResetCostModel
 from .restore_validation import publish_disk, validate_snapshot
 from .snapshot import SnapshotChain, SnapshotInvalid, SnapshotRef, write_snapshot
 
@@ -103,13 +105,19 @@ class MachineConfig:
     console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES
     console_stream: IO[bytes] | int | None = None
     track_dirty_pages: bool = False
-    reset_strategy: ResetStrategy = ResetStrategy.COPY
+    reset_strategy: ResetStrategy = ResetStrategy.AUTO
+    reset_costs: ResetCostModel = field(default_factory=ResetCostModel)
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
+    balloon: BalloonSpec | None = None
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
-        return [*([VsockSpec()] if self.vsock else []), *self.disks]
+        """The virtio devices, in slot order: vsock first (the agent's), then disks, balloon."""
+        return [
+            *([VsockSpec()] if self.vsock else []),
+            *self.disks,
+            *([self.balloon] if self.balloon is not None else []),
+        ]
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
@@ -221,7 +229,9 @@ class Machine:
         self.serial = Serial(self._core)
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
-        self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
+        self.devices = DeviceHub(
+            self.vm, self.memory, self.buses.mmio, cfg.device_specs(), discarder=self
+        )
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
         self._ready_listener: VsockListener | None = None
@@ -594,6 +604,7 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
+                    balloon=next((x for x in plan.devices if isinstance(x, BalloonSpec)), None),
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -735,7 +746,9 @@ class Machine:
                     raise
         self._drop_agent()
         with self.devices.quiesced():
-            self._origin.reset_memory(strategy or self.config.reset_strategy)
+            self._origin.reset_memory(
+                strategy or self.config.reset_strategy, self.config.reset_costs
+            )
             self._origin.state.apply()
             self.devices.reset()
         self._adopt_agent_session()
@@ -747,6 +760,75 @@ class Machine:
             self.state = MachineState.CREATED
         if resume:
             self.resume()
+
+    # ------------------------------------------------------------------ memory
+
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the host memory behind page-aligned guest ranges back (the balloon's
+        `PageDiscarder`): through the snapshot origin, which keeps dirty-page tracking
+        true, or straight onto RAM for a booted machine."""
+        if self._origin is not None:
+            self._origin.discard(ranges)
+        elif self.memory is not None:
+            for gpa, length in ranges:
+                self.memory.discard(gpa, length)
+
+    def balloon(self, target_mib: float, *, timeout: float | None = 60.0) -> BalloonStats:
+        """Ask the guest to hand `target_mib` MiB of its RAM to the balloon (0: all back).
+
+        The guest's balloon driver inflates (its MemTotal drops by what it gives; the host
+        gets the memory back) or deflates towards the target. With `timeout` (seconds)
+        this waits until the driver reports the balloon at the target, else `GuestTimeout`
+        (a guest without a balloon driver never gets there); None returns at once. A
+        reset or restore returns the balloon to the snapshot's. Needs a machine created
+        with ``balloon=BalloonSpec()`` (`MachineError` otherwise).
+        """
+        pages = round(target_mib * layout.MiB) // layout.PAGE_SIZE
+        if not 0 <= pages <= self.config.mem_mib * layout.MiB // layout.PAGE_SIZE:
+            raise MachineError(f"balloon target {target_mib} MiB is not 0..{self.config.mem_mib}")
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            device.set_target(pages)
+        if timeout is not None and not device.wait_actual(pages, timeout, stop=self._guest_stopped):
+            self._require_guest_running("balloon")
+            raise GuestTimeout(
+                f"the guest's balloon holds {device.actual_pages} pages, not the "
+                f"{pages} asked for, after {timeout:g} s",
+                self.serial.tail(),
+            )
+        return device.stats()
+
+    def balloon_stats(self) -> BalloonStats:
+        """What the balloon holds and has given back (target, actual, reported pages)."""
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            return device.stats()
+
+    def _guest_stopped(self) -> bool:
+        return self.state is MachineState.STOPPED or (
+            self._core != ffi.NULL and self.exit_info().reason is not ExitReason.NONE
+        )
+
+    @property
+    def last_reset(self) -> ResetStrategy | None:
+        """What the last reset did with the dirtied pages: COPY or DISCARD (AUTO picks per reset)."""
+        return None if self._origin is None else self._origin.last_reset
+
+    def reset_choice(self) -> ResetChoice:
+        """The cheapest way back to the snapshot now: COPY or DISCARD in place, or RESTORE
+        (a fresh `Machine.restore` costs less in all); by `config.reset_costs`
+        (vmm/reset_cost.py) from the pages changed so far. The pool asks this before
+        reusing a parked machine. Pauses a running machine for the count."""
+        if self._origin is None:
+            raise MachineError("reset_choice() needs a machine restored from a snapshot")
+        was_running = self.state is MachineState.RUNNING
+        if was_running:
+            self.pause()
+        try:
+            return self._origin.choose(self.config.reset_costs)
+        finally:
+            if was_running:
+                self.resume()
 
     # ------------------------------------------------------------------ the guest agent
 

@@ -42,7 +42,7 @@ from ..errors import DeviceLayoutError
 from . import layout, vmstate
 from ._native import lib
 from .cpuid import CpuidTable
-from .devices.hub import DeviceSpec, DiskSpec, VsockSpec, device_section
+from .devices.hub import BalloonSpec, DeviceSpec, DiskSpec, VsockSpec, device_section
 from .devices.virtio.blk import ID_BYTES, SECTOR_SIZE
 from .devices.virtio.vsock.device import MAX_GUEST_CID, MIN_GUEST_CID
 from .kvm import Kvm, KvmError
@@ -135,14 +135,18 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "read_only": (bool,),
     "serial": (str,),
     "sha256": (str, type(None)),
+    "reporting": (bool,),
+    "deflate_on_oom": (bool,),
 }
 
 
 def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpec:
     kind = entry.get("kind")
-    cls: type[VsockSpec] | type[DiskSpec]
+    cls: type[VsockSpec] | type[DiskSpec] | type[BalloonSpec]
     if kind == "vsock":
         cls = VsockSpec
+    elif kind == "balloon":
+        cls = BalloonSpec
     elif kind == "disk":
         cls = DiskSpec
     else:
@@ -157,6 +161,8 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
         if type(value) not in _SPEC_TYPES[key]:
             raise SnapshotInvalid("machine", f"device {index} ({kind}): {key}={value!r}")
     spec = cls(**values)
+    if isinstance(spec, BalloonSpec):
+        return spec
     if isinstance(spec, VsockSpec):
         if not MIN_GUEST_CID <= spec.guest_cid <= MAX_GUEST_CID:
             raise SnapshotInvalid(

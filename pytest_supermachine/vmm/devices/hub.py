@@ -35,6 +35,7 @@ from ..boot import BootDevice
 from ..memory import GuestMemory
 from ..snapshot.errors import SnapshotInvalid
 from .mmio_bus import MmioBus
+from .virtio.balloon import PageDiscarder, VirtioBalloon
 from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
@@ -68,16 +69,32 @@ class DiskSpec:
     """The image's content digest: snapshots record it and find the image by it."""
 
 
-DeviceSpec = VsockSpec | DiskSpec
+@dataclass(frozen=True)
+class BalloonSpec:
+    """A virtio-balloon device: `Machine.balloon` sizes it; `reporting` offers free page
+    reporting (the guest hands freed memory back to the host); `deflate_on_oom` lets a
+    guest under memory pressure take ballooned pages back (else it shrinks for real)."""
+
+    reporting: bool = True
+    deflate_on_oom: bool = False
+
+
+DeviceSpec = VsockSpec | DiskSpec | BalloonSpec
+
+
+def _kind(spec: DeviceSpec) -> str:
+    if isinstance(spec, BalloonSpec):
+        return "balloon"
+    return "vsock" if isinstance(spec, VsockSpec) else "disk"
 
 
 def spec_to_dict(spec: DeviceSpec) -> dict[str, Any]:
-    return {"kind": "vsock" if isinstance(spec, VsockSpec) else "disk", **asdict(spec)}
+    return {"kind": _kind(spec), **asdict(spec)}
 
 
 def device_section(index: int, spec: DeviceSpec) -> str:
     """The snapshot section holding the state of the device in slot `index`."""
-    return f"device/{index}-{'vsock' if isinstance(spec, VsockSpec) else 'disk'}"
+    return f"device/{index}-{_kind(spec)}"
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
@@ -86,6 +103,8 @@ def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
         return VsockSpec(**fields)
     if data.get("kind") == "disk":
         return DiskSpec(**fields)
+    if data.get("kind") == "balloon":
+        return BalloonSpec(**fields)
     raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
 
 
@@ -187,8 +206,18 @@ class AttachedDevice:
 class DeviceHub:
     """Creates, wires, serves and snapshots the virtio devices of one machine."""
 
-    def __init__(self, vm: Vm, memory: GuestMemory, mmio: MmioBus, specs: Sequence[DeviceSpec]):
+    def __init__(
+        self,
+        vm: Vm,
+        memory: GuestMemory,
+        mmio: MmioBus,
+        specs: Sequence[DeviceSpec],
+        *,
+        discarder: PageDiscarder | None = None,
+    ):
+        """`discarder`: how a balloon gives guest pages back (None: straight onto `memory`)."""
         self._vm = vm
+        self._discarder = discarder
         self.devices: list[AttachedDevice] = []
         self._activity = threading.RLock()
         self._selector = selectors.DefaultSelector()
@@ -209,8 +238,15 @@ class DeviceHub:
     def _attach(
         self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory, mmio: MmioBus
     ) -> None:
+        device: VirtioVsock | VirtioBlock | VirtioBalloon
         if isinstance(spec, VsockSpec):
-            device: VirtioVsock | VirtioBlock = VirtioVsock(guest_cid=spec.guest_cid)
+            device = VirtioVsock(guest_cid=spec.guest_cid)
+        elif isinstance(spec, BalloonSpec):
+            device = VirtioBalloon(
+                reporting=spec.reporting,
+                deflate_on_oom=spec.deflate_on_oom,
+                discarder=self._discarder,
+            )
         else:
             device = VirtioBlock(
                 spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial
@@ -293,6 +329,13 @@ class DeviceHub:
             raise MachineError("this machine has no vsock device (MachineConfig.vsock=False)")
         return found[0]
 
+    def balloon(self) -> tuple[VirtioBalloon, VirtioMmioTransport]:
+        """The balloon device and its transport (`MachineError` if the machine has none)."""
+        for d in self.devices:
+            if isinstance(d.transport.device, VirtioBalloon):
+                return d.transport.device, d.transport
+        raise MachineError("this machine has no balloon device (MachineConfig.balloon=None)")
+
     def _transport_of(self, device: object) -> VirtioMmioTransport:
         for d in self.devices:
             if d.transport.device is device:
@@ -364,8 +407,9 @@ class DeviceHub:
         with self._activity:
             for d in self.devices:
                 state = dict(self._leaf_states[d.section])
-                state.pop("device", None)  # keep content; roll disks back by mark instead
                 device = d.transport.device
+                if not isinstance(device, VirtioBalloon):  # the balloon's state is all state
+                    state.pop("device", None)  # keep content; roll disks back by mark instead
                 if isinstance(device, VirtioBlock):
                     device.discard_to(self._disk_marks[d.slot.index])
                 d.transport.restore_state(state)
