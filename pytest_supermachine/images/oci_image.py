@@ -104,6 +104,7 @@ class OciImage(LinuxImage):
         self._lock = threading.Lock()
         self._rootfs: tuple[Path, ImageConfig] | None = None
         self._pulled: PulledImage | None = None
+        self._sizes: dict[int, OciImage] = {}
 
     # ------------------------------------------------------------------ the image's files
 
@@ -164,7 +165,26 @@ class OciImage(LinuxImage):
         user = resolve_user(disk, config.user) if config.user else None
         return RunDefaults(env=config.env_map, cwd=config.working_dir or None, user=user)
 
+    def with_disk_mib(self, disk_mib: int) -> OciImage:
+        """This image with a writable layer of `disk_mib` MiB (a test's marker; a new base snapshot).
+
+        The pull and the root filesystem are shared: only the boot differs.
+        """
+        if disk_mib == self.disk_mib:
+            return self
+        with self._lock:
+            sibling = self._sizes.get(disk_mib)
+            if sibling is None:
+                sibling = self._sizes[disk_mib] = OciImage(self.reference, disk_mib=disk_mib)
+                sibling._pulled, sibling._rootfs = self._pulled, self._rootfs
+            return sibling
+
     # ------------------------------------------------------------------ Image
+
+    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+        machine = super().boot(vcpus, mem_mib, timeout=timeout)
+        self.prepare(machine)
+        return machine
 
     def prepare(self, machine: Machine) -> None:
         defaults = self.run_defaults

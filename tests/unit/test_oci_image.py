@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.errors import GuestBuildError
+from pytest_supermachine.errors import GuestBuildError, SupermachineError
+from pytest_supermachine.fixtures.factory import MicrovmFactory
 from pytest_supermachine.images.oci import (
     ImageConfig,
     OciFormatError,
@@ -20,6 +21,7 @@ from pytest_supermachine.images.oci import (
 from pytest_supermachine.images.oci_image import OciImage, resolve_user
 from pytest_supermachine.images.reference import ImageReferenceError
 from pytest_supermachine.images.registry import find_image
+from pytest_supermachine.session.settings import Settings
 from pytest_supermachine.vmm.agent import RunAs
 from tests.image_fixtures import private_cache  # noqa: F401 (fixture)
 
@@ -127,6 +129,28 @@ def test_the_writable_layer_size_gives_another_image(tmp_path: Path) -> None:
     small = find_image(f"oci-archive:{archive}", disk_mib=16)
     assert isinstance(small, OciImage) and small.disk_mib == 16
     assert find_image(f"oci-archive:{archive}", disk_mib=32) is not small
+
+
+def test_a_marker_disk_size_gives_a_sibling_image_sharing_the_root_filesystem(
+    tmp_path: Path,
+) -> None:
+    image = OciImage(f"oci-archive:{_image(tmp_path, 'sib', {'etc/x': b'x'})}")
+    disk = image.rootfs()
+    small = image.with_disk_mib(16)
+    assert (small.disk_mib, small.reference, small.rootfs()) == (16, image.reference, disk)
+    assert image.with_disk_mib(16) is small and image.with_disk_mib(image.disk_mib) is image
+
+
+def test_the_factory_resizes_oci_images_and_refuses_a_size_for_others(tmp_path: Path) -> None:
+    archive = _image(tmp_path, "fac", {"etc/x": b"x"})
+    factory = MicrovmFactory(Settings(cache_dir=tmp_path / "cache"))
+    try:
+        resized = factory.image(f"oci-archive:{archive}", disk_mib=48)
+        assert isinstance(resized, OciImage) and resized.disk_mib == 48
+        with pytest.raises(SupermachineError, match="disk_mib=48 sizes the writable layer"):
+            factory.image("microguest", disk_mib=48)
+    finally:
+        factory.close()
 
 
 def test_a_missing_archive_is_refused_before_anything_is_built(tmp_path: Path) -> None:
