@@ -125,6 +125,7 @@ def _image_build(args: argparse.Namespace) -> int:
         image=args.name,
         vcpus=args.vcpus,
         mem_mib=args.mem_mib,
+        disk_mib=args.disk_mib,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         rebuild=args.rebuild,
     )
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vcpus", type=int, default=None)
     p.add_argument("--mem-mib", type=int, default=None)
+    p.add_argument(
+        "--disk-mib",
+        type=int,
+        default=None,
+        help="an OCI image's writable layer in MiB (as the tests' disk_mib; default 256)",
+    )
     p.add_argument(
         "--rebuild", action="store_true", help="rebuild the base snapshot even if cached"
     )
