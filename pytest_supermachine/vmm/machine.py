@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import math
 import re
 import socket
@@ -54,6 +55,7 @@ from .agent import (
     AgentClient,
     AgentGuestStopped,
     AgentProtocolError,
+    AgentRemoteError,
     AgentTimeout,
     DefaultLimit,
     OutputSink,
@@ -61,6 +63,7 @@ from .agent import (
     check_run_timeout,
     read_ready,
 )
+from .agent.users import ResolvedUser, resolve_in_guest
 from .cpuid import CpuidTable
 from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
@@ -165,6 +168,9 @@ class Machine:
         #: set by whoever hands the machine out) and what the image says about itself.
         self.default_env: Mapping[str, str] = {}
         self.default_cwd: str | None = None
+        #: Whom `run` runs commands as when the caller names nobody (an OCI image's User);
+        #: None: the agent's own user, root.
+        self.default_user: ResolvedUser | None = None
         self.image_config: Any = None
         self._threads: list[threading.Thread] = []
         self._final_console: bytes | None = None
@@ -1019,6 +1025,7 @@ class Machine:
         stdout: OutputSink | None = None,
         stderr: OutputSink | None = None,
         output_limit: int | DefaultLimit | None = DEFAULT,
+        user: str | int | None = None,
     ) -> RunResult:
         """Run a command in the guest through its agent; see `AgentClient.run`.
 
@@ -1036,6 +1043,11 @@ class Machine:
         binary file or callable streams it there instead. ``check`` raises
         `CommandFailed` on a non-zero exit. ``env`` adds to `default_env`; ``cwd``
         defaults to `default_cwd` (an image's configured environment and directory).
+        ``user`` (``name``, ``uid``, ``name:group``, ``uid:gid``, resolved in the
+        guest's /etc/passwd and /etc/group as docker does; `UserNotFound` if it is
+        not there) runs the command as that user, with its supplementary groups
+        and ``HOME`` unless ``env`` sets one; default: `default_user` (an
+        image's ``User``), else root.
         """
         if self.default_env:
             env = {**self.default_env, **(env or {})}
@@ -1043,6 +1055,12 @@ class Machine:
             cwd = self.default_cwd
         left = self._call_budget(timeout, self.run_timeout)
         client = self.agent(timeout=left())
+        who = self.default_user
+        if user is not None:
+            read = functools.partial(client.read_file, timeout=left(), limit=1 << 20)
+            who = resolve_in_guest(user, read, AgentRemoteError)
+        if who is not None and "HOME" not in (env or {}):
+            env = {**(env or {}), "HOME": who.home}
         return client.run(
             cmd,
             timeout=left(),
@@ -1053,6 +1071,7 @@ class Machine:
             stdout=stdout,
             stderr=stderr,
             output_limit=self.output_limit if output_limit is DEFAULT else output_limit,
+            user=None if who is None else who.run_as,
         )
 
     def write_file(

@@ -33,6 +33,7 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -269,12 +270,36 @@ def publish_disk(spec: DiskSpec, snapshot: Path) -> dict[str, Any]:
     return entry
 
 
+#: Digests of disk images this process hashed, by what identifies a file's content version.
+_DIGESTS: dict[tuple[int, ...], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """SHA-256 of a disk image, hashed once per process per content version.
+
+    A restore checks the disk image's digest every time, and an image is hundreds
+    of MB (an OCI root filesystem): hashing it on every fresh restore cost up to a
+    second. The memo is keyed by device, inode, size, mtime and ctime (ns): any
+    write to the file, or a file put in its place, changes the key (ctime moves with
+    every write and cannot be set back), so a changed image is always rehashed.
+    """
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _DIGESTS_LOCK:
+            known = _DIGESTS.get(key)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) > 1024:  # a long-lived process with many images: start over
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def _cpuids(sections: Mapping[str, bytes], vcpus: int) -> list[CpuidTable]:

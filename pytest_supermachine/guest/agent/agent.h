@@ -159,6 +159,9 @@ struct exec_req {
     char *cwd;   /* NULL = the agent's */
     char **argv; /* NULL-terminated */
     char **env;  /* NULL-terminated additions/overrides */
+    int user;    /* EXEC_USER: run as uid/gid with these supplementary groups */
+    uint32_t uid, gid, ngroups;
+    const uint32_t *groups;
 };
 
 extern const char *opt_shell;

@@ -94,7 +94,7 @@ uint32_t conn_out_room(const struct conn *c) { return MIN(c->host_max_frame, OUT
 
 uint32_t hello_payload(uint8_t *p)
 {
-    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
+    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_USER, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
 }
 
 /* Write as much of the queue as the socket takes. -1: the peer is gone. */
@@ -259,7 +259,8 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
     }
     char **argv = (char **)block, **env = argv + argc + 3;
     char *s = block + ptrs * sizeof(char *);
-    struct exec_req req = {x->flags, x->timeout_ms, NULL, argv, env};
+    uint32_t groups[AG_MAX_GROUPS];
+    struct exec_req req = {x->flags, x->timeout_ms, NULL, argv, env, 0, 0, 0, 0, groups};
     if (x->cwd_len) {
         memcpy(s, x->cwd, x->cwd_len);
         s[x->cwd_len] = 0;
@@ -295,6 +296,10 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
         }
     }
     *e = NULL;
+    if (!why && x->user) {
+        req.user = 1;
+        why = ag_exec_user(x, &req.uid, &req.gid, &req.ngroups, groups);
+    }
     if (!why)
         why = ag_exec_end(x);
     if (why) {

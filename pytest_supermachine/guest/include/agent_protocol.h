@@ -52,7 +52,8 @@
 #define AG_CAP_FILES (1u << 5)
 #define AG_CAP_KILL (1u << 6)
 #define AG_CAP_TIMEOUT (1u << 7)
-#define AG_CAP_ALL ((1u << 8) - 1)
+#define AG_CAP_ALL ((1u << 8) - 1) /* the base set every version-1 agent has */
+#define AG_CAP_USER (1u << 8)     /* EXEC_USER: a command runs as a uid/gid/groups */
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -75,6 +76,8 @@ enum msg_type {
 
 #define EXEC_STDIN 1u
 #define EXEC_SHELL 2u
+#define EXEC_USER 4u
+#define AG_MAX_GROUPS 256u /* supplementary groups an EXEC_USER may name */
 #define EXIT_SIGNALED 1u
 #define EXIT_TIMED_OUT 2u
 #define PUT_APPEND 1u
@@ -319,11 +322,13 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
 
 /*
  * EXEC (§4): the fixed part and cwd by ag_exec_begin, then argc argv entries
- * by ag_exec_arg, envc env entries by ag_exec_env, and ag_exec_end. Each
+ * by ag_exec_arg, envc env entries by ag_exec_env, with EXEC_USER the user by
+ * ag_exec_user, and ag_exec_end. Each
  * returns 0 or what is wrong (answered with EINVAL on the request).
  */
 struct ag_exec {
     uint32_t flags, timeout_ms, argc, envc;
+    int user; /* EXEC_USER: ag_exec_user reads uid, gid, groups after env */
     const uint8_t *cwd; /* not NUL-terminated; cwd_len 0 = the agent's */
     uint32_t cwd_len;
     int shell;
@@ -341,9 +346,10 @@ static inline int ag_exec_begin(struct ag_exec *e, const uint8_t *p, uint32_t le
     e->cwd = ag_rd_bytes(&e->r, &e->cwd_len);
     if (e->r.bad)
         return ag_problem(why, "EXEC payload too short (%u bytes)", len, 0, 0);
-    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL))
+    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL | EXEC_USER))
         return ag_problem(why, "EXEC flags " AG_HEX ": unknown bits", e->flags, 0, 0);
     e->shell = (e->flags & EXEC_SHELL) != 0;
+    e->user = (e->flags & EXEC_USER) != 0;
     /* each entry takes at least its 4-byte length: bounds the counts before anything is sized */
     uint64_t left = ag_rd_left(&e->r);
     if (e->argc < 1 || (e->shell && e->argc != 1) || (uint64_t)e->argc * 4 > left)
@@ -373,6 +379,25 @@ static inline const char *ag_exec_env(struct ag_exec *e, const uint8_t **s, uint
         eq++;
     if (ag_has_nul(*s, *n) || eq == 0 || eq == *n)
         return "env entries must be NAME=VALUE without NUL";
+    return 0;
+}
+
+/*
+ * With EXEC_USER, after env: u32 uid, u32 gid, u32 ngroups (<= AG_MAX_GROUPS),
+ * ngroups x u32 supplementary gids, stored in `groups` (room for AG_MAX_GROUPS).
+ */
+static inline const char *ag_exec_user(struct ag_exec *e, uint32_t *uid, uint32_t *gid,
+                                       uint32_t *ngroups, uint32_t *groups)
+{
+    *uid = ag_rd_u32(&e->r);
+    *gid = ag_rd_u32(&e->r);
+    *ngroups = ag_rd_u32(&e->r);
+    if (e->r.bad)
+        return "EXEC_USER fields run past the payload";
+    if (*ngroups > AG_MAX_GROUPS || (uint64_t)*ngroups * 4 > ag_rd_left(&e->r))
+        return "EXEC_USER ngroups is invalid";
+    for (uint32_t i = 0; i < *ngroups; i++)
+        groups[i] = ag_rd_u32(&e->r);
     return 0;
 }
 

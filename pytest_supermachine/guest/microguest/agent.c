@@ -328,6 +328,8 @@ static void handle_exec(struct vs_conn *c, uint32_t rid, struct ag_exec *x)
         else if (t->envc >= TASK_MAX_ENV || !(t->env[t->envc++] = arg_copy(t, &used, e, n)))
             err = E_2BIG, why = "environment too large";
     }
+    if (!err && x->user) /* it has no users (and does not announce AG_CAP_USER) */
+        err = E_INVAL, why = "EXEC_USER: the microguest has no users to run a command as";
     const char *trailing = err ? 0 : ag_exec_end(x);
     if (trailing)
         err = E_INVAL, why = trailing;

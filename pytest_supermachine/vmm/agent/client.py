@@ -55,6 +55,7 @@ from .messages import (
     Pong,
     PutFile,
     Ready,
+    RunAs,
     Stderr,
     Stdout,
     decode_message,
@@ -76,6 +77,7 @@ from .protocol import (
     CAP_SHELL,
     CAP_STDIN,
     CAP_TIMEOUT,
+    CAP_USER,
     MAX_FRAME,
     MIN_FRAME,
     PROTOCOL_VERSION,
@@ -304,6 +306,7 @@ class AgentClient:
         stdout: OutputSink | None = None,
         stderr: OutputSink | None = None,
         output_limit: int | DefaultLimit | None = DEFAULT,
+        user: RunAs | None = None,
     ) -> RunResult:
         """Run a command in the guest and wait for it.
 
@@ -327,6 +330,10 @@ class AgentClient:
         there, chunk by chunk as it arrives, instead of keeping it (no limit
         applies; the result's field is empty). If a sink raises, the command is
         killed and the exception propagates.
+
+        ``user`` runs the command with that uid, gid and supplementary groups
+        instead of the agent's own (root); an agent without `CAP_USER` (the
+        microguest) is refused before anything is sent.
         """
         shell = isinstance(cmd, (str, bytes))
         argv = (_fs(cmd),) if shell else tuple(_fs(a) for a in cmd)  # type: ignore[union-attr]
@@ -350,6 +357,8 @@ class AgentClient:
             self._require(CAP_ENV, "environment variables")
         if cwd is not None:
             self._require(CAP_CWD, "a working directory")
+        if user is not None:
+            self._require(CAP_USER, "running a command as another user")
         explicit = timeout is not None
         timeout = check_run_timeout(self.run_timeout if timeout is None else timeout)
         timeout_ms = 0
@@ -364,6 +373,7 @@ class AgentClient:
             timeout_ms,
             stdin is not None,
             shell,
+            user,
         )
         shown = repr(cmd if shell else list(cmd))  # type: ignore[arg-type]
         if len(shown) > 200:  # error messages name the command, not a megabyte of it

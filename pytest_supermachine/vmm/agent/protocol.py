@@ -39,10 +39,13 @@ CAP_CWD = 1 << 4
 CAP_FILES = 1 << 5
 CAP_KILL = 1 << 6
 CAP_TIMEOUT = 1 << 7
-CAP_ALL = (1 << 8) - 1
+CAP_ALL = (1 << 8) - 1  # the base set every version-1 agent has
+CAP_USER = 1 << 8  # EXEC_USER: a command runs as a uid, gid and supplementary groups
 
 EXEC_STDIN = 1 << 0
 EXEC_SHELL = 1 << 1
+EXEC_USER = 1 << 2
+MAX_GROUPS = 256  # supplementary groups one EXEC_USER may name
 EXIT_SIGNALED = 1 << 0
 EXIT_TIMED_OUT = 1 << 1
 PUT_APPEND = 1 << 0
