@@ -302,6 +302,7 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
         free(block);
         return;
     }
+    seed_before_exec();
     int err = proc_spawn(c, rid, &req);
     if (err) {
         const char *what = req.cwd && err == ENOENT ? "cannot start (command or cwd missing)"
@@ -495,6 +496,12 @@ static void handle_frame(struct conn *c, const struct ag_header *h, const uint8_
         return handle_put(c, rid, &req.put);
     case MSG_GET_FILE:
         return handle_get(c, rid, req.path, len);
+    case MSG_SEED: {
+        int err = seed_apply(&req.seed);
+        if (err)
+            return conn_send_error(c, rid, (uint32_t)err, "SEED: %s", strerror(err));
+        return conn_queue_frame(c, MSG_OK, rid, NULL, 0, NULL, 0);
+    }
     case MSG_STDIN:
         if ((pr = proc_find(c, rid)))
             proc_stdin(pr, p, len);

@@ -445,6 +445,10 @@ static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint
     case MSG_GET_FILE:
         handle_get(c, rid, req.path, len);
         return FRAME_DONE;
+    case MSG_SEED: /* no kernel RNG here: the seed is the `rand` builtin's state */
+        builtins_seed(req.seed.seed, req.seed.seed_len, req.seed.wall_ns);
+        agent_put_frame(c, MSG_OK, rid, 0, 0);
+        return FRAME_DONE;
     case MSG_STDIN:
         t = task_find(c, rid);
         if (!t || !t->reads_stdin || t->stdin_eof || t->killed)
