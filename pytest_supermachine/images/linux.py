@@ -103,7 +103,9 @@ class LinuxImage(Image):
         from ..vmm.machine import MachineState
         from .kernel_rng import kernel_rng_symbols, seed_kernel_crng
 
-        symbols = kernel_rng_symbols(self.kernel().vmlinux)
+        if not hasattr(self, "_rng_symbols"):  # kernel() hashes the recipe: once per image
+            self._rng_symbols = kernel_rng_symbols(self.kernel().vmlinux)
+        symbols = self._rng_symbols
         kernel = False
         if symbols is not None:
             if machine.state is MachineState.RUNNING:
