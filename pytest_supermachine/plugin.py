@@ -29,6 +29,7 @@ from . import hookspecs, progress
 from .fixtures.lease import LEASES_KEY
 from .fixtures.microvm import microvm, microvm_factory, microvm_image
 from .session import xdist
+from .session.seed import GuestSeeds
 from .session.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
 from .session.state import CAPSULE_KEY, STATE_KEY, SessionState, new_session_id, state_of
 
@@ -124,6 +125,13 @@ def pytest_configure(config: pytest.Config) -> None:
             count=settings.capsule_retention_count,
             replay_args=replay_args,
         )
+    state.seeds = GuestSeeds(
+        config,
+        option=settings.seed,
+        option_source=settings.sources.get("seed", ""),
+        session_id=session_id,
+        replay=state.replay.manifest if state.replay is not None else None,
+    )
     config.pluginmanager.register(_Outcomes(state), "supermachine-outcomes")
     xdist.register(config, state)
     if not state.is_worker:
@@ -171,11 +179,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     image = (
         s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
     )
-    return [
+    lines = [
         f"supermachine: {kvm_summary()}",
         f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
         + (", rebuilding snapshots" if s.rebuild else ""),
     ]
+    if state.seeds is not None:
+        lines.append(
+            f"supermachine: guest seed {state.seeds.session_seed} (from {state.seeds.source}; "
+            f"--supermachine-seed={state.seeds.session_seed} repeats it)"
+        )
+    return lines
 
 
 @pytest.hookimpl(trylast=True)

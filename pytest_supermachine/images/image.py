@@ -52,6 +52,23 @@ class Image(ABC):
         """
         return None
 
+    def seed_guest(self, machine: Machine, seed: bytes, wall_ns: int) -> str:
+        """Give a handed-out machine its test's `seed` and wall clock (ns since the epoch).
+
+        Called on every machine handed to a test, after `prepare` and before the test
+        runs anything. The default sends the agent protocol's SEED (the microguest
+        seeds its ``rand`` built-in, an agent sets its clock) if the agent has
+        ``CAP_SEED``. Returns how the guest was seeded, for the failure capsule:
+        ``"agent"``, or ``"none"`` when the agent cannot take a seed.
+        """
+        from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
+
+        agent = machine.agent()
+        if not agent.agent.capabilities & CAP_SEED:
+            return "none"
+        agent.seed(seed, wall_ns)
+        return "agent"
+
     def build(self) -> str:
         """Build what the image needs if missing; returns a short description of the result."""
         return self.description

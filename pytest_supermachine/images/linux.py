@@ -92,6 +92,35 @@ class LinuxImage(Image):
             "devices": "vsock,balloon" if self.balloon() is not None else "vsock",
         }
 
+    def seed_guest(self, machine: Machine, seed: bytes, wall_ns: int) -> str:
+        """Seed the kernel's CRNG in guest RAM, then send the agent its SEED (clock, $RANDOM).
+
+        See images/kernel_rng.py for why the host writes the CRNG key itself: the
+        kernel's own reseed mixes in the TSC, so only this makes ``/dev/urandom`` and
+        ``getrandom()`` repeat on replay. A kernel whose layout is not known there is
+        reseeded by the agent instead: distinct per test, not reproducible
+        (``"agent-reseed"``).
+        """
+        from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
+        from ..vmm.machine import MachineState
+        from .kernel_rng import kernel_rng_symbols, seed_kernel_crng
+
+        if not hasattr(self, "_rng_symbols"):  # kernel() hashes the recipe: once per image
+            self._rng_symbols = kernel_rng_symbols(self.kernel().vmlinux)
+        symbols = self._rng_symbols
+        kernel = False
+        if symbols is not None:
+            if machine.state is MachineState.RUNNING:
+                with machine.paused():
+                    kernel = seed_kernel_crng(machine, symbols, seed)
+            else:
+                kernel = seed_kernel_crng(machine, symbols, seed)
+        agent = machine.agent()
+        if not agent.agent.capabilities & CAP_SEED:
+            return "kernel" if kernel else "none"
+        agent.seed(seed, wall_ns, reseed=not kernel)
+        return "kernel+agent" if kernel else "agent-reseed"
+
     def disks(self) -> tuple:
         """The virtio-blk disks the guest boots with (none; images with a root disk add theirs)."""
         return ()

@@ -145,7 +145,7 @@ def test_agent_announces_itself_and_is_ready(vm: Machine) -> None:
     assert Mark.AGENT_DEVICES in [mark for mark, _ in vm.marks()]
     hello = vm.agent().agent
     assert hello.software == b"microguest-agent 1"
-    assert hello.capabilities == P.CAP_ALL
+    assert hello.capabilities == P.CAP_ALL | P.CAP_SEED
     assert hello.max_inflight >= 8
     assert hello.max_frame >= 64 * 1024
 

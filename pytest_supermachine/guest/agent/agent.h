@@ -180,6 +180,13 @@ void proc_timers(uint64_t now, int64_t *wait_ms);
 void proc_reap(void);
 int proc_signal_fd(void); /* signalfd for SIGCHLD, made once */
 
+/* ------------------------------------------------------------ seed -- */
+
+/* SEED: entropy into the kernel's pool, the wall clock, $RANDOM seeds; 0 or an errno. */
+int seed_apply(const struct ag_seed *s);
+/* Before each command once seeded: RANDOM=<next seed number> in the base environment. */
+void seed_before_exec(void);
+
 /* ------------------------------------------------------------ init -- */
 
 struct init_result {

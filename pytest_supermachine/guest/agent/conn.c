@@ -94,7 +94,7 @@ uint32_t conn_out_room(const struct conn *c) { return MIN(c->host_max_frame, OUT
 
 uint32_t hello_payload(uint8_t *p)
 {
-    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_USER, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
+    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_USER | AG_CAP_SEED, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
 }
 
 /* Write as much of the queue as the socket takes. -1: the peer is gone. */
@@ -307,6 +307,7 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
         free(block);
         return;
     }
+    seed_before_exec();
     int err = proc_spawn(c, rid, &req);
     if (err) {
         const char *what = req.cwd && err == ENOENT ? "cannot start (command or cwd missing)"
@@ -500,6 +501,12 @@ static void handle_frame(struct conn *c, const struct ag_header *h, const uint8_
         return handle_put(c, rid, &req.put);
     case MSG_GET_FILE:
         return handle_get(c, rid, req.path, len);
+    case MSG_SEED: {
+        int err = seed_apply(&req.seed);
+        if (err)
+            return conn_send_error(c, rid, (uint32_t)err, "SEED: %s", strerror(err));
+        return conn_queue_frame(c, MSG_OK, rid, NULL, 0, NULL, 0);
+    }
     case MSG_STDIN:
         if ((pr = proc_find(c, rid)))
             proc_stdin(pr, p, len);

@@ -54,6 +54,8 @@
 #define AG_CAP_TIMEOUT (1u << 7)
 #define AG_CAP_ALL ((1u << 8) - 1) /* the base set every version-1 agent has */
 #define AG_CAP_USER (1u << 8)     /* EXEC_USER: a command runs as a uid/gid/groups */
+#define AG_CAP_SEED (1u << 10)    /* SEED: a per-test seed and wall clock (both agents) */
+#define AG_MAX_SEED 256u
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -72,6 +74,7 @@ enum msg_type {
     MSG_PUT_FILE = 0x20,
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
+    MSG_SEED = 0x40,
 };
 
 #define EXEC_STDIN 1u
@@ -82,6 +85,7 @@ enum msg_type {
 #define EXIT_TIMED_OUT 2u
 #define PUT_APPEND 1u
 #define FILE_MORE 1u
+#define SEED_RESEED 1u
 
 /* ------------------------------------------------------ little endian -- */
 
@@ -151,7 +155,7 @@ static inline void ag_header_store(uint8_t *p, uint16_t type, uint32_t request_i
 static inline int ag_known_type(uint16_t t)
 {
     return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA);
+           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED;
 }
 
 /*
@@ -298,7 +302,8 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
     case MSG_PING:
     case MSG_EXEC:
     case MSG_PUT_FILE:
-    case MSG_GET_FILE: /* these open a request: its id must be new and nonzero */
+    case MSG_GET_FILE:
+    case MSG_SEED: /* these open a request: its id must be new and nonzero */
         return h->request_id && !id_in_use
                    ? 0
                    : ag_problem(why, "request type " AG_HEX ": id %u is 0 or still open",
@@ -430,16 +435,61 @@ static inline int ag_put_file_bad(struct ag_put_file *f, const uint8_t *p, uint3
     return 0;
 }
 
+/* SEED (§4): flags, the wall clock to set (0 = leave it), then 1..AG_MAX_SEED seed bytes. */
+struct ag_seed {
+    uint32_t flags;
+    uint64_t wall_ns;
+    const uint8_t *seed;
+    uint32_t seed_len;
+};
+
+static inline int ag_seed_bad(struct ag_seed *s, const uint8_t *p, uint32_t len,
+                              struct ag_problem *why)
+{
+    if (len < 13 || len > 12 + AG_MAX_SEED)
+        return ag_problem(why, "SEED payload of %u bytes (13..%u)", len, 12 + AG_MAX_SEED, 0);
+    s->flags = ld32(p);
+    s->wall_ns = ld64(p + 4);
+    s->seed = p + 12;
+    s->seed_len = len - 12;
+    if (s->flags & ~SEED_RESEED)
+        return ag_problem(why, "SEED flags " AG_HEX ": unknown bits", s->flags, 0, 0);
+    return 0;
+}
+
+/*
+ * splitmix64: how both agents turn a seed into numbers (the microguest's `rand`
+ * builtin, the Linux agent's per-command $RANDOM seeds). Fixed here so a seed
+ * means the same sequence in every agent and in tests/agent_peer.py.
+ */
+static inline uint64_t ag_splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The 64-bit state a SEED's bytes give: FNV-1a over them, then one splitmix step. */
+static inline uint64_t ag_seed_state(const uint8_t *seed, uint32_t n)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ seed[i]) * 0x100000001B3ull;
+    return ag_splitmix64(&h);
+}
+
 /* A request's payload, as far as the protocol judges it (each kind in its member). */
 struct ag_request {
     struct ag_exec exec;    /* EXEC: argv and env still to be read */
     struct ag_put_file put; /* PUT_FILE */
     const uint8_t *path;    /* GET_FILE: the whole payload, not NUL-terminated */
+    struct ag_seed seed;    /* SEED */
 };
 
 /*
  * The payload of a frame that opens a request (PING, EXEC, PUT_FILE,
- * GET_FILE), checked: a bad one is answered with EINVAL on that request and
+ * GET_FILE, SEED), checked: a bad one is answered with EINVAL on that request and
  * the connection lives on.
  */
 static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
@@ -458,6 +508,8 @@ static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
         req->path = p;
         return !h->len || ag_has_nul(p, h->len) ? ag_problem(why, "GET_FILE: bad path", 0, 0, 0)
                                                 : 0;
+    case MSG_SEED:
+        return ag_seed_bad(&req->seed, p, h->len, why);
     default:
         return 0;
     }

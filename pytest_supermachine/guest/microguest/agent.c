@@ -120,7 +120,7 @@ static int protocol_error(struct vs_conn *c, const struct ag_problem *why)
 
 static uint32_t hello_payload(uint8_t *p)
 {
-    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, MG_AGENT_SOFTWARE);
+    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_SEED, AG_MAX_FRAME, AG_MAX_INFLIGHT, MG_AGENT_SOFTWARE);
 }
 
 /* ------------------------------------------------------------ connections -- */
@@ -446,6 +446,10 @@ static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint
         return FRAME_DONE;
     case MSG_GET_FILE:
         handle_get(c, rid, req.path, len);
+        return FRAME_DONE;
+    case MSG_SEED: /* no kernel RNG here: the seed is the `rand` builtin's state */
+        builtins_seed(req.seed.seed, req.seed.seed_len, req.seed.wall_ns);
+        agent_put_frame(c, MSG_OK, rid, 0, 0);
         return FRAME_DONE;
     case MSG_STDIN:
         t = task_find(c, rid);

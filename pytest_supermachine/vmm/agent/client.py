@@ -56,6 +56,7 @@ from .messages import (
     PutFile,
     Ready,
     RunAs,
+    Seed,
     Stderr,
     Stdout,
     decode_message,
@@ -74,6 +75,7 @@ from .protocol import (
     CAP_EXEC,
     CAP_FILES,
     CAP_KILL,
+    CAP_SEED,
     CAP_SHELL,
     CAP_STDIN,
     CAP_TIMEOUT,
@@ -293,6 +295,19 @@ class AgentClient:
             if not isinstance(msg, Pong) or msg.data != payload:
                 self._fail(AgentProtocolError, f"PING answered with {msg!r}")
         return time.perf_counter() - start
+
+    def seed(
+        self, seed: bytes, wall_ns: int = 0, *, reseed: bool = False, timeout: float | None = None
+    ) -> None:
+        """Send SEED: the agent mixes ``seed`` into the guest's randomness and sets its clock.
+
+        ``wall_ns`` (nanoseconds since the epoch; 0 leaves the clock alone) becomes the
+        guest's ``CLOCK_REALTIME``. Returns once the agent has applied both, so every
+        later request sees them. `AgentError` if the agent has no `CAP_SEED`.
+        """
+        self._require(CAP_SEED, "seeding its randomness")
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
+        self._file_request(Seed(bytes(seed), wall_ns, reseed), "seed the guest", deadline)
 
     def run(
         self,

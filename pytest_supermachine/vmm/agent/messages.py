@@ -14,6 +14,7 @@ from typing import ClassVar
 from .errors import AgentProtocolError
 from .protocol import (
     CAP_ALL,
+    CAP_SEED,
     CAP_USER,
     EXEC_SHELL,
     EXEC_STDIN,
@@ -25,10 +26,12 @@ from .protocol import (
     MAX_FRAME,
     MAX_GROUPS,
     MAX_PING,
+    MAX_SEED,
     MAX_SOFTWARE,
     MIN_FRAME,
     PROTOCOL_VERSION,
     PUT_APPEND,
+    SEED_RESEED,
     SIGKILL,
     Frame,
     MsgType,
@@ -131,7 +134,7 @@ class Hello(Message):
 
     TYPE: ClassVar[int] = MsgType.HELLO
     version: int = PROTOCOL_VERSION
-    capabilities: int = CAP_ALL | CAP_USER
+    capabilities: int = CAP_ALL | CAP_USER | CAP_SEED
     max_frame: int = MAX_FRAME
     max_inflight: int = 0
     software: bytes = b""
@@ -440,6 +443,39 @@ class FileData(Message):
         return cls(r.rest(), bool(flags & FILE_MORE))
 
 
+@dataclass(frozen=True)
+class Seed(Message):
+    """SEED: the per-test seed the agent mixes into the guest's randomness, and the wall clock.
+
+    ``wall_ns`` 0 leaves the guest clock alone; ``reseed`` asks the Linux agent to make
+    the kernel reseed its CRNG too (for a host that could not set the CRNG itself).
+    """
+
+    TYPE: ClassVar[int] = MsgType.SEED
+    seed: bytes = b"\0"
+    wall_ns: int = 0
+    reseed: bool = False
+
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<IQ")
+
+    def encode_payload(self) -> bytes:
+        if not 1 <= len(self.seed) <= MAX_SEED:
+            raise ValueError(f"a seed is 1..{MAX_SEED} bytes, got {len(self.seed)}")
+        if not 0 <= self.wall_ns < 1 << 64:
+            raise ValueError(f"wall_ns {self.wall_ns} is not a u64")
+        flags = SEED_RESEED if self.reseed else 0
+        return self._FIXED.pack(flags, self.wall_ns) + self.seed
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Seed:
+        r = _Reader(payload, "SEED")
+        flags, wall_ns = r.u32(), r.u64()
+        seed = r.rest()
+        if flags & ~SEED_RESEED or not 1 <= len(seed) <= MAX_SEED:
+            raise AgentProtocolError(f"SEED: bad flags {flags:#x} or a {len(seed)}-byte seed")
+        return cls(seed, wall_ns, bool(flags & SEED_RESEED))
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -459,6 +495,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         PutFile,
         GetFile,
         FileData,
+        Seed,
     )
 }
 
