@@ -14,7 +14,7 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,14 +94,17 @@ class LinuxImage(Image):
         """The virtio-blk disks the guest boots with (none; images with a root disk add theirs)."""
         return ()
 
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+    ) -> Machine:
         from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
         if is_nested_pvm():
             timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
-        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks())
+        # With a NIC, boot_linux adds the ip= that configures it (no DHCP client needed).
+        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks(), network=network)
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()

@@ -27,6 +27,7 @@ rest would split the state machine across files.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
@@ -61,7 +62,7 @@ from .agent import (
     read_ready,
 )
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, NetSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
@@ -105,10 +106,14 @@ class MachineConfig:
     reset_strategy: ResetStrategy = ResetStrategy.COPY
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
+    #: False: no NIC (hermetic); True: a NIC reaching anything; a list of ``host:port`` /
+    #: ``cidr:port`` patterns: a NIC reaching only those (docs/network.md).
+    network: bool | Sequence[str] | NetSpec = False
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
-        return [*([VsockSpec()] if self.vsock else []), *self.disks]
+        """The virtio devices, in slot order: vsock first (the agent's), disks, the NIC."""
+        nic = NetSpec.from_setting(self.network)
+        return [*([VsockSpec()] if self.vsock else []), *self.disks, *([nic] if nic else [])]
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
@@ -117,6 +122,14 @@ class MachineConfig:
             raise MachineError(
                 f"mem_mib must be {layout.MIN_MEM_MIB}..{layout.MAX_MEM_MIB}, got {self.mem_mib}"
             )
+        nic = NetSpec.from_setting(self.network)
+        if nic is not None and nic.allow is not None:
+            from .devices.virtio.net import EgressPolicy, EgressPolicyError
+
+            try:
+                EgressPolicy.from_setting(list(nic.allow))
+            except EgressPolicyError as e:
+                raise MachineError(f"network=: {e}") from None
 
 
 @dataclass
@@ -170,6 +183,9 @@ class Machine:
         self._agent_lock = threading.Lock()
         self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
+        #: Lines the VMM reports about this guest, oldest first (refused network connections:
+        #: docs/network.md); emptied by reset, like the console log.
+        self.host_log: collections.deque[str] = collections.deque(maxlen=2000)
         self.memory = _memory
         try:
             self._build(_cpuids)
@@ -217,7 +233,9 @@ class Machine:
         self.serial = Serial(self._core)
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
-        self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
+        self.devices = DeviceHub(
+            self.vm, self.memory, self.buses.mmio, cfg.device_specs(), log=self.host_log.append
+        )
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
         self._ready_listener: VsockListener | None = None
@@ -276,7 +294,8 @@ class Machine:
         fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
         mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
         token per attached device appended, so the guest finds exactly the devices
-        this machine has. Power-off is the i8042 reset (boot with `reboot=k`),
+        this machine has, and with a NIC the ``ip=`` that configures it (the
+        network's addressing: no DHCP client needed). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -287,6 +306,7 @@ class Machine:
                 cmdline,
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
+                self._ip_argument(),
             )
             if x
         )
@@ -314,6 +334,14 @@ class Machine:
         regs.rip, regs.rflags = linux.entry, 0x2
         bsp.set_regs(regs)
         return full
+
+    def _ip_argument(self) -> str:
+        """``ip=`` for the guest's NIC, or nothing without one."""
+        if not any(isinstance(d.spec, NetSpec) for d in self.devices.devices):
+            return ""
+        from .devices.virtio.net import kernel_ip_argument
+
+        return kernel_ip_argument(self.devices.nic().egress.addressing)
 
     # ------------------------------------------------------------------ running
 
@@ -590,6 +618,7 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
+                    network=next((x for x in plan.devices if isinstance(x, NetSpec)), False),
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -730,6 +759,7 @@ class Machine:
             self._origin.state.apply()
             self.devices.reset()
         lib.sm_serial_log_clear(self._core)
+        self.host_log.clear()
         lib.sm_vm_clear_ready(self._core)
         self._exit = None
         if self.state is not MachineState.PAUSED:  # the guest had stopped: its threads are gone
