@@ -183,6 +183,7 @@ class Machine:
         self._agent_lock = threading.Lock()
         self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
+        self._forwards: list[Any] = []  # expose(): PortForward, closed by stop()
         #: Lines the VMM reports about this guest, oldest first (refused network connections:
         #: docs/network.md); emptied by reset, like the console log.
         self.host_log: collections.deque[str] = collections.deque(maxlen=2000)
@@ -545,6 +546,9 @@ class Machine:
 
     def _teardown(self) -> None:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
+        for forward in self._forwards:
+            forward.close()
+        self._forwards = []
         self._drop_agent()
         core, vcpus, vm, memory, buses = (
             self._core,
@@ -971,6 +975,59 @@ class Machine:
         """
         self._require_guest_running(f"connecting to guest vsock port {port}")
         return self._vsock_connect(port, timeout)
+
+    def connect_tcp(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A host socket connected to TCP `port` on the guest's 127.0.0.1.
+
+        Goes through the agent over vsock (a TCP_CONNECT connection of its own),
+        so it works without a NIC; a server the guest runs on its loopback or on
+        any address is reached. Closing or ``shutdown(SHUT_WR)`` on the socket is a
+        close or FIN for the guest server. Raises `AgentRemoteError` (errno
+        ``ECONNREFUSED``) if nothing listens, `AgentNoTcp` on an image without a
+        TCP/IP stack (the microguest), `AgentTimeout` after `timeout` seconds.
+        """
+        from .agent.tcp import open_tcp_stream
+
+        left = self._call_budget(timeout, 10.0)
+        self._require_guest_running(f"connecting to guest TCP port {port}")
+        try:
+            sock = self._vsock_connect(AGENT_PORT, left())
+        except VsockTimeout as exc:
+            raise AgentTimeout(
+                f"the guest agent did not answer on vsock port {AGENT_PORT} within {timeout:g} s",
+                self._console_tail(),
+            ) from exc
+        return open_tcp_stream(sock, port, left())
+
+    def expose(self, port: int, *, tls: bool = False, host_port: int = 0) -> tuple[str, int]:
+        """Forward a host listener on ``127.0.0.1`` into guest TCP `port`; returns (host, port).
+
+        Each connection to it is a `connect_tcp` (no NIC needed). With `tls` the
+        host terminates TLS with a certificate for 127.0.0.1/localhost signed by
+        the session's CA, whose file is `tls_ca`. The listener lives until the
+        machine stops and keeps working across `reset` (connections open at the
+        reset are cut). Exposing the same port again returns the same address.
+        """
+        from .expose import PortForward
+
+        for forward in self._forwards:
+            if forward.guest_port == port and forward.tls == tls:
+                return forward.address
+        context = None
+        if tls:
+            from .tls import session_certificates
+
+            context = session_certificates().server_context()
+        forward = PortForward(port, self.connect_tcp, tls=context, port=host_port)
+        self._forwards.append(forward)
+        return forward.address
+
+    @property
+    def tls_ca(self) -> Path:
+        """The CA certificate file that verifies ``expose(..., tls=True)`` listeners."""
+        from .tls import session_certificates
+
+        return session_certificates().ca
 
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
         """Accept guest-initiated vsock connections to host port `port`."""

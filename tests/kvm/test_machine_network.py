@@ -10,6 +10,7 @@ import pytest
 
 from pytest_supermachine.errors import MachineError
 from pytest_supermachine.guest.microguest import GuestMode
+from pytest_supermachine.vmm.agent.tcp import AgentNoTcp
 from pytest_supermachine.vmm.devices.hub import NetSpec
 from pytest_supermachine.vmm.machine import Machine
 
@@ -52,3 +53,11 @@ def test_restore_rebuilds_the_nic_with_the_snapshots_policy(make_machine, tmp_pa
         assert r.run("echo again").stdout == b"again\n"
 
 
+
+
+def test_connect_tcp_on_the_microguest_says_it_has_no_tcp_stack(make_machine):
+    m = make_machine(GuestMode.AGENT)
+    m.start()
+    m.wait_ready(60)
+    with pytest.raises(AgentNoTcp, match="microguest has none"):
+        m.connect_tcp(80)

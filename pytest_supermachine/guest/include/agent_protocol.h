@@ -53,6 +53,8 @@
 #define AG_CAP_KILL (1u << 6)
 #define AG_CAP_TIMEOUT (1u << 7)
 #define AG_CAP_ALL ((1u << 8) - 1)
+/* TCP_CONNECT (an agent with a TCP/IP stack: the Linux one; not in AG_CAP_ALL) */
+#define AG_CAP_TCP (1u << 10)
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -71,6 +73,7 @@ enum msg_type {
     MSG_PUT_FILE = 0x20,
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
+    MSG_TCP_CONNECT = 0x40,
 };
 
 #define EXEC_STDIN 1u
@@ -148,7 +151,7 @@ static inline void ag_header_store(uint8_t *p, uint16_t type, uint32_t request_i
 static inline int ag_known_type(uint16_t t)
 {
     return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA);
+           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_TCP_CONNECT;
 }
 
 /*
@@ -296,6 +299,7 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
     case MSG_EXEC:
     case MSG_PUT_FILE:
     case MSG_GET_FILE: /* these open a request: its id must be new and nonzero */
+    case MSG_TCP_CONNECT:
         return h->request_id && !id_in_use
                    ? 0
                    : ag_problem(why, "request type " AG_HEX ": id %u is 0 or still open",
@@ -410,6 +414,7 @@ struct ag_request {
     struct ag_exec exec;    /* EXEC: argv and env still to be read */
     struct ag_put_file put; /* PUT_FILE */
     const uint8_t *path;    /* GET_FILE: the whole payload, not NUL-terminated */
+    uint32_t port;          /* TCP_CONNECT */
 };
 
 /*
@@ -433,6 +438,12 @@ static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
         req->path = p;
         return !h->len || ag_has_nul(p, h->len) ? ag_problem(why, "GET_FILE: bad path", 0, 0, 0)
                                                 : 0;
+    case MSG_TCP_CONNECT:
+        req->port = h->len == 4 ? ld32(p) : 0;
+        return req->port >= 1 && req->port <= 65535
+                   ? 0
+                   : ag_problem(why, "TCP_CONNECT: %u payload bytes, port %u (want u32 1..65535)",
+                                h->len, req->port, 0);
     default:
         return 0;
     }

@@ -445,6 +445,9 @@ static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint
     case MSG_GET_FILE:
         handle_get(c, rid, req.path, len);
         return FRAME_DONE;
+    case MSG_TCP_CONNECT: /* it does not announce AG_CAP_TCP; a host that asks anyway hears why */
+        send_error(c, rid, E_NOSYS, "the microguest has no TCP/IP stack (port %u)", req.port);
+        return FRAME_DONE;
     case MSG_STDIN:
         t = task_find(c, rid);
         if (!t || !t->reads_stdin || t->stdin_eof || t->killed)

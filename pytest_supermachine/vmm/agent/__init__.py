@@ -63,6 +63,7 @@ from .messages import (
     Stdin,
     StdinEof,
     Stdout,
+    TcpConnect,
     decode_message,
 )
 from .output import (
@@ -83,6 +84,7 @@ from .protocol import (
     CAP_KILL,
     CAP_SHELL,
     CAP_STDIN,
+    CAP_TCP,
     CAP_TIMEOUT,
     EXEC_SHELL,
     EXEC_STDIN,
@@ -118,6 +120,7 @@ __all__ = [
     "CAP_KILL",
     "CAP_SHELL",
     "CAP_STDIN",
+    "CAP_TCP",
     "CAP_TIMEOUT",
     "DEFAULT",
     "DEFAULT_OUTPUT_LIMIT",
@@ -174,6 +177,7 @@ __all__ = [
     "Stdin",
     "StdinEof",
     "Stdout",
+    "TcpConnect",
     "check_output_limit",
     "check_run_timeout",
     "decode_message",

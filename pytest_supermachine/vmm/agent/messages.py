@@ -398,6 +398,26 @@ class FileData(Message):
         return cls(r.rest(), bool(flags & FILE_MORE))
 
 
+@dataclass(frozen=True)
+class TcpConnect(Message):
+    """Turn this connection into a byte stream to the guest's 127.0.0.1:`port` (§4)."""
+
+    TYPE: ClassVar[int] = MsgType.TCP_CONNECT
+    port: int = 0
+
+    def encode_payload(self) -> bytes:
+        return _u32(self.port)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> TcpConnect:
+        r = _Reader(payload, "TCP_CONNECT")
+        port = r.u32()
+        r.end()
+        if not 1 <= port <= 65535:
+            raise AgentProtocolError(f"TCP_CONNECT: port {port} out of range")
+        return cls(port)
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -417,6 +437,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         PutFile,
         GetFile,
         FileData,
+        TcpConnect,
     )
 }
 

@@ -40,6 +40,8 @@ CAP_FILES = 1 << 5
 CAP_KILL = 1 << 6
 CAP_TIMEOUT = 1 << 7
 CAP_ALL = (1 << 8) - 1
+#: TCP_CONNECT: the connection becomes a byte stream to a guest TCP port (Linux agent only).
+CAP_TCP = 1 << 10
 
 EXEC_STDIN = 1 << 0
 EXEC_SHELL = 1 << 1
@@ -70,6 +72,7 @@ class MsgType:
     PUT_FILE = 0x20
     GET_FILE = 0x21
     FILE_DATA = 0x22
+    TCP_CONNECT = 0x40
 
 
 TYPE_NAMES = {v: k for k, v in vars(MsgType).items() if not k.startswith("_")}
