@@ -53,8 +53,6 @@ def test_restore_rebuilds_the_nic_with_the_snapshots_policy(make_machine, tmp_pa
         assert r.run("echo again").stdout == b"again\n"
 
 
-
-
 def test_connect_tcp_on_the_microguest_says_it_has_no_tcp_stack(make_machine):
     m = make_machine(GuestMode.AGENT)
     m.start()
