@@ -592,8 +592,14 @@ class Machine:
         start: bool = True,
         console_stream: IO[bytes] | int | None = None,
         console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES,
+        network: bool | Sequence[str] | None = None,
     ) -> Machine:
         """A new machine continuing exactly where the snapshot at `path` (or its chain) was.
+
+        `network` replaces the NIC's egress policy recorded in the snapshot (True:
+        anything; a list: only those): the policy lives on the host, the guest's state
+        does not depend on it. The NIC itself cannot come or go: asking for a policy
+        for a snapshot without one (or ``False`` for one with one) is a `MachineError`.
 
         RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
         guest touches, not the RAM size; machines restored from one file share its page
@@ -612,6 +618,14 @@ class Machine:
         except BaseException:
             chain.close()
             raise
+        nic = next((x for x in plan.devices if isinstance(x, NetSpec)), None)
+        if network is not None:
+            try:
+                nic = _replace_policy(nic, network)
+            except BaseException:
+                memory.close()
+                chain.close()
+                raise
         try:
             m = cls(
                 MachineConfig(
@@ -622,7 +636,7 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
-                    network=next((x for x in plan.devices if isinstance(x, NetSpec)), False),
+                    network=nic or False,
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -1085,3 +1099,15 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB {self.state.value}>"
+
+
+def _replace_policy(nic: NetSpec | None, network: bool | Sequence[str]) -> NetSpec:
+    """`nic` with the egress policy `network` (see `Machine.restore`)."""
+    wanted = NetSpec.from_setting(network)
+    if nic is None or wanted is None:
+        has = "has a network card" if nic else "has no network card"
+        raise MachineError(
+            f"restore(network={network!r}): the snapshot {has}; a NIC is part of the "
+            "guest's state from its boot, only its egress policy can change at restore"
+        )
+    return NetSpec(allow=wanted.allow, mac=nic.mac)

@@ -59,3 +59,20 @@ def test_connect_tcp_on_the_microguest_says_it_has_no_tcp_stack(make_machine):
     m.wait_ready(60)
     with pytest.raises(AgentNoTcp, match="microguest has none"):
         m.connect_tcp(80)
+
+
+def test_restore_can_replace_the_egress_policy_but_not_add_a_nic(make_machine, tmp_path):
+    m = make_machine(GuestMode.AGENT, network=True)
+    m.start()
+    m.wait_ready(60)
+    m.snapshot(tmp_path / "open.snap")
+    with Machine.restore(tmp_path / "open.snap", network=["127.0.0.1:80"]) as r:
+        assert not r.devices.nic().egress.policy.allow_all
+        assert r.devices.nic().egress.allows("10.0.2.2", 80)
+        assert not r.devices.nic().egress.allows("10.0.2.2", 81)
+    hermetic = make_machine(GuestMode.AGENT)
+    hermetic.start()
+    hermetic.wait_ready(60)
+    hermetic.snapshot(tmp_path / "hermetic.snap")
+    with pytest.raises(MachineError, match="has no network card"):
+        Machine.restore(tmp_path / "hermetic.snap", network=True)
