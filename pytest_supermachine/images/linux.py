@@ -15,7 +15,7 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,14 +138,23 @@ class LinuxImage(Image):
 
         return BalloonSpec()
 
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+    ) -> Machine:
         from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
         if is_nested_pvm():
             timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
-        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks(), balloon=self.balloon())
+        # With a NIC, boot_linux adds the ip= that configures it (no DHCP client needed).
+        machine = Machine(
+            vcpus=vcpus,
+            mem_mib=mem_mib,
+            disks=self.disks(),
+            balloon=self.balloon(),
+            network=network,
+        )
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()

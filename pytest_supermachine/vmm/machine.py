@@ -27,6 +27,7 @@ rest would split the state machine across files.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
@@ -65,7 +66,7 @@ from .agent import (
 )
 from .agent.users import ResolvedUser, resolve_in_guest
 from .cpuid import CpuidTable
-from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, NetSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.balloon import BalloonStats
@@ -113,13 +114,18 @@ class MachineConfig:
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
     balloon: BalloonSpec | None = None
+    #: False: no NIC (hermetic); True: a NIC reaching anything; a list of ``host:port`` /
+    #: ``cidr:port`` patterns: a NIC reaching only those (docs/network.md).
+    network: bool | Sequence[str] | NetSpec = False
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks, balloon."""
+        """The virtio devices, in slot order: vsock first (the agent's), disks, balloon, NIC."""
+        nic = NetSpec.from_setting(self.network)
         return [
             *([VsockSpec()] if self.vsock else []),
             *self.disks,
             *([self.balloon] if self.balloon is not None else []),
+            *([nic] if nic else []),
         ]
 
     def validate(self) -> None:
@@ -129,6 +135,14 @@ class MachineConfig:
             raise MachineError(
                 f"mem_mib must be {layout.MIN_MEM_MIB}..{layout.MAX_MEM_MIB}, got {self.mem_mib}"
             )
+        nic = NetSpec.from_setting(self.network)
+        if nic is not None and nic.allow is not None:
+            from .devices.virtio.net import EgressPolicy, EgressPolicyError
+
+            try:
+                EgressPolicy.from_setting(list(nic.allow))
+            except EgressPolicyError as e:
+                raise MachineError(f"network=: {e}") from None
 
 
 @dataclass
@@ -188,6 +202,10 @@ class Machine:
         self.agent_connects = 0
         self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
+        self._forwards: list[Any] = []  # expose(): PortForward, closed by stop()
+        #: Lines the VMM reports about this guest, oldest first (refused network connections:
+        #: docs/network.md); emptied by reset, like the console log.
+        self.host_log: collections.deque[str] = collections.deque(maxlen=2000)
         self.memory = _memory
         try:
             self._build(_cpuids)
@@ -236,7 +254,12 @@ class Machine:
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
         self.devices = DeviceHub(
-            self.vm, self.memory, self.buses.mmio, cfg.device_specs(), discarder=self
+            self.vm,
+            self.memory,
+            self.buses.mmio,
+            cfg.device_specs(),
+            discarder=self,
+            log=self.host_log.append,
         )
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
@@ -296,7 +319,8 @@ class Machine:
         fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
         mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
         token per attached device appended, so the guest finds exactly the devices
-        this machine has. Power-off is the i8042 reset (boot with `reboot=k`),
+        this machine has, and with a NIC the ``ip=`` that configures it (the
+        network's addressing: no DHCP client needed). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -307,6 +331,7 @@ class Machine:
                 cmdline,
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
+                self._ip_argument(),
             )
             if x
         )
@@ -334,6 +359,14 @@ class Machine:
         regs.rip, regs.rflags = linux.entry, 0x2
         bsp.set_regs(regs)
         return full
+
+    def _ip_argument(self) -> str:
+        """``ip=`` for the guest's NIC, or nothing without one."""
+        if not any(isinstance(d.spec, NetSpec) for d in self.devices.devices):
+            return ""
+        from .devices.virtio.net import kernel_ip_argument
+
+        return kernel_ip_argument(self.devices.nic().egress.addressing)
 
     # ------------------------------------------------------------------ running
 
@@ -537,6 +570,9 @@ class Machine:
 
     def _teardown(self) -> None:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
+        for forward in self._forwards:
+            forward.close()
+        self._forwards = []
         self._drop_agent()
         core, vcpus, vm, memory, buses = (
             self._core,
@@ -580,8 +616,14 @@ class Machine:
         start: bool = True,
         console_stream: IO[bytes] | int | None = None,
         console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES,
+        network: bool | Sequence[str] | None = None,
     ) -> Machine:
         """A new machine continuing exactly where the snapshot at `path` (or its chain) was.
+
+        `network` replaces the NIC's egress policy recorded in the snapshot (True:
+        anything; a list: only those): the policy lives on the host, the guest's state
+        does not depend on it. The NIC itself cannot come or go: asking for a policy
+        for a snapshot without one (or ``False`` for one with one) is a `MachineError`.
 
         RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
         guest touches, not the RAM size; machines restored from one file share its page
@@ -600,6 +642,14 @@ class Machine:
         except BaseException:
             chain.close()
             raise
+        nic = next((x for x in plan.devices if isinstance(x, NetSpec)), None)
+        if network is not None:
+            try:
+                nic = _replace_policy(nic, network)
+            except BaseException:
+                memory.close()
+                chain.close()
+                raise
         try:
             m = cls(
                 MachineConfig(
@@ -611,6 +661,7 @@ class Machine:
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
                     balloon=next((x for x in plan.devices if isinstance(x, BalloonSpec)), None),
+                    network=nic or False,
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -759,6 +810,7 @@ class Machine:
             self.devices.reset()
         self._adopt_agent_session()
         lib.sm_serial_log_clear(self._core)
+        self.host_log.clear()
         lib.sm_vm_clear_ready(self._core)
         self._exit = None
         if self.state is not MachineState.PAUSED:  # the guest had stopped: its threads are gone
@@ -1102,6 +1154,59 @@ class Machine:
         self._require_guest_running(f"connecting to guest vsock port {port}")
         return self._vsock_connect(port, timeout)[0]
 
+    def connect_tcp(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A host socket connected to TCP `port` on the guest's 127.0.0.1.
+
+        Goes through the agent over vsock (a TCP_CONNECT connection of its own),
+        so it works without a NIC; a server the guest runs on its loopback or on
+        any address is reached. Closing or ``shutdown(SHUT_WR)`` on the socket is a
+        close or FIN for the guest server. Raises `AgentRemoteError` (errno
+        ``ECONNREFUSED``) if nothing listens, `AgentNoTcp` on an image without a
+        TCP/IP stack (the microguest), `AgentTimeout` after `timeout` seconds.
+        """
+        from .agent.tcp import open_tcp_stream
+
+        left = self._call_budget(timeout, 10.0)
+        self._require_guest_running(f"connecting to guest TCP port {port}")
+        try:
+            sock = self._vsock_connect(AGENT_PORT, left())
+        except VsockTimeout as exc:
+            raise AgentTimeout(
+                f"the guest agent did not answer on vsock port {AGENT_PORT} within {timeout:g} s",
+                self._console_tail(),
+            ) from exc
+        return open_tcp_stream(sock, port, left())
+
+    def expose(self, port: int, *, tls: bool = False, host_port: int = 0) -> tuple[str, int]:
+        """Forward a host listener on ``127.0.0.1`` into guest TCP `port`; returns (host, port).
+
+        Each connection to it is a `connect_tcp` (no NIC needed). With `tls` the
+        host terminates TLS with a certificate for 127.0.0.1/localhost signed by
+        the session's CA, whose file is `tls_ca`. The listener lives until the
+        machine stops and keeps working across `reset` (connections open at the
+        reset are cut). Exposing the same port again returns the same address.
+        """
+        from .expose import PortForward
+
+        for forward in self._forwards:
+            if forward.guest_port == port and forward.tls == tls:
+                return forward.address
+        context = None
+        if tls:
+            from .tls import session_certificates
+
+            context = session_certificates().server_context()
+        forward = PortForward(port, self.connect_tcp, tls=context, port=host_port)
+        self._forwards.append(forward)
+        return forward.address
+
+    @property
+    def tls_ca(self) -> Path:
+        """The CA certificate file that verifies ``expose(..., tls=True)`` listeners."""
+        from .tls import session_certificates
+
+        return session_certificates().ca
+
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
         """Accept guest-initiated vsock connections to host port `port`."""
         return self.devices.vsock().listen(port, backlog)
@@ -1159,3 +1264,15 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB {self.state.value}>"
+
+
+def _replace_policy(nic: NetSpec | None, network: bool | Sequence[str]) -> NetSpec:
+    """`nic` with the egress policy `network` (see `Machine.restore`)."""
+    wanted = NetSpec.from_setting(network)
+    if nic is None or wanted is None:
+        has = "has a network card" if nic else "has no network card"
+        raise MachineError(
+            f"restore(network={network!r}): the snapshot {has}; a NIC is part of the "
+            "guest's state from its boot, only its egress policy can change at restore"
+        )
+    return NetSpec(allow=wanted.allow, mac=nic.mac)

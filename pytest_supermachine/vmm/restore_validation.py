@@ -43,7 +43,7 @@ from ..errors import DeviceLayoutError
 from . import layout, vmstate
 from ._native import lib
 from .cpuid import CpuidTable
-from .devices.hub import BalloonSpec, DeviceSpec, DiskSpec, VsockSpec, device_section
+from .devices.hub import BalloonSpec, DeviceSpec, DiskSpec, NetSpec, VsockSpec, device_section
 from .devices.virtio.blk import ID_BYTES, SECTOR_SIZE
 from .devices.virtio.vsock.device import MAX_GUEST_CID, MIN_GUEST_CID
 from .kvm import Kvm, KvmError
@@ -138,18 +138,22 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "sha256": (str, type(None)),
     "reporting": (bool,),
     "deflate_on_oom": (bool,),
+    "allow": (list, type(None)),
+    "mac": (str,),
 }
 
 
 def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpec:
     kind = entry.get("kind")
-    cls: type[VsockSpec] | type[DiskSpec] | type[BalloonSpec]
+    cls: type[VsockSpec] | type[DiskSpec] | type[BalloonSpec] | type[NetSpec]
     if kind == "vsock":
         cls = VsockSpec
     elif kind == "balloon":
         cls = BalloonSpec
     elif kind == "disk":
         cls = DiskSpec
+    elif kind == "net":
+        cls = NetSpec
     else:
         raise SnapshotInvalid("machine", f"device {index} is of unknown kind {kind!r}")
     values = {k: v for k, v in entry.items() if k != "kind"}
@@ -161,6 +165,8 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
     for key, value in values.items():
         if type(value) not in _SPEC_TYPES[key]:
             raise SnapshotInvalid("machine", f"device {index} ({kind}): {key}={value!r}")
+    if cls is NetSpec:
+        return _net_spec(values, index)
     spec = cls(**values)
     if isinstance(spec, BalloonSpec):
         return spec
@@ -192,6 +198,23 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
             raise SnapshotInvalid("machine", f"device {index}: a blank disk without a size")
         return spec
     return confine_disk(spec, index, snapshot)
+
+
+def _net_spec(values: dict[str, Any], index: int) -> NetSpec:
+    """A NIC's spec from a snapshot: its allow-list parses and its MAC is a unicast address."""
+    from .devices.virtio.net import EgressPolicy, EgressPolicyError
+    from .devices.virtio.net.packets import mac_bytes
+
+    allow = values.get("allow")
+    try:
+        if allow is not None:
+            EgressPolicy.from_setting(allow)
+        mac = values.get("mac", NetSpec.mac)
+        if mac_bytes(mac)[0] & 1:
+            raise ValueError(f"MAC {mac} is a multicast address")
+    except (EgressPolicyError, ValueError) as e:
+        raise SnapshotInvalid("machine", f"device {index} (net): {e}") from None
+    return NetSpec(allow=None if allow is None else tuple(allow), mac=mac)
 
 
 def confine_disk(spec: DiskSpec, index: int, snapshot: Path) -> DiskSpec:

@@ -268,7 +268,7 @@ def test_ready_is_retried_until_the_host_listens(agent_bin, tmp_path):
 
 
 def test_handshake_learns_the_agents_identity_and_limits(client):
-    assert client.agent.capabilities == P.CAP_ALL | P.CAP_USER | P.CAP_SEED
+    assert client.agent.capabilities == P.CAP_ALL | P.CAP_USER | P.CAP_SEED | P.CAP_TCP
     assert client.agent.max_inflight == 64
     assert client.agent.max_frame == AGENT_MAX_FRAME
 

@@ -56,6 +56,8 @@
 #define AG_CAP_USER (1u << 8)     /* EXEC_USER: a command runs as a uid/gid/groups */
 #define AG_CAP_SEED (1u << 10)    /* SEED: a per-test seed and wall clock (both agents) */
 #define AG_MAX_SEED 256u
+/* TCP_CONNECT (an agent with a TCP/IP stack: the Linux one; not in AG_CAP_ALL) */
+#define AG_CAP_TCP (1u << 9)
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -75,6 +77,7 @@ enum msg_type {
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
     MSG_SEED = 0x40,
+    MSG_TCP_CONNECT = 0x41,
 };
 
 #define EXEC_STDIN 1u
@@ -155,7 +158,7 @@ static inline void ag_header_store(uint8_t *p, uint16_t type, uint32_t request_i
 static inline int ag_known_type(uint16_t t)
 {
     return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED;
+           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED || t == MSG_TCP_CONNECT;
 }
 
 /*
@@ -303,7 +306,8 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
     case MSG_EXEC:
     case MSG_PUT_FILE:
     case MSG_GET_FILE:
-    case MSG_SEED: /* these open a request: its id must be new and nonzero */
+    case MSG_SEED:
+    case MSG_TCP_CONNECT: /* these open a request: its id must be new and nonzero */
         return h->request_id && !id_in_use
                    ? 0
                    : ag_problem(why, "request type " AG_HEX ": id %u is 0 or still open",
@@ -485,6 +489,7 @@ struct ag_request {
     struct ag_put_file put; /* PUT_FILE */
     const uint8_t *path;    /* GET_FILE: the whole payload, not NUL-terminated */
     struct ag_seed seed;    /* SEED */
+    uint32_t port;          /* TCP_CONNECT */
 };
 
 /*
@@ -510,6 +515,12 @@ static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
                                                 : 0;
     case MSG_SEED:
         return ag_seed_bad(&req->seed, p, h->len, why);
+    case MSG_TCP_CONNECT:
+        req->port = h->len == 4 ? ld32(p) : 0;
+        return req->port >= 1 && req->port <= 65535
+                   ? 0
+                   : ag_problem(why, "TCP_CONNECT: %u payload bytes, port %u (want u32 1..65535)",
+                                h->len, req->port, 0);
     default:
         return 0;
     }

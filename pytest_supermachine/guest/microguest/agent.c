@@ -451,6 +451,9 @@ static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint
         builtins_seed(req.seed.seed, req.seed.seed_len, req.seed.wall_ns);
         agent_put_frame(c, MSG_OK, rid, 0, 0);
         return FRAME_DONE;
+    case MSG_TCP_CONNECT: /* it does not announce AG_CAP_TCP; a host that asks anyway hears why */
+        send_error(c, rid, E_NOSYS, "the microguest has no TCP/IP stack (port %u)", req.port);
+        return FRAME_DONE;
     case MSG_STDIN:
         t = task_find(c, rid);
         if (!t || !t->reads_stdin || t->stdin_eof || t->killed)

@@ -65,6 +65,7 @@ from .messages import (
     Stdin,
     StdinEof,
     Stdout,
+    TcpConnect,
     decode_message,
 )
 from .output import (
@@ -86,6 +87,7 @@ from .protocol import (
     CAP_SEED,
     CAP_SHELL,
     CAP_STDIN,
+    CAP_TCP,
     CAP_TIMEOUT,
     CAP_USER,
     EXEC_SHELL,
@@ -130,6 +132,7 @@ __all__ = [
     "CAP_SEED",
     "CAP_SHELL",
     "CAP_STDIN",
+    "CAP_TCP",
     "CAP_TIMEOUT",
     "CAP_USER",
     "DEFAULT",
@@ -194,6 +197,7 @@ __all__ = [
     "Stdin",
     "StdinEof",
     "Stdout",
+    "TcpConnect",
     "UserNotFound",
     "check_output_limit",
     "check_run_timeout",

@@ -476,6 +476,26 @@ class Seed(Message):
         return cls(seed, wall_ns, bool(flags & SEED_RESEED))
 
 
+@dataclass(frozen=True)
+class TcpConnect(Message):
+    """Turn this connection into a byte stream to the guest's 127.0.0.1:`port` (§4)."""
+
+    TYPE: ClassVar[int] = MsgType.TCP_CONNECT
+    port: int = 0
+
+    def encode_payload(self) -> bytes:
+        return _u32(self.port)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> TcpConnect:
+        r = _Reader(payload, "TCP_CONNECT")
+        port = r.u32()
+        r.end()
+        if not 1 <= port <= 65535:
+            raise AgentProtocolError(f"TCP_CONNECT: port {port} out of range")
+        return cls(port)
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -496,6 +516,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         GetFile,
         FileData,
         Seed,
+        TcpConnect,
     )
 }
 

@@ -44,6 +44,8 @@ CAP_USER = 1 << 8  # EXEC_USER: a command runs as a uid, gid and supplementary g
 #: SEED (§4): a per-test seed and wall clock (both agents announce it).
 CAP_SEED = 1 << 10
 MAX_SEED = 256
+#: TCP_CONNECT: the connection becomes a byte stream to a guest TCP port (Linux agent only).
+CAP_TCP = 1 << 9
 
 EXEC_STDIN = 1 << 0
 EXEC_SHELL = 1 << 1
@@ -78,6 +80,7 @@ class MsgType:
     GET_FILE = 0x21
     FILE_DATA = 0x22
     SEED = 0x40
+    TCP_CONNECT = 0x41
 
 
 TYPE_NAMES = {v: k for k, v in vars(MsgType).items() if not k.startswith("_")}
