@@ -1169,7 +1169,7 @@ class Machine:
         left = self._call_budget(timeout, 10.0)
         self._require_guest_running(f"connecting to guest TCP port {port}")
         try:
-            sock = self._vsock_connect(AGENT_PORT, left())
+            sock = self._vsock_connect(AGENT_PORT, left())[0]
         except VsockTimeout as exc:
             raise AgentTimeout(
                 f"the guest agent did not answer on vsock port {AGENT_PORT} within {timeout:g} s",
