@@ -8,7 +8,9 @@ An `Image` knows three things the plugin needs and nothing about pytest:
   host CPU/KVM facts), hashes the lot, and that hash names the base snapshot in the
   cache. A change in any part gives a new key, so a stale base is never reused.
 * `boot(vcpus, mem_mib, timeout=)`: a started `Machine` whose guest is *ready*
-  (its agent answers), i.e. exactly the state worth snapshotting.
+  (its agent answers), i.e. exactly the state worth snapshotting. An image with
+  `supports_mounts` also takes ``mounts=`` (`FsSpec`s, vmm/fsmounts.py) and boots
+  with those host directories mounted; the plugin asks only such images for mounts.
 * `build()`: make sure its artifacts exist (for `supermachine image build`).
 
 Images are found by name through the ``pytest_supermachine_image`` hook, whose
@@ -35,6 +37,8 @@ class Image(ABC):
     description: str = ""
     default_vcpus: int = 1
     default_mem_mib: int = 64
+    #: Whether `boot` takes ``mounts=`` (host directories over virtio-fs: Linux guests).
+    supports_mounts: bool = False
 
     @abstractmethod
     def key_parts(self, vcpus: int, mem_mib: int) -> Mapping[str, bytes | str]:

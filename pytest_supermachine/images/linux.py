@@ -14,7 +14,7 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from .image import Image
 from .kernel import KernelArtifacts, guest_kernel
 
 if TYPE_CHECKING:
+    from ..vmm.devices.hub import FsSpec
     from ..vmm.machine import Machine
 
 #: Kernel arguments every variant gets. `panic=-1`: a panic reboots at once, which the
@@ -65,6 +66,7 @@ class LinuxImage(Image):
     description = "Linux 6.1 (Debian source, our config) + busybox + the agent, in an initramfs"
     default_vcpus = 1
     default_mem_mib = 128
+    supports_mounts = True
 
     def kernel(self) -> KernelArtifacts:
         return guest_kernel(progress=_progress)
@@ -94,14 +96,17 @@ class LinuxImage(Image):
         """The virtio-blk disks the guest boots with (none; images with a root disk add theirs)."""
         return ()
 
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, mounts: Sequence[FsSpec] = ()
+    ) -> Machine:
+        """Boot to READY; `mounts` are mounted by the guest's init before it says READY."""
         from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
         if is_nested_pvm():
             timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
-        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks())
+        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks(), mounts=tuple(mounts))
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()

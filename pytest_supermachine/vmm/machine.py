@@ -61,11 +61,12 @@ from .agent import (
     read_ready,
 )
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, FsSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
+from .fsmounts import MountsArg, cmdline_token, mount_specs
 from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
@@ -105,12 +106,20 @@ class MachineConfig:
     reset_strategy: ResetStrategy = ResetStrategy.COPY
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
+    #: Host directories in the guest: guest path -> `Mount` or host path (relative to the
+    #: current directory), one virtio-fs device each (vmm/fsmounts.py); `validate` turns
+    #: the mapping into `FsSpec`s. Linux guests only.
+    mounts: MountsArg = ()
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
-        return [*([VsockSpec()] if self.vsock else []), *self.disks]
+        """The virtio devices, in slot order: vsock first (the agent's), then disks, then mounts."""
+        return [*([VsockSpec()] if self.vsock else []), *self.disks, *self.fs_specs()]
+
+    def fs_specs(self) -> tuple[FsSpec, ...]:
+        return mount_specs(self.mounts)
 
     def validate(self) -> None:
+        self.mounts = mount_specs(self.mounts)
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
             raise MachineError(f"vcpus must be 1..{lib.SM_MAX_VCPUS}, got {self.vcpus}")
         if not layout.MIN_MEM_MIB <= self.mem_mib <= layout.MAX_MEM_MIB:
@@ -238,6 +247,11 @@ class Machine:
         """
         self._require(MachineState.CREATED, "boot")
         assert self.memory is not None
+        if self.config.fs_specs():
+            raise MachineError(
+                "mounts need a Linux guest (the microguest has no FUSE client); "
+                "boot a Linux image or drop mounts="
+            )
         image = kernel if isinstance(kernel, boot.ElfImage) else boot.parse_elf(Path(kernel))
         low_end = layout.CMDLINE_ADDR + layout.CMDLINE_MAX
         if min(s.paddr for s in image.segments) < low_end:
@@ -276,7 +290,8 @@ class Machine:
         fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
         mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
         token per attached device appended, so the guest finds exactly the devices
-        this machine has. Power-off is the i8042 reset (boot with `reboot=k`),
+        this machine has, and with mounts the ``sm.mounts=`` token the agent's init
+        mounts them from (vmm/fsmounts.py). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -287,6 +302,7 @@ class Machine:
                 cmdline,
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
+                cmdline_token(self.config.fs_specs()),
             )
             if x
         )
@@ -590,6 +606,7 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
+                    mounts=tuple(x for x in plan.devices if isinstance(x, FsSpec)),
                 ),
                 kvm=kvm,
                 _memory=memory,

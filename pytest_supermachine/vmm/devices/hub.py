@@ -37,6 +37,7 @@ from ..snapshot.errors import SnapshotInvalid
 from .mmio_bus import MmioBus
 from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
+from .virtio.fs import VirtioFs
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from .virtio.vsock import VirtioVsock
 
@@ -67,25 +68,51 @@ class DiskSpec:
     """The image's content digest: snapshots record it and find the image by it."""
 
 
-DeviceSpec = VsockSpec | DiskSpec
+@dataclass(frozen=True)
+class FsSpec:
+    """A virtio-fs device serving the host directory `host_path` (absolute) under `tag`.
+
+    `guest_path` is where the Linux guest mounts it at boot (vmm/fsmounts.py builds
+    these from a ``mounts=`` mapping and tells the guest). Read-only unless
+    `writable`: the server answers writes with EROFS and the guest mounts it ``ro``.
+    The spec (host path and mode, never the contents) is recorded in snapshots,
+    and restore serves the same host directory as it is then.
+    """
+
+    tag: str
+    host_path: str
+    guest_path: str
+    writable: bool = False
+
+
+DeviceSpec = VsockSpec | DiskSpec | FsSpec
+#: The kind name of each spec type, as snapshots record it.
+SPEC_KINDS: dict[str, type[VsockSpec] | type[DiskSpec] | type[FsSpec]] = {
+    "vsock": VsockSpec,
+    "disk": DiskSpec,
+    "fs": FsSpec,
+}
+
+
+def spec_kind(spec: DeviceSpec) -> str:
+    return next(kind for kind, cls in SPEC_KINDS.items() if isinstance(spec, cls))
 
 
 def spec_to_dict(spec: DeviceSpec) -> dict[str, Any]:
-    return {"kind": "vsock" if isinstance(spec, VsockSpec) else "disk", **asdict(spec)}
+    return {"kind": spec_kind(spec), **asdict(spec)}
 
 
 def device_section(index: int, spec: DeviceSpec) -> str:
     """The snapshot section holding the state of the device in slot `index`."""
-    return f"device/{index}-{'vsock' if isinstance(spec, VsockSpec) else 'disk'}"
+    return f"device/{index}-{spec_kind(spec)}"
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
     fields = {k: v for k, v in data.items() if k != "kind"}
-    if data.get("kind") == "vsock":
-        return VsockSpec(**fields)
-    if data.get("kind") == "disk":
-        return DiskSpec(**fields)
-    raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
+    cls = SPEC_KINDS.get(data.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
+    return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- state encoding
@@ -207,8 +234,17 @@ class DeviceHub:
     def _attach(
         self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory, mmio: MmioBus
     ) -> None:
+        device: VirtioVsock | VirtioBlock | VirtioFs
         if isinstance(spec, VsockSpec):
-            device: VirtioVsock | VirtioBlock = VirtioVsock(guest_cid=spec.guest_cid)
+            device = VirtioVsock(guest_cid=spec.guest_cid)
+        elif isinstance(spec, FsSpec):
+            try:
+                device = VirtioFs(spec.host_path, spec.tag, writable=spec.writable)
+            except OSError as e:
+                raise MachineError(
+                    f"mount {spec.guest_path}: host directory {spec.host_path} cannot be "
+                    f"served ({e.strerror})"
+                ) from None
         else:
             device = VirtioBlock(
                 spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial
@@ -358,12 +394,18 @@ class DeviceHub:
                 self._leaf_states[d.section] = states[-1]  # vsock: restore tells the guest
 
     def reset(self) -> None:
-        """Return every device to the state it had at restore (disk blocks written since dropped)."""
+        """Return every device to the state it had at restore (disk blocks written since dropped).
+
+        A virtio-fs device gets its FUSE session back as the snapshot had it (node
+        table and open handles re-bound against the host directory as it is now),
+        because the guest's RAM, which refers to them, goes back too.
+        """
         with self._activity:
             for d in self.devices:
                 state = dict(self._leaf_states[d.section])
-                state.pop("device", None)  # keep content; roll disks back by mark instead
                 device = d.transport.device
+                if not isinstance(device, VirtioFs):
+                    state.pop("device", None)  # keep content; roll disks back by mark instead
                 if isinstance(device, VirtioBlock):
                     device.discard_to(self._disk_marks[d.slot.index])
                 d.transport.restore_state(state)

@@ -1,0 +1,154 @@
+"""Mounts on a real machine: one virtio-fs device per mount, kept by snapshots, restore and reset.
+
+No guest runs here (the microguest has no FUSE client): the FUSE session is
+driven from the host side of the device, as the guest's requests would drive it,
+to check what the machine does with it (the Linux tier runs the real client).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_supermachine.errors import MachineError
+from pytest_supermachine.mounts import Mount
+from pytest_supermachine.vmm.devices.hub import FsSpec
+from pytest_supermachine.vmm.devices.virtio.fs import VirtioFs
+from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
+from pytest_supermachine.vmm.machine import Machine
+from pytest_supermachine.vmm.snapshot import SnapshotInvalid
+
+OUT_HEADER = FUSE.sizeof("fuse_out_header")
+
+
+def fuse(fs: VirtioFs, opcode: str, nodeid: int, body: bytes) -> tuple[int, bytes]:
+    """One request to the device's FUSE server, as the guest would queue it: (errno, payload)."""
+    head = FUSE.build(
+        "fuse_in_header",
+        len=FUSE.sizeof("fuse_in_header") + len(body),
+        opcode=OPCODES[opcode],
+        unique=7,
+        nodeid=nodeid,
+    )
+    reply = fs.server.handle(head + body)
+    assert reply is not None
+    return -int(FUSE.parse("fuse_out_header", reply).error), reply[OUT_HEADER:]
+
+
+def open_file(fs: VirtioFs, name: bytes) -> tuple[int, int]:
+    """(node id, file handle) of `name` in the mount root, opened read-only."""
+    err, entry = fuse(fs, "FUSE_LOOKUP", 1, name + b"\0")
+    assert err == 0, os.strerror(err)
+    nodeid = int(FUSE.parse("fuse_entry_out", entry).nodeid)
+    err, opened = fuse(fs, "FUSE_OPEN", nodeid, FUSE.build("fuse_open_in", flags=os.O_RDONLY))
+    assert err == 0, os.strerror(err)
+    return nodeid, int(FUSE.parse("fuse_open_out", opened).fh)
+
+
+def read(fs: VirtioFs, nodeid: int, fh: int) -> tuple[int, bytes]:
+    return fuse(fs, "FUSE_READ", nodeid, FUSE.build("fuse_read_in", fh=fh, size=4096))
+
+
+def release(fs: VirtioFs, nodeid: int, fh: int) -> int:
+    return fuse(fs, "FUSE_RELEASE", nodeid, FUSE.build("fuse_release_in", fh=fh))[0]
+
+
+def fs_devices(m: Machine) -> list[VirtioFs]:
+    return [d.transport.device for d in m.devices.devices if isinstance(d.spec, FsSpec)]  # type: ignore[misc]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "file.txt").write_bytes(b"first\n")
+    return a, b
+
+
+@pytest.fixture
+def machines() -> Callable[..., Machine]:
+    made: list[Machine] = []
+
+    def make(m: Machine) -> Machine:
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+
+
+def test_each_mount_is_one_fs_device_tagged_in_guest_path_order(dirs, machines):
+    a, b = dirs
+    m = machines(Machine(mem_mib=16, mounts={"/z": b, "/a": Mount(a, writable=True)}))
+    specs = [d.spec for d in m.devices.devices if isinstance(d.spec, FsSpec)]
+    assert specs == [
+        FsSpec("smfs0", str(a), "/a", writable=True),
+        FsSpec("smfs1", str(b), "/z", writable=False),
+    ]
+    assert [(fs.tag, fs.server.writable) for fs in fs_devices(m)] == [
+        ("smfs0", True),
+        ("smfs1", False),
+    ]
+
+
+def test_a_mount_of_a_missing_directory_fails_before_the_machine_exists(tmp_path):
+    with pytest.raises(MachineError, match="nope"):
+        Machine(mem_mib=16, mounts={"/src": tmp_path / "nope"})
+
+
+def test_the_microguest_refuses_mounts_with_a_clear_error(dirs, machines, microguest_elf):
+    m = machines(Machine(mem_mib=16, mounts={"/src": dirs[0]}))
+    with pytest.raises(MachineError, match="mounts need a Linux guest"):
+        m.boot_direct64(microguest_elf)
+
+
+def test_a_snapshot_carries_the_mounts_and_reopens_open_files_on_restore(dirs, machines, tmp_path):
+    a, _ = dirs
+    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
+    [fs] = fs_devices(m)
+    nodeid, fh = open_file(fs, b"file.txt")
+    m.snapshot(tmp_path / "s.snap")
+    (a / "file.txt").write_bytes(b"second, from the host\n")
+
+    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+    [fs2] = fs_devices(restored)
+    assert fs2.tag == "smfs0" and fs2.server.host.path == str(a)
+    assert read(fs2, nodeid, fh) == (0, b"second, from the host\n")
+
+
+def test_reset_gives_back_the_open_files_of_the_snapshot(dirs, machines, tmp_path):
+    a, _ = dirs
+    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
+    nodeid, fh = open_file(fs_devices(m)[0], b"file.txt")
+    m.snapshot(tmp_path / "s.snap")
+    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+    [fs] = fs_devices(restored)
+    assert release(fs, nodeid, fh) == 0
+    assert read(fs, nodeid, fh)[0] == errno.EBADF
+    restored.reset(resume=False)
+    assert read(fs, nodeid, fh) == (0, b"first\n")
+
+
+def test_a_file_gone_since_the_snapshot_is_stale_not_a_host_error(dirs, machines, tmp_path):
+    a, _ = dirs
+    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
+    nodeid, fh = open_file(fs_devices(m)[0], b"file.txt")
+    m.snapshot(tmp_path / "s.snap")
+    (a / "file.txt").unlink()
+    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+    assert read(fs_devices(restored)[0], nodeid, fh)[0] == errno.ESTALE
+
+
+def test_a_snapshot_whose_mounted_directory_is_gone_is_refused(dirs, machines, tmp_path):
+    a, _ = dirs
+    machines(Machine(mem_mib=16, mounts={"/src": a})).snapshot(tmp_path / "s.snap")
+    (a / "file.txt").unlink()
+    a.rmdir()
+    with pytest.raises(SnapshotInvalid, match="not an existing absolute directory"):
+        Machine.restore(tmp_path / "s.snap", start=False)
