@@ -14,7 +14,7 @@ attaches one virtio-fs device (`FsSpec`) per mount. Guarantees:
   ``/sys``, ``/dev`` or ``/.supermachine``, and without whitespace, ``,``, ``:``,
   quotes or backslashes (they travel on the kernel command line).
 * **The guest is told on its command line**: `cmdline_token` gives
-  ``sm.mounts=<tag>:<ro|rw>:<guest path>[,...]``, which the Linux agent's init
+  ``sm.mounts=<tag>:<ro|rw>[+dax]:<guest path>[,...]``, which the Linux agent's init
   (guest/agent/init.c) reads at boot to ``mount -t virtiofs <tag> <guest path>``
   (``ro`` mounts with ``MS_RDONLY``, so writes fail with EROFS in the guest
   before they reach the host, where the server refuses them again). Only a Linux
@@ -37,6 +37,10 @@ from .devices.hub import FsSpec
 MountsArg: TypeAlias = "Mapping[str, Mount | str | os.PathLike[str]] | Iterable[FsSpec]"
 
 TAG_PREFIX = "smfs"
+#: The DAX window of a ``Mount(..., dax=True)``: Linux maps files in 2 MiB ranges and
+#: reclaims them when the window is full, so this bounds the mapped working set, not
+#: the file sizes. Each window costs the guest struct pages (16 KiB per 2 MiB) at boot.
+DAX_WINDOW_MIB = 256
 CMDLINE_KEY = "sm.mounts"
 RESERVED_GUEST_DIRS = ("/proc", "/sys", "/dev", "/.supermachine")
 _FORBIDDEN_CHARS = frozenset(" \t\n\r\v\f,:\"'\\\0")
@@ -84,17 +88,28 @@ def mount_specs(
         resolved.append((guest_path, mount))
     resolved.sort()
     return tuple(
-        FsSpec(f"{TAG_PREFIX}{i}", mount.host_path, guest_path, mount.writable)
+        FsSpec(
+            f"{TAG_PREFIX}{i}",
+            mount.host_path,
+            guest_path,
+            mount.writable,
+            DAX_WINDOW_MIB if mount.dax else 0,
+        )
         for i, (guest_path, mount) in enumerate(resolved)
     )
 
 
 def cmdline_token(specs: Iterable[FsSpec]) -> str:
     """The ``sm.mounts=`` token telling the Linux guest what to mount where ("" for none)."""
-    entries = [f"{s.tag}:{'rw' if s.writable else 'ro'}:{s.guest_path}" for s in specs]
+    entries = [
+        f"{s.tag}:{'rw' if s.writable else 'ro'}{'+dax' if s.dax_mib else ''}:{s.guest_path}"
+        for s in specs
+    ]
     return f"{CMDLINE_KEY}={','.join(entries)}" if entries else ""
 
 
 def key_of(specs: Iterable[FsSpec]) -> str:
     """What a snapshot key records of a mount set: guest path, host path, mode; never contents."""
-    return ",".join(f"{s.guest_path}={Mount(s.host_path, s.writable).key()}" for s in specs)
+    return ",".join(
+        f"{s.guest_path}={Mount(s.host_path, s.writable, dax=bool(s.dax_mib)).key()}" for s in specs
+    )

@@ -146,6 +146,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "host_path": (str,),
     "guest_path": (str,),
     "writable": (bool,),
+    "dax_mib": (int,),
 }
 
 
@@ -210,6 +211,13 @@ def _check_mount(spec: FsSpec, index: int) -> FsSpec:
         raise SnapshotInvalid(
             "machine", f"device {index}: mount tag {spec.tag!r} is not 1..36 bytes"
         )
+    if spec.dax_mib:
+        try:
+            layout.dax_window(index, spec.dax_mib * layout.MiB)
+        except DeviceLayoutError as e:
+            raise SnapshotInvalid("machine", f"device {index}: {e}") from None
+        if spec.writable:
+            raise SnapshotInvalid("machine", f"device {index}: a DAX window on a writable mount")
     try:
         check_guest_path(spec.guest_path)
     except ValueError as e:

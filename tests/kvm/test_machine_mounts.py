@@ -16,9 +16,18 @@ import pytest
 
 from pytest_supermachine.errors import MachineError
 from pytest_supermachine.mounts import Mount
+from pytest_supermachine.vmm import layout
 from pytest_supermachine.vmm.devices.hub import FsSpec
 from pytest_supermachine.vmm.devices.virtio.fs import VirtioFs
 from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
+from pytest_supermachine.vmm.devices.virtio.mmio import (
+    REG_SHM_BASE_HIGH,
+    REG_SHM_BASE_LOW,
+    REG_SHM_LEN_HIGH,
+    REG_SHM_LEN_LOW,
+    REG_SHM_SEL,
+)
+from pytest_supermachine.vmm.fsmounts import DAX_WINDOW_MIB
 from pytest_supermachine.vmm.machine import Machine
 from pytest_supermachine.vmm.snapshot import SnapshotInvalid
 
@@ -152,3 +161,61 @@ def test_a_snapshot_whose_mounted_directory_is_gone_is_refused(dirs, machines, t
     a.rmdir()
     with pytest.raises(SnapshotInvalid, match="not an existing absolute directory"):
         Machine.restore(tmp_path / "s.snap", start=False)
+
+
+def shm_register(m: Machine, offset: int, sel: int = 0) -> int:
+    [attached] = [d for d in m.devices.devices if isinstance(d.spec, FsSpec)]
+    attached.transport.write(REG_SHM_SEL, sel.to_bytes(4, "little"))
+    return int.from_bytes(attached.transport.read(offset, 4), "little")
+
+
+def test_a_dax_mount_offers_its_window_as_shared_memory_region_0(dirs, machines):
+    m = machines(Machine(mem_mib=16, mounts={"/src": Mount(dirs[0], dax=True)}))
+    window = layout.dax_window(1, DAX_WINDOW_MIB * layout.MiB)  # slot 0 is the vsock
+    length = shm_register(m, REG_SHM_LEN_LOW) | shm_register(m, REG_SHM_LEN_HIGH) << 32
+    base = shm_register(m, REG_SHM_BASE_LOW) | shm_register(m, REG_SHM_BASE_HIGH) << 32
+    assert (base, length) == (window.gpa, window.size)
+    assert shm_register(m, REG_SHM_LEN_LOW, sel=1) == 0xFFFF_FFFF  # no region 1
+
+
+def test_a_mount_without_dax_has_no_shared_memory_region(dirs, machines):
+    m = machines(Machine(mem_mib=16, mounts={"/src": dirs[0]}))
+    assert shm_register(m, REG_SHM_LEN_LOW) == shm_register(m, REG_SHM_LEN_HIGH) == 0xFFFF_FFFF
+
+
+def setup_mapping(fs: VirtioFs, nodeid: int, fh: int, moffset: int, length: int) -> int:
+    body = FUSE.build(
+        "fuse_setupmapping_in", fh=fh, foffset=0, len=length, flags=0, moffset=moffset
+    )
+    return fuse(fs, "FUSE_SETUPMAPPING", nodeid, body)[0]
+
+
+def test_dax_mappings_show_the_host_file_and_are_mapped_again_on_restore(dirs, machines, tmp_path):
+    a, _ = dirs
+    (a / "file.txt").write_bytes(b"mapped\n")
+    m = machines(Machine(mem_mib=16, mounts={"/src": Mount(a, dax=True)}))
+    [fs] = fs_devices(m)
+    nodeid, fh = open_file(fs, b"file.txt")
+    assert setup_mapping(fs, nodeid, fh, 2 * layout.MiB, 2 * layout.MiB) == 0
+    assert fs.dax.read(2 * layout.MiB, 8) == b"mapped\n\0"  # past EOF: zero pages
+    m.snapshot(tmp_path / "s.snap")
+    (a / "file.txt").write_bytes(b"changed\n")
+
+    [fs2] = fs_devices(machines(Machine.restore(tmp_path / "s.snap", start=False)))
+    assert fs2.dax.read(2 * layout.MiB, 9) == b"changed\n\0"
+    assert fs2.dax.read(0, 4) == b"\0\0\0\0"  # never mapped
+
+
+def test_a_read_only_dax_window_refuses_writable_mappings(dirs, machines):
+    m = machines(Machine(mem_mib=16, mounts={"/src": Mount(dirs[0], dax=True)}))
+    [fs] = fs_devices(m)
+    nodeid, fh = open_file(fs, b"file.txt")
+    body = FUSE.build(
+        "fuse_setupmapping_in",
+        fh=fh,
+        foffset=0,
+        len=2 * layout.MiB,
+        flags=FUSE.const["FUSE_SETUPMAPPING_FLAG_WRITE"],
+        moffset=0,
+    )
+    assert fuse(fs, "FUSE_SETUPMAPPING", nodeid, body)[0] == errno.EROFS

@@ -21,7 +21,8 @@
  *      does; the initramfs files stay, ~3 MB, because that bind uses them);
  *   4. with sm.mounts=TAG:MODE:PATH[,...] (the VMM's virtio-fs mounts, vmm/fsmounts.py):
  *      mkdir -p PATH in the (switched) root and mount virtiofs TAG there, read-only
- *      (MS_RDONLY: writes fail with EROFS) unless MODE is rw;
+ *      (MS_RDONLY: writes fail with EROFS) unless MODE is rw; MODE ro+dax mounts
+ *      with dax=always (file pages mapped from the device's DAX window);
  *   5. PATH (ending in /.supermachine/bin after a switch), HOME=/root; cwd /.
  *
  * The commands the agent runs then see the switched root. EXEC_SHELL uses
@@ -209,9 +210,10 @@ static void mount_virtiofs(void)
         }
         *mode++ = 0;
         *path++ = 0;
-        unsigned long flags = MS_NOSUID | MS_NODEV | (strcmp(mode, "rw") ? MS_RDONLY : 0);
+        unsigned long flags = MS_NOSUID | MS_NODEV | (strncmp(mode, "rw", 2) ? MS_RDONLY : 0);
+        const char *data = strstr(mode, "+dax") ? "dax=always" : NULL;
         mkdirs(path);
-        if (mount(entry, path, "virtiofs", flags, NULL) < 0)
+        if (mount(entry, path, "virtiofs", flags, data) < 0)
             logmsg("init: mount virtiofs %s on %s (%s): %s", entry, path, mode, strerror(errno));
     }
 }

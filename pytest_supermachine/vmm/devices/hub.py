@@ -38,6 +38,8 @@ from .mmio_bus import MmioBus
 from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
 from .virtio.fs import VirtioFs
+from .virtio.fs.device import SHM_CACHE
+from .virtio.fs.window import HostDaxWindow
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from .virtio.vsock import VirtioVsock
 
@@ -83,6 +85,8 @@ class FsSpec:
     host_path: str
     guest_path: str
     writable: bool = False
+    dax_mib: int = 0
+    """Size of the DAX window (0: none); the guest mounts with ``dax=always`` then."""
 
 
 DeviceSpec = VsockSpec | DiskSpec | FsSpec
@@ -223,6 +227,8 @@ class DeviceHub:
         self.error: BaseException | None = None
         self._disk_marks: dict[int, int] = {}
         self._leaf_states: dict[str, dict[str, Any]] = {}
+        self._windows: list[HostDaxWindow] = []
+        self._shm_bases: dict[int, dict[int, int]] = {}
         try:
             for slot, spec in zip(layout.device_slots(len(specs)), specs, strict=True):
                 self._attach(slot, spec, memory, mmio)
@@ -239,7 +245,7 @@ class DeviceHub:
             device = VirtioVsock(guest_cid=spec.guest_cid)
         elif isinstance(spec, FsSpec):
             try:
-                device = VirtioFs(spec.host_path, spec.tag, writable=spec.writable)
+                device = self._fs_device(slot, spec)
             except OSError as e:
                 raise MachineError(
                     f"mount {spec.guest_path}: host directory {spec.host_path} cannot be "
@@ -251,6 +257,7 @@ class DeviceHub:
             )
         irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         transport = VirtioMmioTransport(device, memory, lambda fd=irqfd: os.eventfd_write(fd, 1))
+        transport.shm_bases.update(self._shm_bases.get(slot.index, {}))
         attached = AttachedDevice(spec, slot, transport, irqfd, [])
         self.devices.append(attached)  # registered first, so close() releases it on failure
         self._vm.irqfd(irqfd, slot.irq)
@@ -268,6 +275,24 @@ class DeviceHub:
                 (False, lambda d=device, t=transport: d.service(t)),
             )
         mmio.register(slot.mmio_base, slot.mmio_size, transport)
+
+    def _fs_device(self, slot: layout.DeviceSlot, spec: FsSpec) -> VirtioFs:
+        """The virtio-fs device of `spec`, with its DAX window mapped as a KVM slot if it has one."""
+        if not spec.dax_mib:
+            return VirtioFs(spec.host_path, spec.tag, writable=spec.writable)
+        region = layout.dax_window(slot.index, spec.dax_mib * layout.MiB)
+        window = HostDaxWindow(region.size, writable=spec.writable)
+        self._windows.append(window)
+        self._vm.set_user_memory_region(
+            layout.DAX_SLOT_BASE + slot.index,
+            region.gpa,
+            region.size,
+            window.address,
+            read_only=not spec.writable,
+        )
+        device = VirtioFs(spec.host_path, spec.tag, writable=spec.writable, dax=window)
+        self._shm_bases[slot.index] = {SHM_CACHE: region.gpa}
+        return device
 
     # ------------------------------------------------------------------ serving
 
@@ -430,6 +455,9 @@ class DeviceHub:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.devices = []
+        for window in self._windows:
+            window.close()
+        self._windows = []
         self._selector.close()
         with contextlib.suppress(OSError):
             os.close(self._wakeup)
