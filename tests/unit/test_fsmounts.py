@@ -7,7 +7,13 @@ import pytest
 from pytest_supermachine.errors import MachineError
 from pytest_supermachine.mounts import Mount
 from pytest_supermachine.vmm.devices.hub import FsSpec, spec_from_dict, spec_to_dict
-from pytest_supermachine.vmm.fsmounts import check_guest_path, cmdline_token, key_of, mount_specs
+from pytest_supermachine.vmm.fsmounts import (
+    DAX_WINDOW_MIB,
+    check_guest_path,
+    cmdline_token,
+    key_of,
+    mount_specs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +59,10 @@ def test_an_fs_spec_round_trips_through_the_snapshots_device_list(tmp_path):
     spec = FsSpec("smfs0", str(tmp_path), "/src", True)
     assert spec_to_dict(spec)["kind"] == "fs"
     assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+def test_a_dax_mount_gets_a_window_and_tells_the_guest(tmp_path):
+    [spec] = mount_specs({"/src": Mount(tmp_path, dax=True)})
+    assert spec.dax_mib == DAX_WINDOW_MIB and not spec.writable
+    assert cmdline_token([spec]) == "sm.mounts=smfs0:ro+dax:/src"
+    assert key_of([spec]) == f"/src={tmp_path}:ro:dax"

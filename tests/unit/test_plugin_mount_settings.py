@@ -87,3 +87,9 @@ def test_an_image_without_mount_support_refuses_mounts_before_any_vm(tmp_path):
             factory.base("microguest", mounts={"/src": "."})
     finally:
         factory.close()
+
+
+def test_ini_dax_suffix_asks_for_a_dax_window():
+    assert resolve(supermachine_mounts="/src=.:dax").mounts == (("/src", Mount(".", dax=True)),)
+    with pytest.raises(SettingsError, match="read-only"):
+        resolve(supermachine_mounts="/src=.:rw:dax")
