@@ -11,8 +11,12 @@
 * interrupts: one `irqfd` per device on its IOAPIC line;
 * one event thread (`selectors`) reading the doorbells and the vsock muxer's
   host-side readiness, and calling the transports;
+* DAX windows: a virtio-fs mount with ``dax_mib`` gets a `HostDaxWindow` registered
+  as its own KVM memory slot at `layout.dax_window` and announced as the
+  transport's shared-memory region 0;
 * state: device sections for snapshots, restore (chains applied in order so a
-  disk's overlay is rebuilt base first), and in-place reset;
+  disk's overlay is rebuilt base first), and in-place reset (a virtio-fs device
+  gets its FUSE session back as the snapshot had it, re-bound to the host);
 * `quiesced()`: holds the event thread still while the machine is captured or
   reset, so no device writes guest RAM behind the pause barrier's back.
 """
