@@ -117,26 +117,29 @@ def test_the_microguest_refuses_mounts_with_a_clear_error(dirs, machines, microg
         m.boot_direct64(microguest_elf)
 
 
-def test_a_snapshot_carries_the_mounts_and_reopens_open_files_on_restore(dirs, machines, tmp_path):
-    a, _ = dirs
-    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
-    [fs] = fs_devices(m)
-    nodeid, fh = open_file(fs, b"file.txt")
+@pytest.fixture
+def held(dirs, machines, tmp_path) -> tuple[Path, int, int]:
+    """A snapshot of a machine mounting dirs[0] at /src with file.txt open: (path, node, fh)."""
+    m = machines(Machine(mem_mib=16, mounts={"/src": dirs[0]}))
+    nodeid, fh = open_file(fs_devices(m)[0], b"file.txt")
     m.snapshot(tmp_path / "s.snap")
+    return tmp_path / "s.snap", nodeid, fh
+
+
+def test_a_snapshot_carries_the_mounts_and_reopens_open_files_on_restore(dirs, machines, held):
+    a, _ = dirs
+    snap, nodeid, fh = held
     (a / "file.txt").write_bytes(b"second, from the host\n")
 
-    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+    restored = machines(Machine.restore(snap, start=False))
     [fs2] = fs_devices(restored)
     assert fs2.tag == "smfs0" and fs2.server.host.path == str(a)
     assert read(fs2, nodeid, fh) == (0, b"second, from the host\n")
 
 
-def test_reset_gives_back_the_open_files_of_the_snapshot(dirs, machines, tmp_path):
-    a, _ = dirs
-    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
-    nodeid, fh = open_file(fs_devices(m)[0], b"file.txt")
-    m.snapshot(tmp_path / "s.snap")
-    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+def test_reset_gives_back_the_open_files_of_the_snapshot(machines, held):
+    snap, nodeid, fh = held
+    restored = machines(Machine.restore(snap, start=False))
     [fs] = fs_devices(restored)
     assert release(fs, nodeid, fh) == 0
     assert read(fs, nodeid, fh)[0] == errno.EBADF
@@ -144,13 +147,10 @@ def test_reset_gives_back_the_open_files_of_the_snapshot(dirs, machines, tmp_pat
     assert read(fs, nodeid, fh) == (0, b"first\n")
 
 
-def test_a_file_gone_since_the_snapshot_is_stale_not_a_host_error(dirs, machines, tmp_path):
-    a, _ = dirs
-    m = machines(Machine(mem_mib=16, mounts={"/src": a}))
-    nodeid, fh = open_file(fs_devices(m)[0], b"file.txt")
-    m.snapshot(tmp_path / "s.snap")
-    (a / "file.txt").unlink()
-    restored = machines(Machine.restore(tmp_path / "s.snap", start=False))
+def test_a_file_gone_since_the_snapshot_is_stale_not_a_host_error(dirs, machines, held):
+    snap, nodeid, fh = held
+    (dirs[0] / "file.txt").unlink()
+    restored = machines(Machine.restore(snap, start=False))
     assert read(fs_devices(restored)[0], nodeid, fh)[0] == errno.ESTALE
 
 
