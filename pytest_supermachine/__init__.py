@@ -20,6 +20,7 @@ from .errors import (
     MachineError,
     SupermachineError,
 )
+from .mounts import Mount
 
 if TYPE_CHECKING:
     from .fixtures.factory import MicrovmFactory, SnapshotInfo
@@ -86,6 +87,7 @@ __all__ = [
     "Machine",
     "MachineError",
     "MicrovmFactory",
+    "Mount",
     "RunResult",
     "SnapshotError",
     "SnapshotInfo",

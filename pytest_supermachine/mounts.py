@@ -8,6 +8,9 @@ only, because the VMM serves the directory as it is when the VM reads it.
 
 Read-only is the default. A writable mount writes through to the host: those
 writes are not VM state, so neither a reset nor a restore undoes them.
+
+``dax=True`` (read-only mounts only) gives the device a DAX window: the guest
+maps file pages of the host's page cache instead of copying them (docs/fs.md).
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ class Mount:
 
     host_path: str
     writable: bool = False
+    dax: bool = False
 
-    def __init__(self, host_path: str | os.PathLike[str], writable: bool = False) -> None:
+    def __init__(
+        self, host_path: str | os.PathLike[str], writable: bool = False, *, dax: bool = False
+    ) -> None:
         path = os.fspath(host_path)
         if not path or "\0" in path:
             raise ValueError(f"a mount needs a host directory path, got {host_path!r}")
+        if dax and writable:
+            raise ValueError("DAX is for read-only mounts (Mount(path, dax=True))")
         object.__setattr__(self, "host_path", path)
         object.__setattr__(self, "writable", bool(writable))
+        object.__setattr__(self, "dax", bool(dax))
 
     @classmethod
     def of(cls, value: Mount | str | os.PathLike[str]) -> Mount:
@@ -42,8 +51,8 @@ class Mount:
         path = Path(root, self.host_path).resolve()
         if not path.is_dir():
             raise NotADirectoryError(f"mount source {self.host_path!r} is not a directory ({path})")
-        return Mount(path, self.writable)
+        return Mount(path, self.writable, dax=self.dax)
 
     def key(self) -> str:
         """What a snapshot key records of this mount: the host path and the mode."""
-        return f"{self.host_path}:{'rw' if self.writable else 'ro'}"
+        return f"{self.host_path}:{'rw' if self.writable else 'ro'}{':dax' if self.dax else ''}"

@@ -10,7 +10,9 @@ An `Image` knows three things the plugin needs and nothing about pytest:
 * `boot(vcpus, mem_mib, timeout=, network=)`: a started `Machine` whose guest is
   *ready* (its agent answers), i.e. exactly the state worth snapshotting. `network`
   (``Machine(network=...)``: a NIC and its egress allow-list) is passed only when a
-  test asks for a NIC, so images that cannot drive one need not accept it.
+  test asks for a NIC, so images that cannot drive one need not accept it. An image
+  with `supports_mounts` also takes ``mounts=`` (`FsSpec`s, vmm/fsmounts.py) and boots
+  with those host directories mounted; the plugin asks only such images for mounts.
 * `build()`: make sure its artifacts exist (for `supermachine image build`).
 
 Images are found by name through the ``pytest_supermachine_image`` hook, whose
@@ -37,6 +39,8 @@ class Image(ABC):
     description: str = ""
     default_vcpus: int = 1
     default_mem_mib: int = 64
+    #: Whether `boot` takes ``mounts=`` (host directories over virtio-fs: Linux guests).
+    supports_mounts: bool = False
 
     @abstractmethod
     def key_parts(self, vcpus: int, mem_mib: int) -> Mapping[str, bytes | str]:

@@ -26,7 +26,7 @@ from .image import Image
 from .kernel import KernelArtifacts, guest_kernel
 
 if TYPE_CHECKING:
-    from ..vmm.devices.hub import BalloonSpec
+    from ..vmm.devices.hub import BalloonSpec, FsSpec
     from ..vmm.machine import Machine
 
 #: Kernel arguments every variant gets. `panic=-1`: a panic reboots at once, which the
@@ -67,6 +67,7 @@ class LinuxImage(Image):
     description = "Linux 6.1 (Debian source, our config) + busybox + the agent, in an initramfs"
     default_vcpus = 1
     default_mem_mib = 128
+    supports_mounts = True
 
     def kernel(self) -> KernelArtifacts:
         return guest_kernel(progress=_progress)
@@ -139,8 +140,15 @@ class LinuxImage(Image):
         return BalloonSpec()
 
     def boot(
-        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+        self,
+        vcpus: int,
+        mem_mib: int,
+        *,
+        timeout: float,
+        network: bool | Sequence[str] = False,
+        mounts: Sequence[FsSpec] = (),
     ) -> Machine:
+        """Boot to READY; `mounts` are mounted by the guest's init before it says READY."""
         from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
@@ -154,6 +162,7 @@ class LinuxImage(Image):
             disks=self.disks(),
             balloon=self.balloon(),
             network=network,
+            mounts=tuple(mounts),
         )
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)

@@ -153,11 +153,20 @@ class Vm:
         self.fd = fd
 
     def set_user_memory_region(
-        self, slot: int, gpa: int, size: int, host_address: int, *, log_dirty: bool = False
+        self,
+        slot: int,
+        gpa: int,
+        size: int,
+        host_address: int,
+        *,
+        log_dirty: bool = False,
+        read_only: bool = False,
     ) -> None:
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, gpa, size, host_address
-        r.flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+        r.flags = (lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0) | (
+            lib.KVM_MEM_READONLY if read_only else 0
+        )
         _check(
             lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r),
             f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {size >> 20} MiB at {gpa:#x})",

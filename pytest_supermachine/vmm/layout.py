@@ -18,6 +18,8 @@ device window are.
     0xd000_0000  virtio-mmio windows, one 4 KiB page per device
     0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in-kernel)
     4 GiB ...    RAM above the 32-bit hole, when mem > RAM_LOW_MAX
+    64 GiB       virtio-fs DAX windows (not RAM: host file pages), one 1 GiB stride per
+                 device slot, each its own KVM memory slot (DAX_SLOT_BASE + slot index)
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ def ram_regions(mem_bytes: int) -> list[RamRegion]:
     if mem_bytes > low:
         regions.append(RamRegion(HIGH_RAM_START, mem_bytes - low))
     return regions
+
+
+#: virtio-fs DAX windows: above the most RAM a machine can have (4 GiB + MAX_MEM_MIB), so a
+#: window never overlaps RAM; device slot i's window starts at DAX_BASE + i * DAX_STRIDE.
+DAX_BASE = 64 * GiB
+DAX_STRIDE = GiB
+DAX_MAX_BYTES = DAX_STRIDE
+DAX_SLOT_BASE = 16  # KVM memory slot numbers of the windows (RAM uses 0 and 1)
+
+
+def dax_window(slot_index: int, size: int) -> RamRegion:
+    """Where device slot `slot_index`'s DAX window of `size` bytes lives (guest-physical)."""
+    if not 0 < size <= DAX_MAX_BYTES or size % (2 * MiB):
+        raise DeviceLayoutError(
+            f"a DAX window is 2 MiB..{DAX_MAX_BYTES >> 20} MiB in 2 MiB steps, got {size} bytes"
+        )
+    return RamRegion(DAX_BASE + slot_index * DAX_STRIDE, size)
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,21 @@ from .agent import (
 )
 from .agent.users import ResolvedUser, resolve_in_guest
 from .cpuid import CpuidTable
-from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, NetSpec, VsockSpec
+from .devices.hub import (
+    BalloonSpec,
+    DeviceHub,
+    DeviceSpec,
+    DiskSpec,
+    FsSpec,
+    NetSpec,
+    VsockSpec,
+)
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
 from .devices.virtio.balloon import BalloonStats
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
+from .fsmounts import MountsArg, cmdline_token, mount_specs
 from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
@@ -117,18 +126,28 @@ class MachineConfig:
     #: False: no NIC (hermetic); True: a NIC reaching anything; a list of ``host:port`` /
     #: ``cidr:port`` patterns: a NIC reaching only those (docs/network.md).
     network: bool | Sequence[str] | NetSpec = False
+    #: Host directories in the guest: guest path -> `Mount` or host path (relative to the
+    #: current directory), one virtio-fs device each (vmm/fsmounts.py); `validate` turns
+    #: the mapping into `FsSpec`s. Linux guests only.
+    mounts: MountsArg = ()
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), disks, balloon, NIC."""
+        """The virtio devices, in slot order: vsock first (the agent's), disks, balloon, NIC,
+        then mounts."""
         nic = NetSpec.from_setting(self.network)
         return [
             *([VsockSpec()] if self.vsock else []),
             *self.disks,
             *([self.balloon] if self.balloon is not None else []),
             *([nic] if nic else []),
+            *self.fs_specs(),
         ]
 
+    def fs_specs(self) -> tuple[FsSpec, ...]:
+        return mount_specs(self.mounts)
+
     def validate(self) -> None:
+        self.mounts = mount_specs(self.mounts)
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
             raise MachineError(f"vcpus must be 1..{lib.SM_MAX_VCPUS}, got {self.vcpus}")
         if not layout.MIN_MEM_MIB <= self.mem_mib <= layout.MAX_MEM_MIB:
@@ -281,6 +300,11 @@ class Machine:
         """
         self._require(MachineState.CREATED, "boot")
         assert self.memory is not None
+        if self.config.fs_specs():
+            raise MachineError(
+                "mounts need a Linux guest (the microguest has no FUSE client); "
+                "boot a Linux image or drop mounts="
+            )
         image = kernel if isinstance(kernel, boot.ElfImage) else boot.parse_elf(Path(kernel))
         low_end = layout.CMDLINE_ADDR + layout.CMDLINE_MAX
         if min(s.paddr for s in image.segments) < low_end:
@@ -319,8 +343,9 @@ class Machine:
         fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
         mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
         token per attached device appended, so the guest finds exactly the devices
-        this machine has, and with a NIC the ``ip=`` that configures it (the
-        network's addressing: no DHCP client needed). Power-off is the i8042 reset (boot with `reboot=k`),
+        this machine has; with a NIC the ``ip=`` that configures it (the
+        network's addressing: no DHCP client needed); with mounts the ``sm.mounts=``
+        token the agent's init mounts them from (vmm/fsmounts.py). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -332,6 +357,7 @@ class Machine:
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
                 self._ip_argument(),
+                cmdline_token(self.config.fs_specs()),
             )
             if x
         )
@@ -662,6 +688,7 @@ class Machine:
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
                     balloon=next((x for x in plan.devices if isinstance(x, BalloonSpec)), None),
                     network=nic or False,
+                    mounts=tuple(x for x in plan.devices if isinstance(x, FsSpec)),
                 ),
                 kvm=kvm,
                 _memory=memory,

@@ -14,6 +14,11 @@ else with `SnapshotInvalid` naming the file, the section and the problem:
   plain file name *beside the snapshot file* and its SHA-256; the file must be a
   regular file with that digest (see `confine_disk`, and `publish_disk` for the
   writer's side);
+* mounts (virtio-fs) are the one device that names a host path: the directory the
+  machine was configured with, absolute, which must exist here (`_check_mount`);
+  a read-only mount can only be read, a writable one written, beneath that
+  directory. Restore a snapshot with mounts only if you trust its mount list
+  (``supermachine``'s own cache writes them from your settings);
 * vCPU and VM sections: present for every vCPU, each exactly the size of the KVM
   struct it is loaded into (the XSAVE area the host's size: KVM reads that many
   bytes), the CPUID tables parseable, the serial state within its bounds;
@@ -35,7 +40,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +48,20 @@ from ..errors import DeviceLayoutError
 from . import layout, vmstate
 from ._native import lib
 from .cpuid import CpuidTable
-from .devices.hub import BalloonSpec, DeviceSpec, DiskSpec, NetSpec, VsockSpec, device_section
+from .devices.hub import (
+    SPEC_KINDS,
+    BalloonSpec,
+    DeviceSpec,
+    DiskSpec,
+    FsSpec,
+    NetSpec,
+    VsockSpec,
+    device_section,
+)
 from .devices.virtio.blk import ID_BYTES, SECTOR_SIZE
+from .devices.virtio.fs.device import TAG_BYTES
 from .devices.virtio.vsock.device import MAX_GUEST_CID, MIN_GUEST_CID
+from .fsmounts import check_guest_path
 from .kvm import Kvm, KvmError
 from .snapshot import SnapshotChain, SnapshotInvalid
 
@@ -140,21 +156,18 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "deflate_on_oom": (bool,),
     "allow": (list, type(None)),
     "mac": (str,),
+    "tag": (str,),
+    "host_path": (str,),
+    "guest_path": (str,),
+    "writable": (bool,),
+    "dax_mib": (int,),
 }
 
 
 def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpec:
     kind = entry.get("kind")
-    cls: type[VsockSpec] | type[DiskSpec] | type[BalloonSpec] | type[NetSpec]
-    if kind == "vsock":
-        cls = VsockSpec
-    elif kind == "balloon":
-        cls = BalloonSpec
-    elif kind == "disk":
-        cls = DiskSpec
-    elif kind == "net":
-        cls = NetSpec
-    else:
+    cls = SPEC_KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise SnapshotInvalid("machine", f"device {index} is of unknown kind {kind!r}")
     values = {k: v for k, v in entry.items() if k != "kind"}
     known = {f.name for f in fields(cls)}
@@ -165,11 +178,16 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
     for key, value in values.items():
         if type(value) not in _SPEC_TYPES[key]:
             raise SnapshotInvalid("machine", f"device {index} ({kind}): {key}={value!r}")
+    missing = {f.name for f in fields(cls) if f.default is MISSING} - set(values)
+    if missing:
+        raise SnapshotInvalid("machine", f"device {index} ({kind}) lacks fields {sorted(missing)}")
     if cls is NetSpec:
         return _net_spec(values, index)
     spec = cls(**values)
     if isinstance(spec, BalloonSpec):
         return spec
+    if isinstance(spec, FsSpec):
+        return _check_mount(spec, index)
     if isinstance(spec, VsockSpec):
         if not MIN_GUEST_CID <= spec.guest_cid <= MAX_GUEST_CID:
             raise SnapshotInvalid(
@@ -215,6 +233,37 @@ def _net_spec(values: dict[str, Any], index: int) -> NetSpec:
     except (EgressPolicyError, ValueError) as e:
         raise SnapshotInvalid("machine", f"device {index} (net): {e}") from None
     return NetSpec(allow=None if allow is None else tuple(allow), mac=mac)
+
+
+def _check_mount(spec: FsSpec, index: int) -> FsSpec:
+    """A mount's spec as restore will serve it: a plain tag and guest path, and a host
+    directory that exists now (its contents are whatever they are now: that is the point)."""
+    try:
+        tag = spec.tag.encode()
+    except UnicodeEncodeError:
+        tag = b""
+    if not tag or len(tag) > TAG_BYTES or b"\0" in tag:
+        raise SnapshotInvalid(
+            "machine", f"device {index}: mount tag {spec.tag!r} is not 1..36 bytes"
+        )
+    if spec.dax_mib:
+        try:
+            layout.dax_window(index, spec.dax_mib * layout.MiB)
+        except DeviceLayoutError as e:
+            raise SnapshotInvalid("machine", f"device {index}: {e}") from None
+        if spec.writable:
+            raise SnapshotInvalid("machine", f"device {index}: a DAX window on a writable mount")
+    try:
+        check_guest_path(spec.guest_path)
+    except ValueError as e:
+        raise SnapshotInvalid("machine", f"device {index}: {e}") from None
+    if not os.path.isabs(spec.host_path) or not os.path.isdir(spec.host_path):
+        raise SnapshotInvalid(
+            "machine",
+            f"device {index}: mount {spec.guest_path} serves host directory {spec.host_path!r}, "
+            "which is not an existing absolute directory here",
+        )
+    return spec
 
 
 def confine_disk(spec: DiskSpec, index: int, snapshot: Path) -> DiskSpec:

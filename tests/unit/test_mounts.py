@@ -49,3 +49,10 @@ def test_the_key_names_path_and_mode_not_content():
 
 def test_mounts_are_hashable_values():
     assert len({Mount("/a"), Mount("/a"), Mount("/a", writable=True)}) == 2
+
+
+def test_dax_is_for_read_only_mounts():
+    assert Mount("x", dax=True).dax is True
+    with pytest.raises(ValueError, match="read-only"):
+        Mount("x", writable=True, dax=True)
+    assert Mount("/a", dax=True).key() == "/a:ro:dax"

@@ -19,7 +19,11 @@
  *      into it, bind the initramfs /bin (busybox) at /.supermachine/bin, and
  *      switch root into it (mount --move + chroot, what busybox switch_root
  *      does; the initramfs files stay, ~3 MB, because that bind uses them);
- *   4. PATH (ending in /.supermachine/bin after a switch), HOME=/root; cwd /.
+ *   4. with sm.mounts=TAG:MODE:PATH[,...] (the VMM's virtio-fs mounts, vmm/fsmounts.py):
+ *      mkdir -p PATH in the (switched) root and mount virtiofs TAG there, read-only
+ *      (MS_RDONLY: writes fail with EROFS) unless MODE is rw; MODE ro+dax mounts
+ *      with dax=always (file pages mapped from the device's DAX window);
+ *   5. PATH (ending in /.supermachine/bin after a switch), HOME=/root; cwd /.
  *
  * The commands the agent runs then see the switched root. EXEC_SHELL uses
  * /bin/sh there, or /.supermachine/bin/sh when the root has none (distroless
@@ -173,6 +177,47 @@ static int switch_root(const char *dev, const char *fstype, int overlay, unsigne
     return 0;
 }
 
+/* mkdir -p: every missing directory of `path` (absolute), 0755. */
+static void mkdirs(const char *path)
+{
+    char buf[512];
+    size_t n = strlen(path);
+    if (n >= sizeof(buf))
+        return;
+    memcpy(buf, path, n + 1);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            mkdir(buf, 0755);
+            *p = '/';
+        }
+    mkdir(buf, 0755);
+}
+
+/* Step 4: each TAG:MODE:PATH entry of sm.mounts, in order (the VMM sorts parents first). */
+static void mount_virtiofs(void)
+{
+    static char spec[4096];
+    if (!cmdline_get("sm.mounts", spec, sizeof(spec)) || !*spec)
+        return;
+    char *save = NULL;
+    for (char *entry = strtok_r(spec, ",", &save); entry; entry = strtok_r(NULL, ",", &save)) {
+        char *mode = strchr(entry, ':');
+        char *path = mode ? strchr(mode + 1, ':') : NULL;
+        if (!path || path[1] != '/') {
+            logmsg("init: sm.mounts entry %s is not TAG:MODE:PATH", entry);
+            continue;
+        }
+        *mode++ = 0;
+        *path++ = 0;
+        unsigned long flags = MS_NOSUID | MS_NODEV | (strncmp(mode, "rw", 2) ? MS_RDONLY : 0);
+        const char *data = strstr(mode, "+dax") ? "dax=always" : NULL;
+        mkdirs(path);
+        if (mount(entry, path, "virtiofs", flags, data) < 0)
+            logmsg("init: mount virtiofs %s on %s (%s): %s", entry, path, mode, strerror(errno));
+    }
+}
+
 void init_system(const char *cmdline_override, struct init_result *out)
 {
     /* 1. the usual mounts; /dev first so later failures can be diagnosed with it */
@@ -215,7 +260,10 @@ void init_system(const char *cmdline_override, struct init_result *out)
         switch_root(dev, fs && *fs ? fs : "ext4", overlay, mib ? strtoul(mib, NULL, 10) : 0);
     }
 
-    /* 4. environment for the commands */
+    /* 4. host directories (virtio-fs) */
+    mount_virtiofs();
+
+    /* 5. environment for the commands */
     /* the busybox tools come last: a root's own programs win, a distroless root has some */
     setenv("PATH",
            access(TOOLS_DIR "/busybox", X_OK) == 0

@@ -13,8 +13,12 @@
   host-side readiness and the NIC's frames-from-the-network fd, and calling
   the transports (the NIC's network, libslirp, polls its sockets in a thread
   of its own: see `devices/virtio/net/slirp.py`);
+* DAX windows: a virtio-fs mount with ``dax_mib`` gets a `HostDaxWindow` registered
+  as its own KVM memory slot at `layout.dax_window` and announced as the
+  transport's shared-memory region 0;
 * state: device sections for snapshots, restore (chains applied in order so a
-  disk's overlay is rebuilt base first), and in-place reset;
+  disk's overlay is rebuilt base first), and in-place reset (a virtio-fs device
+  gets its FUSE session back as the snapshot had it, re-bound to the host);
 * `quiesced()`: holds the event thread still while the machine is captured or
   reset, so no device writes guest RAM behind the pause barrier's back.
 """
@@ -40,6 +44,9 @@ from .mmio_bus import MmioBus
 from .virtio.balloon import PageDiscarder, VirtioBalloon
 from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
+from .virtio.fs import VirtioFs
+from .virtio.fs.device import SHM_CACHE
+from .virtio.fs.window import HostDaxWindow
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
 from .virtio.net import VirtioNet
 from .virtio.net.wiring import DEFAULT_MAC, build_nic
@@ -112,19 +119,41 @@ class NetSpec:
         return cls(allow=tuple(network))
 
 
-DeviceSpec = VsockSpec | DiskSpec | BalloonSpec | NetSpec
+@dataclass(frozen=True)
+class FsSpec:
+    """A virtio-fs device serving the host directory `host_path` (absolute) under `tag`.
 
-_KINDS: tuple[tuple[type, str], ...] = (
-    (VsockSpec, "vsock"),
-    (DiskSpec, "disk"),
-    (BalloonSpec, "balloon"),
-    (NetSpec, "net"),
-)
+    `guest_path` is where the Linux guest mounts it at boot (vmm/fsmounts.py builds
+    these from a ``mounts=`` mapping and tells the guest). Read-only unless
+    `writable`: the server answers writes with EROFS and the guest mounts it ``ro``.
+    The spec (host path and mode, never the contents) is recorded in snapshots,
+    and restore serves the same host directory as it is then.
+    """
+
+    tag: str
+    host_path: str
+    guest_path: str
+    writable: bool = False
+    dax_mib: int = 0
+    """Size of the DAX window (0: none); the guest mounts with ``dax=always`` then."""
+
+
+DeviceSpec = VsockSpec | DiskSpec | BalloonSpec | NetSpec | FsSpec
+#: The kind name of each spec type, as snapshots record it.
+SPEC_KINDS: dict[
+    str, type[VsockSpec] | type[DiskSpec] | type[BalloonSpec] | type[NetSpec] | type[FsSpec]
+] = {
+    "vsock": VsockSpec,
+    "disk": DiskSpec,
+    "balloon": BalloonSpec,
+    "net": NetSpec,
+    "fs": FsSpec,
+}
 
 
 def spec_kind(spec: DeviceSpec) -> str:
     """The device kind as snapshots name it."""
-    return next(kind for cls, kind in _KINDS if isinstance(spec, cls))
+    return next(kind for kind, cls in SPEC_KINDS.items() if isinstance(spec, cls))
 
 
 def spec_to_dict(spec: DeviceSpec) -> dict[str, Any]:
@@ -138,16 +167,13 @@ def device_section(index: int, spec: DeviceSpec) -> str:
 
 def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
     fields = {k: v for k, v in data.items() if k != "kind"}
-    if data.get("kind") == "vsock":
-        return VsockSpec(**fields)
-    if data.get("kind") == "disk":
-        return DiskSpec(**fields)
-    if data.get("kind") == "balloon":
-        return BalloonSpec(**fields)
-    if data.get("kind") == "net":
+    if data.get("kind") == "net":  # JSON gives the allow-list back as a list
         allow = fields.get("allow")
-        return NetSpec(**{**fields, "allow": None if allow is None else tuple(allow)})
-    raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
+        fields["allow"] = None if allow is None else tuple(allow)
+    cls = SPEC_KINDS.get(data.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
+    return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- state encoding
@@ -272,6 +298,8 @@ class DeviceHub:
         self.error: BaseException | None = None
         self._disk_marks: dict[int, int] = {}
         self._leaf_states: dict[str, dict[str, Any]] = {}
+        self._windows: list[HostDaxWindow] = []
+        self._shm_bases: dict[int, dict[int, int]] = {}
         try:
             for slot, spec in zip(layout.device_slots(len(specs)), specs, strict=True):
                 self._attach(slot, spec, memory, mmio)
@@ -283,7 +311,7 @@ class DeviceHub:
     def _attach(
         self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory, mmio: MmioBus
     ) -> None:
-        device: VirtioVsock | VirtioBlock | VirtioBalloon | VirtioNet
+        device: VirtioVsock | VirtioBlock | VirtioBalloon | VirtioNet | VirtioFs
         if isinstance(spec, VsockSpec):
             device = VirtioVsock(guest_cid=spec.guest_cid)
         elif isinstance(spec, BalloonSpec):
@@ -294,12 +322,21 @@ class DeviceHub:
             )
         elif isinstance(spec, NetSpec):
             device = build_nic(spec.allow, mac=spec.mac, on_refusal=self._log)
+        elif isinstance(spec, FsSpec):
+            try:
+                device = self._fs_device(slot, spec)
+            except OSError as e:
+                raise MachineError(
+                    f"mount {spec.guest_path}: host directory {spec.host_path} cannot be "
+                    f"served ({e.strerror})"
+                ) from None
         else:
             device = VirtioBlock(
                 spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial
             )
         irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         transport = VirtioMmioTransport(device, memory, lambda fd=irqfd: os.eventfd_write(fd, 1))
+        transport.shm_bases.update(self._shm_bases.get(slot.index, {}))
         attached = AttachedDevice(spec, slot, transport, irqfd, [])
         self.devices.append(attached)  # registered first, so close() releases it on failure
         self._vm.irqfd(irqfd, slot.irq)
@@ -317,6 +354,24 @@ class DeviceHub:
                 (False, lambda d=device, t=transport: d.service(t)),
             )
         mmio.register(slot.mmio_base, slot.mmio_size, transport)
+
+    def _fs_device(self, slot: layout.DeviceSlot, spec: FsSpec) -> VirtioFs:
+        """The virtio-fs device of `spec`, with its DAX window mapped as a KVM slot if it has one."""
+        if not spec.dax_mib:
+            return VirtioFs(spec.host_path, spec.tag, writable=spec.writable)
+        region = layout.dax_window(slot.index, spec.dax_mib * layout.MiB)
+        window = HostDaxWindow(region.size, writable=spec.writable)
+        self._windows.append(window)
+        self._vm.set_user_memory_region(
+            layout.DAX_SLOT_BASE + slot.index,
+            region.gpa,
+            region.size,
+            window.address,
+            read_only=not spec.writable,
+        )
+        device = VirtioFs(spec.host_path, spec.tag, writable=spec.writable, dax=window)
+        self._shm_bases[slot.index] = {SHM_CACHE: region.gpa}
+        return device
 
     # ------------------------------------------------------------------ serving
 
@@ -459,13 +514,19 @@ class DeviceHub:
                 self._leaf_states[d.section] = states[-1]  # vsock: its connections, for reset
 
     def reset(self) -> None:
-        """Return every device to the state it had at restore (disk blocks written since dropped)."""
+        """Return every device to the state it had at restore (disk blocks written since dropped).
+
+        A virtio-fs device gets its FUSE session back as the snapshot had it (node
+        table and open handles re-bound against the host directory as it is now),
+        because the guest's RAM, which refers to them, goes back too.
+        """
         with self._activity:
             for d in self.devices:
                 state = dict(self._leaf_states[d.section])
                 device = d.transport.device
-                # the balloon's state is all state; the NIC's is its MAC and open flows
-                if not isinstance(device, (VirtioBalloon, VirtioNet)):
+                # the balloon's state is all state; the NIC's is its MAC and open flows;
+                # virtio-fs's is its FUSE session
+                if not isinstance(device, (VirtioBalloon, VirtioNet, VirtioFs)):
                     state.pop("device", None)  # keep content; roll disks back by mark instead
                 if isinstance(device, VirtioBlock):
                     device.discard_to(self._disk_marks[d.slot.index])
@@ -496,6 +557,9 @@ class DeviceHub:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.devices = []
+        for window in self._windows:
+            window.close()
+        self._windows = []
         self._selector.close()
         with contextlib.suppress(OSError):
             os.close(self._wakeup)

@@ -141,6 +141,9 @@ class VirtioMmioTransport:
         self._interrupt_cb: Callable[[], None] = interrupt or (lambda: None)
         self._irq = _TransportInterrupt(self)
         self._device_features = device.device_features() | (1 << VIRTIO_F_VERSION_1)
+        #: Guest-physical base of each shared-memory region the device has (id -> address),
+        #: set by whoever placed the region (the device hub, for a DAX window).
+        self.shm_bases: dict[int, int] = {}
         self.queues = [VirtQueue(n) for n in device.queue_max_sizes]
         #: Why the device last went to DEVICE_NEEDS_RESET (for logs and failure capsules).
         self.last_error: str | None = None
@@ -264,13 +267,23 @@ class VirtioMmioTransport:
         if offset == REG_STATUS:
             return self.status
         if offset in (REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH, REG_SHM_BASE_LOW, REG_SHM_BASE_HIGH):
-            return _LOW32  # no shared memory regions: length and base all ones
+            return self._shm_register(offset)
         if offset == REG_CONFIG_GENERATION:
             return self.config_generation
         if q is not None and offset in _QUEUE_ADDR_REGS:
             attr, high = _QUEUE_ADDR_REGS[offset]
             return getattr(q, attr) >> (32 * high)
         return 0
+
+    def _shm_register(self, offset: int) -> int:
+        """SHMLen/SHMBase of the region `shm_sel` names; all ones when there is no such region
+        (virtio 1.2, 4.2.2: what a driver reads for a region id the device lacks)."""
+        length = getattr(self.device, "shm_regions", dict)().get(self.shm_sel)
+        base = self.shm_bases.get(self.shm_sel)
+        if length is None or base is None:
+            return _LOW32
+        value = length if offset in (REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH) else base
+        return (value >> 32 if offset in (REG_SHM_LEN_HIGH, REG_SHM_BASE_HIGH) else value) & _LOW32
 
     def _write_register(self, offset: int, value: int) -> None:
         if offset == REG_DEVICE_FEATURES_SEL:

@@ -24,7 +24,13 @@ import logging
 import os
 from typing import Any
 
-from ..device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
+from ..device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceStateError,
+    VirtioDevice,
+)
 from .server import OUT_HEADER, DaxWindow, FuseServer
 from .uapi import VIRTIO_FS
 
@@ -112,4 +118,7 @@ class VirtioFs(VirtioDevice):
     def restore_state(self, state: dict[str, Any]) -> None:
         super().restore_state(state)
         if "fuse" in state:
-            self.server.restore_state(state["fuse"])
+            try:
+                self.server.restore_state(state["fuse"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise DeviceStateError(f"virtio-fs session state is malformed: {e!r}") from None

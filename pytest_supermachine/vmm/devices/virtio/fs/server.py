@@ -895,6 +895,8 @@ class FuseServer:
         self._next_fh = int(state["next_fh"])
         self.nodes, self._by_path = {}, {}
         for nodeid, path, bound, generation, lookups in state["nodes"]:
+            if not isinstance(path, bytes):
+                raise TypeError(f"node {nodeid}: path {path!r} is not bytes")
             node = Node(int(nodeid), bytes(path) if bound else None, int(generation), int(lookups))
             self.nodes[node.nodeid] = node
             if node.path is not None:
