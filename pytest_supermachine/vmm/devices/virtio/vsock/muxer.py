@@ -231,7 +231,9 @@ class VsockMuxer:
                 self._control.append(
                     VsockPacket(HOST_CID, self._guest_cid, host_port, guest_port, OP_RST)
                 )
-        self._wake()
+            owed = self.has_pending()
+        if owed:  # packets to send at once; otherwise the guest's next packet drives the device
+            self._wake()
 
     def take_carried(self) -> list[CarriedConnection]:
         """The carried connections restored since the last call (their owners' ends)."""
