@@ -159,10 +159,9 @@ class GuestMemory:
             self._views[index][offset : offset + length] = bytes(length)
 
     def host_usage(self) -> MemoryUsage:
-        """How much host memory this guest RAM holds now, from ``/proc/self/smaps``.
+        """How much host memory this guest RAM holds now (`MemoryUsage`).
 
-        Sums every mapping inside the regions' host ranges (bytearray regions count
-        nothing: they are not mappings of their own).
+        Bytearray regions count nothing: they are not mappings of their own.
         """
         ranges = [
             (self.host_address(i), self.host_address(i) + r.size)
@@ -191,32 +190,40 @@ class GuestMemory:
 
 @dataclass(frozen=True)
 class MemoryUsage:
-    """Host memory behind some mappings, in bytes (``/proc/self/smaps`` fields).
+    """Host memory behind some address ranges of this process, in bytes.
 
     `rss`: resident pages, shared page-cache pages of a snapshot file included.
     `anonymous`: private pages (a guest's copy-on-write copies, or anonymous RAM it
     touched): what this VM costs the host beyond the page cache that VMs restored from
     one file share.
+
+    Read from ``/proc/self/pagemap`` (bit 63: present, bit 61: file page or shared),
+    page by page, because ``/proc/self/smaps`` reports per mapping and the kernel
+    merges adjacent anonymous mappings of different VMs into one.
     """
 
     rss: int
     anonymous: int
 
+    #: The top byte of a pagemap entry, classified: present and private, present and
+    #: file-backed or shared, not present.
+    _CLASSES = bytes(
+        (ord("a") if b & 0x80 and not b & 0x20 else ord("f") if b & 0x80 else ord("-"))
+        for b in range(256)
+    )
+
     @classmethod
     def of_ranges(cls, ranges: Sequence[tuple[int, int]]) -> MemoryUsage:
         rss = anon = 0
-        inside = False
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            for line in f:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):
-                    lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = any(start <= lo and hi <= end for start, end in ranges)
-                elif inside and head == "Rss:":
-                    rss += int(line.split()[1]) * 1024
-                elif inside and head == "Anonymous:":
-                    anon += int(line.split()[1]) * 1024
-        return cls(rss, anon)
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            for start, end in ranges:
+                first, count = start // PAGE_SIZE, (end - start) // PAGE_SIZE
+                f.seek(first * 8)
+                entries = f.read(count * 8)
+                top = entries[7::8].translate(cls._CLASSES)
+                anon += top.count(b"a")
+                rss += top.count(b"a") + top.count(b"f")
+        return cls(rss * PAGE_SIZE, anon * PAGE_SIZE)
 
 
 class PageWriter(Protocol):

@@ -127,10 +127,10 @@ class SnapshotOrigin:
             self._overlaid = [0] * len(self._memory.regions)
             if self.chain.depth > 1:
                 for slot, pages in enumerate(self.chain.diff_page_sources()):
-                    bits = 0
+                    bitmap = bytearray((self._memory.regions[slot].size // PAGE_SIZE + 7) // 8)
                     for page in pages:
-                        bits |= 1 << page
-                    self._overlaid[slot] = bits
+                        bitmap[page >> 3] |= 1 << (page & 7)
+                    self._overlaid[slot] = int.from_bytes(bitmap, "little")
         return self._overlaid
 
     def _base_view(self, slot: int) -> Any:

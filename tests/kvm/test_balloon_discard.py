@@ -14,7 +14,9 @@ import pytest
 
 from pytest_supermachine.guest.microguest import GuestMode
 from pytest_supermachine.vmm.devices.hub import BalloonSpec
+from pytest_supermachine.vmm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from pytest_supermachine.vmm.machine import ExitReason, Machine, ResetStrategy
+from tests.virtio_driver import VirtioMmioDriver
 
 PAGES = 4096  # 16 MiB
 MEM_MIB = 64
@@ -103,3 +105,30 @@ def test_a_machine_without_a_balloon_says_so(make_machine):
     m = make_machine(GuestMode.HALT, mem_mib=MEM_MIB)
     with pytest.raises(Exception, match="no balloon device"):
         m.balloon(8)
+
+
+def test_a_free_page_report_through_the_machines_balloon_gives_the_pages_back(ran):
+    """The whole path: queue → device → the machine's discarder → the origin's books.
+
+    The host plays the guest's driver (the microguest has none) on the machine's own
+    balloon transport, with its rings in the guest RAM's last MiB.
+    """
+    m, pristine, (gpa, length) = ran
+    _device, transport = m.devices.balloon()
+    end = m.memory.regions[0].end
+    driver = VirtioMmioDriver(transport, m.memory, heap=(end - (1 << 20), end))
+    driver.init()
+    driver.setup_queue(0)
+    driver.setup_queue(1)
+    reporting = driver.setup_queue(2, 32)
+    driver.driver_ok()
+    held, dirty = m.memory.host_usage().anonymous, m.dirty_pages()
+    (head,) = reporting._take(1)
+    reporting.write_desc(head, gpa, length, VIRTQ_DESC_F_WRITE)  # the report names the run
+    reporting.publish(head)
+    reporting.kick()
+    assert [n for _head, n in reporting.used()] == [0]
+    assert m.balloon_stats().reported_pages == PAGES
+    assert dirty - m.dirty_pages() >= PAGES - 1  # less what the driver's rings dirtied
+    assert held - m.memory.host_usage().anonymous >= length - (1 << 20)
+    assert m.memory.read(gpa, length) == pristine[gpa : gpa + length]

@@ -4,6 +4,7 @@ import pytest
 
 from pytest_supermachine.errors import MachineError
 from pytest_supermachine.vmm.devices.hub import (
+    BalloonSpec,
     DiskSpec,
     VsockSpec,
     pack_state,
@@ -48,6 +49,8 @@ def test_malformed_sections_raise_a_machine_error(data):
         VsockSpec(guest_cid=9),
         DiskSpec("/img/base.ext4", read_only=True, serial="disk0"),
         DiskSpec(None, size=1 << 20),
+        BalloonSpec(),
+        BalloonSpec(reporting=False, deflate_on_oom=True),
     ],
 )
 def test_device_specs_round_trip_through_snapshot_metadata(spec):
