@@ -75,7 +75,8 @@ def debian_project(
 
 def test_a_debian_image_built_ahead_serves_tests_layers_and_the_factory(debian_project) -> None:
     project, ref = debian_project
-    built = project.cli("image", "build", ref, "--disk-mib", "16", timeout=3600)
+    build = ("image", "build", ref, "--disk-mib", "16", "--ready-timeout", "3000")
+    built = project.cli(*build, timeout=3600)  # a boot under load here can take 15 min
     assert built.ret == 0, built.stderr.str()
     built.stdout.fnmatch_lines([f"{ref}: base snapshot * (1 vCPU, 256 MiB) in *"])
 
