@@ -126,6 +126,7 @@ def _image_build(args: argparse.Namespace) -> int:
         vcpus=args.vcpus,
         mem_mib=args.mem_mib,
         disk_mib=args.disk_mib,
+        ready_timeout=args.ready_timeout,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         rebuild=args.rebuild,
     )
@@ -310,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="an OCI image's writable layer in MiB (as the tests' disk_mib; default 256)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the boot may take to get ready (default 120; under nested PVM at least 900)",
     )
     p.add_argument(
         "--rebuild", action="store_true", help="rebuild the base snapshot even if cached"

@@ -14,6 +14,7 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -165,7 +166,10 @@ class LinuxImage(Image):
             mounts=tuple(mounts),
         )
         try:
-            machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
+            # fresh host randomness per boot, not part of the key (cmdline() is): the agent
+            # seeds the guest's random pool with it (guest/agent/init.c, seed_entropy)
+            cmdline = f"{self.cmdline()} sm.entropy={secrets.token_hex(32)}"
+            machine.boot_linux(kernel.vmlinux, cmdline=cmdline, initrd=initrd)
             t0 = time.monotonic()
             machine.start()
             _wait_ready_reporting(machine, timeout)

@@ -11,7 +11,9 @@
  * guest that answers is far easier to debug than a kernel panic):
  *   1. mount devtmpfs /dev, proc /proc, sysfs /sys, tmpfs /tmp (1777) and /run,
  *      tmpfs /dev/shm (1777); /dev/fd, /dev/std{in,out,err} symlinks;
- *   2. hostname (sm.hostname=, default "supermachine"), loopback up;
+ *   2. hostname (sm.hostname=, default "supermachine"), loopback up; the
+ *      kernel's random pool seeded and credited from sm.entropy=HEX (random
+ *      bytes the host puts on the command line of each boot; see seed_entropy);
  *   3. with sm.root=DEV: mount DEV read-only (sm.rootfstype=, default ext4) as
  *      the lower layer of an overlay whose upper layer is a tmpfs, or, with
  *      sm.overlay=0, DEV read-write by itself (sm.overlay_mib=N caps the tmpfs
@@ -33,6 +35,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/random.h>
 #include <net/if.h>
 #include <signal.h>
 #include <spawn.h>
@@ -106,6 +109,39 @@ static void loopback_up(void)
         (ifr.ifr_flags |= IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr) < 0))
         logmsg("init: lo up: %s", strerror(errno));
     close(s);
+}
+
+/*
+ * The guest has no entropy source of its own here: no virtio-rng, RDRAND hidden
+ * from it under PVM, and an idle tickless kernel sees few interrupts. Its crng is
+ * then not ready when the base snapshot is taken, and every restored guest's
+ * first /dev/urandom read (python3 reads it at startup for its hash seed) runs the
+ * kernel's jitter-entropy loop, which under PVM's emulated kernel mode took over a
+ * minute. Seeding it with host randomness (crediting the bits, as a boot loader's
+ * or virtio-rng's seed is credited) makes it ready at boot. A snapshot carries the
+ * crng state like the rest of RAM; reseeding restored guests is the host's call.
+ */
+static void seed_entropy(const char *hex)
+{
+    struct {
+        int entropy_count, buf_size;
+        unsigned char buf[64];
+    } seed = {0, 0, {0}};
+    size_t n = 0;
+    for (; n < sizeof(seed.buf) && hex[2 * n] && hex[2 * n + 1]; n++) {
+        char byte[3] = {hex[2 * n], hex[2 * n + 1], 0};
+        char *end;
+        seed.buf[n] = (unsigned char)strtoul(byte, &end, 16);
+        if (*end)
+            break;
+    }
+    seed.buf_size = (int)n;
+    seed.entropy_count = (int)n * 8;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (n < 16 || fd < 0 || ioctl(fd, RNDADDENTROPY, &seed) < 0)
+        logmsg("init: sm.entropy (%zu bytes): %s", n, n < 16 ? "too short" : strerror(errno));
+    if (fd >= 0)
+        close(fd);
 }
 
 static int wait_for(const char *path, int ms)
@@ -250,6 +286,9 @@ void init_system(const char *cmdline_override, struct init_result *out)
     if (sethostname(host, strlen(host)) < 0)
         logmsg("init: hostname %s: %s", host, strerror(errno));
     loopback_up();
+    char hex[129];
+    if (cmdline_get("sm.entropy", hex, sizeof(hex)))
+        seed_entropy(hex);
 
     /* 3. the optional root disk */
     if (cmdline_get("sm.root", dev, sizeof(dev)) && *dev) {
