@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 #: Fails only when the guest draws the value an earlier run of it drew (kept in a host
 #: file): the first run records its value and fails, so a replay fails exactly when the
 #: guest repeats that value; a replay that drew anything else passes.
@@ -108,3 +110,11 @@ def test_clock(microvm):
 """,
     )
     project.run().assert_outcomes(passed=1)
+
+
+def test_the_session_seed_follows_pytest_randomly(project):
+    pytest.importorskip("pytest_randomly", reason="pytest-randomly is not installed")
+    project.write("test_two.py", TWO_TESTS_DRAW)
+    result = project.run("-p", "randomly", "--randomly-seed=4321")
+    result.stdout.fnmatch_lines(["supermachine: guest seed 4321 (from pytest-randomly*"])
+    result.assert_outcomes(passed=2)
