@@ -52,8 +52,8 @@
 #define AG_CAP_FILES (1u << 5)
 #define AG_CAP_KILL (1u << 6)
 #define AG_CAP_TIMEOUT (1u << 7)
-/* Bit 10, not 8: other additions to version 1 take the bits after CAP_TIMEOUT. */
-#define AG_CAP_SEED (1u << 10)
+/* Bit 13: other additions to version 1 take the bits after CAP_TIMEOUT. */
+#define AG_CAP_SEED (1u << 13)
 #define AG_CAP_ALL (((1u << 8) - 1) | AG_CAP_SEED)
 #define AG_MAX_SEED 256u
 
@@ -74,7 +74,7 @@ enum msg_type {
     MSG_PUT_FILE = 0x20,
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
-    MSG_SEED = 0x40,
+    MSG_SEED = 0x50,
 };
 
 #define EXEC_STDIN 1u

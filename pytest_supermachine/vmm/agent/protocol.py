@@ -39,8 +39,8 @@ CAP_CWD = 1 << 4
 CAP_FILES = 1 << 5
 CAP_KILL = 1 << 6
 CAP_TIMEOUT = 1 << 7
-#: SEED (§4). Bit 10, not 8: other additions to version 1 take the bits after CAP_TIMEOUT.
-CAP_SEED = 1 << 10
+#: SEED (§4). Bit 13: other additions to version 1 take the bits after CAP_TIMEOUT.
+CAP_SEED = 1 << 13
 CAP_ALL = ((1 << 8) - 1) | CAP_SEED
 MAX_SEED = 256
 
@@ -74,7 +74,7 @@ class MsgType:
     PUT_FILE = 0x20
     GET_FILE = 0x21
     FILE_DATA = 0x22
-    SEED = 0x40
+    SEED = 0x50
 
 
 TYPE_NAMES = {v: k for k, v in vars(MsgType).items() if not k.startswith("_")}
