@@ -23,33 +23,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the failing test
 
 from _common import emit_json
 
+from tests.guest_random import SOURCES, fails_on_a_repeated_value
+
 REPO = Path(__file__).resolve().parents[1]
-
-SOURCES = {
-    "microguest rand": ("microguest", "rand 4"),
-    "linux /dev/urandom": ("linux", "head -c 16 /dev/urandom | od -An -tx1"),
-    "linux $RANDOM": ("linux", "echo $RANDOM $RANDOM $RANDOM"),
-}
-
-TEST = """
-import json, pathlib
-
-SEEN = pathlib.Path(__file__).with_name("seen.json")
-
-def test_random(microvm):
-    value = microvm.run({command!r}, check=True).stdout.decode()
-    seen = json.loads(SEEN.read_text()) if SEEN.exists() else []
-    SEEN.write_text(json.dumps(seen + [value]))
-    assert seen and value not in seen, f"guest printed {{value!r}}"
-"""
 
 
 def replay_source(image: str, command: str, runs: int, work: Path) -> dict[str, object]:
     (work / "pytest.ini").write_text(f"[pytest]\nsupermachine_image = {image}\n")
-    (work / "test_random.py").write_text(TEST.format(command=command))
+    (work / "test_random.py").write_text(fails_on_a_repeated_value(command))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     quiet = ["-p", "no:cacheprovider", "-q"]
     first = subprocess.run(

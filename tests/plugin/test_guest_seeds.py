@@ -11,20 +11,9 @@ import json
 
 import pytest
 
-#: Fails only when the guest draws the value an earlier run of it drew (kept in a host
-#: file): the first run records its value and fails, so a replay fails exactly when the
-#: guest repeats that value; a replay that drew anything else passes.
-FAILS_ON_A_REPEATED_RANDOM_VALUE = """
-import json, pathlib
+from tests.guest_random import SOURCES, fails_on_a_repeated_value
 
-SEEN = pathlib.Path(__file__).with_name("seen.json")
-
-def test_random(microvm):
-    value = microvm.run("rand 4", check=True).stdout.decode()
-    seen = json.loads(SEEN.read_text()) if SEEN.exists() else []
-    SEEN.write_text(json.dumps(seen + [value]))
-    assert seen and value not in seen, f"guest drew {value!r}"
-"""
+FAILS_ON_A_REPEATED_RANDOM_VALUE = fails_on_a_repeated_value(SOURCES["microguest rand"][1])
 
 #: Two tests that record what their guest drew.
 TWO_TESTS_DRAW = """
