@@ -21,22 +21,23 @@ import contextlib
 import threading
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs, progress
-from .capsules.capsule import CapsuleWriter, read_manifest, report_text
-from .capsules.replay import ReplayPlugin, load_replay_state
-from .doctor import kvm_summary
 from .fixtures.lease import LEASES_KEY
 from .fixtures.microvm import microvm, microvm_factory, microvm_image
-from .images.image import Image
-from .images.registry import canonical_name, find_image
 from .session import xdist
 from .session.seed import GuestSeeds
 from .session.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
 from .session.state import CAPSULE_KEY, STATE_KEY, SessionState, new_session_id, state_of
+
+if TYPE_CHECKING:
+    from .images.image import Image
+
+# Loading this module stays cheap (issue 13: a suite without VM tests pays <= 20 ms for
+# the plugin): capsules, replay, images and the KVM probe are imported where used.
 
 __all__ = ["microvm", "microvm_factory", "microvm_image"]
 
@@ -100,6 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     replay_capsule = config.getoption("supermachine_replay")
     if replay_capsule:
+        from .capsules.replay import ReplayPlugin, load_replay_state
+
         state.replay = load_replay_state(
             replay_capsule,
             config.getoption("supermachine_replay_runs"),
@@ -107,6 +110,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
     else:
+        from .capsules.capsule import CapsuleWriter
+
         replay_args: list[str] = []
         for opt in OPTIONS:
             source = settings.sources.get(opt.name, "")
@@ -166,6 +171,9 @@ def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from .doctor import kvm_summary
+    from .images.registry import canonical_name
+
     state = state_of(config)
     s = state.settings
     image = (
@@ -192,6 +200,8 @@ def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
     other implementation, in a plugin or a conftest, is asked first and wins. An OCI
     image reference gives an `OciImage` with the session's ``disk_mib``.
     """
+    from .images.registry import find_image
+
     return find_image(name, disk_mib=state_of(config).settings.disk_mib)
 
 
@@ -216,6 +226,8 @@ def pytest_runtest_makereport(
     writer = state.capsules
     if not leases or writer is None or not writer.enabled or CAPSULE_KEY in item.stash:
         return
+    from .capsules.capsule import read_manifest, report_text
+
     settings = state.settings.for_item(item)
     try:
         path = writer.write(

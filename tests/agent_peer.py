@@ -57,7 +57,7 @@ class AgentPeer:
         sock: socket.socket,
         *,
         version: int = P.PROTOCOL_VERSION,
-        capabilities: int = P.CAP_ALL,
+        capabilities: int = P.CAP_ALL | P.CAP_SEED,
         max_frame: int = 64 * 1024,
         max_inflight: int = 8,
         software: bytes = SOFTWARE,

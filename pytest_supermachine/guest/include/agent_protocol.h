@@ -52,10 +52,12 @@
 #define AG_CAP_FILES (1u << 5)
 #define AG_CAP_KILL (1u << 6)
 #define AG_CAP_TIMEOUT (1u << 7)
-/* Bit 13: other additions to version 1 take the bits after CAP_TIMEOUT. */
-#define AG_CAP_SEED (1u << 13)
-#define AG_CAP_ALL (((1u << 8) - 1) | AG_CAP_SEED)
+#define AG_CAP_ALL ((1u << 8) - 1) /* the base set every version-1 agent has */
+#define AG_CAP_USER (1u << 8)     /* EXEC_USER: a command runs as a uid/gid/groups */
+#define AG_CAP_SEED (1u << 10)    /* SEED: a per-test seed and wall clock (both agents) */
 #define AG_MAX_SEED 256u
+/* TCP_CONNECT (an agent with a TCP/IP stack: the Linux one; not in AG_CAP_ALL) */
+#define AG_CAP_TCP (1u << 9)
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -74,11 +76,14 @@ enum msg_type {
     MSG_PUT_FILE = 0x20,
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
-    MSG_SEED = 0x50,
+    MSG_SEED = 0x40,
+    MSG_TCP_CONNECT = 0x41,
 };
 
 #define EXEC_STDIN 1u
 #define EXEC_SHELL 2u
+#define EXEC_USER 4u
+#define AG_MAX_GROUPS 256u /* supplementary groups an EXEC_USER may name */
 #define EXIT_SIGNALED 1u
 #define EXIT_TIMED_OUT 2u
 #define PUT_APPEND 1u
@@ -153,7 +158,7 @@ static inline void ag_header_store(uint8_t *p, uint16_t type, uint32_t request_i
 static inline int ag_known_type(uint16_t t)
 {
     return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED;
+           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED || t == MSG_TCP_CONNECT;
 }
 
 /*
@@ -301,7 +306,8 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
     case MSG_EXEC:
     case MSG_PUT_FILE:
     case MSG_GET_FILE:
-    case MSG_SEED: /* these open a request: its id must be new and nonzero */
+    case MSG_SEED:
+    case MSG_TCP_CONNECT: /* these open a request: its id must be new and nonzero */
         return h->request_id && !id_in_use
                    ? 0
                    : ag_problem(why, "request type " AG_HEX ": id %u is 0 or still open",
@@ -325,11 +331,13 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
 
 /*
  * EXEC (§4): the fixed part and cwd by ag_exec_begin, then argc argv entries
- * by ag_exec_arg, envc env entries by ag_exec_env, and ag_exec_end. Each
+ * by ag_exec_arg, envc env entries by ag_exec_env, with EXEC_USER the user by
+ * ag_exec_user, and ag_exec_end. Each
  * returns 0 or what is wrong (answered with EINVAL on the request).
  */
 struct ag_exec {
     uint32_t flags, timeout_ms, argc, envc;
+    int user; /* EXEC_USER: ag_exec_user reads uid, gid, groups after env */
     const uint8_t *cwd; /* not NUL-terminated; cwd_len 0 = the agent's */
     uint32_t cwd_len;
     int shell;
@@ -347,9 +355,10 @@ static inline int ag_exec_begin(struct ag_exec *e, const uint8_t *p, uint32_t le
     e->cwd = ag_rd_bytes(&e->r, &e->cwd_len);
     if (e->r.bad)
         return ag_problem(why, "EXEC payload too short (%u bytes)", len, 0, 0);
-    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL))
+    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL | EXEC_USER))
         return ag_problem(why, "EXEC flags " AG_HEX ": unknown bits", e->flags, 0, 0);
     e->shell = (e->flags & EXEC_SHELL) != 0;
+    e->user = (e->flags & EXEC_USER) != 0;
     /* each entry takes at least its 4-byte length: bounds the counts before anything is sized */
     uint64_t left = ag_rd_left(&e->r);
     if (e->argc < 1 || (e->shell && e->argc != 1) || (uint64_t)e->argc * 4 > left)
@@ -379,6 +388,25 @@ static inline const char *ag_exec_env(struct ag_exec *e, const uint8_t **s, uint
         eq++;
     if (ag_has_nul(*s, *n) || eq == 0 || eq == *n)
         return "env entries must be NAME=VALUE without NUL";
+    return 0;
+}
+
+/*
+ * With EXEC_USER, after env: u32 uid, u32 gid, u32 ngroups (<= AG_MAX_GROUPS),
+ * ngroups x u32 supplementary gids, stored in `groups` (room for AG_MAX_GROUPS).
+ */
+static inline const char *ag_exec_user(struct ag_exec *e, uint32_t *uid, uint32_t *gid,
+                                       uint32_t *ngroups, uint32_t *groups)
+{
+    *uid = ag_rd_u32(&e->r);
+    *gid = ag_rd_u32(&e->r);
+    *ngroups = ag_rd_u32(&e->r);
+    if (e->r.bad)
+        return "EXEC_USER fields run past the payload";
+    if (*ngroups > AG_MAX_GROUPS || (uint64_t)*ngroups * 4 > ag_rd_left(&e->r))
+        return "EXEC_USER ngroups is invalid";
+    for (uint32_t i = 0; i < *ngroups; i++)
+        groups[i] = ag_rd_u32(&e->r);
     return 0;
 }
 
@@ -461,6 +489,7 @@ struct ag_request {
     struct ag_put_file put; /* PUT_FILE */
     const uint8_t *path;    /* GET_FILE: the whole payload, not NUL-terminated */
     struct ag_seed seed;    /* SEED */
+    uint32_t port;          /* TCP_CONNECT */
 };
 
 /*
@@ -486,6 +515,12 @@ static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
                                                 : 0;
     case MSG_SEED:
         return ag_seed_bad(&req->seed, p, h->len, why);
+    case MSG_TCP_CONNECT:
+        req->port = h->len == 4 ? ld32(p) : 0;
+        return req->port >= 1 && req->port <= 65535
+                   ? 0
+                   : ag_problem(why, "TCP_CONNECT: %u payload bytes, port %u (want u32 1..65535)",
+                                h->len, req->port, 0);
     default:
         return 0;
     }

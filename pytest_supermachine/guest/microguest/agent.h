@@ -29,6 +29,7 @@
 #define E_FBIG 27
 #define E_NOSPC 28
 #define E_NAMETOOLONG 36
+#define E_NOSYS 38
 #define E_PROTO 71
 
 /* ------------------------------------------------------------ helpers -- */

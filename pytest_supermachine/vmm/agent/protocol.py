@@ -39,13 +39,18 @@ CAP_CWD = 1 << 4
 CAP_FILES = 1 << 5
 CAP_KILL = 1 << 6
 CAP_TIMEOUT = 1 << 7
-#: SEED (§4). Bit 13: other additions to version 1 take the bits after CAP_TIMEOUT.
-CAP_SEED = 1 << 13
-CAP_ALL = ((1 << 8) - 1) | CAP_SEED
+CAP_ALL = (1 << 8) - 1  # the base set every version-1 agent has
+CAP_USER = 1 << 8  # EXEC_USER: a command runs as a uid, gid and supplementary groups
+#: SEED (§4): a per-test seed and wall clock (both agents announce it).
+CAP_SEED = 1 << 10
 MAX_SEED = 256
+#: TCP_CONNECT: the connection becomes a byte stream to a guest TCP port (Linux agent only).
+CAP_TCP = 1 << 9
 
 EXEC_STDIN = 1 << 0
 EXEC_SHELL = 1 << 1
+EXEC_USER = 1 << 2
+MAX_GROUPS = 256  # supplementary groups one EXEC_USER may name
 EXIT_SIGNALED = 1 << 0
 EXIT_TIMED_OUT = 1 << 1
 PUT_APPEND = 1 << 0
@@ -74,7 +79,8 @@ class MsgType:
     PUT_FILE = 0x20
     GET_FILE = 0x21
     FILE_DATA = 0x22
-    SEED = 0x50
+    SEED = 0x40
+    TCP_CONNECT = 0x41
 
 
 TYPE_NAMES = {v: k for k, v in vars(MsgType).items() if not k.startswith("_")}
