@@ -142,7 +142,11 @@ def seed_kernel_crng(machine: Machine, symbols: KernelRngSymbols, seed: bytes) -
     The vCPUs must be parked (the machine paused, or not started). False, with
     nothing written, if the guest's kernel is not one whose layout is known.
     """
-    mem = _tracked_memory(machine)
+    return write_crng_state(_tracked_memory(machine), symbols, seed)
+
+
+def write_crng_state(mem: DeviceMemory, symbols: KernelRngSymbols, seed: bytes) -> bool:
+    """`seed_kernel_crng` on guest memory: the writes themselves, recorded as host writes."""
     banner = mem.read(symbols.linux_banner, 32)
     if not banner.startswith(KNOWN_BANNERS):
         return False
