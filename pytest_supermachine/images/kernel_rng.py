@@ -27,6 +27,9 @@ So, with the vCPUs parked, `seed_kernel_crng` writes into the guest:
 The guest then produces the same bytes for the same seed as long as it runs the
 same processes in the same order on one vCPU (which CPU a process runs on, and
 so which per-CPU CRNG it draws from, is up to the scheduler with more vCPUs).
+No CPUID change is needed for this: RDRAND/RDSEED (hidden on PVM anyway, visible
+on hardware KVM) enter the kernel's randomness only at a reseed, which is held
+off; a guest program that executes RDRAND itself is not made repeatable.
 
 Where: symbol addresses from the vmlinux symbol table (the bundled kernel is not
 relocatable and has no KASLR: virtual = physical + ``__START_KERNEL_map``), and
@@ -139,7 +142,11 @@ def seed_kernel_crng(machine: Machine, symbols: KernelRngSymbols, seed: bytes) -
     The vCPUs must be parked (the machine paused, or not started). False, with
     nothing written, if the guest's kernel is not one whose layout is known.
     """
-    mem = _tracked_memory(machine)
+    return write_crng_state(_tracked_memory(machine), symbols, seed)
+
+
+def write_crng_state(mem: DeviceMemory, symbols: KernelRngSymbols, seed: bytes) -> bool:
+    """`seed_kernel_crng` on guest memory: the writes themselves, recorded as host writes."""
     banner = mem.read(symbols.linux_banner, 32)
     if not banner.startswith(KNOWN_BANNERS):
         return False

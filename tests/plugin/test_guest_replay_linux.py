@@ -15,26 +15,13 @@ from collections.abc import Iterator
 import pytest
 from smhelpers import USER_CACHE, Project
 
-#: The guest command of each source of randomness.
-SOURCES = {
-    "urandom": "head -c 16 /dev/urandom | od -An -tx1",
-    "RANDOM": "echo $RANDOM $RANDOM $RANDOM",
+from tests.guest_random import SOURCES, fails_on_a_repeated_value
+
+#: Short names (they name the pytester modules, which must be unique per process).
+LINUX_SOURCES = {
+    "urandom": SOURCES["linux /dev/urandom"][1],
+    "RANDOM": SOURCES["linux $RANDOM"][1],
 }
-
-#: Fails only when the guest prints what an earlier run of it printed (kept in a host
-#: file): the first run records its value and fails, so a replay fails exactly when the
-#: guest repeats that value.
-FAILS_ON_A_REPEATED_VALUE = """
-import json, pathlib
-
-SEEN = pathlib.Path(__file__).with_name("seen.json")
-
-def test_random(microvm):
-    value = microvm.run({command!r}, check=True).stdout.decode()
-    seen = json.loads(SEEN.read_text()) if SEEN.exists() else []
-    SEEN.write_text(json.dumps(seen + [value]))
-    assert seen and value not in seen, f"guest printed {{value!r}}"
-"""
 
 TWO_TESTS_READ_URANDOM = """
 import json, pathlib
@@ -61,12 +48,12 @@ def linux_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) ->
     yield project
 
 
-@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("source", sorted(LINUX_SOURCES))
 def test_replay_repeats_the_linux_guests_random_values(linux_project: Project, source: str):
     project = linux_project
     project.write(
         f"test_{source.lower()}_replay.py",
-        FAILS_ON_A_REPEATED_VALUE.format(command=SOURCES[source]),
+        fails_on_a_repeated_value(LINUX_SOURCES[source]),
     )
     project.run().assert_outcomes(failed=1)
     [capsule] = project.capsules()

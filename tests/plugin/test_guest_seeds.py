@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import json
 
-#: Fails only when the guest draws the value an earlier run of it drew (kept in a host
-#: file): the first run records its value and fails, so a replay fails exactly when the
-#: guest repeats that value; a replay that drew anything else passes.
-FAILS_ON_A_REPEATED_RANDOM_VALUE = """
-import json, pathlib
+import pytest
 
-SEEN = pathlib.Path(__file__).with_name("seen.json")
+from tests.guest_random import SOURCES, fails_on_a_repeated_value
 
-def test_random(microvm):
-    value = microvm.run("rand 4", check=True).stdout.decode()
-    seen = json.loads(SEEN.read_text()) if SEEN.exists() else []
-    SEEN.write_text(json.dumps(seen + [value]))
-    assert seen and value not in seen, f"guest drew {value!r}"
-"""
+FAILS_ON_A_REPEATED_RANDOM_VALUE = fails_on_a_repeated_value(SOURCES["microguest rand"][1])
 
 #: Two tests that record what their guest drew.
 TWO_TESTS_DRAW = """
@@ -108,3 +99,11 @@ def test_clock(microvm):
 """,
     )
     project.run().assert_outcomes(passed=1)
+
+
+def test_the_session_seed_follows_pytest_randomly(project):
+    pytest.importorskip("pytest_randomly", reason="pytest-randomly is not installed")
+    project.write("test_two.py", TWO_TESTS_DRAW)
+    result = project.run("-p", "randomly", "--randomly-seed=4321")
+    result.stdout.fnmatch_lines(["supermachine: guest seed 4321 (from pytest-randomly*"])
+    result.assert_outcomes(passed=2)

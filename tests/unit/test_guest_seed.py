@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.images.kernel_rng import _elf_symbols, crng_key
+from pytest_supermachine.images.kernel_rng import (
+    KernelRngSymbols,
+    _elf_symbols,
+    crng_key,
+    write_crng_state,
+)
 from pytest_supermachine.session.seed import GuestSeeds, handout_seed
 from pytest_supermachine.vmm import agent as P
+from pytest_supermachine.vmm.memory import DeviceMemory, GuestMemory
 from tests.agent_peer import peer_pair
 
 
@@ -108,3 +114,34 @@ def test_symbols_are_read_from_the_elf_symbol_table(tmp_path: Path):
         if line.split()[-1] in ("base_crng", "jiffies") and len(line.split()) == 3
     }
     assert _elf_symbols(obj, ("base_crng", "jiffies", "missing")) == expected
+
+
+SYMBOLS = KernelRngSymbols(base_crng=0x3000, crng_init=0x5000, jiffies=0x6000, linux_banner=0x7000)
+
+
+def guest_with_a_kernel(banner: bytes) -> DeviceMemory:
+    """Guest RAM holding what `write_crng_state` reads: a banner, a CRNG, jiffies."""
+    guest = GuestMemory.from_bytearray(bytearray(0x8000))
+    guest.write(SYMBOLS.linux_banner, banner)
+    guest.write_u64(SYMBOLS.base_crng + 40, 7)  # generation
+    guest.write_u64(SYMBOLS.jiffies, 1000)
+    guest.write_u32(SYMBOLS.crng_init, 1)  # CRNG_EARLY
+    return DeviceMemory(guest)
+
+
+def test_the_crng_gets_the_seeds_key_a_new_generation_and_a_late_birth():
+    mem = guest_with_a_kernel(b"Linux version 6.1.192 (x@y)")
+    assert write_crng_state(mem, SYMBOLS, b"seed")
+    guest = mem.guest
+    assert guest.read(SYMBOLS.base_crng, 32) == crng_key(b"seed")
+    assert guest.read_u64(SYMBOLS.base_crng + 40) == 8
+    assert guest.read_u64(SYMBOLS.base_crng + 32) == 1000 + 3600 * SYMBOLS.hz
+    assert guest.read_u32(SYMBOLS.crng_init) == 2  # CRNG_READY
+    assert {0x3000 >> 12, 0x5000 >> 12} <= mem.written_pages()  # seen by reset and diffs
+
+
+def test_a_kernel_of_unknown_layout_is_left_alone():
+    mem = guest_with_a_kernel(b"Linux version 6.6.1 (x@y)")
+    assert not write_crng_state(mem, SYMBOLS, b"seed")
+    assert mem.guest.read(SYMBOLS.base_crng, 32) == bytes(32)
+    assert not mem.written_pages()

@@ -23,7 +23,7 @@ AGENT mode is a test guest for the VMM's devices and the agent protocol
 (docs/agent-protocol.md): it drives virtio-vsock (and virtio-blk if the boot
 info lists one) itself, listens on vsock port 5253, writes SM_CTL_READY to the
 control port, sends READY to host port 5254, and serves HELLO, EXEC (with
-stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE and PING on up to 8
+stdin, env, cwd, timeouts, KILL), PUT_FILE, GET_FILE, SEED and PING on up to 8
 connections at once, each with up to 16 requests in flight. Commands are
 built-ins, looked up by argv[0]'s basename (or the EXEC_SHELL line split at
 white space)::
@@ -34,6 +34,8 @@ white space)::
     cat [PATH...]          files (or stdin) to stdout
     write PATH             stdin into the RAM file store
     sleep MS               halt-based wait; KILL and timeouts end it
+    rand [N]               N (1..64) numbers of the generator SEED set, 16 hex digits a line
+    clock                  the wall clock SEED set, advanced by the TSC, in ns (0: none)
     emit N                 N bytes 0,1,..,255,0,1,.. on stdout
     dirty PAGES            +1 to the first byte of PAGES scratch pages, prints PAGES
     crash                  invalid opcode (ud2) at CPL3: exception report, PANIC 6
