@@ -35,6 +35,15 @@ def recipe(tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture
+def build_tools() -> None:
+    """The host tools a kernel build starts with (the builds here fail early, by design)."""
+    try:
+        kernel.check_build_tools()
+    except GuestBuildError as e:
+        pytest.skip(f"kernel build tools missing: {e}")
+
+
 def key(variant: KernelVariant, recipe: Path, version: str = "linux-source-6.1 6.1.192-1") -> str:
     return kernel_cache_key(variant, recipe_dir=recipe, version=version)
 
@@ -270,13 +279,9 @@ def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
 
 
 def test_failed_build_stays_for_inspection_until_the_next_attempt(
-    tmp_path: Path, recipe: Path
+    tmp_path: Path, recipe: Path, build_tools: None
 ) -> None:
     """A failed build keeps its log and work dir, is no cache hit, and a retry starts afresh."""
-    try:
-        kernel.check_build_tools()
-    except GuestBuildError as e:
-        pytest.skip(f"kernel build tools missing: {e}")
     source = tmp_path / "linux-source-6.1.tar.xz"
     source.write_bytes(b"not a tarball")
     root = tmp_path / "cache"
@@ -374,12 +379,8 @@ def test_retired_symbol_is_excused_only_where_the_tree_lacks_it(tmp_path: Path) 
 
 
 def test_unverified_series_that_fails_says_what_was_found_and_what_is_supported(
-    tmp_path: Path, recipe: Path
+    tmp_path: Path, recipe: Path, build_tools: None
 ) -> None:
-    try:
-        kernel.check_build_tools()
-    except GuestBuildError as e:
-        pytest.skip(f"kernel build tools missing: {e}")
     tree = tmp_path / "linux"
     (tree / "arch").mkdir(parents=True)
     (tree / "Kconfig").write_text("")
