@@ -138,6 +138,19 @@ def test_the_wheel_serves_every_cpython_from_3_10_on_linux_x86_64(dist: Dist) ->
     assert dist.wheel.name.endswith("-cp310-abi3-linux_x86_64.whl"), dist.wheel.name
 
 
+def test_the_wheel_is_manylinux_compatible(dist: Dist) -> None:
+    """auditwheel finds nothing but glibc symbols in it (the guests are static ELF files)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "auditwheel", "show", str(dist.wheel)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    assert 'consistent with the following platform tag: "manylinux_2_' in out, out
+
+
 def test_the_wheel_carries_the_kernel_of_both_variants(dist: Dist) -> None:
     """pvm for kvm_pvm hosts, kvm for hardware KVM: the same wheel boots on either."""
     with zipfile.ZipFile(dist.wheel) as whl:
