@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_supermachine import progress
+
 REPO = Path(__file__).resolve().parents[2]
 #: Host tools a test run may use: the plugin shells out to none of the build tools.
 RUNTIME_TOOLS = ("sh", "env", "uname", "cat", "ls")
@@ -63,14 +65,25 @@ class Dist:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    """``python -m build`` of the checkout; its guest-kernel progress goes to the terminal
+    (a kernel missing from the user cache is built first: minutes)."""
     out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
+    start = time.monotonic()
+    proc = subprocess.Popen(
         [sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        check=False,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("bundle: "):
+            progress.report("wheel build", "staging guests", time.monotonic() - start, line[8:-1])
+    rc = proc.wait()
+    progress.report("wheel build", "done", time.monotonic() - start)
+    assert rc == 0, "".join(lines[-80:])
     (sdist,) = out.glob("*.tar.gz")
     (wheel,) = out.glob("*.whl")
     return Dist(sdist, wheel)
