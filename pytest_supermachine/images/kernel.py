@@ -48,7 +48,7 @@ SOURCE_SEARCH_DIR = Path("/usr/src")
 SOURCE_ENV = "SUPERMACHINE_KERNEL_SOURCE"
 #: A vmlinux (PVH entry) the user built: used as is, nothing is built.
 KERNEL_ENV = "SUPERMACHINE_KERNEL"
-#: The series the recipe is verified on (built and booted: tests/linux, bench/kernel_sources.py).
+#: The series the recipe is verified on (built and booted: tests/linux, bench/bench_kernel_sources.py).
 VERIFIED_SERIES: tuple[str, ...] = ("6.1", "6.12")
 #: The series preferred when several sources are installed (the one the cache keys and
 #: the wheel's kernels come from).
@@ -403,17 +403,20 @@ def kernel_cache_key(
 
     Patches (those of the source's series, see `KernelVariant.patches`) are hashed by
     name and content, so renaming (= reordering) one changes the key too. ``version``
-    defaults to `source_version(source)`.
+    defaults to `source_version(source)`; given a ``version`` and no ``source``, the
+    generic patches count.
     """
-    source = source or find_kernel_source().path
+    if version is None:
+        source = source or find_kernel_source().path
+        version = source_version(source)
     parts: list[bytes | str] = [
         "kernel",
         RECIPE_VERSION,
-        version if version is not None else source_version(source),
+        version,
         variant.value,
         (recipe_dir / FRAGMENT_NAME).read_bytes(),
     ]
-    for patch in variant.patches(recipe_dir, source_series(source)):
+    for patch in variant.patches(recipe_dir, source_series(source) if source else ""):
         parts += [patch.name, patch.read_bytes()]
     return content_key(*parts)
 
