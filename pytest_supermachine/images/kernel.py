@@ -48,7 +48,8 @@ SOURCE_SEARCH_DIR = Path("/usr/src")
 SOURCE_ENV = "SUPERMACHINE_KERNEL_SOURCE"
 #: A vmlinux (PVH entry) the user built: used as is, nothing is built.
 KERNEL_ENV = "SUPERMACHINE_KERNEL"
-#: The series the recipe is verified on (built and booted: tests/linux, bench/bench_kernel_sources.py).
+#: The series the recipe is fitted to (patches apply, config check passes; built and booted by
+#: tests/linux/test_kernel_sources.py and bench/bench_kernel_sources.py where installed).
 VERIFIED_SERIES: tuple[str, ...] = ("6.1", "6.12")
 #: The series preferred when several sources are installed (the one the cache keys and
 #: the wheel's kernels come from).
