@@ -1,7 +1,7 @@
 """Files the installed package carries, found through `importlib.resources`, never the source tree.
 
 What the package carries: the C sources of the guests and the VMM core, the kernel recipe
-(``images/kernel_recipe/``) and, in a wheel made by ``scripts/build-wheel.sh``, prebuilt
+(``images/kernel_recipe/``) and, in a wheel (``python -m build``: setup.py stages them), prebuilt
 guests under ``bundled/<kind>/<key>/`` laid out exactly like cache entries (cache.py), so a
 machine without a compiler or a kernel source runs the bundled ones.
 

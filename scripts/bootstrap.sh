@@ -47,6 +47,7 @@ fi
 stamp=.venv/.supermachine-install
 want=$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing pytest-supermachine and its test extras into .venv (pip, ~1 min)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   echo "$want" > "$stamp"

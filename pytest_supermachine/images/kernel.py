@@ -48,8 +48,18 @@ SOURCE_SEARCH_DIR = Path("/usr/src")
 SOURCE_ENV = "SUPERMACHINE_KERNEL_SOURCE"
 #: A vmlinux (PVH entry) the user built: used as is, nothing is built.
 KERNEL_ENV = "SUPERMACHINE_KERNEL"
-#: The series the recipe was verified on: preferred when several sources are installed.
-VERIFIED_SERIES = "6.1"
+#: The series the recipe is fitted to (patches apply, config check passes; built and booted by
+#: tests/linux/test_kernel_sources.py and bench/bench_kernel_sources.py where installed).
+VERIFIED_SERIES: tuple[str, ...] = ("6.1", "6.12")
+#: The series preferred when several sources are installed (the one the cache keys and
+#: the wheel's kernels come from).
+PREFERRED_SERIES = "6.1"
+#: Fragment symbols a newer kernel no longer has, and why that is fine: the config check
+#: skips one only when no Kconfig file of the tree being built defines it.
+RETIRED_SYMBOLS: dict[str, str] = {
+    # Gone from 6.12's arch/x86/Kconfig: the feature names clearcpuid= needs are always built in.
+    "CONFIG_X86_FEATURE_NAMES": "feature names are always built in",
+}
 #: Compressions ``tar -xf`` recognises by itself (given the decompressor).
 TARBALL_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar.bz2", ".tar.zst")
 #: Present when the host's /dev/kvm is kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine").
@@ -186,11 +196,23 @@ class KernelVariant(str, enum.Enum):
         """Kernel command-line tokens the boot code must append for this variant."""
         return list(PVM_CMDLINE) if self is KernelVariant.PVM else []
 
-    def patches(self, recipe_dir: Path = RECIPE_DIR) -> list[Path]:
-        """The patches of this variant, in the order they are applied (by file name)."""
+    def patches(self, recipe_dir: Path = RECIPE_DIR, series: str = "") -> list[Path]:
+        """The patches of this variant, in the order they are applied (by file name).
+
+        A patch of the same name in ``<variant>/<series>/`` (``pvm/6.12/``) replaces the
+        generic one for that series: the same change, rebased where the code moved. Other
+        series get the generic patches (and a clear error if one does not apply).
+        """
         if self is KernelVariant.KVM:
             return []
-        return sorted((recipe_dir / self.value).glob("*.patch"), key=lambda p: p.name)
+        rebased = recipe_dir / self.value / series if series else None
+        return sorted(
+            (
+                rebased / p.name if rebased is not None and (rebased / p.name).is_file() else p
+                for p in (recipe_dir / self.value).glob("*.patch")
+            ),
+            key=lambda p: p.name,
+        )
 
 
 @dataclass(frozen=True)
@@ -250,6 +272,14 @@ def _series(path: Path) -> tuple[int, ...]:
     return tuple(int(n) for n in m.group(1).split(".")) if m else ()
 
 
+def source_series(source: Path) -> str:
+    """``"6.12"`` for a 6.12 tarball (by its name) or tree (by its Makefile); ``""`` if unknown."""
+    numbers = (
+        _tree_version(source).split(".") if source.is_dir() else list(map(str, _series(source)))
+    )
+    return ".".join(numbers[:2]) if len(numbers) >= 2 and "?" not in numbers[:2] else ""
+
+
 def _is_source_tree(path: Path) -> bool:
     return (
         (path / "Makefile").is_file() and (path / "Kconfig").is_file() and (path / "arch").is_dir()
@@ -262,14 +292,14 @@ def find_kernel_source(
     """The source to build the guest kernel from, or an error naming what was found.
 
     ``$SUPERMACHINE_KERNEL_SOURCE`` (a tarball or a tree) wins; otherwise the
-    ``linux-source-*.tar.*`` tarballs in ``search_dir``: series `VERIFIED_SERIES` if
+    ``linux-source-*.tar.*`` tarballs in ``search_dir``: series `PREFERRED_SERIES` if
     installed, else the newest.
     """
     env = os.environ if env is None else env
     supported = (
         f"a kernel source tarball ({', '.join(TARBALL_SUFFIXES)}; kernel.org's or Debian's "
         f"linux-source-<series>) or an unpacked source tree; the recipe is verified on "
-        f"Linux {VERIFIED_SERIES}"
+        f"Linux {' and '.join(VERIFIED_SERIES)}"
     )
     explicit = env.get(SOURCE_ENV, "").strip()
     if explicit:
@@ -298,8 +328,8 @@ def find_kernel_source(
             f"({seen}). Install one (Debian/Ubuntu: apt-get install linux-source), or set "
             f"${SOURCE_ENV} to {supported}; or set ${KERNEL_ENV} to a vmlinux you built"
         )
-    verified = [p for p in candidates if ".".join(map(str, _series(p))) == VERIFIED_SERIES]
-    return KernelSource((verified or candidates)[-1])
+    preferred = [p for p in candidates if source_series(p) == PREFERRED_SERIES]
+    return KernelSource((preferred or candidates)[-1])
 
 
 def check_build_tools() -> None:
@@ -372,17 +402,22 @@ def kernel_cache_key(
 ) -> str:
     """hash(recipe version, source version, fragment, patches, variant).
 
-    Patches are hashed by name and content, so renaming (= reordering) one
-    changes the key too. ``version`` defaults to `source_version(source)`.
+    Patches (those of the source's series, see `KernelVariant.patches`) are hashed by
+    name and content, so renaming (= reordering) one changes the key too. ``version``
+    defaults to `source_version(source)`; given a ``version`` and no ``source``, the
+    generic patches count.
     """
+    if version is None:
+        source = source or find_kernel_source().path
+        version = source_version(source)
     parts: list[bytes | str] = [
         "kernel",
         RECIPE_VERSION,
-        version if version is not None else source_version(source or find_kernel_source().path),
+        version,
         variant.value,
         (recipe_dir / FRAGMENT_NAME).read_bytes(),
     ]
-    for patch in variant.patches(recipe_dir):
+    for patch in variant.patches(recipe_dir, source_series(source) if source else ""):
         parts += [patch.name, patch.read_bytes()]
     return content_key(*parts)
 
@@ -420,17 +455,22 @@ def parse_config(text: str) -> dict[str, str]:
     return values
 
 
-def config_mismatches(fragment: str, config: str) -> list[str]:
+def config_mismatches(
+    fragment: str, config: str, retired: Mapping[str, str] | None = None
+) -> list[str]:
     """What the fragment asks for that the final .config does not have.
 
     Kconfig silently drops a request whose dependencies are unmet (or whose
     symbol was renamed); this is how we notice. Returns one readable line per
-    problem, empty when the config honours the fragment.
+    problem, empty when the config honours the fragment. Symbols in ``retired``
+    (ones this kernel no longer has, see `retired_here`) are not checked.
     """
     wanted = parse_config(fragment)
     got = parse_config(config)
     problems = []
     for symbol, value in wanted.items():
+        if retired and symbol in retired:
+            continue
         have = got.get(symbol, "n")
         if value == "n":
             if have not in ("n", ""):
@@ -439,6 +479,23 @@ def config_mismatches(fragment: str, config: str) -> list[str]:
             shown = "not set" if have == "n" else have
             problems.append(f"{symbol}: fragment wants {value}, config has {shown}")
     return problems
+
+
+def retired_here(tree: Path, candidates: Mapping[str, str] = RETIRED_SYMBOLS) -> dict[str, str]:
+    """The `RETIRED_SYMBOLS` that no Kconfig file of ``tree`` defines (so this kernel lacks them).
+
+    A symbol the tree still defines stays checked: only its absence excuses it.
+    """
+    names = {s.removeprefix("CONFIG_"): s for s in candidates}
+    pattern = re.compile(
+        rb"^\s*(?:menu)?config\s+(" + "|".join(map(re.escape, names)).encode() + rb")\s*$", re.M
+    )
+    defined: set[str] = set()
+    if names:
+        for kconfig in tree.rglob("Kconfig*"):
+            if kconfig.is_file():
+                defined.update(names[m.decode()] for m in pattern.findall(kconfig.read_bytes()))
+    return {s: why for s, why in candidates.items() if s not in defined}
 
 
 def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -549,6 +606,7 @@ def build_kernel(
     variant = variant or detect_variant()
     source = source or find_kernel_source().path
     key = kernel_cache_key(variant, recipe_dir=recipe_dir, source=source)
+    patches = variant.patches(recipe_dir, source_series(source))
     start = time.monotonic()
 
     def fill(entry: Path) -> dict[str, object]:
@@ -559,7 +617,7 @@ def build_kernel(
         log.write_bytes(f"kernel {key} variant={variant.value}\n".encode())
         b = _Builder(work, log, progress, niceness)
         b.start = start
-        _build_tree(b, variant, work, recipe_dir, source, jobs or os.cpu_count() or 1)
+        _build_tree(b, patches, work, recipe_dir, source, jobs or os.cpu_count() or 1)
         shutil.copyfile(work / ".config", entry / "config")
         shutil.copyfile(work / "vmlinux", entry / "vmlinux")
         shutil.copyfile(work / "arch" / "x86" / "boot" / "bzImage", entry / "bzImage")
@@ -568,7 +626,7 @@ def build_kernel(
         return {
             "variant": variant.value,
             "source": source_version(source),
-            "patches": [p.name for p in variant.patches(recipe_dir)],
+            "patches": [str(p.relative_to(recipe_dir)) for p in patches],
             "recipe": recipe_key(variant, recipe_dir),
         }
 
@@ -582,9 +640,21 @@ def build_kernel(
     return _artifacts(entry, key, variant)
 
 
+def _unverified_note(source: Path) -> str:
+    """What to tell a user whose source is not a series the recipe is verified on."""
+    series = source_series(source) or "of an unknown series"
+    if series in VERIFIED_SERIES:
+        return ""
+    return (
+        f"\n{source} is Linux {series}; the recipe is verified on Linux "
+        f"{' and '.join(VERIFIED_SERIES)}: set ${SOURCE_ENV} to one of those (Debian: "
+        f"apt-get install linux-source-{PREFERRED_SERIES}), or ${KERNEL_ENV} to a vmlinux you built"
+    )
+
+
 def _build_tree(
     b: _Builder,
-    variant: KernelVariant,
+    patches: Sequence[Path],
     work: Path,
     recipe_dir: Path,
     source: Path,
@@ -598,8 +668,13 @@ def _build_tree(
         b.run("extract", ["tar", "-xf", source, "-C", work, "--strip-components=1"], cwd=work)
 
     b.report("patch")
-    for patch in variant.patches(recipe_dir):
-        b.run("patch", ["patch", "-p1", "--forward", "--batch", "-i", patch.resolve()], cwd=work)
+    for patch in patches:
+        try:
+            b.run(
+                "patch", ["patch", "-p1", "--forward", "--batch", "-i", patch.resolve()], cwd=work
+            )
+        except GuestBuildError as e:
+            raise GuestBuildError(f"{e}{_unverified_note(source)}") from None
 
     b.report("configure")
     fragment = recipe_dir / FRAGMENT_NAME
@@ -610,13 +685,17 @@ def _build_tree(
         cwd=work,
     )
     b.run("configure", ["make", "olddefconfig"], cwd=work)
-    problems = config_mismatches(fragment.read_text(), (work / ".config").read_text())
+    retired = retired_here(work)
+    with b.log_path.open("a") as log:
+        for symbol, why in retired.items():
+            log.write(f"config check: {symbol} skipped, this kernel has no such symbol ({why})\n")
+    problems = config_mismatches(fragment.read_text(), (work / ".config").read_text(), retired)
     if problems:
         raise GuestBuildError(
             f"the kernel config does not honour {fragment}: Kconfig dropped or changed\n  "
             + "\n  ".join(problems)
             + "\n(a dependency is missing from the fragment, or the symbol does not exist "
-            "in this kernel version)"
+            "in this kernel version)" + _unverified_note(source)
         )
 
     b.report("compile")

@@ -1,24 +1,31 @@
 """The wheel, installed the way a user installs it, runs tests with nothing else reachable.
 
-The wheel (scripts/build-wheel.sh) goes into a fresh venv in a temporary directory
+The wheel, built the standard way (``python -m build``: an sdist, then the wheel from
+it; setup.py stages the guests), goes into a fresh venv in a temporary directory
 outside the checkout; every command then runs with a PATH of only that venv's bin and
 a directory of the few host tools a run needs (no gcc, ld or make), with
-``$SUPERMACHINE_KERNEL_SOURCE`` naming an empty directory (no kernel source), from a
-working directory outside the checkout. So each guest must come from the wheel.
+``$SUPERMACHINE_KERNEL_SOURCE`` naming an empty directory (no kernel source) and
+``$SUPERMACHINE_BUSYBOX`` a missing file (no busybox for an initramfs), from a working
+directory outside the checkout. So each guest must come from the wheel.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pytest_supermachine import progress
 
 REPO = Path(__file__).resolve().parents[2]
 #: Host tools a test run may use: the plugin shells out to none of the build tools.
@@ -48,6 +55,40 @@ def test_runs(microvm):
 """
 
 
+@dataclass(frozen=True)
+class Dist:
+    """What ``python -m build`` made: the sdist and the wheel."""
+
+    sdist: Path
+    wheel: Path
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
+    """``python -m build`` of the checkout; its guest-kernel progress goes to the terminal
+    (a kernel missing from the user cache is built first: minutes)."""
+    out = tmp_path_factory.mktemp("dist")
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("bundle: "):
+            progress.report("wheel build", "staging guests", time.monotonic() - start, line[8:-1])
+    rc = proc.wait()
+    progress.report("wheel build", "done", time.monotonic() - start)
+    assert rc == 0, "".join(lines[-80:])
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return Dist(sdist, wheel)
+
+
 @dataclass
 class InstalledWheel:
     """A venv holding only the wheel (and its dependencies), and how to run in it."""
@@ -70,17 +111,10 @@ class InstalledWheel:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstalledWheel]:
+def installed(tmp_path_factory: pytest.TempPathFactory, dist: Dist) -> Iterator[InstalledWheel]:
     root = tmp_path_factory.mktemp("packaging")
     assert not root.resolve().is_relative_to(REPO), "the install must live outside the checkout"
-    dist = root / "dist"
-    subprocess.run(
-        ["bash", str(REPO / "scripts" / "build-wheel.sh"), str(dist)],
-        env={**os.environ, "PYTHON": sys.executable},
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = dist.glob("*.whl")
+    wheel = dist.wheel
     start = time.monotonic()
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -103,12 +137,61 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstalledWhe
         "HOME": os.environ.get("HOME", str(root)),
         "PATH": f"{venv / 'bin'}:{tools}",
         "SUPERMACHINE_KERNEL_SOURCE": str(no_source),
+        "SUPERMACHINE_BUSYBOX": str(root / "no-busybox"),
         "LANG": "C.UTF-8",
     }
     for passed in ("SUPERMACHINE_KVM_DEVICE", "XDG_CACHE_HOME", "SUPERMACHINE_CACHE_DIR"):
         if passed in os.environ:
             env[passed] = os.environ[passed]
     yield InstalledWheel(venv, project, env, time.monotonic() - start)
+
+
+def test_the_wheel_serves_every_cpython_from_3_10_on_linux_x86_64(dist: Dist) -> None:
+    """One wheel per platform: the C core uses only the stable ABI."""
+    assert dist.wheel.name.endswith("-cp310-abi3-linux_x86_64.whl"), dist.wheel.name
+
+
+def test_the_wheel_is_manylinux_compatible(dist: Dist) -> None:
+    """auditwheel finds nothing but glibc symbols in it (the guests are static ELF files)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "auditwheel", "show", str(dist.wheel)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    assert 'consistent with the following platform tag: "manylinux_2_' in out, out
+
+
+def test_the_wheel_carries_the_kernel_of_both_variants(dist: Dist) -> None:
+    """pvm for kvm_pvm hosts, kvm for hardware KVM: the same wheel boots on either."""
+    with zipfile.ZipFile(dist.wheel) as whl:
+        names = whl.namelist()
+        manifests = [
+            json.loads(whl.read(n))
+            for n in names
+            if n.startswith("pytest_supermachine/bundled/kernel/") and n.endswith("/manifest.json")
+        ]
+    assert sorted(m["variant"] for m in manifests) == ["kvm", "pvm"]
+    kernels = [n for n in names if n.startswith("pytest_supermachine/bundled/kernel/")]
+    assert sum(n.endswith("/vmlinux") for n in kernels) == 2
+    assert not any(n.endswith("/bzImage") for n in kernels), "vmlinux boots; bzImage is dead weight"
+
+
+def test_the_sdist_carries_sources_and_recipe_but_no_built_guest(dist: Dist) -> None:
+    with tarfile.open(dist.sdist) as sdist:
+        names = [n.split("/", 1)[1] for n in sdist.getnames() if "/" in n]
+    for source in (
+        "setup.py",
+        "pytest_supermachine/vmm/_core.c",
+        "pytest_supermachine/guest/agent/agent.c",
+        "pytest_supermachine/guest/microguest/entry.S",
+        "pytest_supermachine/images/kernel_recipe/pvh.config",
+        "pytest_supermachine/images/kernel_recipe/pvm/6.12/0002-user-mode-syscall-fault.patch",
+    ):
+        assert source in names, source
+    assert not [n for n in names if "/bundled/" in n or n.endswith((".so", "vmlinux"))]
 
 
 def test_no_compiler_is_reachable(installed: InstalledWheel) -> None:
@@ -162,8 +245,8 @@ def test_microguest_session_with_an_empty_cache(
 
 
 def test_linux_session_without_kernel_source(installed: InstalledWheel) -> None:
-    """No kernel source, no compiler: the kernel is the wheel's (the user cache may hold the
-    base snapshot booted from it, keyed by its content)."""
+    """No kernel source, no busybox, no compiler: the kernel and initramfs are the wheel's
+    (the user cache may hold the base snapshot booted from them, keyed by their content)."""
     (installed.project / "test_linux.py").write_text(LINUX_TEST)
     done = installed.run(
         "python",

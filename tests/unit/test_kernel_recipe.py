@@ -35,6 +35,15 @@ def recipe(tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture
+def build_tools() -> None:
+    """The host tools a kernel build starts with (the builds here fail early, by design)."""
+    try:
+        kernel.check_build_tools()
+    except GuestBuildError as e:
+        pytest.skip(f"kernel build tools missing: {e}")
+
+
 def key(variant: KernelVariant, recipe: Path, version: str = "linux-source-6.1 6.1.192-1") -> str:
     return kernel_cache_key(variant, recipe_dir=recipe, version=version)
 
@@ -270,13 +279,9 @@ def test_cache_hit_needs_no_tools(tmp_path: Path, recipe: Path) -> None:
 
 
 def test_failed_build_stays_for_inspection_until_the_next_attempt(
-    tmp_path: Path, recipe: Path
+    tmp_path: Path, recipe: Path, build_tools: None
 ) -> None:
     """A failed build keeps its log and work dir, is no cache hit, and a retry starts afresh."""
-    try:
-        kernel.check_build_tools()
-    except GuestBuildError as e:
-        pytest.skip(f"kernel build tools missing: {e}")
     source = tmp_path / "linux-source-6.1.tar.xz"
     source.write_bytes(b"not a tarball")
     root = tmp_path / "cache"
@@ -308,3 +313,82 @@ def test_missing_tools_named_as_packages(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(kernel.shutil, "which", lambda tool: None if tool == "bison" else "/x")
     with pytest.raises(GuestBuildError, match=r"apt-get install bison\b"):
         kernel.check_build_tools()
+
+
+def test_series_patch_replaces_the_generic_one_of_the_same_name() -> None:
+    """pvm/6.12/ holds rebased patches: 6.12 gets those, every other series the generic ones."""
+    generic = KernelVariant.PVM.patches()
+    rebased = KernelVariant.PVM.patches(series="6.12")
+    assert [p.name for p in rebased] == [p.name for p in generic]
+    replaced = [p for p in rebased if p.parent.name == "6.12"]
+    assert replaced, "the recipe carries at least one patch rebased onto 6.12"
+    for patch in replaced:
+        # Each says which generic patch it rebases, so the two are kept in step.
+        assert f"../{patch.name}" in patch.read_text().split("\n--- a/", 1)[0]
+    assert KernelVariant.PVM.patches(series="6.1") == generic
+    assert KernelVariant.KVM.patches(series="6.12") == []
+
+
+def test_key_of_a_series_depends_on_its_own_patches(recipe: Path, tmp_path: Path) -> None:
+    source_61 = tmp_path / "linux-source-6.1.tar.xz"
+    source_612 = tmp_path / "linux-source-6.12.tar.xz"
+    for source in (source_61, source_612):
+        source.write_bytes(b"")
+
+    def keys() -> tuple[str, str]:
+        return tuple(  # type: ignore[return-value]
+            kernel_cache_key(KernelVariant.PVM, recipe_dir=recipe, source=s, version="v")
+            for s in (source_61, source_612)
+        )
+
+    before = keys()
+    assert before[0] != before[1]
+    (rebased,) = (recipe / "pvm" / "6.12").glob("0002-*.patch")
+    rebased.write_text(rebased.read_text() + "\n")
+    after = keys()
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "series"),
+    [
+        ("linux-source-6.12.tar.xz", "6.12"),
+        ("linux-6.12.9.tar.gz", "6.12"),
+        ("linux-source-6.1.tar.xz", "6.1"),
+        ("kernel.tar.xz", ""),
+    ],
+)
+def test_source_series_from_a_tarball_name(name: str, series: str) -> None:
+    assert kernel.source_series(Path(name)) == series
+
+
+def test_retired_symbol_is_excused_only_where_the_tree_lacks_it(tmp_path: Path) -> None:
+    """A symbol a newer kernel dropped is not checked there, and still checked where it exists."""
+    fragment = "CONFIG_X86_FEATURE_NAMES=y\nCONFIG_VIRTIO=y\n"
+    config = "CONFIG_VIRTIO=y\n"
+    new_tree, old_tree = tmp_path / "new", tmp_path / "old"
+    (new_tree / "arch" / "x86").mkdir(parents=True)
+    (new_tree / "arch" / "x86" / "Kconfig").write_text("config X86_64\n\tdef_bool y\n")
+    (old_tree / "arch" / "x86").mkdir(parents=True)
+    (old_tree / "arch" / "x86" / "Kconfig").write_text('config X86_FEATURE_NAMES\n\tbool "names"\n')
+    assert config_mismatches(fragment, config, kernel.retired_here(new_tree)) == []
+    assert kernel.retired_here(old_tree) == {}
+    assert config_mismatches(fragment, config, kernel.retired_here(old_tree)) == [
+        "CONFIG_X86_FEATURE_NAMES: fragment wants y, config has not set"
+    ]
+
+
+def test_unverified_series_that_fails_says_what_was_found_and_what_is_supported(
+    tmp_path: Path, recipe: Path, build_tools: None
+) -> None:
+    tree = tmp_path / "linux"
+    (tree / "arch").mkdir(parents=True)
+    (tree / "Kconfig").write_text("")
+    (tree / "Makefile").write_text("VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 0\n")
+    with pytest.raises(GuestBuildError) as info:
+        kernel.build_kernel(
+            KernelVariant.PVM, recipe_dir=recipe, source=tree, root=tmp_path / "c", niceness=0
+        )
+    message = str(info.value)
+    assert "phase 'patch'" in message
+    assert f"{tree} is Linux 5.10; the recipe is verified on Linux 6.1 and 6.12" in message

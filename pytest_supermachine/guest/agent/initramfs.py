@@ -5,21 +5,24 @@ tool, and every header says uid/gid 0, mtime 0 and an explicit mode, so the
 archive's bytes depend on nothing but its inputs (reproducible, and a stable
 part of snapshot cache keys). Cached like the agent under
 ``cache_dir()/initramfs/<key>/initramfs.cpio``, the key hashing the agent
-binary, busybox, the extra files and `FORMAT_VERSION`.
+binary, busybox, the extra files and `FORMAT_VERSION`. A machine without busybox
+takes the installed wheel's initramfs of the same agent (`recipe_key`).
 
 Uncompressed on purpose: decompressing at guest CPL0 is slow under nested PVM.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...cache import cached_artifact, content_key
+from ...cache import MANIFEST_NAME, cached_artifact, content_key
 from ...errors import GuestBuildError
+from ...package_data import bundled_dir
 from .build import build_agent
 
 #: Bumped whenever this module lays out the same inputs differently.
@@ -27,6 +30,8 @@ FORMAT_VERSION = "2"
 ARCHIVE_NAME = "initramfs.cpio"
 #: Debian's busybox-static installs a statically linked busybox here.
 BUSYBOX = Path("/bin/busybox")
+#: A static busybox elsewhere (another distribution's path), instead of `BUSYBOX`.
+BUSYBOX_ENV = "SUPERMACHINE_BUSYBOX"
 BUSYBOX_PACKAGE = "busybox-static"
 
 NEWC_MAGIC = b"070701"
@@ -168,22 +173,24 @@ def parse_cpio(data: bytes) -> list[CpioEntry]:
 
 
 def find_busybox() -> Path:
-    """The host's static busybox; GuestBuildError saying what to install otherwise."""
-    hint = f"install it with: apt-get install {BUSYBOX_PACKAGE}"
-    if not BUSYBOX.is_file():
-        raise GuestBuildError(f"the guest initramfs needs a static busybox at {BUSYBOX}; {hint}")
-    if _elf_is_dynamic(BUSYBOX.read_bytes()):
+    """The host's static busybox (``$SUPERMACHINE_BUSYBOX``, else `BUSYBOX`); GuestBuildError
+    saying what to install otherwise."""
+    busybox = Path(os.environ.get(BUSYBOX_ENV, "").strip() or BUSYBOX)
+    hint = f"install it with: apt-get install {BUSYBOX_PACKAGE} (or set ${BUSYBOX_ENV})"
+    if not busybox.is_file():
+        raise GuestBuildError(f"the guest initramfs needs a static busybox at {busybox}; {hint}")
+    if _elf_is_dynamic(busybox.read_bytes()):
         raise GuestBuildError(
-            f"{BUSYBOX} is dynamically linked (Debian's `busybox` package), the initramfs has "
+            f"{busybox} is dynamically linked (Debian's `busybox` package), the initramfs has "
             f"no shared libraries; {hint} (it replaces the dynamic one)"
         )
-    return BUSYBOX
+    return busybox
 
 
 def _elf_is_dynamic(elf: bytes) -> bool:
     """True if a 64-bit little-endian ELF has a PT_INTERP program header."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-        raise GuestBuildError(f"{BUSYBOX} is not a 64-bit little-endian ELF")
+        raise GuestBuildError("the busybox binary is not a 64-bit little-endian ELF")
     phoff = int.from_bytes(elf[32:40], "little")
     phentsize = int.from_bytes(elf[54:56], "little")
     phnum = int.from_bytes(elf[56:58], "little")
@@ -260,7 +267,14 @@ def build_initramfs(extra_files: dict[str, bytes] | None = None) -> Path:
     saying what to install otherwise.
     """
     agent = build_agent().read_bytes()
-    bb_path = find_busybox()
+    try:
+        bb_path = find_busybox()
+    except GuestBuildError:
+        # No busybox here: an installed wheel carries the initramfs of this agent.
+        bundled = bundled_initramfs(recipe_key(agent, extra_files))
+        if bundled is None:
+            raise
+        return bundled
     busybox = bb_path.read_bytes()
     parts: list[bytes | str] = [FORMAT_VERSION, agent, busybox]
     for name in sorted(extra_files or {}):
@@ -271,3 +285,23 @@ def build_initramfs(extra_files: dict[str, bytes] | None = None) -> Path:
         (tmp / ARCHIVE_NAME).write_bytes(write_cpio(entries))
 
     return cached_artifact("initramfs", content_key(*parts)[:16], ARCHIVE_NAME, assemble)
+
+
+def recipe_key(agent: bytes, extra_files: dict[str, bytes] | None = None) -> str:
+    """hash(format, agent, extra files): an initramfs's inputs but the host's busybox.
+
+    A wheel's initramfs is matched by this on a machine without busybox (whose bytes
+    the full key needs); any static busybox of the build machine serves.
+    """
+    parts: list[bytes | str] = ["initramfs-recipe", FORMAT_VERSION, agent]
+    for name in sorted(extra_files or {}):
+        parts += [name, (extra_files or {})[name]]
+    return content_key(*parts)
+
+
+def bundled_initramfs(recipe: str) -> Path | None:
+    """The archive of the wheel's initramfs entry made from ``recipe`` (`recipe_key`), if any."""
+    for manifest in sorted(bundled_dir().glob(f"initramfs/*/{MANIFEST_NAME}")):
+        if json.loads(manifest.read_text()).get("recipe") == recipe:
+            return manifest.parent / ARCHIVE_NAME
+    return None
