@@ -33,8 +33,6 @@ BASE_CMDLINE = ("panic=-1", "reboot=k", "quiet", "loglevel=4")
 #: Under PVM the guest kernel runs ~1000x slower: RCU stall warnings are false alarms there,
 #: and printing their stack dumps over the emulated UART stalls the guest for seconds.
 PVM_CMDLINE = ("rcupdate.rcu_cpu_stall_suppress=1",)
-#: Booting under PVM emulation takes minutes; never give it less than this.
-PVM_MIN_READY_TIMEOUT = 900.0
 
 
 def _progress(phase: str, elapsed: float, lines: int) -> None:
@@ -95,12 +93,9 @@ class LinuxImage(Image):
         return ()
 
     def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
-        from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
-        if is_nested_pvm():
-            timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
         machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks())
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
