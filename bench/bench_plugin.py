@@ -1,6 +1,6 @@
 """Plugin benchmark: what a VM per test costs through pytest.
 
-    python bench/bench_plugin.py [--tests 200] [--reps 3] [--linux-tests 5]
+    python bench/bench_plugin.py [--tests 200] [--reps 3] [--linux-tests 5] [--import-reps 20]
 
 Every run names its image (``--supermachine-image``): the modes below run on the
 ``microguest``; one more row runs ``--linux-tests`` tests on the ``linux`` image (the
@@ -13,6 +13,11 @@ runs keep it) so only the first run pays the Linux boot (0 skips the row). One r
 3. ``fresh``: the same N tests each restoring a fresh VM from the snapshot
    (``--supermachine-pool-size=0``: what you would pay without reset);
 4. ``microvm -n 2``: mode 2 under pytest-xdist with two workers (throughput).
+
+5. ``import cost``: pytest on a suite of plain tests with the plugin loaded (``-p
+   supermachine``) against ``-p no:supermachine``, ``--import-reps`` runs of each,
+   interleaved: the start-up a suite that never asks for a VM pays for having the
+   plugin installed (wall time, and the child's CPU time, which load skews less).
 
 Each test is ``def test_i(microvm): assert microvm.run("true").ok`` (the ``plain`` tests
 just ``assert True``), so every VM is proven usable. Per-test cost is the median over
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -132,12 +138,45 @@ def linux_per_test_ms(n: int) -> dict[str, float]:
     return summarize([d * 1e3 for d in data["tests"]])  # type: ignore[union-attr]
 
 
+def import_cost(reps: int) -> dict[str, Any]:
+    """Wall and CPU ms of `pytest` on 20 plain tests, with and without the plugin."""
+    samples: dict[str, list[float]] = {
+        f"{what}_{mode}": [] for what in ("wall", "cpu") for mode in ("with", "without")
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-plugin-import-") as tmp:
+        root = Path(tmp)
+        (root / "pytest.ini").write_text("[pytest]\n")
+        (root / "test_novm.py").write_text(
+            "import pytest\n\n"
+            "@pytest.mark.parametrize('i', range(20))\n"
+            "def test_novm(i):\n    assert True\n"
+        )
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_novm.py"]
+        for _ in range(reps):  # interleaved, so drift hits both alike
+            for mode, plugin in (("with", "supermachine"), ("without", "no:supermachine")):
+                before, t0 = os.times(), time.perf_counter()
+                subprocess.run([*cmd, "-p", plugin], cwd=root, capture_output=True, check=True)
+                wall, after = time.perf_counter() - t0, os.times()
+                cpu = (after.children_user - before.children_user) + (
+                    after.children_system - before.children_system
+                )
+                samples[f"wall_{mode}"].append(wall * 1e3)
+                samples[f"cpu_{mode}"].append(cpu * 1e3)
+    out: dict[str, Any] = {k: summarize(v) for k, v in samples.items()}
+    for what in ("wall", "cpu"):  # medians' difference, and minima's (the least noisy)
+        out[f"{what}_added"] = out[f"{what}_with"]["median"] - out[f"{what}_without"]["median"]
+        out[f"{what}_added_min"] = out[f"{what}_with"]["min"] - out[f"{what}_without"]["min"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tests", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--linux-tests", type=int, default=5)
+    ap.add_argument("--import-reps", type=int, default=20)
     args = ap.parse_args()
+    imports = import_cost(args.import_reps) if args.import_reps > 0 else None
     n = args.tests
     with tempfile.TemporaryDirectory(prefix="bench-plugin-") as tmp:
         root = Path(tmp)
@@ -201,6 +240,18 @@ def main() -> None:
     print_table(
         f"per-test cost through pytest (microguest: median of {args.reps} runs x {n} tests)", rows
     )
+    if imports is not None:
+        print_table(
+            f"plugin start-up on 20 tests without VMs ({args.import_reps} runs of each)",
+            [
+                ("pytest -p supermachine, wall", imports["wall_with"], "ms"),
+                ("pytest -p no:supermachine, wall", imports["wall_without"], "ms"),
+                ("added by the plugin, wall (medians)", imports["wall_added"], "ms"),
+                ("added by the plugin, wall (minima)", imports["wall_added_min"], "ms"),
+                ("added by the plugin, CPU user+sys (medians)", imports["cpu_added"], "ms"),
+                ("added by the plugin, CPU user+sys (minima)", imports["cpu_added_min"], "ms"),
+            ],
+        )
     print_table("microguest sessions and throughput (median of runs)", session_rows)
     emit_json(
         "plugin",
@@ -213,6 +264,7 @@ def main() -> None:
             "overhead_ms": {"microvm": overhead_reset, "fresh": overhead_fresh},
             "session_s": sessions,
             "throughput_per_s": throughput,
+            "import_cost_ms": imports,
         },
     )
 

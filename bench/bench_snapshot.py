@@ -10,7 +10,13 @@ All on the microguest, one run:
 2. reset latency after the guest dirtied 0 / 1k / 10k / 50k pages (DIRTY mode, then
    power-off), for both reset strategies, versus the baseline of destroying the machine
    and restoring a fresh one; and what each costs the guest's next run (re-faults);
-3. save time and on-disk size of a full and of a diff snapshot against changed pages.
+3. the reset cost model (vmm/reset_cost.py) fitted to this run: per-page copy, drop and
+   re-fault costs, a fresh restore's, and the crossovers they imply (the dirty count
+   above which DISCARD or a fresh restore costs less than COPY, reset + next run, for a
+   next run that writes 0 %, 5 %, 50 % and 100 % of the pages again); next to the
+   constants the model ships with, and what AUTO picked here (this workload writes the
+   same pages every run: 100 %);
+4. save time and on-disk size of a full and of a diff snapshot against changed pages.
 Prints a table and one JSON line.
 """
 
@@ -30,6 +36,7 @@ from _common import emit_json, print_table, summarize
 from pytest_supermachine.guest.microguest import GuestMode, build_microguest
 from pytest_supermachine.vmm import reaper
 from pytest_supermachine.vmm.machine import ExitReason, Machine, ResetStrategy
+from pytest_supermachine.vmm.reset_cost import ResetChoice, ResetCostModel
 
 MEM_MIB = 256
 
@@ -69,9 +76,10 @@ def restore_latency(
 
 
 def reset_cycle(
-    path: Path, reps: int, strategy: ResetStrategy
+    path: Path, reps: int, strategy: ResetStrategy, picked: list[str] | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(reset latency, the guest's next run to power-off) for one reset strategy."""
+    """(reset latency, the guest's next run to power-off) for one reset strategy; with
+    `picked`, the strategy each reset used is appended to it (AUTO decides per reset)."""
     resets, reruns = [], []
     m = Machine.restore(path)
     try:
@@ -80,6 +88,8 @@ def reset_cycle(
             t0 = time.perf_counter()
             m.reset(resume=False, strategy=strategy)
             t1 = time.perf_counter()
+            if picked is not None:
+                picked.append(m.last_reset.value)  # type: ignore[union-attr]
             m.resume()
             assert m.wait(timeout=120).reason is ExitReason.HALT
             t2 = time.perf_counter()
@@ -88,6 +98,57 @@ def reset_cycle(
     finally:
         m.stop()
     return summarize(resets), summarize(reruns)
+
+
+def fit_model(results: dict[str, object], pages: int) -> ResetCostModel:
+    """The reset cost model's constants from this run's medians (0 and `pages` dirty pages)."""
+    lo, hi = results["pages_0"], results[f"pages_{pages}"]
+    assert isinstance(lo, dict) and isinstance(hi, dict)
+    ms = 1e-3
+    return ResetCostModel(
+        in_place_s=lo["reset_copy_ms"] * ms,
+        copy_page_s=max(hi["reset_copy_ms"] - lo["reset_copy_ms"], 0) * ms / pages,
+        discard_page_s=max(hi["reset_discard_ms"] - lo["reset_discard_ms"], 0) * ms / pages,
+        restore_s=lo["fresh_restore_ms"] * ms,
+        refault_page_s=max(hi["run_after_discard_ms"] - hi["run_after_copy_ms"], 0) * ms / pages,
+        rewarm_s=max(lo["run_after_fresh_ms"] - lo["run_after_copy_ms"], 0) * ms,
+    )
+
+
+RETOUCH = (0.0, 0.05, 0.5, 1.0)
+
+
+def model_rows(
+    name: str, model: ResetCostModel
+) -> tuple[list[tuple[str, dict[str, float] | float, str]], dict[str, object]]:
+    rows: list[tuple[str, dict[str, float] | float, str]] = [
+        (f"{name}: in-place reset, fixed", model.in_place_s * 1e3, "ms"),
+        ("    copy back, per page", model.copy_page_s * 1e6, "us"),
+        ("    drop (MADV_DONTNEED), per page", model.discard_page_s * 1e6, "us"),
+        ("    next run's re-fault, per dropped page", model.refault_page_s * 1e6, "us"),
+        ("    fresh restore", model.restore_s * 1e3, "ms"),
+        ("    fresh restore's re-warm of read pages", model.rewarm_s * 1e3, "ms"),
+    ]
+    out: dict[str, object] = {
+        "in_place_ms": round(model.in_place_s * 1e3, 3),
+        "copy_page_us": round(model.copy_page_s * 1e6, 3),
+        "discard_page_us": round(model.discard_page_s * 1e6, 3),
+        "refault_page_us": round(model.refault_page_s * 1e6, 3),
+        "restore_ms": round(model.restore_s * 1e3, 3),
+        "rewarm_ms": round(model.rewarm_s * 1e3, 3),
+    }
+    for retouch in RETOUCH:
+        for choice in (ResetChoice.DISCARD, ResetChoice.RESTORE):
+            at = model.crossover(choice, retouch)
+            rows.append(
+                (
+                    f"    {choice.value} beats COPY from, {retouch:.0%} written again",
+                    float("nan") if at is None else float(at),
+                    "pages (nan: never)",
+                )
+            )
+            out[f"crossover_{choice.value}_retouch_{retouch:g}"] = at
+    return rows, out
 
 
 def fresh_restore(
@@ -163,6 +224,13 @@ def main() -> None:
             fresh, destroy, fresh_run = fresh_restore(snap, args.reps)
             copy, copy_run = reset_cycle(snap, args.reps, ResetStrategy.COPY)
             discard, discard_run = reset_cycle(snap, args.reps, ResetStrategy.DISCARD)
+            picked: list[str] = []
+            auto, auto_run = reset_cycle(snap, args.reps, ResetStrategy.AUTO, picked)
+            whole = {
+                "copy": copy["median"] + copy_run["median"],
+                "discard": discard["median"] + discard_run["median"],
+                "restore": fresh["median"] + fresh_run["median"],
+            }
             reset_rows += [
                 (f"{pages} dirty pages: reset, COPY back (default)", copy, "ms"),
                 ("    reset, DISCARD (MADV_DONTNEED)", discard, "ms"),
@@ -186,6 +254,14 @@ def main() -> None:
                 ("    next run to power-off after COPY reset", copy_run, "ms"),
                 ("    next run to power-off after DISCARD reset", discard_run, "ms"),
                 ("    next run to power-off after fresh restore", fresh_run, "ms"),
+                ("    whole cost (reset + next run), COPY", whole["copy"], "ms"),
+                ("    whole cost (reset + next run), DISCARD", whole["discard"], "ms"),
+                ("    whole cost (restore + next run), fresh restore", whole["restore"], "ms"),
+                (
+                    f"    reset AUTO (picked {'/'.join(sorted(set(picked)))}) + next run",
+                    auto["median"] + auto_run["median"],
+                    "ms",
+                ),
             ]
             results[f"pages_{pages}"] = {
                 "reset_copy_ms": round(copy["median"], 3),
@@ -198,6 +274,10 @@ def main() -> None:
                 "run_after_copy_ms": round(copy_run["median"], 2),
                 "run_after_discard_ms": round(discard_run["median"], 2),
                 "run_after_fresh_ms": round(fresh_run["median"], 2),
+                "reset_auto_ms": round(auto["median"], 3),
+                "run_after_auto_ms": round(auto_run["median"], 2),
+                "auto_picked": sorted(set(picked)),
+                "cheapest_measured": min(whole, key=whole.__getitem__),
             }
             if pages:
                 cost = save_costs(snap, tmp)
@@ -208,8 +288,13 @@ def main() -> None:
                     (f"  full on disk, {pages} changed pages", cost["full_kib"], "KiB"),
                 ]
                 results[f"save_{pages}"] = {k: round(v, 1) for k, v in cost.items()}
+    fitted_rows, fitted = model_rows("fitted to this run", fit_model(results, 50_000))
+    shipped_rows, shipped = model_rows("shipped constants", ResetCostModel())
+    results["reset_model_fitted"] = fitted
+    results["reset_model_shipped"] = shipped
     print_table(f"restore from file ({MEM_MIB} MiB microguest)", rows)
     print_table("in-place reset vs destroy-and-restore", reset_rows)
+    print_table("reset cost model and crossovers", fitted_rows + shipped_rows)
     print_table("saving snapshots (single run each)", save_rows)
     emit_json("snapshot", results)
 

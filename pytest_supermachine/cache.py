@@ -19,8 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from .package_data import bundled_dir
 
 APP = "pytest-supermachine"
@@ -97,6 +95,8 @@ def build_once(
     base.mkdir(parents=True, exist_ok=True)
     if on_wait is not None:
         on_wait()
+    from filelock import FileLock  # lazy: loading the plugin must stay cheap
+
     with FileLock(str(base / f"{key}.lock")):
         if (entry / MANIFEST_NAME).is_file():  # another process built it while we waited
             return entry

@@ -125,6 +125,7 @@ def _image_build(args: argparse.Namespace) -> int:
         image=args.name,
         vcpus=args.vcpus,
         mem_mib=args.mem_mib,
+        disk_mib=args.disk_mib,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         rebuild=args.rebuild,
     )
@@ -181,7 +182,8 @@ def _cache_list(args: argparse.Namespace) -> int:
 def _prune_pulled(args: argparse.Namespace) -> list[tuple[Path, str]]:
     """Pulled images to remove (all with ``--all``, else those unused for ``--unused-days``).
 
-    Each is removed under its ``.lock`` (the one `pull_image` holds), lock file included,
+    With each goes the root filesystem built from it (`_prune_oci_rootfs`). Each is
+    removed under its ``.lock`` (the one `pull_image` holds), lock file included,
     so a concurrent pull of the same image is never cut off.
     """
     import shutil
@@ -192,6 +194,7 @@ def _prune_pulled(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
     cutoff = None if args.unused_days is None else time.time() - args.unused_days * 86400
     removed: list[tuple[Path, str]] = []
+    built_from: set[str] = set()
     for p in pulled_images(_pull_root(args)):
         entry = p.layout.parent
         if args.all:
@@ -201,9 +204,47 @@ def _prune_pulled(args: argparse.Namespace) -> list[tuple[Path, str]]:
         else:
             continue
         removed.append((entry, why))
+        built_from.add(p.manifest_digest)
         if args.dry_run:
             continue
         lock = entry.with_name(entry.name + ".lock")
+        with FileLock(str(lock)):
+            shutil.rmtree(entry, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    return removed + _prune_oci_rootfs(args, built_from)
+
+
+def _prune_oci_rootfs(args: argparse.Namespace, built_from: set[str]) -> list[tuple[Path, str]]:
+    """Root filesystems (ext4) of OCI images: all with ``--all``, else those of pruned pulls.
+
+    Each entry goes under its build lock, lock file included. Root filesystems of other
+    kinds (directories, Debian trees) are not OCI images and stay.
+    """
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    from .cache import MANIFEST_NAME, cache_dir
+    from .images.rootfs import CACHE_KIND
+
+    root = (Path(args.cache_dir) if args.cache_dir else cache_dir()) / CACHE_KIND
+    removed: list[tuple[Path, str]] = []
+    for manifest in sorted(root.glob(f"*/{MANIFEST_NAME}")):
+        try:
+            record = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("kind") != "oci":
+            continue
+        digest = record.get("content_digest")
+        if not args.all and digest not in built_from:
+            continue
+        entry = manifest.parent
+        removed.append((entry, "--all" if args.all else f"root filesystem of pulled {digest}"))
+        if args.dry_run:
+            continue
+        lock = root / f"{entry.name}.lock"
         with FileLock(str(lock)):
             shutil.rmtree(entry, ignore_errors=True)
         lock.unlink(missing_ok=True)
@@ -264,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vcpus", type=int, default=None)
     p.add_argument("--mem-mib", type=int, default=None)
+    p.add_argument(
+        "--disk-mib",
+        type=int,
+        default=None,
+        help="an OCI image's writable layer in MiB (as the tests' disk_mib; default 256)",
+    )
     p.add_argument(
         "--rebuild", action="store_true", help="rebuild the base snapshot even if cached"
     )

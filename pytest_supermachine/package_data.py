@@ -11,7 +11,6 @@ package imported from a zip archive gets a clear error instead of a half-working
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 from .errors import SupermachineError
@@ -23,6 +22,8 @@ BUNDLED_DIR = "bundled"
 
 def package_path(package: str, *parts: str) -> Path:
     """The file-system path of resource ``parts`` of ``package`` (which need not exist yet)."""
+    from importlib.resources import files  # lazy: loading the plugin must stay cheap
+
     resource = files(package)
     for part in parts:
         resource = resource.joinpath(part)

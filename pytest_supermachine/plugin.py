@@ -21,21 +21,23 @@ import contextlib
 import threading
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import hookspecs, progress
-from .capsules.capsule import CapsuleWriter, read_manifest, report_text
-from .capsules.replay import ReplayPlugin, load_replay_state
-from .doctor import kvm_summary
 from .fixtures.lease import LEASES_KEY
 from .fixtures.microvm import microvm, microvm_factory, microvm_image
-from .images.image import Image
-from .images.registry import canonical_name, find_image
 from .session import xdist
+from .session.seed import GuestSeeds
 from .session.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
 from .session.state import CAPSULE_KEY, STATE_KEY, SessionState, new_session_id, state_of
+
+if TYPE_CHECKING:
+    from .images.image import Image
+
+# Loading this module stays cheap (issue 13: a suite without VM tests pays <= 20 ms for
+# the plugin): capsules, replay, images and the KVM probe are imported where used.
 
 __all__ = ["microvm", "microvm_factory", "microvm_image"]
 
@@ -99,6 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     replay_capsule = config.getoption("supermachine_replay")
     if replay_capsule:
+        from .capsules.replay import ReplayPlugin, load_replay_state
+
         state.replay = load_replay_state(
             replay_capsule,
             config.getoption("supermachine_replay_runs"),
@@ -106,6 +110,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
     else:
+        from .capsules.capsule import CapsuleWriter
+
         replay_args: list[str] = []
         for opt in OPTIONS:
             source = settings.sources.get(opt.name, "")
@@ -119,6 +125,13 @@ def pytest_configure(config: pytest.Config) -> None:
             count=settings.capsule_retention_count,
             replay_args=replay_args,
         )
+    state.seeds = GuestSeeds(
+        config,
+        option=settings.seed,
+        option_source=settings.sources.get("seed", ""),
+        session_id=session_id,
+        replay=state.replay.manifest if state.replay is not None else None,
+    )
     config.pluginmanager.register(_Outcomes(state), "supermachine-outcomes")
     xdist.register(config, state)
     if not state.is_worker:
@@ -158,16 +171,25 @@ def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from .doctor import kvm_summary
+    from .images.registry import canonical_name
+
     state = state_of(config)
     s = state.settings
     image = (
         s.image if canonical_name(s.image) == s.image else f"{s.image} ({canonical_name(s.image)})"
     )
-    return [
+    lines = [
         f"supermachine: {kvm_summary()}",
         f"supermachine: image {image}, cache {s.resolved_cache_dir()}, pool {s.pool_size}"
         + (", rebuilding snapshots" if s.rebuild else ""),
     ]
+    if state.seeds is not None:
+        lines.append(
+            f"supermachine: guest seed {state.seeds.session_seed} (from {state.seeds.source}; "
+            f"--supermachine-seed={state.seeds.session_seed} repeats it)"
+        )
+    return lines
 
 
 @pytest.hookimpl(trylast=True)
@@ -178,6 +200,8 @@ def pytest_supermachine_image(config: pytest.Config, name: str) -> Image | None:
     other implementation, in a plugin or a conftest, is asked first and wins. An OCI
     image reference gives an `OciImage` with the session's ``disk_mib``.
     """
+    from .images.registry import find_image
+
     return find_image(name, disk_mib=state_of(config).settings.disk_mib)
 
 
@@ -202,6 +226,8 @@ def pytest_runtest_makereport(
     writer = state.capsules
     if not leases or writer is None or not writer.enabled or CAPSULE_KEY in item.stash:
         return
+    from .capsules.capsule import read_manifest, report_text
+
     settings = state.settings.for_item(item)
     try:
         path = writer.write(

@@ -10,13 +10,17 @@ two C agents (microguest, Linux) must match for the built-ins they share:
     exit N         exit N (0..255)
     cat            copy stdin to stdout until STDIN_EOF
     sleep MS       wait MS milliseconds (KILL and timeouts interrupt it)
+    rand [N]       N (default 1, at most 64) numbers of the agent's generator, each
+                   16 hex digits on a line; SEED sets its state (`P.seed_state`),
+                   and each number is one `P.splitmix64` step
 
 Test-only extras (no C agent needs them): ``err ARGS`` (like echo, on
 stderr), ``emit N`` (N bytes of output in 64 KiB chunks), ``env`` (the EXEC's
 env entries, one a line), ``pwd`` (the EXEC's cwd), ``signal N`` (ends as if
 killed by signal N), ``hang`` (never answers, ignores KILL and timeouts: a hung
 guest). An unknown command is ``ERROR ENOENT``, like a failed ``execve``.
-Files live in a dict (`AgentPeer.files`).
+Files live in a dict (`AgentPeer.files`); the last SEED's wall clock in
+`AgentPeer.wall_ns`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class AgentPeer:
         sock: socket.socket,
         *,
         version: int = P.PROTOCOL_VERSION,
-        capabilities: int = P.CAP_ALL,
+        capabilities: int = P.CAP_ALL | P.CAP_SEED,
         max_frame: int = 64 * 1024,
         max_inflight: int = 8,
         software: bytes = SOFTWARE,
@@ -71,6 +75,8 @@ class AgentPeer:
         self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="agent-peer", daemon=True)
         self._closed = False
+        self.rng_state = 0
+        self.wall_ns = 0
 
     def start(self) -> AgentPeer:
         self._thread.start()
@@ -148,13 +154,19 @@ class AgentPeer:
                     proc.kill_signal = msg.signal
                     proc.killed.set()
             return True
-        if not isinstance(msg, (P.Exec, P.Ping, P.PutFile, P.GetFile)):
+        if not isinstance(msg, (P.Exec, P.Ping, P.PutFile, P.GetFile, P.Seed)):
             raise P.AgentProtocolError(f"{type(msg).__name__} is not a host request")
         with self._lock:
             if rid == 0 or rid in self._procs:
                 raise P.AgentProtocolError(f"request id {rid} is 0 or still open")
         if isinstance(msg, P.Ping):
             self.send(P.Pong(msg.data), rid)
+        elif isinstance(msg, P.Seed):
+            with self._lock:
+                self.rng_state = P.seed_state(msg.seed)
+                if msg.wall_ns:
+                    self.wall_ns = msg.wall_ns
+            self.send(P.Ok(), rid)
         elif isinstance(msg, P.PutFile):
             self._put(rid, msg)
         elif isinstance(msg, P.GetFile):
@@ -254,6 +266,16 @@ class AgentPeer:
                         if chunk is None or proc.killed.is_set():
                             break
                         self._out(proc, chunk)
+            elif name == "rand":
+                count = int(args[0]) if args else 1
+                if not 1 <= count <= 64:
+                    raise ValueError(f"count {count} is outside 1..64")
+                lines = []
+                with self._lock:
+                    for _ in range(count):
+                        self.rng_state, value = P.splitmix64(self.rng_state)
+                        lines.append(b"%016x\n" % value)
+                self._out(proc, b"".join(lines))
             elif name == "sleep":
                 self._wait(proc, int(args[0]) / 1000 if args else 0)
             elif name == "hang":

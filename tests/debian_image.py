@@ -27,6 +27,7 @@ PACKAGES = ("python3-minimal",)
 CONFIG = ImageConfig(
     env=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "APP_MODE=oci-test"),
     working_dir="/srv",
+    user="nobody",  # commands run as nobody (65534) unless a test says otherwise
     cmd=("python3",),
     exposed_ports=("8000/tcp",),
     labels={"org.opencontainers.image.title": "supermachine debian test image"},

@@ -90,6 +90,10 @@ class GuestVsock:
         self._heap = self.driver.alloc.checkpoint()
         self.rxq.kick()
 
+    def close(self) -> None:
+        """Release the device's host resources (epoll fd, sockets)."""
+        self.device.close()
+
     # -- raw packets -------------------------------------------------------------------
     def send_raw(self, readable: list[bytes]) -> None:
         """Put one tx chain of these readable buffers and kick (hostile tests shape it freely)."""

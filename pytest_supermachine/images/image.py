@@ -7,8 +7,10 @@ An `Image` knows three things the plugin needs and nothing about pytest:
   depends on (vCPUs, memory, snapshot and VM-state format versions, plugin version,
   host CPU/KVM facts), hashes the lot, and that hash names the base snapshot in the
   cache. A change in any part gives a new key, so a stale base is never reused.
-* `boot(vcpus, mem_mib, timeout=)`: a started `Machine` whose guest is *ready*
-  (its agent answers), i.e. exactly the state worth snapshotting.
+* `boot(vcpus, mem_mib, timeout=, network=)`: a started `Machine` whose guest is
+  *ready* (its agent answers), i.e. exactly the state worth snapshotting. `network`
+  (``Machine(network=...)``: a NIC and its egress allow-list) is passed only when a
+  test asks for a NIC, so images that cannot drive one need not accept it.
 * `build()`: make sure its artifacts exist (for `supermachine image build`).
 
 Images are found by name through the ``pytest_supermachine_image`` hook, whose
@@ -19,7 +21,7 @@ with `register_image`, then the bundled ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,8 +43,14 @@ class Image(ABC):
         """Everything image-specific the booted guest depends on (builds the image if needed)."""
 
     @abstractmethod
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
-        """A started machine whose guest is ready; the caller owns (and stops) it."""
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+    ) -> Machine:
+        """A started machine whose guest is ready; the caller owns (and stops) it.
+
+        `network` is the machine's ``network=`` (docs/network.md); an image whose
+        guest cannot use a NIC raises `SupermachineError` saying so.
+        """
 
     def prepare(self, machine: Machine) -> None:
         """Make a machine restored from this image's snapshots behave as the image says.
@@ -51,6 +59,23 @@ class Image(ABC):
         image sets `run()`'s defaults and ``machine.image_config``).
         """
         return None
+
+    def seed_guest(self, machine: Machine, seed: bytes, wall_ns: int) -> str:
+        """Give a handed-out machine its test's `seed` and wall clock (ns since the epoch).
+
+        Called on every machine handed to a test, after `prepare` and before the test
+        runs anything. The default sends the agent protocol's SEED (the microguest
+        seeds its ``rand`` built-in, an agent sets its clock) if the agent has
+        ``CAP_SEED``. Returns how the guest was seeded, for the failure capsule:
+        ``"agent"``, or ``"none"`` when the agent cannot take a seed.
+        """
+        from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
+
+        agent = machine.agent()
+        if not agent.agent.capabilities & CAP_SEED:
+            return "none"
+        agent.seed(seed, wall_ns)
+        return "agent"
 
     def build(self) -> str:
         """Build what the image needs if missing; returns a short description of the result."""

@@ -2,7 +2,8 @@
 
 Base snapshot = the kernel booted through its PVH entry with the initramfs
 (busybox-static + the static C agent as /init), a virtio-vsock device for the
-agent, taken once the agent says READY. Built artifacts are cached by content
+agent and a virtio-balloon with free page reporting (`LinuxImage.balloon`), taken
+once the agent says READY. Built artifacts are cached by content
 (kernel: recipe + source version + variant; initramfs: its bytes), and both are
 part of the cache key, so a change in either gives a new base snapshot.
 
@@ -14,7 +15,7 @@ a Linux VM by restoring or resetting this snapshot, never by booting.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from .image import Image
 from .kernel import KernelArtifacts, guest_kernel
 
 if TYPE_CHECKING:
+    from ..vmm.devices.hub import BalloonSpec
     from ..vmm.machine import Machine
 
 #: Kernel arguments every variant gets. `panic=-1`: a panic reboots at once, which the
@@ -85,18 +87,69 @@ class LinuxImage(Image):
             "kernel": self.kernel().key,
             "initramfs": self.initramfs().read_bytes(),
             "cmdline": self.cmdline(),
-            "devices": "vsock",
+            "devices": "vsock,balloon" if self.balloon() is not None else "vsock",
         }
+
+    def seed_guest(self, machine: Machine, seed: bytes, wall_ns: int) -> str:
+        """Seed the kernel's CRNG in guest RAM, then send the agent its SEED (clock, $RANDOM).
+
+        See images/kernel_rng.py for why the host writes the CRNG key itself: the
+        kernel's own reseed mixes in the TSC, so only this makes ``/dev/urandom`` and
+        ``getrandom()`` repeat on replay. A kernel whose layout is not known there is
+        reseeded by the agent instead: distinct per test, not reproducible
+        (``"agent-reseed"``).
+        """
+        from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
+        from ..vmm.machine import MachineState
+        from .kernel_rng import kernel_rng_symbols, seed_kernel_crng
+
+        if not hasattr(self, "_rng_symbols"):  # kernel() hashes the recipe: once per image
+            self._rng_symbols = kernel_rng_symbols(self.kernel().vmlinux)
+        symbols = self._rng_symbols
+        kernel = False
+        if symbols is not None:
+            if machine.state is MachineState.RUNNING:
+                with machine.paused():
+                    kernel = seed_kernel_crng(machine, symbols, seed)
+            else:
+                kernel = seed_kernel_crng(machine, symbols, seed)
+        agent = machine.agent()
+        if not agent.agent.capabilities & CAP_SEED:
+            return "kernel" if kernel else "none"
+        agent.seed(seed, wall_ns, reseed=not kernel)
+        return "kernel+agent" if kernel else "agent-reseed"
 
     def disks(self) -> tuple:
         """The virtio-blk disks the guest boots with (none; images with a root disk add theirs)."""
         return ()
 
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+    def balloon(self) -> BalloonSpec | None:
+        """The virtio-balloon the guest boots with: one, with free page reporting.
+
+        Attached by default because it is cheap and pays for itself: one MMIO slot and
+        three queues, no host work while the guest is idle, and memory a test freed goes
+        back to the host (a pooled VM parks at about a fresh restore's footprint) instead
+        of staying resident until the machine is reset or stopped. `Machine.balloon`
+        needs it. Override and return None for a guest without one.
+        """
+        from ..vmm.devices.hub import BalloonSpec  # lazy: the VMM is loaded only to run VMs
+
+        return BalloonSpec()
+
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+    ) -> Machine:
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
-        machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self.disks())
+        # With a NIC, boot_linux adds the ip= that configures it (no DHCP client needed).
+        machine = Machine(
+            vcpus=vcpus,
+            mem_mib=mem_mib,
+            disks=self.disks(),
+            balloon=self.balloon(),
+            network=network,
+        )
         try:
             machine.boot_linux(kernel.vmlinux, cmdline=self.cmdline(), initrd=initrd)
             t0 = time.monotonic()

@@ -9,10 +9,11 @@ cache key, so an edit of the guest gives a new base snapshot by itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SupermachineError
 from ..guest.microguest import GuestMode, build_microguest
 from .image import Image
 
@@ -53,9 +54,16 @@ class MicroguestImage(Image):
             "devices": repr([spec_to_dict(d) for d in self._disks()]) + "+vsock",
         }
 
-    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+    def boot(
+        self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
+    ) -> Machine:
         from ..vmm.machine import Machine  # lazy: the VMM is loaded only to run VMs
 
+        if network:
+            raise SupermachineError(
+                "the microguest has no TCP/IP stack: network= needs the Linux image "
+                "(connect_tcp and expose need one too)"
+            )
         machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self._disks())
         try:
             machine.boot_direct64(self.elf(), mode=GuestMode.AGENT)

@@ -595,6 +595,7 @@ def build_oci_rootfs(
             **built_with(),
             "kind": "oci",
             "source": str(tarball.resolve()),
+            "content_digest": content_digest,  # a pulled image's manifest digest (for prune)
             "label": label,
             "layers": unpacked.layers,
             "size": (entry / IMAGE_NAME).stat().st_size,

@@ -20,10 +20,12 @@ The base snapshot key covers the kernel, the initramfs (agent), the command
 line (which carries `disk_mib`), the root filesystem's identity (manifest
 digest) and the image config; the factory adds vCPUs and memory.
 
-`run()` defaults come from the image config (`run_defaults`): ``Env`` and
-``WorkingDir``. ``User`` is resolved against the image's ``/etc/passwd`` for
-`image_config`, but commands still run as root (the agent protocol has no user
-field yet).
+`run()` defaults come from the image config (`run_defaults`): ``Env``,
+``WorkingDir`` and ``User`` (resolved in the image's ``/etc/passwd`` and
+``/etc/group`` as docker does; commands run with its uid, gid, supplementary
+groups and ``HOME``). `prepare` puts them on every machine of the image: those
+the fixtures hand out, those `boot` returns, and those restored from its
+snapshots through the factory.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .reference import (
 )
 
 if TYPE_CHECKING:
+    from ..vmm.agent.users import ResolvedUser
     from ..vmm.machine import Machine
 
 #: Size of the writable layer over the image (tmpfs in guest RAM; pages are used only when written).
@@ -60,10 +63,12 @@ DEFAULT_MEM_MIB = 256
 
 @dataclass(frozen=True)
 class RunDefaults:
-    """What `Machine.run` uses when the caller does not say: the image config's Env and WorkingDir."""
+    """What `Machine.run` uses when the caller does not say: the image config's Env, WorkingDir, User."""
 
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    #: None: the image names no User (root, the agent's own).
+    user: ResolvedUser | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class OciImage(LinuxImage):
         self._lock = threading.Lock()
         self._rootfs: tuple[Path, ImageConfig] | None = None
         self._pulled: PulledImage | None = None
+        self._sizes: dict[int, OciImage] = {}
 
     # ------------------------------------------------------------------ the image's files
 
@@ -139,14 +145,15 @@ class OciImage(LinuxImage):
     @cached_property
     def image_config(self) -> OciImageConfig:
         """Entrypoint, Cmd, Env, WorkingDir, User (and its uid/gid), ExposedPorts, labels."""
-        disk, config = self.rootfs()
+        _disk, config = self.rootfs()
+        user = self.run_defaults.user
         return OciImageConfig(
             entrypoint=config.entrypoint,
             cmd=config.cmd,
             env=config.env_map,
             working_dir=config.working_dir,
             user=config.user,
-            uid_gid=resolve_user(disk, config.user),
+            uid_gid=(user.run_as.uid, user.run_as.gid) if user else (0, 0),
             exposed_ports=config.exposed_ports,
             labels=dict(config.labels),
         )
@@ -154,15 +161,36 @@ class OciImage(LinuxImage):
     @cached_property
     def run_defaults(self) -> RunDefaults:
         """The environment and working directory commands get unless the caller says otherwise."""
-        _disk, config = self.rootfs()
-        return RunDefaults(env=config.env_map, cwd=config.working_dir or None)
+        disk, config = self.rootfs()
+        user = resolve_user(disk, config.user) if config.user else None
+        return RunDefaults(env=config.env_map, cwd=config.working_dir or None, user=user)
+
+    def with_disk_mib(self, disk_mib: int) -> OciImage:
+        """This image with a writable layer of `disk_mib` MiB (a test's marker; a new base snapshot).
+
+        The pull and the root filesystem are shared: only the boot differs.
+        """
+        if disk_mib == self.disk_mib:
+            return self
+        with self._lock:
+            sibling = self._sizes.get(disk_mib)
+            if sibling is None:
+                sibling = self._sizes[disk_mib] = OciImage(self.reference, disk_mib=disk_mib)
+                sibling._pulled, sibling._rootfs = self._pulled, self._rootfs
+            return sibling
 
     # ------------------------------------------------------------------ Image
+
+    def boot(self, vcpus: int, mem_mib: int, *, timeout: float) -> Machine:
+        machine = super().boot(vcpus, mem_mib, timeout=timeout)
+        self.prepare(machine)
+        return machine
 
     def prepare(self, machine: Machine) -> None:
         defaults = self.run_defaults
         machine.default_env = dict(defaults.env)
         machine.default_cwd = defaults.cwd
+        machine.default_user = defaults.user
         machine.image_config = self.image_config
 
     def disks(self) -> tuple:
@@ -180,7 +208,7 @@ class OciImage(LinuxImage):
             **super().key_parts(vcpus, mem_mib),
             "oci": self.identity(),
             "oci-config": json.dumps(config.to_json(), sort_keys=True),
-            "devices": "vsock+disk:image(ro)",
+            "devices": "vsock+disk:image(ro)" + ("+balloon" if self.balloon() else ""),
         }
 
     def build(self) -> str:
@@ -191,39 +219,30 @@ class OciImage(LinuxImage):
         return f"<OciImage {self.reference}>"
 
 
-def resolve_user(disk: Path, user: str) -> tuple[int, int]:
-    """``User`` of an image config ("name", "uid", "name:group", "uid:gid") as numbers.
+def resolve_user(disk: Path, user: str) -> ResolvedUser:
+    """``User`` of an image config ("name", "uid", "name:group", "uid:gid") made numeric.
 
-    Names are looked up in the image's /etc/passwd and /etc/group, read from its
-    ext4 with debugfs; an unknown name is a `GuestBuildError` naming it.
+    Resolved in the image's /etc/passwd and /etc/group, read from its ext4 with
+    debugfs, by the rules of `users.resolve_user` (docker's); a name the image
+    does not have is a `GuestBuildError` naming it.
     """
-    if not user:
-        return (0, 0)
-    name, _, group = user.partition(":")
 
-    def table(path: str) -> list[list[str]]:
+    from ..vmm.agent.users import UserNotFound  # lazy: the VMM is loaded only to run VMs
+    from ..vmm.agent.users import resolve_user as resolve_users
+
+    def table(path: str) -> bytes:
         done = subprocess.run(
             ["debugfs", "-R", f"cat {path}", str(disk)],
             capture_output=True,
             timeout=60,
             check=False,
         )
-        return [line.split(":") for line in done.stdout.decode(errors="replace").splitlines()]
+        return done.stdout
 
-    def lookup(path: str, key: str, column: int) -> int:
-        if key.isdigit():
-            return int(key)
-        for row in table(path):
-            if len(row) > column and row[0] == key and row[column].isdigit():
-                return int(row[column])
-        raise GuestBuildError(f"the image's User {user!r}: {key!r} is not in its {path}")
-
-    uid = lookup("/etc/passwd", name, 2)
-    if group:
-        return (uid, lookup("/etc/group", group, 2))
-    if name.isdigit():
-        return (uid, uid)
-    return (uid, lookup("/etc/passwd", name, 3))
+    try:
+        return resolve_users(user, table("/etc/passwd"), table("/etc/group"))
+    except UserNotFound as e:
+        raise GuestBuildError(f"the image's User {user!r}: {e}") from None
 
 
 def image_for_reference(text: str, *, disk_mib: int = DEFAULT_DISK_MIB) -> OciImage:

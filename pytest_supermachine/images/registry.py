@@ -22,14 +22,24 @@ from collections.abc import Callable, Mapping
 
 from ..errors import SupermachineError
 from .image import Image
-from .linux import LinuxImage
-from .microguest import MicroguestImage
-from .reference import is_image_reference
 
-#: The images this package ships, by name.
+
+def _microguest() -> Image:
+    from .microguest import MicroguestImage  # lazy: loading the plugin must stay cheap
+
+    return MicroguestImage()
+
+
+def _linux() -> Image:
+    from .linux import LinuxImage  # lazy: loading the plugin must stay cheap
+
+    return LinuxImage()
+
+
+#: The images this package ships, by name (each module is imported on first use).
 BUNDLED_IMAGES: Mapping[str, Callable[[], Image]] = {
-    "microguest": MicroguestImage,
-    "linux": LinuxImage,
+    "microguest": _microguest,
+    "linux": _linux,
 }
 #: Other names for bundled images: ``default`` is the image tests get unless they ask.
 BUNDLED_ALIASES: Mapping[str, str] = {"default": "linux"}
@@ -95,6 +105,8 @@ def find_image(name: str, *, disk_mib: int | None = None) -> Image | None:
     `disk_mib` MiB (default: oci_image.DEFAULT_DISK_MIB); a malformed reference or a missing
     archive or layout raises `ImageReferenceError` naming it. Nothing is pulled here.
     """
+    from .reference import is_image_reference  # lazy: loading the plugin must stay cheap
+
     if is_image_reference(name) and name not in _factories:
         from .oci_image import DEFAULT_DISK_MIB, image_for_reference  # lazy: httpx etc.
 

@@ -12,24 +12,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import stat
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import KvmError, KvmUnavailableError
 from ._native import ffi, lib
 from .cpuid import CpuidTable
-
-DEFAULT_KVM_DEVICE = "/dev/kvm"
-KVM_DEVICE_ENV = "SUPERMACHINE_KVM_DEVICE"
-PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
-
-UDEV_FIX = (
-    "give your user access to it, e.g. add yourself to the 'kvm' group "
-    "(sudo usermod -aG kvm $USER, then log in again), or install the udev rule "
-    'KERNEL=="kvm", GROUP="kvm", MODE="0666" in /etc/udev/rules.d/99-kvm.rules '
-    "and run: sudo udevadm control --reload-rules && sudo udevadm trigger"
+from .kvm_device import (  # the device as a file (no cffi); re-exported
+    is_nested_pvm,
+    kvm_device_path,
+    open_kvm_device,
 )
 
 
@@ -52,16 +44,6 @@ def read_struct(
     return bytes(ffi.buffer(p))
 
 
-def kvm_device_path() -> str:
-    """The KVM device to open: `$SUPERMACHINE_KVM_DEVICE` or /dev/kvm."""
-    return os.environ.get(KVM_DEVICE_ENV) or DEFAULT_KVM_DEVICE
-
-
-def is_nested_pvm() -> bool:
-    """True when /dev/kvm is provided by kvm_pvm (guest CPL0 emulated, see docs/vmm.md, "Facts of this machine")."""
-    return PVM_MODULE_PATH.exists()
-
-
 # ----------------------------------------------------------------------------- system
 
 
@@ -70,7 +52,7 @@ class Kvm:
 
     def __init__(self, path: str | None = None):
         self.path = path or kvm_device_path()
-        self.fd = _open_kvm_device(self.path)
+        self.fd = open_kvm_device(self.path)
         try:
             self.api_version = _check(
                 lib.sm_ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0), "KVM_GET_API_VERSION"
@@ -158,30 +140,6 @@ class Kvm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _open_kvm_device(path: str) -> int:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise KvmUnavailableError(
-            f"{path} does not exist: this machine has no KVM. Enable virtualization "
-            "(VT-x/AMD-V) in the firmware and load the module (sudo modprobe kvm_intel or "
-            "kvm_amd); in a cloud VM pick an instance type with nested virtualization"
-        ) from None
-    except PermissionError:
-        raise KvmUnavailableError(f"permission denied looking at {path}: {UDEV_FIX}") from None
-    if not stat.S_ISCHR(st.st_mode):
-        raise KvmUnavailableError(f"{path} is not a character device: it cannot be KVM")
-    try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except PermissionError:
-        raise KvmUnavailableError(
-            f"permission denied opening {path} (owner uid {st.st_uid}, gid {st.st_gid}, "
-            f"mode {stat.S_IMODE(st.st_mode):o}): {UDEV_FIX}"
-        ) from None
-    except OSError as e:
-        raise KvmUnavailableError(f"cannot open {path}: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- VM

@@ -18,7 +18,7 @@ Lifecycle::
 Why this module is longer than ~600 lines: `Machine` is the one object that owns the
 lifecycle above, and each remaining method is a transition of it or an observation
 that must respect it (boot only when CREATED, snapshot and reset around the pause
-barrier, the agent connection dropped on every restore and reset). Every concept with
+barrier, the agent session carried across restore and reset). Every concept with
 a life of its own already has its module: exits.py (why it stopped), origin.py (the
 snapshot it was restored from, its dirty pages and the RAM side of reset), vmstate.py
 (vCPU and irqchip state), hostfacts.py, memory.py, devices/, boot.py. Splitting the
@@ -27,9 +27,11 @@ rest would split the state machine across files.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
+import functools
 import math
 import re
 import socket
@@ -53,6 +55,8 @@ from .agent import (
     READY_PORT,
     AgentClient,
     AgentGuestStopped,
+    AgentProtocolError,
+    AgentRemoteError,
     AgentTimeout,
     DefaultLimit,
     OutputSink,
@@ -60,15 +64,18 @@ from .agent import (
     check_run_timeout,
     read_ready,
 )
+from .agent.users import ResolvedUser, resolve_in_guest
 from .cpuid import CpuidTable
-from .devices.hub import DeviceHub, DeviceSpec, DiskSpec, VsockSpec
+from .devices.hub import BalloonSpec, DeviceHub, DeviceSpec, DiskSpec, NetSpec, VsockSpec
 from .devices.mmio_bus import DeviceBuses
 from .devices.serial import DEFAULT_CONSOLE_LOG_BYTES, Serial
+from .devices.virtio.balloon import BalloonStats
 from .devices.virtio.vsock import PendingConnection, VsockError, VsockListener, VsockTimeout
 from .exits import ExitReason, MachineExit
 from .kvm import Kvm, KvmError, Vcpu, Vm
 from .memory import GuestMemory, PageWriter
 from .origin import ResetStrategy, SnapshotOrigin
+from .reset_cost import ResetChoice, ResetCostModel
 from .restore_validation import publish_disk, validate_snapshot
 from .snapshot import SnapshotChain, SnapshotInvalid, SnapshotRef, write_snapshot
 
@@ -102,13 +109,24 @@ class MachineConfig:
     console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES
     console_stream: IO[bytes] | int | None = None
     track_dirty_pages: bool = False
-    reset_strategy: ResetStrategy = ResetStrategy.COPY
+    reset_strategy: ResetStrategy = ResetStrategy.AUTO
+    reset_costs: ResetCostModel = field(default_factory=ResetCostModel)
     vsock: bool = True
     disks: tuple[DiskSpec, ...] = ()
+    balloon: BalloonSpec | None = None
+    #: False: no NIC (hermetic); True: a NIC reaching anything; a list of ``host:port`` /
+    #: ``cidr:port`` patterns: a NIC reaching only those (docs/network.md).
+    network: bool | Sequence[str] | NetSpec = False
 
     def device_specs(self) -> list[DeviceSpec]:
-        """The virtio devices, in slot order: vsock first (the agent's), then disks."""
-        return [*([VsockSpec()] if self.vsock else []), *self.disks]
+        """The virtio devices, in slot order: vsock first (the agent's), disks, balloon, NIC."""
+        nic = NetSpec.from_setting(self.network)
+        return [
+            *([VsockSpec()] if self.vsock else []),
+            *self.disks,
+            *([self.balloon] if self.balloon is not None else []),
+            *([nic] if nic else []),
+        ]
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= lib.SM_MAX_VCPUS:
@@ -117,6 +135,14 @@ class MachineConfig:
             raise MachineError(
                 f"mem_mib must be {layout.MIN_MEM_MIB}..{layout.MAX_MEM_MIB}, got {self.mem_mib}"
             )
+        nic = NetSpec.from_setting(self.network)
+        if nic is not None and nic.allow is not None:
+            from .devices.virtio.net import EgressPolicy, EgressPolicyError
+
+            try:
+                EgressPolicy.from_setting(list(nic.allow))
+            except EgressPolicyError as e:
+                raise MachineError(f"network=: {e}") from None
 
 
 @dataclass
@@ -156,6 +182,9 @@ class Machine:
         #: set by whoever hands the machine out) and what the image says about itself.
         self.default_env: Mapping[str, str] = {}
         self.default_cwd: str | None = None
+        #: Whom `run` runs commands as when the caller names nobody (an OCI image's User);
+        #: None: the agent's own user, root.
+        self.default_user: ResolvedUser | None = None
         self.image_config: Any = None
         self._threads: list[threading.Thread] = []
         self._final_console: bytes | None = None
@@ -168,8 +197,15 @@ class Machine:
         self._origin: SnapshotOrigin | None = None
         self._agent: AgentClient | None = None
         self._agent_lock = threading.Lock()
+        #: Connections opened to the guest agent (vsock connect + handshake) by this machine;
+        #: a session carried by the snapshot across restore and reset opens none.
+        self.agent_connects = 0
         self._vsock_connecting: set[PendingConnection] = set()  # failed at once if the guest stops
         self.page_writers: list[PageWriter] = []
+        self._forwards: list[Any] = []  # expose(): PortForward, closed by stop()
+        #: Lines the VMM reports about this guest, oldest first (refused network connections:
+        #: docs/network.md); emptied by reset, like the console log.
+        self.host_log: collections.deque[str] = collections.deque(maxlen=2000)
         self.memory = _memory
         try:
             self._build(_cpuids)
@@ -217,7 +253,14 @@ class Machine:
         self.serial = Serial(self._core)
         if cfg.console_stream is not None:
             self.serial.attach_stream(cfg.console_stream)
-        self.devices = DeviceHub(self.vm, self.memory, self.buses.mmio, cfg.device_specs())
+        self.devices = DeviceHub(
+            self.vm,
+            self.memory,
+            self.buses.mmio,
+            cfg.device_specs(),
+            discarder=self,
+            log=self.host_log.append,
+        )
         self.page_writers.append(self.devices)
         self.devices.watch(lib.sm_vm_exit_fd(self._core), self._on_guest_stopped)
         self._ready_listener: VsockListener | None = None
@@ -276,7 +319,8 @@ class Machine:
         fast way) or a `bzImage` (the 64-bit boot protocol: zero page, entered in long
         mode). The command line gets `console=ttyS0` and one `virtio_mmio.device=`
         token per attached device appended, so the guest finds exactly the devices
-        this machine has. Power-off is the i8042 reset (boot with `reboot=k`),
+        this machine has, and with a NIC the ``ip=`` that configures it (the
+        network's addressing: no DHCP client needed). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -287,6 +331,7 @@ class Machine:
                 cmdline,
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
+                self._ip_argument(),
             )
             if x
         )
@@ -314,6 +359,14 @@ class Machine:
         regs.rip, regs.rflags = linux.entry, 0x2
         bsp.set_regs(regs)
         return full
+
+    def _ip_argument(self) -> str:
+        """``ip=`` for the guest's NIC, or nothing without one."""
+        if not any(isinstance(d.spec, NetSpec) for d in self.devices.devices):
+            return ""
+        from .devices.virtio.net import kernel_ip_argument
+
+        return kernel_ip_argument(self.devices.nic().egress.addressing)
 
     # ------------------------------------------------------------------ running
 
@@ -517,6 +570,9 @@ class Machine:
 
     def _teardown(self) -> None:
         """Hand fds, mappings and the C state to the reaper; nothing of ours is used after this."""
+        for forward in self._forwards:
+            forward.close()
+        self._forwards = []
         self._drop_agent()
         core, vcpus, vm, memory, buses = (
             self._core,
@@ -560,8 +616,14 @@ class Machine:
         start: bool = True,
         console_stream: IO[bytes] | int | None = None,
         console_log_bytes: int = DEFAULT_CONSOLE_LOG_BYTES,
+        network: bool | Sequence[str] | None = None,
     ) -> Machine:
         """A new machine continuing exactly where the snapshot at `path` (or its chain) was.
+
+        `network` replaces the NIC's egress policy recorded in the snapshot (True:
+        anything; a list: only those): the policy lives on the host, the guest's state
+        does not depend on it. The NIC itself cannot come or go: asking for a policy
+        for a snapshot without one (or ``False`` for one with one) is a `MachineError`.
 
         RAM is mapped MAP_PRIVATE from the snapshot file(s), so restore costs what the
         guest touches, not the RAM size; machines restored from one file share its page
@@ -580,6 +642,14 @@ class Machine:
         except BaseException:
             chain.close()
             raise
+        nic = next((x for x in plan.devices if isinstance(x, NetSpec)), None)
+        if network is not None:
+            try:
+                nic = _replace_policy(nic, network)
+            except BaseException:
+                memory.close()
+                chain.close()
+                raise
         try:
             m = cls(
                 MachineConfig(
@@ -590,6 +660,8 @@ class Machine:
                     track_dirty_pages=True,
                     vsock=any(isinstance(x, VsockSpec) for x in plan.devices),
                     disks=tuple(x for x in plan.devices if isinstance(x, DiskSpec)),
+                    balloon=next((x for x in plan.devices if isinstance(x, BalloonSpec)), None),
+                    network=nic or False,
                 ),
                 kvm=kvm,
                 _memory=memory,
@@ -616,6 +688,10 @@ class Machine:
             except SnapshotInvalid as e:
                 raise e.in_file(chain.leaf.path) from None
             m.devices.clear_written_pages()  # restoring queues is not a guest-visible change
+            try:
+                m._adopt_agent_session()
+            except AgentProtocolError as e:
+                raise SnapshotInvalid("agent session", str(e), chain.leaf.path) from None
             if start:
                 m.start()
         except BaseException:
@@ -709,7 +785,8 @@ class Machine:
         bytes (see ResetStrategy: copied back, or dropped with MADV_DONTNEED so they
         read the file again), copies back the pages a diff chain overlays, re-applies
         vCPU, irqchip, PIT, clock, serial and device state (disk writes since are
-        dropped, vsock connections closed), and lets the guest run again (with
+        dropped; the agent session the snapshot carried continues, other vsock
+        connections are reset), and lets the guest run again (with
         `resume=False` it stays at the snapshot's instruction until `resume()`). The
         console log starts afresh. Works whether the guest was running, paused or had
         stopped (crashed, powered off).
@@ -726,10 +803,14 @@ class Machine:
                     raise
         self._drop_agent()
         with self.devices.quiesced():
-            self._origin.reset_memory(strategy or self.config.reset_strategy)
+            self._origin.reset_memory(
+                strategy or self.config.reset_strategy, self.config.reset_costs
+            )
             self._origin.state.apply()
             self.devices.reset()
+        self._adopt_agent_session()
         lib.sm_serial_log_clear(self._core)
+        self.host_log.clear()
         lib.sm_vm_clear_ready(self._core)
         self._exit = None
         if self.state is not MachineState.PAUSED:  # the guest had stopped: its threads are gone
@@ -737,6 +818,75 @@ class Machine:
             self.state = MachineState.CREATED
         if resume:
             self.resume()
+
+    # ------------------------------------------------------------------ memory
+
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the host memory behind page-aligned guest ranges back (the balloon's
+        `PageDiscarder`): through the snapshot origin, which keeps dirty-page tracking
+        true, or straight onto RAM for a booted machine."""
+        if self._origin is not None:
+            self._origin.discard(ranges)
+        elif self.memory is not None:
+            for gpa, length in ranges:
+                self.memory.discard(gpa, length)
+
+    def balloon(self, target_mib: float, *, timeout: float | None = 60.0) -> BalloonStats:
+        """Ask the guest to hand `target_mib` MiB of its RAM to the balloon (0: all back).
+
+        The guest's balloon driver inflates (its MemTotal drops by what it gives; the host
+        gets the memory back) or deflates towards the target. With `timeout` (seconds)
+        this waits until the driver reports the balloon at the target, else `GuestTimeout`
+        (a guest without a balloon driver never gets there); None returns at once. A
+        reset or restore returns the balloon to the snapshot's. Needs a machine created
+        with ``balloon=BalloonSpec()`` (`MachineError` otherwise).
+        """
+        pages = round(target_mib * layout.MiB) // layout.PAGE_SIZE
+        if not 0 <= pages <= self.config.mem_mib * layout.MiB // layout.PAGE_SIZE:
+            raise MachineError(f"balloon target {target_mib} MiB is not 0..{self.config.mem_mib}")
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            device.set_target(pages)
+        if timeout is not None and not device.wait_actual(pages, timeout, stop=self._guest_stopped):
+            self._require_guest_running("balloon")
+            raise GuestTimeout(
+                f"the guest's balloon holds {device.actual_pages} pages, not the "
+                f"{pages} asked for, after {timeout:g} s",
+                self.serial.tail(),
+            )
+        return device.stats()
+
+    def balloon_stats(self) -> BalloonStats:
+        """What the balloon holds and has given back (target, actual, reported pages)."""
+        device, transport = self.devices.balloon()
+        with transport.lock:
+            return device.stats()
+
+    def _guest_stopped(self) -> bool:
+        return self.state is MachineState.STOPPED or (
+            self._core != ffi.NULL and self.exit_info().reason is not ExitReason.NONE
+        )
+
+    @property
+    def last_reset(self) -> ResetStrategy | None:
+        """What the last reset did with the dirtied pages: COPY or DISCARD (AUTO picks per reset)."""
+        return None if self._origin is None else self._origin.last_reset
+
+    def reset_choice(self) -> ResetChoice:
+        """The cheapest way back to the snapshot now: COPY or DISCARD in place, or RESTORE
+        (a fresh `Machine.restore` costs less in all); by `config.reset_costs`
+        (vmm/reset_cost.py) from the pages changed so far. The pool asks this before
+        reusing a parked machine. Pauses a running machine for the count."""
+        if self._origin is None:
+            raise MachineError("reset_choice() needs a machine restored from a snapshot")
+        was_running = self.state is MachineState.RUNNING
+        if was_running:
+            self.pause()
+        try:
+            return self._origin.choose(self.config.reset_costs)
+        finally:
+            if was_running:
+                self.resume()
 
     # ------------------------------------------------------------------ the guest agent
 
@@ -753,8 +903,10 @@ class Machine:
         handshake — takes at most ``timeout`` seconds (``math.inf``: no limit),
         else `AgentTimeout` with the console tail. A guest that has stopped, or
         stops meanwhile, raises `AgentGuestStopped` (a `GuestCrashed`) at once.
-        Restore and reset close the connection (the guest's side is gone); the
-        next call reconnects.
+        A snapshot taken while the connection is idle carries it: restore and reset
+        bring it back with the guest, so no connect and no handshake are needed
+        (`agent_connects` counts the ones made). Without such a session, or once the
+        connection is closed (either side), the next call reconnects.
         """
         deadline = time.monotonic() + timeout
         # Another thread may be connecting: wait for it only as long as our own deadline.
@@ -764,8 +916,10 @@ class Machine:
                 self._console_tail(),
             )
         try:
-            if self._agent is not None and not self._agent.closed:
-                return self._agent
+            client = self._agent
+            if client is not None and not client.closed:
+                client.run_timeout, client.output_limit = self.run_timeout, self.output_limit
+                return client
             self._agent = None
             self._require_guest_running("no guest agent")
             return self._open_agent(deadline)
@@ -776,7 +930,7 @@ class Machine:
         """Connect and handshake by ``deadline``; the caller holds the agent lock."""
         timeout = deadline - time.monotonic()
         try:
-            sock = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
+            sock, host_port = self._vsock_connect(AGENT_PORT, max(timeout, 0.001))
         except VsockTimeout as exc:
             raise AgentTimeout(
                 f"the guest agent did not answer on vsock port {AGENT_PORT} within "
@@ -798,7 +952,50 @@ class Machine:
             client.close()
             self._agent = None
             raise
+        self.agent_connects += 1
+        self._carry_agent(client, host_port)
         return client
+
+    def _carry_agent(self, client: AgentClient, host_port: int) -> None:
+        """Make the agent connection part of this machine's state (snapshots record it)."""
+        with contextlib.suppress(VsockError):  # already gone again: nothing to carry
+            self.devices.vsock().carry(host_port, AGENT_PORT, lambda: self._agent_session(client))
+
+    def _agent_session(self, client: AgentClient) -> dict[str, Any] | None:
+        """At capture: the agent session's state if it is worth carrying, else None.
+
+        Carried only while the guest runs (a stopped guest's agent answers nothing)
+        and the client is this machine's current one and between exchanges."""
+        if self.state is not MachineState.PAUSED or self._agent is not client:
+            return None
+        return client.session_state()
+
+    def _adopt_agent_session(self) -> None:
+        """After restore or reset: continue the agent session the snapshot carried, if any.
+
+        Raises `AgentProtocolError` for a recorded session no capture could have written.
+        """
+        if not self.config.vsock:
+            return
+        for carried in self.devices.vsock().take_carried():
+            if carried.guest_port != AGENT_PORT or self._agent is not None:
+                carried.socket.close()  # nobody continues it: closed towards the guest
+                continue
+            client = AgentClient(
+                carried.socket,
+                console_tail=self.serial.tail,
+                run_timeout=self.run_timeout,
+                output_limit=self.output_limit,
+                handshake=False,
+            )
+            try:
+                client.resume_session(carried.owner)
+            except BaseException:
+                client.close()
+                raise
+            with self._agent_lock:
+                self._agent = client
+            self._carry_agent(client, carried.host_port)
 
     def _require_guest_running(self, what: str) -> None:
         """Raise `AgentGuestStopped` (with the console tail) if the guest stopped, else
@@ -814,13 +1011,15 @@ class Machine:
     def _console_tail(self) -> str:
         return self.serial.tail() if self._final_console is None else self.console[-4000:]
 
-    def _vsock_connect(self, port: int, timeout: float) -> socket.socket:
-        """Connect to a guest vsock port within ``timeout``; a guest that stops fails it at once."""
+    def _vsock_connect(self, port: int, timeout: float) -> tuple[socket.socket, int]:
+        """Connect to a guest vsock port within ``timeout``; a guest that stops fails it at once.
+
+        Returns the socket and the connection's host port."""
         pending = self.devices.vsock().connect_nowait(port)
         self._vsock_connecting.add(pending)
         try:
             self._require_guest_running(f"connecting to guest vsock port {port}")
-            return pending.result(None if timeout == math.inf else timeout)
+            return pending.result(None if timeout == math.inf else timeout), pending.host_port
         except VsockError:
             self._require_guest_running(f"connecting to guest vsock port {port}")
             raise
@@ -878,6 +1077,7 @@ class Machine:
         stdout: OutputSink | None = None,
         stderr: OutputSink | None = None,
         output_limit: int | DefaultLimit | None = DEFAULT,
+        user: str | int | None = None,
     ) -> RunResult:
         """Run a command in the guest through its agent; see `AgentClient.run`.
 
@@ -895,6 +1095,11 @@ class Machine:
         binary file or callable streams it there instead. ``check`` raises
         `CommandFailed` on a non-zero exit. ``env`` adds to `default_env`; ``cwd``
         defaults to `default_cwd` (an image's configured environment and directory).
+        ``user`` (``name``, ``uid``, ``name:group``, ``uid:gid``, resolved in the
+        guest's /etc/passwd and /etc/group as docker does; `UserNotFound` if it is
+        not there) runs the command as that user, with its supplementary groups
+        and ``HOME`` unless ``env`` sets one; default: `default_user` (an
+        image's ``User``), else root.
         """
         if self.default_env:
             env = {**self.default_env, **(env or {})}
@@ -902,6 +1107,12 @@ class Machine:
             cwd = self.default_cwd
         left = self._call_budget(timeout, self.run_timeout)
         client = self.agent(timeout=left())
+        who = self.default_user
+        if user is not None:
+            read = functools.partial(client.read_file, timeout=left(), limit=1 << 20)
+            who = resolve_in_guest(user, read, AgentRemoteError)
+        if who is not None and "HOME" not in (env or {}):
+            env = {**(env or {}), "HOME": who.home}
         return client.run(
             cmd,
             timeout=left(),
@@ -912,6 +1123,7 @@ class Machine:
             stdout=stdout,
             stderr=stderr,
             output_limit=self.output_limit if output_limit is DEFAULT else output_limit,
+            user=None if who is None else who.run_as,
         )
 
     def write_file(
@@ -940,7 +1152,60 @@ class Machine:
         `GuestCrashed`) at once if the guest stops or has stopped.
         """
         self._require_guest_running(f"connecting to guest vsock port {port}")
-        return self._vsock_connect(port, timeout)
+        return self._vsock_connect(port, timeout)[0]
+
+    def connect_tcp(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A host socket connected to TCP `port` on the guest's 127.0.0.1.
+
+        Goes through the agent over vsock (a TCP_CONNECT connection of its own),
+        so it works without a NIC; a server the guest runs on its loopback or on
+        any address is reached. Closing or ``shutdown(SHUT_WR)`` on the socket is a
+        close or FIN for the guest server. Raises `AgentRemoteError` (errno
+        ``ECONNREFUSED``) if nothing listens, `AgentNoTcp` on an image without a
+        TCP/IP stack (the microguest), `AgentTimeout` after `timeout` seconds.
+        """
+        from .agent.tcp import open_tcp_stream
+
+        left = self._call_budget(timeout, 10.0)
+        self._require_guest_running(f"connecting to guest TCP port {port}")
+        try:
+            sock = self._vsock_connect(AGENT_PORT, left())[0]
+        except VsockTimeout as exc:
+            raise AgentTimeout(
+                f"the guest agent did not answer on vsock port {AGENT_PORT} within {timeout:g} s",
+                self._console_tail(),
+            ) from exc
+        return open_tcp_stream(sock, port, left())
+
+    def expose(self, port: int, *, tls: bool = False, host_port: int = 0) -> tuple[str, int]:
+        """Forward a host listener on ``127.0.0.1`` into guest TCP `port`; returns (host, port).
+
+        Each connection to it is a `connect_tcp` (no NIC needed). With `tls` the
+        host terminates TLS with a certificate for 127.0.0.1/localhost signed by
+        the session's CA, whose file is `tls_ca`. The listener lives until the
+        machine stops and keeps working across `reset` (connections open at the
+        reset are cut). Exposing the same port again returns the same address.
+        """
+        from .expose import PortForward
+
+        for forward in self._forwards:
+            if forward.guest_port == port and forward.tls == tls:
+                return forward.address
+        context = None
+        if tls:
+            from .tls import session_certificates
+
+            context = session_certificates().server_context()
+        forward = PortForward(port, self.connect_tcp, tls=context, port=host_port)
+        self._forwards.append(forward)
+        return forward.address
+
+    @property
+    def tls_ca(self) -> Path:
+        """The CA certificate file that verifies ``expose(..., tls=True)`` listeners."""
+        from .tls import session_certificates
+
+        return session_certificates().ca
 
     def listen(self, port: int, backlog: int = 16) -> VsockListener:
         """Accept guest-initiated vsock connections to host port `port`."""
@@ -960,8 +1225,9 @@ class Machine:
         return self.console_bytes.decode("utf-8", "replace")
 
     def stats(self) -> dict[str, int]:
+        """Exit counters of the C core, and `agent_connects`."""
         if self._core == ffi.NULL:
-            return {}
+            return {"agent_connects": self.agent_connects}
         s = ffi.new("struct sm_stats *")
         lib.sm_vm_stats(self._core, s)
         return {
@@ -975,7 +1241,7 @@ class Machine:
                 "control_nops",
                 "kicks",
             )
-        }
+        } | {"agent_connects": self.agent_connects}
 
     def marks(self) -> list[tuple[int, float]]:
         """Guest progress marks (control port MARK): (id, seconds since start())."""
@@ -998,3 +1264,15 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.config.vcpus} vCPU {self.config.mem_mib} MiB {self.state.value}>"
+
+
+def _replace_policy(nic: NetSpec | None, network: bool | Sequence[str]) -> NetSpec:
+    """`nic` with the egress policy `network` (see `Machine.restore`)."""
+    wanted = NetSpec.from_setting(network)
+    if nic is None or wanted is None:
+        has = "has a network card" if nic else "has no network card"
+        raise MachineError(
+            f"restore(network={network!r}): the snapshot {has}; a NIC is part of the "
+            "guest's state from its boot, only its egress policy can change at restore"
+        )
+    return NetSpec(allow=wanted.allow, mac=nic.mac)

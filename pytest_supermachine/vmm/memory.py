@@ -28,6 +28,7 @@ import ctypes
 import mmap
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import GuestMemoryError
@@ -136,6 +137,40 @@ class GuestMemory:
     def pages(self) -> int:
         return self.size // PAGE_SIZE
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host pages behind ``[gpa, gpa+length)`` back (page-aligned, inside one region).
+
+        An mmap region gets ``MADV_DONTNEED``: its private copies are dropped, and the
+        guest's next read sees what the mapping is *of* -- zeros for anonymous RAM, the
+        snapshot file's bytes for RAM restored MAP_PRIVATE from one. A bytearray region
+        (tests without KVM) is zero-filled, what anonymous RAM reads after the same call.
+        Callers that track dirty pages must account for the changed content themselves
+        (`SnapshotOrigin.discard`).
+        """
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise ValueError(f"discard of {gpa:#x}+{length:#x} is not page-aligned")
+        index, offset = self.locate(gpa, length)
+        if not length:
+            return
+        buf = self._buffers[index]
+        if isinstance(buf, mmap.mmap):
+            buf.madvise(mmap.MADV_DONTNEED, offset, length)
+        else:
+            self._views[index][offset : offset + length] = bytes(length)
+
+    def host_usage(self) -> MemoryUsage:
+        """How much host memory this guest RAM holds now, from ``/proc/self/smaps``.
+
+        Sums every mapping inside the regions' host ranges (bytearray regions count
+        nothing: they are not mappings of their own).
+        """
+        ranges = [
+            (self.host_address(i), self.host_address(i) + r.size)
+            for i, r in enumerate(self.regions)
+            if isinstance(self._buffers[i], mmap.mmap)
+        ]
+        return MemoryUsage.of_ranges(ranges)
+
     def close(self) -> None:
         """Unmap every region; views handed out earlier become invalid.
 
@@ -152,6 +187,36 @@ class GuestMemory:
                 with contextlib.suppress(BufferError):
                     buf.close()
         self._buffers = []
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Host memory behind some mappings, in bytes (``/proc/self/smaps`` fields).
+
+    `rss`: resident pages, shared page-cache pages of a snapshot file included.
+    `anonymous`: private pages (a guest's copy-on-write copies, or anonymous RAM it
+    touched): what this VM costs the host beyond the page cache that VMs restored from
+    one file share.
+    """
+
+    rss: int
+    anonymous: int
+
+    @classmethod
+    def of_ranges(cls, ranges: Sequence[tuple[int, int]]) -> MemoryUsage:
+        rss = anon = 0
+        inside = False
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = any(start <= lo and hi <= end for start, end in ranges)
+                elif inside and head == "Rss:":
+                    rss += int(line.split()[1]) * 1024
+                elif inside and head == "Anonymous:":
+                    anon += int(line.split()[1]) * 1024
+        return cls(rss, anon)
 
 
 class PageWriter(Protocol):
@@ -190,6 +255,16 @@ class DirtyPages:
 
     def any(self, region: int) -> bool:
         return self._bits[region] != 0
+
+    def set_range(self, region: int, first: int, count: int, marked: int = 0) -> None:
+        """Make pages ``first .. first+count-1`` of `region` marked exactly where `marked`
+        (a bitmap like this one's, bit i = page i) is set; other pages are left alone."""
+        mask = ((1 << count) - 1) << first
+        self._bits[region] = self._bits[region] & ~mask | marked & mask
+
+    def bits(self) -> list[int]:
+        """Per region, the marked pages as an int (bit i = page i): a copy."""
+        return list(self._bits)
 
     def count(self) -> int:
         """How many pages are marked, over every region."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from ._native import ffi, lib
 from .kvm import Vm
 from .layout import PAGE_SIZE
 from .memory import DirtyPages, GuestMemory, PageWriter
+from .reset_cost import ResetChoice, ResetCostModel, RetouchEstimate
 from .snapshot import SnapshotChain, SnapshotRef
 from .vmstate import PreparedState
 
@@ -29,16 +31,19 @@ from .vmstate import PreparedState
 class ResetStrategy(enum.Enum):
     """How `reset()` returns dirtied RAM pages to the snapshot's bytes.
 
-    COPY (default) copies the snapshot's bytes back over each dirtied page: the page
-    stays resident and writable, so the guest's next write to it (the next test doing
-    what this one did) costs nothing. Measured here: ~2x the reset time of DISCARD, but
-    the following run re-dirties the same pages ~4x faster (no copy-on-write faults).
+    COPY copies the snapshot's bytes back over each dirtied page: the page stays
+    resident and writable, so the guest's next write to it (the next test doing what
+    this one did) costs nothing. Measured here: ~2x the reset time of DISCARD, but the
+    following run re-dirties the same pages ~4x faster (no copy-on-write faults).
     DISCARD drops the pages with MADV_DONTNEED: the quickest reset and the memory goes
     back to the host, but every page is faulted in and copied again on its next write.
+    AUTO (default) picks one of the two per reset from the dirty count and how much of
+    it the machine's runs write again, by whole cost (vmm/reset_cost.py).
     """
 
     COPY = "copy"
     DISCARD = "discard"
+    AUTO = "auto"
 
 
 class SnapshotOrigin:
@@ -63,6 +68,13 @@ class SnapshotOrigin:
         self._page_writers = page_writers
         self._dirty = DirtyPages(memory.regions)
         self._base_views: list[tuple[mmap.mmap, Any]] = []
+        #: Harvests come from the machine's thread (reset, snapshot, `dirty_pages`) and from
+        #: the device thread (`discard`, a balloon giving pages back); one at a time.
+        self._lock = threading.Lock()
+        self._overlaid: list[int] | None = None
+        self.retouch = RetouchEstimate()
+        #: What the last reset did (COPY or DISCARD), for benchmarks and diagnostics.
+        self.last_reset: ResetStrategy | None = None
 
     @property
     def parent(self) -> SnapshotRef:
@@ -71,6 +83,10 @@ class SnapshotOrigin:
 
     def harvest(self) -> DirtyPages:
         """OR KVM's dirty log (which it clears) and the devices' host writes (cleared too) in."""
+        with self._lock:
+            return self._harvest()
+
+    def _harvest(self) -> DirtyPages:
         for slot, region in enumerate(self._memory.regions):
             self._dirty.add_bitmap(slot, self._vm.get_dirty_log(slot, region.size // PAGE_SIZE))
         for writer in self._page_writers:
@@ -83,6 +99,40 @@ class SnapshotOrigin:
         dirty = self.harvest()
         return [dirty.bitmap(slot) for slot in range(len(self._memory.regions))]
 
+    def discard(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Give the host memory behind page-aligned guest ranges back, keeping the books true.
+
+        After ``MADV_DONTNEED`` a page of this MAP_PRIVATE mapping reads as the *base* file's
+        bytes. Where that is the origin's content too (the page is not in a diff of the
+        chain), the page no longer differs from the origin: it leaves the dirty set, so a
+        COPY reset does not copy it back in (and make it resident again) and a diff snapshot
+        does not store it. A page a diff overlays now differs from the origin whatever it
+        held before: it joins the dirty set, and reset puts the diff's bytes back.
+        The guest must not be writing these pages meanwhile (a balloon's driver gave them
+        away); the dirty log is harvested first, so an earlier write is not re-added later.
+        """
+        with self._lock:
+            self._harvest()
+            overlaid = self._overlaid_bits()
+            for gpa, length in ranges:
+                self._memory.discard(gpa, length)
+                slot, offset = self._memory.locate(gpa, length)
+                self._dirty.set_range(
+                    slot, offset // PAGE_SIZE, length // PAGE_SIZE, overlaid[slot]
+                )
+
+    def _overlaid_bits(self) -> list[int]:
+        """Per region, a bitmap (as an int) of the pages some diff of the chain overlays."""
+        if self._overlaid is None:
+            self._overlaid = [0] * len(self._memory.regions)
+            if self.chain.depth > 1:
+                for slot, pages in enumerate(self.chain.diff_page_sources()):
+                    bits = 0
+                    for page in pages:
+                        bits |= 1 << page
+                    self._overlaid[slot] = bits
+        return self._overlaid
+
     def _base_view(self, slot: int) -> Any:
         """Read-only page-cache view of the base snapshot's RAM region `slot` (mapped once)."""
         if not self._base_views:
@@ -91,9 +141,33 @@ class SnapshotOrigin:
             ]
         return self._base_views[slot][1]
 
-    def reset_memory(self, strategy: ResetStrategy) -> None:
-        """Return every page changed since the origin to the origin's bytes (vCPUs parked)."""
-        dirty = self.harvest()
+    def choose(self, model: ResetCostModel, *, restore: bool = True) -> ResetChoice:
+        """The cheapest way back for the pages changed now (vCPUs parked; see reset_cost.py)."""
+        with self._lock:
+            return model.choose(self._harvest().count(), self.retouch.value, restore=restore)
+
+    def reset_memory(
+        self, strategy: ResetStrategy, model: ResetCostModel | None = None
+    ) -> ResetStrategy:
+        """Return every page changed since the origin to the origin's bytes (vCPUs parked).
+
+        AUTO asks `model` (default constants if None) for COPY or DISCARD. Returns the
+        strategy used.
+        """
+        with self._lock:
+            dirty = self._harvest()
+            if strategy is ResetStrategy.AUTO:
+                choice = (model or ResetCostModel()).choose(
+                    dirty.count(), self.retouch.value, restore=False
+                )
+                strategy = ResetStrategy(choice.value)
+            self.retouch.observe(dirty.bits())
+            self._reset_memory(strategy)
+            self.last_reset = strategy
+            return strategy
+
+    def _reset_memory(self, strategy: ResetStrategy) -> None:
+        dirty = self._harvest()
         chain_pages: list[bytes] = []
         for slot, region in enumerate(self._memory.regions):
             npages = region.size // PAGE_SIZE

@@ -33,6 +33,7 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,7 +43,7 @@ from ..errors import DeviceLayoutError
 from . import layout, vmstate
 from ._native import lib
 from .cpuid import CpuidTable
-from .devices.hub import DeviceSpec, DiskSpec, VsockSpec, device_section
+from .devices.hub import BalloonSpec, DeviceSpec, DiskSpec, NetSpec, VsockSpec, device_section
 from .devices.virtio.blk import ID_BYTES, SECTOR_SIZE
 from .devices.virtio.vsock.device import MAX_GUEST_CID, MIN_GUEST_CID
 from .kvm import Kvm, KvmError
@@ -135,16 +136,24 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "read_only": (bool,),
     "serial": (str,),
     "sha256": (str, type(None)),
+    "reporting": (bool,),
+    "deflate_on_oom": (bool,),
+    "allow": (list, type(None)),
+    "mac": (str,),
 }
 
 
 def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpec:
     kind = entry.get("kind")
-    cls: type[VsockSpec] | type[DiskSpec]
+    cls: type[VsockSpec] | type[DiskSpec] | type[BalloonSpec] | type[NetSpec]
     if kind == "vsock":
         cls = VsockSpec
+    elif kind == "balloon":
+        cls = BalloonSpec
     elif kind == "disk":
         cls = DiskSpec
+    elif kind == "net":
+        cls = NetSpec
     else:
         raise SnapshotInvalid("machine", f"device {index} is of unknown kind {kind!r}")
     values = {k: v for k, v in entry.items() if k != "kind"}
@@ -156,7 +165,11 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
     for key, value in values.items():
         if type(value) not in _SPEC_TYPES[key]:
             raise SnapshotInvalid("machine", f"device {index} ({kind}): {key}={value!r}")
+    if cls is NetSpec:
+        return _net_spec(values, index)
     spec = cls(**values)
+    if isinstance(spec, BalloonSpec):
+        return spec
     if isinstance(spec, VsockSpec):
         if not MIN_GUEST_CID <= spec.guest_cid <= MAX_GUEST_CID:
             raise SnapshotInvalid(
@@ -185,6 +198,23 @@ def _device_spec(entry: dict[str, Any], index: int, snapshot: Path) -> DeviceSpe
             raise SnapshotInvalid("machine", f"device {index}: a blank disk without a size")
         return spec
     return confine_disk(spec, index, snapshot)
+
+
+def _net_spec(values: dict[str, Any], index: int) -> NetSpec:
+    """A NIC's spec from a snapshot: its allow-list parses and its MAC is a unicast address."""
+    from .devices.virtio.net import EgressPolicy, EgressPolicyError
+    from .devices.virtio.net.packets import mac_bytes
+
+    allow = values.get("allow")
+    try:
+        if allow is not None:
+            EgressPolicy.from_setting(allow)
+        mac = values.get("mac", NetSpec.mac)
+        if mac_bytes(mac)[0] & 1:
+            raise ValueError(f"MAC {mac} is a multicast address")
+    except (EgressPolicyError, ValueError) as e:
+        raise SnapshotInvalid("machine", f"device {index} (net): {e}") from None
+    return NetSpec(allow=None if allow is None else tuple(allow), mac=mac)
 
 
 def confine_disk(spec: DiskSpec, index: int, snapshot: Path) -> DiskSpec:
@@ -263,12 +293,36 @@ def publish_disk(spec: DiskSpec, snapshot: Path) -> dict[str, Any]:
     return entry
 
 
+#: Digests of disk images this process hashed, by what identifies a file's content version.
+_DIGESTS: dict[tuple[int, ...], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """SHA-256 of a disk image, hashed once per process per content version.
+
+    A restore checks the disk image's digest every time, and an image is hundreds
+    of MB (an OCI root filesystem): hashing it on every fresh restore cost up to a
+    second. The memo is keyed by device, inode, size, mtime and ctime (ns): any
+    write to the file, or a file put in its place, changes the key (ctime moves with
+    every write and cannot be set back), so a changed image is always rehashed.
+    """
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with _DIGESTS_LOCK:
+            known = _DIGESTS.get(key)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) > 1024:  # a long-lived process with many images: start over
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def _cpuids(sections: Mapping[str, bytes], vcpus: int) -> list[CpuidTable]:

@@ -23,13 +23,3 @@ def test_a_guest_that_crashes_during_run_raises_guest_crashed_at_once(agent_mach
     with pytest.raises(GuestCrashed, match=r"(?s)panicked.*console tail.*exception 6"):
         agent_machine.run("crash", timeout=60)
     assert time.monotonic() - t0 < 10  # not the 60 s command timeout
-
-
-def test_run_after_reset_reconnects_to_the_agent(agent_machine, tmp_path):
-    from pytest_supermachine.vmm.machine import Machine
-
-    agent_machine.snapshot(tmp_path / "ready.snap")
-    with Machine.restore(tmp_path / "ready.snap") as r:
-        assert r.run("echo one").stdout == b"one\n"
-        r.reset()
-        assert r.run("echo two").stdout == b"two\n"

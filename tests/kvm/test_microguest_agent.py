@@ -145,7 +145,7 @@ def test_agent_announces_itself_and_is_ready(vm: Machine) -> None:
     assert Mark.AGENT_DEVICES in [mark for mark, _ in vm.marks()]
     hello = vm.agent().agent
     assert hello.software == b"microguest-agent 1"
-    assert hello.capabilities == P.CAP_ALL
+    assert hello.capabilities == P.CAP_ALL | P.CAP_SEED
     assert hello.max_inflight >= 8
     assert hello.max_frame >= 64 * 1024
 
@@ -237,6 +237,20 @@ def test_env_and_cwd_reach_the_command(vm: Machine) -> None:
     assert vm.run(["env"], env={"A": "1", "B": "x=y"}).stdout == b"A=1\nB=x=y\n"
     assert vm.run(["pwd"], cwd="/srv").stdout == b"/srv\n"
     assert vm.run("pwd").stdout == b"/\n"
+
+
+def test_running_as_a_user_is_refused_clearly(vm: Machine) -> None:
+    with pytest.raises(P.AgentError, match="does not support running a command as another user"):
+        vm.run("echo", user="0")  # the host knows from HELLO: nothing is sent
+    raw = Raw(vm)
+    try:  # and a host that sends EXEC_USER anyway gets EINVAL saying why
+        raw.send(P.Exec((b"echo",), user=P.RunAs(1, 1)).frame(3))
+        (frame,) = raw.until(3, P.MsgType.ERROR, P.MsgType.EXIT)
+        err = P.decode_message(frame)
+        assert isinstance(err, P.Error) and err.errno == errno.EINVAL
+        assert "no users" in err.text
+    finally:
+        raw.close()
 
 
 def test_stdin_to_stdout(vm: Machine) -> None:

@@ -7,6 +7,7 @@ file and the section, before the guest runs (issue 10).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,19 @@ def test_a_disk_image_with_other_content_is_refused(craft: Callable[..., Path]) 
 
     error = refused(craft(edit_machine(other_digest)), "machine")
     assert "changed since" in error.problem
+
+
+def test_a_disk_image_rewritten_after_a_restore_is_refused(agent_snapshot: Path) -> None:
+    Machine.restore(agent_snapshot, start=False).stop()  # this process knows its digest now
+    (disk,) = agent_snapshot.parent.glob("*.disk")
+    original = disk.read_bytes()
+    before = disk.stat()
+    try:  # same size, same mtime, other bytes: only the content (and ctime) tell
+        disk.write_bytes(bytes(b ^ 0xFF for b in original[:512]) + original[512:])
+        os.utime(disk, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert "changed since" in refused(agent_snapshot, "machine").problem
+    finally:
+        disk.write_bytes(original)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
-"""An OCI image from a registry as a test VM: Debian with python3, pulled, booted, run.
+"""An OCI image from a registry as a test VM: Debian with python3, pulled, built ahead, booted, run.
 
-The image is a real Debian userland (mmdebstrap, tests/debian_image.py) pushed
-with skopeo to a docker-registry on loopback and named by ``oci:127.0.0.1:PORT/…``
-in a test's marker; the plugin pulls it, builds its root filesystem, boots it once
-into a base snapshot (user cache), and the test runs commands in it. One boot,
-a handful of commands: each exec costs about a second here.
+The image is a real Debian userland (mmdebstrap, tests/debian_image.py) whose
+config names ``User: nobody``, pushed with skopeo to a docker-registry on loopback
+and named by ``oci:127.0.0.1:PORT/…``. ``supermachine image build`` pulls it,
+builds its root filesystem and boots it into a base snapshot (user cache); the
+pytester project's tests then find that snapshot cached and only restore it:
+plain tests, a ``@layer`` on the image, machines from ``microvm_factory``. One
+boot, a handful of commands: each exec costs about a second here.
 """
 
 from __future__ import annotations
@@ -20,18 +22,42 @@ from tests.registry_fixtures import LocalRegistry, local_registry  # noqa: F401 
 
 ON_DEBIAN = """
 import pytest
+from pytest_supermachine import layer
 
-@pytest.mark.microvm(image="{ref}")
+# every test here: the Debian image with a 16 MiB writable layer (one base snapshot)
+pytestmark = pytest.mark.microvm(image="{ref}", disk_mib=16)
+
+
 def test_debian_python(microvm):
     assert microvm.run("python3 -c 'print(6*7)'").stdout == b"42\\n"
     assert b'ID=debian' in microvm.run("cat /etc/os-release").stdout
-    # the image config's Env and WorkingDir are run()'s defaults
-    assert microvm.run("echo $APP_MODE; pwd").stdout == b"oci-test\\n/srv\\n"
+    # the image config's Env, WorkingDir and User (nobody, resolved in its passwd) are run()'s
+    defaults = microvm.run("echo $APP_MODE; pwd; id -u; id -g; echo $HOME")
+    assert defaults.stdout == b"oci-test\\n/srv\\n65534\\n65534\\n/nonexistent\\n", defaults
+    assert microvm.run("id -un; echo $HOME", user="root").stdout == b"root\\n/root\\n"
     assert microvm.image_config.exposed_ports == ("8000/tcp",)
-    assert microvm.image_config.cmd == ("python3",)
-    # the writable layer (supermachine_disk_mib = 16) filling up is ENOSPC in the guest
-    full = microvm.run("head -c 32M /dev/zero > /var/big")
+    assert microvm.image_config.uid_gid == (65534, 65534)
+
+
+def test_the_markers_disk_mib_bounds_the_writable_layer(microvm):
+    full = microvm.run("head -c 32M /dev/zero > /tmp/big")
     assert full.returncode != 0 and b"No space left on device" in full.stderr, full
+
+
+@layer
+def with_tool(vm):
+    vm.write_file("/usr/local/bin/greet", b"#!/bin/sh\\necho hello from $(id -un) in $(pwd)\\n", 0o755)
+    vm.run("id -u > /tmp/layer-ran-as", check=True)
+
+
+def test_a_layer_on_the_image(with_tool):
+    assert with_tool.run("greet").stdout == b"hello from nobody in /srv\\n"
+    assert with_tool.read_file("/tmp/layer-ran-as") == b"65534\\n"  # the body ran as the image says
+
+
+def test_machines_from_the_factory_behave_as_the_image_says(microvm_factory):
+    vm = microvm_factory.restore(microvm_factory.base("{ref}", disk_mib=16))
+    assert vm.run("echo $APP_MODE; pwd; id -u").stdout == b"oci-test\\n/srv\\n65534\\n"
 """
 
 
@@ -44,15 +70,16 @@ def debian_project(
 ) -> Iterator[tuple[Project, str]]:
     """A pytester project and the reference of the Debian image pushed to the local registry."""
     pushed = local_registry.push(debian_python_layout(), "debian/python", "bookworm")
-    project = Project(pytester, USER_CACHE, monkeypatch)
-    project.ini("supermachine_disk_mib = 16")
-    yield project, pushed.ref
+    yield Project(pytester, USER_CACHE, monkeypatch), pushed.ref
 
 
-def test_a_debian_image_from_a_registry_runs_python_with_its_config_and_a_bounded_disk(
-    debian_project,
-) -> None:
+def test_a_debian_image_built_ahead_serves_tests_layers_and_the_factory(debian_project) -> None:
     project, ref = debian_project
+    built = project.cli("image", "build", ref, "--disk-mib", "16", timeout=3600)
+    assert built.ret == 0, built.stderr.str()
+    built.stdout.fnmatch_lines([f"{ref}: base snapshot * (1 vCPU, 256 MiB) in *"])
+
     project.write("test_debian.py", ON_DEBIAN.format(ref=ref))
     result = project.run()
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=4)
+    assert not [b for b in project.builds() if b.startswith("base ")]  # built ahead: restored

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from smhelpers import Project
 
+from pytest_supermachine.images.oci_image import OciImage
 from tests.registry_fixtures import LocalRegistry, build_layout, local_registry  # noqa: F401
 
 
@@ -45,4 +46,28 @@ def test_cache_prune_all_removes_pulled_images_and_their_locks(
     pruned = project.cli("cache", "prune", "--all", "--cache-dir", str(cache))
     assert pruned.ret == 0, pruned.stderr.str()
     pruned.stdout.fnmatch_lines(["removed *-linux-amd64: --all"])
+    assert list((cache / "oci").iterdir()) == []
+
+
+def test_cache_prune_removes_the_root_filesystem_built_from_a_pulled_image(
+    project: Project,
+    local_registry: LocalRegistry,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ref = _pushed(local_registry, tmp_path, "rootfs")
+    cache = tmp_path / "cache"
+    project.monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
+    disk, _config = OciImage(ref).rootfs()  # pulls it and builds its ext4 in that cache
+    assert disk.is_file() and disk.is_relative_to(cache / "rootfs")
+
+    pruned = project.cli("cache", "prune", "--unused-days", "0", "--cache-dir", str(cache))
+    assert pruned.ret == 0, pruned.stderr.str()
+    pruned.stdout.fnmatch_lines(
+        [
+            "removed *-linux-amd64: pulled image * unused*",
+            "removed *: root filesystem of pulled sha256:*",
+        ]
+    )
+    assert not disk.exists()
+    assert [p.name for p in (cache / "rootfs").iterdir()] == []  # the entry and its lock
     assert list((cache / "oci").iterdir()) == []

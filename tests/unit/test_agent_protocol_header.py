@@ -45,9 +45,16 @@ EXPECTED_CONSTANTS = {
     "AG_CAP_FILES": P.CAP_FILES,
     "AG_CAP_KILL": P.CAP_KILL,
     "AG_CAP_TIMEOUT": P.CAP_TIMEOUT,
+    "AG_CAP_SEED": P.CAP_SEED,
+    "AG_MAX_SEED": P.MAX_SEED,
+    "SEED_RESEED": P.SEED_RESEED,
     "AG_CAP_ALL": P.CAP_ALL,
+    "AG_CAP_USER": P.CAP_USER,
+    "AG_CAP_TCP": P.CAP_TCP,
     "EXEC_STDIN": P.EXEC_STDIN,
     "EXEC_SHELL": P.EXEC_SHELL,
+    "EXEC_USER": P.EXEC_USER,
+    "AG_MAX_GROUPS": P.MAX_GROUPS,
     "EXIT_SIGNALED": P.EXIT_SIGNALED,
     "EXIT_TIMED_OUT": P.EXIT_TIMED_OUT,
     "PUT_APPEND": P.PUT_APPEND,
@@ -58,6 +65,7 @@ EXPECTED_CONSTANTS = {
 # A frame header and a HELLO the program encodes, with values that show byte order.
 FRAME = {"type": P.MsgType.FILE_DATA, "request_id": 0x01020304, "len": 0x00050607}
 HELLO = {"caps": 0x0102030405060708, "max_frame": 0x10000, "inflight": 7, "name": "probe 1"}
+SEED = b"replay me"
 
 PRINT_CONSTANTS = "\n".join(
     f'    printf("const {name} %llu\\n", (unsigned long long)({name}));'
@@ -91,6 +99,11 @@ int main(void)
     uint32_t n = ag_hello_store(hello, {HELLO["caps"]}ull, {HELLO["max_frame"]}u,
                                 {HELLO["inflight"]}u, "{HELLO["name"]}");
     hex("hello", hello, n);
+    uint64_t rng = ag_seed_state((const uint8_t *)"{SEED.decode()}", {len(SEED)}u);
+    printf("rng %llu", (unsigned long long)rng);
+    for (int i = 0; i < 3; i++)
+        printf(" %llu", (unsigned long long)ag_splitmix64(&rng));
+    printf("\\n");
     return 0;
 }}
 """
@@ -143,6 +156,15 @@ def test_a_stored_hello_decodes_on_the_host(printed: dict[str, list[str]]) -> No
         max_inflight=HELLO["inflight"],
         software=HELLO["name"].encode(),
     )
+
+
+def test_a_seed_gives_the_hosts_generator_sequence(printed: dict[str, list[str]]) -> None:
+    state = P.seed_state(SEED)
+    expected = [state]
+    for _ in range(3):
+        state, value = P.splitmix64(state)
+        expected.append(value)
+    assert [int(v) for v in printed["rng"][0].split()] == expected
 
 
 def test_the_header_needs_no_c_library(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import tempfile
 import pytest
 
 from pytest_supermachine.errors import KvmUnavailableError
-from pytest_supermachine.vmm.kvm import KVM_DEVICE_ENV, Kvm
+from pytest_supermachine.vmm.kvm import Kvm
+from pytest_supermachine.vmm.kvm_device import KVM_DEVICE_ENV
 from tests.environment import needs
 
 
@@ -70,3 +71,25 @@ def test_permission_denied_names_the_udev_rule():
         message = open_as_nobody(node)
     assert "permission denied" in message
     assert 'KERNEL=="kvm", GROUP="kvm", MODE="0666"' in message
+
+
+def test_the_header_probe_speaks_the_cores_ioctl_numbers():
+    """The report header probes KVM without loading the compiled core: same constants."""
+    from pytest_supermachine.vmm import kvm_device
+    from pytest_supermachine.vmm._native import lib
+
+    assert kvm_device.KVM_GET_API_VERSION == lib.KVM_GET_API_VERSION
+    assert kvm_device.KVM_API_VERSION == lib.KVM_API_VERSION
+
+
+@pytest.mark.parametrize(
+    ("device", "said"), [("missing", "does not exist"), ("/dev/null", "KVM_GET_API_VERSION")]
+)
+def test_the_header_probe_reports_an_unusable_device_without_raising(
+    tmp_path, monkeypatch, device, said
+):
+    from pytest_supermachine.vmm.kvm_device import kvm_summary
+
+    monkeypatch.setenv(KVM_DEVICE_ENV, str(tmp_path / device) if device == "missing" else device)
+    line = kvm_summary()
+    assert line.startswith("KVM unavailable") and said in line

@@ -268,7 +268,7 @@ def test_ready_is_retried_until_the_host_listens(agent_bin, tmp_path):
 
 
 def test_handshake_learns_the_agents_identity_and_limits(client):
-    assert client.agent.capabilities == P.CAP_ALL
+    assert client.agent.capabilities == P.CAP_ALL | P.CAP_USER | P.CAP_SEED | P.CAP_TCP
     assert client.agent.max_inflight == 64
     assert client.agent.max_frame == AGENT_MAX_FRAME
 
@@ -472,6 +472,34 @@ def test_a_non_executable_file_is_eacces(client, tmp_path):
     with pytest.raises(AgentRemoteError) as info:
         client.run([str(f)])
     assert info.value.errno == errno.EACCES
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the agent changes user only as root")
+
+
+@needs_root
+def test_a_command_runs_as_the_user_with_its_groups(client):
+    r = client.run("id -u; id -g; id -G", user=P.RunAs(65534, 65534, (100, 29)))
+    assert r.stdout == b"65534\n65534\n65534 29 100\n", r
+
+
+@needs_root
+def test_the_cwd_is_entered_before_the_user_is_taken(client, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # nobody may not search it; as WorkingDir it still works
+    r = client.run(["/bin/sh", "-c", "pwd; id -u"], cwd=str(private), user=P.RunAs(65534, 65534))
+    assert r.stdout == f"{private}\n65534\n".encode(), r
+
+
+@needs_root
+def test_a_program_the_user_may_not_execute_is_eacces(client, tmp_path):
+    tool = tmp_path / "root-only"
+    tool.write_text("#!/bin/sh\necho ran\n")
+    tool.chmod(0o700)
+    with pytest.raises(AgentRemoteError) as info:
+        client.run([str(tool)], user=P.RunAs(65534, 65534))
+    assert info.value.errno == errno.EACCES
+    assert client.run([str(tool)]).stdout == b"ran\n"  # as root it runs
 
 
 def test_a_shell_line_that_fails_is_exit_127_not_an_error(client):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_supermachine.errors import GuestBuildError
+from pytest_supermachine.errors import GuestBuildError, SupermachineError
+from pytest_supermachine.fixtures.factory import MicrovmFactory
 from pytest_supermachine.images.oci import (
     ImageConfig,
     OciFormatError,
@@ -20,6 +21,8 @@ from pytest_supermachine.images.oci import (
 from pytest_supermachine.images.oci_image import OciImage, resolve_user
 from pytest_supermachine.images.reference import ImageReferenceError
 from pytest_supermachine.images.registry import find_image
+from pytest_supermachine.session.settings import Settings
+from pytest_supermachine.vmm.agent import RunAs
 from tests.image_fixtures import private_cache  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("private_cache")]
@@ -87,16 +90,30 @@ def passwd_disk(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("user", "ids"),
-    [("", (0, 0)), ("app", (1000, 1001)), ("app:staff", (1000, 50)), ("42", (42, 42))],
+    [("app", (1000, 1001)), ("1000", (1000, 1001)), ("app:staff", (1000, 50)), ("42", (42, 0))],
 )
 def test_the_image_user_is_resolved_in_its_passwd_and_group(
     passwd_disk: Path, user: str, ids: tuple[int, int]
 ) -> None:
-    assert resolve_user(passwd_disk, user) == ids
+    run_as = resolve_user(passwd_disk, user).run_as
+    assert (run_as.uid, run_as.gid) == ids
+
+
+def test_the_image_user_is_the_default_user_of_its_machines(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_text("nobody:x:65534:65534::/nonexistent:/bin/sh\n")
+    (tree / "etc/group").write_text("nogroup:x:65534:\nusers:x:100:nobody\n")
+    archive = write_image_archive([tree], tmp_path / "u.tar", config=ImageConfig(user="nobody"))
+    image = OciImage(f"oci-archive:{archive}")
+    user = image.run_defaults.user
+    assert user is not None and user.run_as == RunAs(65534, 65534, (100,))
+    assert user.home == "/nonexistent"
+    assert image.image_config.uid_gid == (65534, 65534)
 
 
 def test_a_user_the_image_does_not_have_is_an_error_naming_it(passwd_disk: Path) -> None:
-    with pytest.raises(GuestBuildError, match="'nobody' is not in its /etc/passwd"):
+    with pytest.raises(GuestBuildError, match="'nobody' is not in the guest's /etc/passwd"):
         resolve_user(passwd_disk, "nobody")
 
 
@@ -112,6 +129,28 @@ def test_the_writable_layer_size_gives_another_image(tmp_path: Path) -> None:
     small = find_image(f"oci-archive:{archive}", disk_mib=16)
     assert isinstance(small, OciImage) and small.disk_mib == 16
     assert find_image(f"oci-archive:{archive}", disk_mib=32) is not small
+
+
+def test_a_marker_disk_size_gives_a_sibling_image_sharing_the_root_filesystem(
+    tmp_path: Path,
+) -> None:
+    image = OciImage(f"oci-archive:{_image(tmp_path, 'sib', {'etc/x': b'x'})}")
+    disk = image.rootfs()
+    small = image.with_disk_mib(16)
+    assert (small.disk_mib, small.reference, small.rootfs()) == (16, image.reference, disk)
+    assert image.with_disk_mib(16) is small and image.with_disk_mib(image.disk_mib) is image
+
+
+def test_the_factory_resizes_oci_images_and_refuses_a_size_for_others(tmp_path: Path) -> None:
+    archive = _image(tmp_path, "fac", {"etc/x": b"x"})
+    factory = MicrovmFactory(Settings(cache_dir=tmp_path / "cache"))
+    try:
+        resized = factory.image(f"oci-archive:{archive}", disk_mib=48)
+        assert isinstance(resized, OciImage) and resized.disk_mib == 48
+        with pytest.raises(SupermachineError, match="disk_mib=48 sizes the writable layer"):
+            factory.image("microguest", disk_mib=48)
+    finally:
+        factory.close()
 
 
 def test_a_missing_archive_is_refused_before_anything_is_built(tmp_path: Path) -> None:
@@ -130,3 +169,4 @@ def test_the_config_and_run_defaults_come_from_the_image(tmp_path: Path) -> None
     assert image.run_defaults.cwd == "/srv"
     assert image.image_config.cmd == ("app",)
     assert image.image_config.labels == {"k": "v"}
+    assert image.run_defaults.user is None  # no User: root, the agent's own

@@ -9,6 +9,7 @@ import pytest
 from pytest_supermachine.errors import MachineError
 from pytest_supermachine.fixtures.pool import MachinePool
 from pytest_supermachine.vmm.machine import MachineState
+from pytest_supermachine.vmm.reset_cost import ResetChoice
 
 
 class FakeMachine:
@@ -17,6 +18,10 @@ class FakeMachine:
         self.state = MachineState.RUNNING
         self.resets = 0
         self.fail_reset = False
+        self.cheapest = ResetChoice.COPY
+
+    def reset_choice(self) -> ResetChoice:
+        return self.cheapest
 
     def reset(self) -> None:
         if self.fail_reset:
@@ -107,3 +112,13 @@ def test_close_discards_idle_machines_and_refuses_more(pool, made):
     assert made["discarded"] == [m]
     with pytest.raises(MachineError, match="closed"):
         pool.acquire("k", Path("k.snap"))
+
+
+def test_a_machine_that_costs_more_to_reset_than_to_restore_is_replaced(pool, made, tmp_path):
+    first = pool.acquire("k", tmp_path)
+    pool.release(first.machine)
+    first.machine.cheapest = ResetChoice.RESTORE
+    second = pool.acquire("k", tmp_path)
+    assert second.how == "restore" and second.machine is not first.machine
+    assert made["discarded"] == [first.machine]
+    assert first.machine.resets == 0

@@ -142,6 +142,14 @@ def test_cache_dir_default_is_the_user_cache(monkeypatch, tmp_path):
     assert resolve({"cache_dir": "/x"}).resolved_cache_dir() == Path("/x")
 
 
+def test_a_marker_sizes_the_writable_layer_of_its_test():
+    s = resolve(ini={"supermachine_disk_mib": "256"})
+    marked = s.with_marker({"disk_mib": 64})
+    assert (marked.disk_mib, marked.sources["disk_mib"]) == (64, "marker")
+    with pytest.raises(SettingsError, match="disk_mib"):
+        s.with_marker({"disk_mib": 0})
+
+
 def test_run_timeout_and_output_limit_follow_marker_cli_env_ini():
     ini = {"supermachine_run_timeout": "10", "supermachine_output_limit": "1K"}
     env = {"SUPERMACHINE_RUN_TIMEOUT": "20", "SUPERMACHINE_OUTPUT_LIMIT": "2K"}

@@ -7,11 +7,9 @@ egress filter and libslirp to real sockets on 127.0.0.1, and back.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import struct
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -34,6 +32,8 @@ from pytest_supermachine.vmm.devices.virtio.net.device import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 )
+from tests.host_http import HOST_PAGE as PAGE
+from tests.host_http import host_http_server
 from tests.net_guest import (
     DNS_IP,
     GATEWAY_IP,
@@ -47,29 +47,12 @@ from tests.net_guest import (
 
 pytestmark = pytest.mark.unit
 
-PAGE = b"hello from the host\n"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def http_port() -> Iterator[int]:
     """An HTTP server on the host's loopback; its port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with host_http_server() as port:
+        yield port
 
 
 class Nic:

@@ -92,7 +92,8 @@ struct fileget {
     int regular; /* a short read is the end */
 };
 
-enum conn_state { CONN_HELLO, CONN_OPEN, CONN_CLOSING };
+/* CONN_HANDED: a TCP_CONNECT turned the connection into a relay owned by a child (tcp.c) */
+enum conn_state { CONN_HELLO, CONN_OPEN, CONN_CLOSING, CONN_HANDED };
 
 struct conn {
     struct watch w;
@@ -132,6 +133,12 @@ void conn_update(struct conn *c); /* re-evaluate interest after the queue or req
 void conn_timers(uint64_t now, int64_t *wait_ms);
 uint32_t conn_out_room(const struct conn *c); /* payload bytes per output frame */
 uint32_t hello_payload(uint8_t *p);             /* at least AG_HELLO_FIXED + 64 bytes */
+int conn_flush_all(struct conn *c);              /* the send queue, whole (blocking fd); -1: gone */
+
+/* ------------------------------------------------------------ TCP relay -- */
+
+/* TCP_CONNECT: answered here (ERROR: 0) or handed to a relay child (1; -1: the host is gone). */
+int tcp_handoff(struct conn *c, uint32_t rid, uint32_t port);
 
 /* ------------------------------------------------------------ commands -- */
 
@@ -159,6 +166,9 @@ struct exec_req {
     char *cwd;   /* NULL = the agent's */
     char **argv; /* NULL-terminated */
     char **env;  /* NULL-terminated additions/overrides */
+    int user;    /* EXEC_USER: run as uid/gid with these supplementary groups */
+    uint32_t uid, gid, ngroups;
+    const uint32_t *groups;
 };
 
 extern const char *opt_shell;
@@ -176,6 +186,13 @@ void proc_update_interest(struct conn *c);
 void proc_timers(uint64_t now, int64_t *wait_ms);
 void proc_reap(void);
 int proc_signal_fd(void); /* signalfd for SIGCHLD, made once */
+
+/* ------------------------------------------------------------ seed -- */
+
+/* SEED: entropy into the kernel's pool, the wall clock, $RANDOM seeds; 0 or an errno. */
+int seed_apply(const struct ag_seed *s);
+/* Before each command once seeded: RANDOM=<next seed number> in the base environment. */
+void seed_before_exec(void);
 
 /* ------------------------------------------------------------ init -- */
 

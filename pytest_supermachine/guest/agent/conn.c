@@ -94,7 +94,8 @@ uint32_t conn_out_room(const struct conn *c) { return MIN(c->host_max_frame, OUT
 
 uint32_t hello_payload(uint8_t *p)
 {
-    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, AGENT_SOFTWARE);
+    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_USER | AG_CAP_SEED | AG_CAP_TCP, AG_MAX_FRAME,
+                          AG_MAX_INFLIGHT, AGENT_SOFTWARE);
 }
 
 /* Write as much of the queue as the socket takes. -1: the peer is gone. */
@@ -133,6 +134,11 @@ static int flush(struct conn *c)
         }
     }
     return 0;
+}
+
+int conn_flush_all(struct conn *c)
+{
+    return flush(c); /* on a blocking socket it returns only when the queue is out, or -1 */
 }
 
 /* ------------------------------------------------------------ lifecycle -- */
@@ -259,7 +265,8 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
     }
     char **argv = (char **)block, **env = argv + argc + 3;
     char *s = block + ptrs * sizeof(char *);
-    struct exec_req req = {x->flags, x->timeout_ms, NULL, argv, env};
+    uint32_t groups[AG_MAX_GROUPS];
+    struct exec_req req = {x->flags, x->timeout_ms, NULL, argv, env, 0, 0, 0, 0, groups};
     if (x->cwd_len) {
         memcpy(s, x->cwd, x->cwd_len);
         s[x->cwd_len] = 0;
@@ -295,6 +302,10 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
         }
     }
     *e = NULL;
+    if (!why && x->user) {
+        req.user = 1;
+        why = ag_exec_user(x, &req.uid, &req.gid, &req.ngroups, groups);
+    }
     if (!why)
         why = ag_exec_end(x);
     if (why) {
@@ -302,6 +313,7 @@ static void handle_exec(struct conn *c, uint32_t rid, struct ag_exec *x)
         free(block);
         return;
     }
+    seed_before_exec();
     int err = proc_spawn(c, rid, &req);
     if (err) {
         const char *what = req.cwd && err == ENOENT ? "cannot start (command or cwd missing)"
@@ -495,6 +507,16 @@ static void handle_frame(struct conn *c, const struct ag_header *h, const uint8_
         return handle_put(c, rid, &req.put);
     case MSG_GET_FILE:
         return handle_get(c, rid, req.path, len);
+    case MSG_SEED: {
+        int err = seed_apply(&req.seed);
+        if (err)
+            return conn_send_error(c, rid, (uint32_t)err, "SEED: %s", strerror(err));
+        return conn_queue_frame(c, MSG_OK, rid, NULL, 0, NULL, 0);
+    }
+    case MSG_TCP_CONNECT:
+        if (tcp_handoff(c, rid, req.port) != 0)
+            c->state = CONN_HANDED; /* no more frames: conn_event drops it from the loop */
+        return;
     case MSG_STDIN:
         if ((pr = proc_find(c, rid)))
             proc_stdin(pr, p, len);
@@ -514,7 +536,7 @@ static void handle_frame(struct conn *c, const struct ag_header *h, const uint8_
 static void parse(struct conn *c, const uint8_t *data, size_t n)
 {
     size_t pos = 0;
-    while (pos < n && c->state != CONN_CLOSING) {
+    while (pos < n && c->state != CONN_CLOSING && c->state != CONN_HANDED) {
         if (c->hdr_have < AG_HDR) {
             size_t take = MIN(AG_HDR - c->hdr_have, n - pos);
             memcpy(c->hdr + c->hdr_have, data + pos, take);
@@ -561,6 +583,8 @@ static void parse(struct conn *c, const uint8_t *data, size_t n)
 
 static int input_wanted(const struct conn *c)
 {
+    if (c->state == CONN_HANDED)
+        return 0; /* its bytes are the relay's */
     if (c->state == CONN_CLOSING)
         return 1; /* read and discard until the host closes too */
     return !c->paused && c->stdin_bytes <= STDIN_HIGH;
@@ -615,6 +639,8 @@ void conn_event(struct conn *c, uint32_t events)
         if (!dead && c->out_head && flush(c) < 0)
             dead = 1;
     }
+    if (c->state == CONN_HANDED)
+        dead = 1; /* the relay child has its own copy of the socket */
     if (!dead && c->state == CONN_CLOSING && !c->out_head && !c->shut_wr) {
         /* our last word is out: EOF to the host, then wait for its close */
         shutdown(c->w.fd, SHUT_WR);

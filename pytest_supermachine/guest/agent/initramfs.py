@@ -56,6 +56,9 @@ CONFIG_FILES = {
     "etc/group": b"root:x:0:\n",
     "etc/hosts": b"127.0.0.1\tlocalhost supermachine\n",
     "etc/hostname": b"supermachine\n",
+    # The NIC's DNS (libslirp's 10.0.2.3, answered by the egress filter: docs/network.md);
+    # without a NIC lookups fail at once (no route).
+    "etc/resolv.conf": b"nameserver 10.0.2.3\n",
 }
 
 

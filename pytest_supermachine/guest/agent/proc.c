@@ -29,6 +29,7 @@
 #include <sys/epoll.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -178,6 +179,61 @@ static void find_spawn_sigdefault(void)
     }
 }
 
+/*
+ * A command run as another user (EXEC_USER). posix_spawn cannot change
+ * credentials, so this is its vfork-style equivalent for that case: the child
+ * shares the agent's memory until it execs (no page-table copy, see the top of
+ * this file), does what the posix_spawn call below is told to (new session,
+ * stdio, cwd, default signal dispositions, empty mask), then drops to the user:
+ * supplementary groups, gid, uid, in that order (after setuid it could not).
+ * The cwd is entered as root, so a directory the user may not search still
+ * works as a WorkingDir. A failed step leaves its errno in shared memory and the
+ * child exits; the parent reaps it and returns the errno, as posix_spawn does.
+ * Raw syscalls: no libc wrapper bookkeeping runs in the borrowed address space.
+ */
+static int spawn_as_user(pid_t *pidp, const char *prog, const int fds[3],
+                         const struct exec_req *req, char **env)
+{
+    gid_t groups[AG_MAX_GROUPS];
+    for (uint32_t i = 0; i < req->ngroups; i++)
+        groups[i] = req->groups[i];
+    volatile int failed = 0;
+    sigset_t all, old, none;
+    sigfillset(&all);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &all, &old); /* no handler may run in the child on our stack */
+    pid_t pid = vfork();
+    if (pid == 0) {
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof(dfl));
+        dfl.sa_handler = SIG_DFL;
+        for (int sig = 1; sig < NSIG; sig++) /* the child's own copy of the dispositions; */
+            if (sigismember(&spawn_sigdefault, sig)) /* handlers are reset by execve */
+                sigaction(sig, &dfl, NULL);
+        int step = setsid() < 0;
+        for (int i = 0; i < 3 && !step; i++)
+            step = dup2(fds[i], i) < 0;
+        if (!step && req->cwd)
+            step = chdir(req->cwd) < 0;
+        if (!step)
+            step = syscall(SYS_setgroups, (size_t)req->ngroups, groups) < 0 ||
+                   syscall(SYS_setresgid, req->gid, req->gid, req->gid) < 0 ||
+                   syscall(SYS_setresuid, req->uid, req->uid, req->uid) < 0;
+        if (!step) {
+            sigprocmask(SIG_SETMASK, &none, NULL);
+            execve(prog, req->argv, env);
+        }
+        failed = errno ? errno : EINVAL;
+        _exit(127);
+    }
+    int err = pid < 0 ? errno : failed;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    if (pid > 0 && err)
+        waitpid(pid, NULL, 0); /* it never ran the command: reap it here, report the errno */
+    *pidp = pid;
+    return err;
+}
+
 int proc_spawn(struct conn *c, uint32_t rid, const struct exec_req *req)
 {
     size_t nenv = 0;
@@ -228,7 +284,12 @@ int proc_spawn(struct conn *c, uint32_t rid, const struct exec_req *req)
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
                                         POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_USEVFORK);
     uint64_t start = now_ns();
-    err = posix_spawn(&pid, prog, &fa, &attr, req->argv, env);
+    if (req->user) {
+        const int fds[3] = {in[0], out[1], errp[1]};
+        err = spawn_as_user(&pid, prog, fds, req, env);
+    } else {
+        err = posix_spawn(&pid, prog, &fa, &attr, req->argv, env);
+    }
     if (err)
         goto fail;
     posix_spawn_file_actions_destroy(&fa);

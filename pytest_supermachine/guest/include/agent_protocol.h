@@ -52,7 +52,12 @@
 #define AG_CAP_FILES (1u << 5)
 #define AG_CAP_KILL (1u << 6)
 #define AG_CAP_TIMEOUT (1u << 7)
-#define AG_CAP_ALL ((1u << 8) - 1)
+#define AG_CAP_ALL ((1u << 8) - 1) /* the base set every version-1 agent has */
+#define AG_CAP_USER (1u << 8)     /* EXEC_USER: a command runs as a uid/gid/groups */
+#define AG_CAP_SEED (1u << 10)    /* SEED: a per-test seed and wall clock (both agents) */
+#define AG_MAX_SEED 256u
+/* TCP_CONNECT (an agent with a TCP/IP stack: the Linux one; not in AG_CAP_ALL) */
+#define AG_CAP_TCP (1u << 9)
 
 enum msg_type {
     MSG_HELLO = 0x01,
@@ -71,14 +76,19 @@ enum msg_type {
     MSG_PUT_FILE = 0x20,
     MSG_GET_FILE = 0x21,
     MSG_FILE_DATA = 0x22,
+    MSG_SEED = 0x40,
+    MSG_TCP_CONNECT = 0x41,
 };
 
 #define EXEC_STDIN 1u
 #define EXEC_SHELL 2u
+#define EXEC_USER 4u
+#define AG_MAX_GROUPS 256u /* supplementary groups an EXEC_USER may name */
 #define EXIT_SIGNALED 1u
 #define EXIT_TIMED_OUT 2u
 #define PUT_APPEND 1u
 #define FILE_MORE 1u
+#define SEED_RESEED 1u
 
 /* ------------------------------------------------------ little endian -- */
 
@@ -148,7 +158,7 @@ static inline void ag_header_store(uint8_t *p, uint16_t type, uint32_t request_i
 static inline int ag_known_type(uint16_t t)
 {
     return (t >= MSG_HELLO && t <= MSG_ERROR) || (t >= MSG_EXEC && t <= MSG_KILL) ||
-           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA);
+           (t >= MSG_PUT_FILE && t <= MSG_FILE_DATA) || t == MSG_SEED || t == MSG_TCP_CONNECT;
 }
 
 /*
@@ -295,7 +305,9 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
     case MSG_PING:
     case MSG_EXEC:
     case MSG_PUT_FILE:
-    case MSG_GET_FILE: /* these open a request: its id must be new and nonzero */
+    case MSG_GET_FILE:
+    case MSG_SEED:
+    case MSG_TCP_CONNECT: /* these open a request: its id must be new and nonzero */
         return h->request_id && !id_in_use
                    ? 0
                    : ag_problem(why, "request type " AG_HEX ": id %u is 0 or still open",
@@ -319,11 +331,13 @@ static inline int ag_host_frame_bad(const struct ag_header *h, const uint8_t *p,
 
 /*
  * EXEC (§4): the fixed part and cwd by ag_exec_begin, then argc argv entries
- * by ag_exec_arg, envc env entries by ag_exec_env, and ag_exec_end. Each
+ * by ag_exec_arg, envc env entries by ag_exec_env, with EXEC_USER the user by
+ * ag_exec_user, and ag_exec_end. Each
  * returns 0 or what is wrong (answered with EINVAL on the request).
  */
 struct ag_exec {
     uint32_t flags, timeout_ms, argc, envc;
+    int user; /* EXEC_USER: ag_exec_user reads uid, gid, groups after env */
     const uint8_t *cwd; /* not NUL-terminated; cwd_len 0 = the agent's */
     uint32_t cwd_len;
     int shell;
@@ -341,9 +355,10 @@ static inline int ag_exec_begin(struct ag_exec *e, const uint8_t *p, uint32_t le
     e->cwd = ag_rd_bytes(&e->r, &e->cwd_len);
     if (e->r.bad)
         return ag_problem(why, "EXEC payload too short (%u bytes)", len, 0, 0);
-    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL))
+    if (e->flags & ~(EXEC_STDIN | EXEC_SHELL | EXEC_USER))
         return ag_problem(why, "EXEC flags " AG_HEX ": unknown bits", e->flags, 0, 0);
     e->shell = (e->flags & EXEC_SHELL) != 0;
+    e->user = (e->flags & EXEC_USER) != 0;
     /* each entry takes at least its 4-byte length: bounds the counts before anything is sized */
     uint64_t left = ag_rd_left(&e->r);
     if (e->argc < 1 || (e->shell && e->argc != 1) || (uint64_t)e->argc * 4 > left)
@@ -376,6 +391,25 @@ static inline const char *ag_exec_env(struct ag_exec *e, const uint8_t **s, uint
     return 0;
 }
 
+/*
+ * With EXEC_USER, after env: u32 uid, u32 gid, u32 ngroups (<= AG_MAX_GROUPS),
+ * ngroups x u32 supplementary gids, stored in `groups` (room for AG_MAX_GROUPS).
+ */
+static inline const char *ag_exec_user(struct ag_exec *e, uint32_t *uid, uint32_t *gid,
+                                       uint32_t *ngroups, uint32_t *groups)
+{
+    *uid = ag_rd_u32(&e->r);
+    *gid = ag_rd_u32(&e->r);
+    *ngroups = ag_rd_u32(&e->r);
+    if (e->r.bad)
+        return "EXEC_USER fields run past the payload";
+    if (*ngroups > AG_MAX_GROUPS || (uint64_t)*ngroups * 4 > ag_rd_left(&e->r))
+        return "EXEC_USER ngroups is invalid";
+    for (uint32_t i = 0; i < *ngroups; i++)
+        groups[i] = ag_rd_u32(&e->r);
+    return 0;
+}
+
 static inline const char *ag_exec_end(const struct ag_exec *e)
 {
     return ag_rd_left(&e->r) ? "trailing bytes after env" : 0;
@@ -405,16 +439,62 @@ static inline int ag_put_file_bad(struct ag_put_file *f, const uint8_t *p, uint3
     return 0;
 }
 
+/* SEED (§4): flags, the wall clock to set (0 = leave it), then 1..AG_MAX_SEED seed bytes. */
+struct ag_seed {
+    uint32_t flags;
+    uint64_t wall_ns;
+    const uint8_t *seed;
+    uint32_t seed_len;
+};
+
+static inline int ag_seed_bad(struct ag_seed *s, const uint8_t *p, uint32_t len,
+                              struct ag_problem *why)
+{
+    if (len < 13 || len > 12 + AG_MAX_SEED)
+        return ag_problem(why, "SEED payload of %u bytes (13..%u)", len, 12 + AG_MAX_SEED, 0);
+    s->flags = ld32(p);
+    s->wall_ns = ld64(p + 4);
+    s->seed = p + 12;
+    s->seed_len = len - 12;
+    if (s->flags & ~SEED_RESEED)
+        return ag_problem(why, "SEED flags " AG_HEX ": unknown bits", s->flags, 0, 0);
+    return 0;
+}
+
+/*
+ * splitmix64: how both agents turn a seed into numbers (the microguest's `rand`
+ * builtin, the Linux agent's per-command $RANDOM seeds). Fixed here so a seed
+ * means the same sequence in every agent and in tests/agent_peer.py.
+ */
+static inline uint64_t ag_splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The 64-bit state a SEED's bytes give: FNV-1a over them, then one splitmix step. */
+static inline uint64_t ag_seed_state(const uint8_t *seed, uint32_t n)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ seed[i]) * 0x100000001B3ull;
+    return ag_splitmix64(&h);
+}
+
 /* A request's payload, as far as the protocol judges it (each kind in its member). */
 struct ag_request {
     struct ag_exec exec;    /* EXEC: argv and env still to be read */
     struct ag_put_file put; /* PUT_FILE */
     const uint8_t *path;    /* GET_FILE: the whole payload, not NUL-terminated */
+    struct ag_seed seed;    /* SEED */
+    uint32_t port;          /* TCP_CONNECT */
 };
 
 /*
  * The payload of a frame that opens a request (PING, EXEC, PUT_FILE,
- * GET_FILE), checked: a bad one is answered with EINVAL on that request and
+ * GET_FILE, SEED), checked: a bad one is answered with EINVAL on that request and
  * the connection lives on.
  */
 static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
@@ -433,6 +513,14 @@ static inline int ag_request_bad(const struct ag_header *h, const uint8_t *p,
         req->path = p;
         return !h->len || ag_has_nul(p, h->len) ? ag_problem(why, "GET_FILE: bad path", 0, 0, 0)
                                                 : 0;
+    case MSG_SEED:
+        return ag_seed_bad(&req->seed, p, h->len, why);
+    case MSG_TCP_CONNECT:
+        req->port = h->len == 4 ? ld32(p) : 0;
+        return req->port >= 1 && req->port <= 65535
+                   ? 0
+                   : ag_problem(why, "TCP_CONNECT: %u payload bytes, port %u (want u32 1..65535)",
+                                h->len, req->port, 0);
     default:
         return 0;
     }

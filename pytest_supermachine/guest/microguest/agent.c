@@ -120,7 +120,7 @@ static int protocol_error(struct vs_conn *c, const struct ag_problem *why)
 
 static uint32_t hello_payload(uint8_t *p)
 {
-    return ag_hello_store(p, AG_CAP_ALL, AG_MAX_FRAME, AG_MAX_INFLIGHT, MG_AGENT_SOFTWARE);
+    return ag_hello_store(p, AG_CAP_ALL | AG_CAP_SEED, AG_MAX_FRAME, AG_MAX_INFLIGHT, MG_AGENT_SOFTWARE);
 }
 
 /* ------------------------------------------------------------ connections -- */
@@ -328,6 +328,8 @@ static void handle_exec(struct vs_conn *c, uint32_t rid, struct ag_exec *x)
         else if (t->envc >= TASK_MAX_ENV || !(t->env[t->envc++] = arg_copy(t, &used, e, n)))
             err = E_2BIG, why = "environment too large";
     }
+    if (!err && x->user) /* it has no users (and does not announce AG_CAP_USER) */
+        err = E_INVAL, why = "EXEC_USER: the microguest has no users to run a command as";
     const char *trailing = err ? 0 : ag_exec_end(x);
     if (trailing)
         err = E_INVAL, why = trailing;
@@ -444,6 +446,13 @@ static int handle_frame(struct vs_conn *c, const struct ag_header *h, const uint
         return FRAME_DONE;
     case MSG_GET_FILE:
         handle_get(c, rid, req.path, len);
+        return FRAME_DONE;
+    case MSG_SEED: /* no kernel RNG here: the seed is the `rand` builtin's state */
+        builtins_seed(req.seed.seed, req.seed.seed_len, req.seed.wall_ns);
+        agent_put_frame(c, MSG_OK, rid, 0, 0);
+        return FRAME_DONE;
+    case MSG_TCP_CONNECT: /* it does not announce AG_CAP_TCP; a host that asks anyway hears why */
+        send_error(c, rid, E_NOSYS, "the microguest has no TCP/IP stack (port %u)", req.port);
         return FRAME_DONE;
     case MSG_STDIN:
         t = task_find(c, rid);

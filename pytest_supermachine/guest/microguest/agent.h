@@ -29,6 +29,7 @@
 #define E_FBIG 27
 #define E_NOSPC 28
 #define E_NAMETOOLONG 36
+#define E_NOSYS 38
 #define E_PROTO 71
 
 /* ------------------------------------------------------------ helpers -- */
@@ -267,6 +268,8 @@ task_fn builtin_find(const char *name, int *reads_stdin);
 int builtin_get_file(struct task *t); /* GET_FILE streaming */
 int builtin_not_found(struct task *t);
 void builtins_init(const struct sm_boot_info *bi, uint64_t scratch, uint64_t scratch_pages);
+/* SEED: the `rand` builtin's generator state, and the host's wall clock (0: none given). */
+void builtins_seed(const uint8_t *seed, uint32_t len, uint64_t wall_ns);
 
 /* -------------------------------------------------------------- files -- */
 

@@ -130,6 +130,50 @@ static int cmd_signal(struct task *t)
     return 0;
 }
 
+/*
+ * The guest's randomness: one splitmix64 generator (agent_protocol.h), its
+ * state set by SEED. Before any SEED it is what the guest booted with, so a
+ * VM restored or reset from a snapshot repeats the snapshot's sequence; the
+ * plugin seeds every handout, so each test has its own, reproducible one.
+ */
+static uint64_t rng_state = 0x5eed5eed5eed5eedull;
+static uint64_t wall_ns_at_seed, tsc_at_seed;
+
+void builtins_seed(const uint8_t *seed, uint32_t len, uint64_t wall_ns)
+{
+    rng_state = ag_seed_state(seed, len);
+    if (wall_ns) {
+        wall_ns_at_seed = wall_ns;
+        tsc_at_seed = ag_rdtsc();
+    }
+}
+
+static int cmd_rand(struct task *t)
+{
+    uint64_t n = 1;
+    if (t->argc > 1 && num_arg(t, 1, &n) < 0)
+        return 2;
+    if (n < 1 || n > 64)
+        return usage(t, "count must be 1..64");
+    static const char digits[] = "0123456789abcdef";
+    char line[17 * 64];
+    uint32_t k = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t v = ag_splitmix64(&rng_state);
+        for (int d = 15; d >= 0; d--)
+            line[k++] = digits[(v >> (4 * d)) & 15];
+        line[k++] = '\n';
+    }
+    return task_out(t, MSG_STDOUT, line, k) < 0 ? 1 : 0;
+}
+
+/* The wall clock SEED set, advanced by the TSC since: ns since the epoch (0: never set). */
+static int cmd_clock(struct task *t)
+{
+    uint64_t ns = wall_ns_at_seed ? wall_ns_at_seed + ag_tsc_to_ns(ag_rdtsc() - tsc_at_seed) : 0;
+    return task_printf(t, MSG_STDOUT, "%lu\n", ns) < 0 ? 1 : 0;
+}
+
 static int cmd_sleep(struct task *t)
 {
     uint64_t ms;
@@ -460,6 +504,8 @@ static const struct builtin builtins[] = {
     {"signal", cmd_signal, 0, "N: end as if killed by signal N"},
     {"cat", cmd_cat, 1, "[PATH...]: files (or stdin) to stdout"},
     {"write", cmd_write, 1, "PATH: stdin into a file"},
+    {"rand", cmd_rand, 0, "[N]: N (1..64) numbers of the seeded generator, 16 hex digits a line"},
+    {"clock", cmd_clock, 0, ": the wall clock the last SEED set, in ns (0: none)"},
     {"sleep", cmd_sleep, 0, "MS: wait MS milliseconds (halted; KILL/timeout end it)"},
     {"emit", cmd_emit, 0, "N: N bytes 0,1,..,255,0,.. on stdout"},
     {"dirty", cmd_dirty, 0, "PAGES: write one byte in each of PAGES scratch pages"},

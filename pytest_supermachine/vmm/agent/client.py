@@ -55,6 +55,8 @@ from .messages import (
     Pong,
     PutFile,
     Ready,
+    RunAs,
+    Seed,
     Stderr,
     Stdout,
     decode_message,
@@ -73,9 +75,11 @@ from .protocol import (
     CAP_EXEC,
     CAP_FILES,
     CAP_KILL,
+    CAP_SEED,
     CAP_SHELL,
     CAP_STDIN,
     CAP_TIMEOUT,
+    CAP_USER,
     MAX_FRAME,
     MIN_FRAME,
     PROTOCOL_VERSION,
@@ -166,6 +170,7 @@ class AgentClient:
         self._next_id = 1
         self.agent: Hello = Hello(max_inflight=1, max_frame=MIN_FRAME, software=b"(no handshake)")
         self._slots = threading.BoundedSemaphore(1)
+        self._handshaken = False
         if handshake:
             self.handshake()
 
@@ -204,6 +209,57 @@ class AgentClient:
             self._fail(AgentProtocolError, "the agent's HELLO announces max_inflight 0")
         self.agent = msg
         self._slots = threading.BoundedSemaphore(msg.max_inflight)
+        self._handshaken = True
+
+    def session_state(self) -> dict[str, object] | None:
+        """What `resume_session` needs to continue this connection elsewhere, or None.
+
+        None unless the client is between exchanges: handshaken, not failed, no
+        request open, nothing half-read and nothing unread on the socket. The state
+        is the agent's HELLO and the next request id: the guest keeps the rest of the
+        session (its own side) in its RAM.
+        """
+        with self._cv:
+            if (
+                self._failed is not None
+                or self._requests
+                or self._reading
+                or self._decoder.buffered
+                or not self._handshaken
+            ):
+                return None
+            try:
+                self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return None
+            else:
+                return None  # bytes (or EOF) nobody has read
+            return {"hello": self.agent.encode_payload(), "next_id": self._next_id}
+
+    def resume_session(self, state: dict[str, object]) -> None:
+        """Continue a session from `session_state()` instead of a handshake.
+
+        The socket must be the same connection as the guest sees it (a carried vsock
+        connection restored with the guest's RAM). Raises `AgentProtocolError` for a
+        state `session_state` could not have produced.
+        """
+        hello, next_id = state.get("hello"), state.get("next_id")
+        if not isinstance(hello, bytes) or type(next_id) is not int:
+            raise AgentProtocolError(f"an agent session state of {sorted(state)}")
+        if not 1 <= next_id <= 0xFFFFFFFF:
+            raise AgentProtocolError(f"an agent session's next request id {next_id}")
+        msg = Hello.decode(hello)
+        if msg.version != PROTOCOL_VERSION or msg.max_inflight < 1:
+            raise AgentProtocolError(
+                f"an agent session of protocol version {msg.version}, "
+                f"max_inflight {msg.max_inflight}"
+            )
+        self.agent = msg
+        self._slots = threading.BoundedSemaphore(msg.max_inflight)
+        self._next_id = next_id
+        self._handshaken = True
 
     def close(self) -> None:
         """Close the connection; calls in progress fail with AgentError."""
@@ -240,6 +296,19 @@ class AgentClient:
                 self._fail(AgentProtocolError, f"PING answered with {msg!r}")
         return time.perf_counter() - start
 
+    def seed(
+        self, seed: bytes, wall_ns: int = 0, *, reseed: bool = False, timeout: float | None = None
+    ) -> None:
+        """Send SEED: the agent mixes ``seed`` into the guest's randomness and sets its clock.
+
+        ``wall_ns`` (nanoseconds since the epoch; 0 leaves the clock alone) becomes the
+        guest's ``CLOCK_REALTIME``. Returns once the agent has applied both, so every
+        later request sees them. `AgentError` if the agent has no `CAP_SEED`.
+        """
+        self._require(CAP_SEED, "seeding its randomness")
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
+        self._file_request(Seed(bytes(seed), wall_ns, reseed), "seed the guest", deadline)
+
     def run(
         self,
         cmd: Command,
@@ -252,6 +321,7 @@ class AgentClient:
         stdout: OutputSink | None = None,
         stderr: OutputSink | None = None,
         output_limit: int | DefaultLimit | None = DEFAULT,
+        user: RunAs | None = None,
     ) -> RunResult:
         """Run a command in the guest and wait for it.
 
@@ -275,6 +345,10 @@ class AgentClient:
         there, chunk by chunk as it arrives, instead of keeping it (no limit
         applies; the result's field is empty). If a sink raises, the command is
         killed and the exception propagates.
+
+        ``user`` runs the command with that uid, gid and supplementary groups
+        instead of the agent's own (root); an agent without `CAP_USER` (the
+        microguest) is refused before anything is sent.
         """
         shell = isinstance(cmd, (str, bytes))
         argv = (_fs(cmd),) if shell else tuple(_fs(a) for a in cmd)  # type: ignore[union-attr]
@@ -298,6 +372,8 @@ class AgentClient:
             self._require(CAP_ENV, "environment variables")
         if cwd is not None:
             self._require(CAP_CWD, "a working directory")
+        if user is not None:
+            self._require(CAP_USER, "running a command as another user")
         explicit = timeout is not None
         timeout = check_run_timeout(self.run_timeout if timeout is None else timeout)
         timeout_ms = 0
@@ -312,6 +388,7 @@ class AgentClient:
             timeout_ms,
             stdin is not None,
             shell,
+            user,
         )
         shown = repr(cmd if shell else list(cmd))  # type: ignore[arg-type]
         if len(shown) > 200:  # error messages name the command, not a megabyte of it

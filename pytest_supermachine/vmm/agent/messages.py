@@ -14,18 +14,24 @@ from typing import ClassVar
 from .errors import AgentProtocolError
 from .protocol import (
     CAP_ALL,
+    CAP_SEED,
+    CAP_USER,
     EXEC_SHELL,
     EXEC_STDIN,
+    EXEC_USER,
     EXIT_SIGNALED,
     EXIT_TIMED_OUT,
     FILE_MORE,
     MAGIC,
     MAX_FRAME,
+    MAX_GROUPS,
     MAX_PING,
+    MAX_SEED,
     MAX_SOFTWARE,
     MIN_FRAME,
     PROTOCOL_VERSION,
     PUT_APPEND,
+    SEED_RESEED,
     SIGKILL,
     Frame,
     MsgType,
@@ -128,7 +134,7 @@ class Hello(Message):
 
     TYPE: ClassVar[int] = MsgType.HELLO
     version: int = PROTOCOL_VERSION
-    capabilities: int = CAP_ALL
+    capabilities: int = CAP_ALL | CAP_USER | CAP_SEED
     max_frame: int = MAX_FRAME
     max_inflight: int = 0
     software: bytes = b""
@@ -228,8 +234,28 @@ class Error(Message):
 
 
 @dataclass(frozen=True)
+class RunAs:
+    """Whom a command runs as (EXEC_USER): uid, primary gid, supplementary gids."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, value in (
+            ("uid", self.uid),
+            ("gid", self.gid),
+            *(("group", g) for g in self.groups),
+        ):
+            if not 0 <= value < 0xFFFFFFFF:  # 2**32-1 is (uid_t)-1, "no change" to the kernel
+                raise ValueError(f"{what} {value} is not a valid Linux id")
+        if len(self.groups) > MAX_GROUPS:
+            raise ValueError(f"{len(self.groups)} supplementary groups, at most {MAX_GROUPS}")
+
+
+@dataclass(frozen=True)
 class Exec(Message):
-    """Start a command (§4 EXEC)."""
+    """Start a command (§4 EXEC); with `user`, as that user (EXEC_USER, after env)."""
 
     TYPE: ClassVar[int] = MsgType.EXEC
     argv: tuple[bytes, ...] = ()
@@ -238,33 +264,52 @@ class Exec(Message):
     timeout_ms: int = 0
     stdin: bool = False
     shell: bool = False
+    user: RunAs | None = None
 
     def encode_payload(self) -> bytes:
-        flags = (EXEC_STDIN if self.stdin else 0) | (EXEC_SHELL if self.shell else 0)
+        flags = (
+            (EXEC_STDIN if self.stdin else 0)
+            | (EXEC_SHELL if self.shell else 0)
+            | (EXEC_USER if self.user is not None else 0)
+        )
         if not self.argv or (self.shell and len(self.argv) != 1):
             raise AgentProtocolError("EXEC needs argv (exactly one command line with shell)")
         parts = [_u32(flags), _u32(self.timeout_ms), _u32(len(self.argv)), _u32(len(self.env))]
         parts.append(_bstr(_cstring(self.cwd, "cwd")))
         parts += [_bstr(_cstring(a, "argv entry")) for a in self.argv]
         parts += [_bstr(_env_entry(e)) for e in self.env]
+        if self.user is not None:
+            u = self.user
+            parts += [_u32(u.uid), _u32(u.gid), _u32(len(u.groups)), *map(_u32, u.groups)]
         return b"".join(parts)
 
     @classmethod
     def decode(cls, payload: bytes) -> Exec:
         r = _Reader(payload, "EXEC")
         flags, timeout_ms = r.u32(), r.u32()
-        if flags & ~(EXEC_STDIN | EXEC_SHELL):
+        if flags & ~(EXEC_STDIN | EXEC_SHELL | EXEC_USER):
             raise AgentProtocolError(f"EXEC: unknown flags {flags:#x}")
         argc = r.count("argc")
         envc = r.count("envc")
         cwd = _cstring(r.bytes_(), "cwd")
         argv = tuple(_cstring(r.bytes_(), "argv entry") for _ in range(argc))
         env = tuple(_env_entry(r.bytes_()) for _ in range(envc))
+        user = None
+        if flags & EXEC_USER:
+            uid, gid = r.u32(), r.u32()
+            ngroups = r.count("ngroups")
+            if ngroups > MAX_GROUPS:
+                raise AgentProtocolError(f"EXEC: {ngroups} groups, at most {MAX_GROUPS}")
+            groups = tuple(r.u32() for _ in range(ngroups))
+            try:
+                user = RunAs(uid, gid, groups)
+            except ValueError as e:
+                raise AgentProtocolError(f"EXEC: {e}") from None
         r.end()
         shell = bool(flags & EXEC_SHELL)
         if argc < 1 or (shell and argc != 1):
             raise AgentProtocolError(f"EXEC: argc {argc} is invalid (shell={shell})")
-        return cls(argv, env, cwd, timeout_ms, bool(flags & EXEC_STDIN), shell)
+        return cls(argv, env, cwd, timeout_ms, bool(flags & EXEC_STDIN), shell, user)
 
 
 @dataclass(frozen=True)
@@ -398,6 +443,59 @@ class FileData(Message):
         return cls(r.rest(), bool(flags & FILE_MORE))
 
 
+@dataclass(frozen=True)
+class Seed(Message):
+    """SEED: the per-test seed the agent mixes into the guest's randomness, and the wall clock.
+
+    ``wall_ns`` 0 leaves the guest clock alone; ``reseed`` asks the Linux agent to make
+    the kernel reseed its CRNG too (for a host that could not set the CRNG itself).
+    """
+
+    TYPE: ClassVar[int] = MsgType.SEED
+    seed: bytes = b"\0"
+    wall_ns: int = 0
+    reseed: bool = False
+
+    _FIXED: ClassVar[struct.Struct] = struct.Struct("<IQ")
+
+    def encode_payload(self) -> bytes:
+        if not 1 <= len(self.seed) <= MAX_SEED:
+            raise ValueError(f"a seed is 1..{MAX_SEED} bytes, got {len(self.seed)}")
+        if not 0 <= self.wall_ns < 1 << 64:
+            raise ValueError(f"wall_ns {self.wall_ns} is not a u64")
+        flags = SEED_RESEED if self.reseed else 0
+        return self._FIXED.pack(flags, self.wall_ns) + self.seed
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Seed:
+        r = _Reader(payload, "SEED")
+        flags, wall_ns = r.u32(), r.u64()
+        seed = r.rest()
+        if flags & ~SEED_RESEED or not 1 <= len(seed) <= MAX_SEED:
+            raise AgentProtocolError(f"SEED: bad flags {flags:#x} or a {len(seed)}-byte seed")
+        return cls(seed, wall_ns, bool(flags & SEED_RESEED))
+
+
+@dataclass(frozen=True)
+class TcpConnect(Message):
+    """Turn this connection into a byte stream to the guest's 127.0.0.1:`port` (§4)."""
+
+    TYPE: ClassVar[int] = MsgType.TCP_CONNECT
+    port: int = 0
+
+    def encode_payload(self) -> bytes:
+        return _u32(self.port)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> TcpConnect:
+        r = _Reader(payload, "TCP_CONNECT")
+        port = r.u32()
+        r.end()
+        if not 1 <= port <= 65535:
+            raise AgentProtocolError(f"TCP_CONNECT: port {port} out of range")
+        return cls(port)
+
+
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -417,6 +515,8 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         PutFile,
         GetFile,
         FileData,
+        Seed,
+        TcpConnect,
     )
 }
 

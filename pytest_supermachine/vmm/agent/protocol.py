@@ -39,14 +39,23 @@ CAP_CWD = 1 << 4
 CAP_FILES = 1 << 5
 CAP_KILL = 1 << 6
 CAP_TIMEOUT = 1 << 7
-CAP_ALL = (1 << 8) - 1
+CAP_ALL = (1 << 8) - 1  # the base set every version-1 agent has
+CAP_USER = 1 << 8  # EXEC_USER: a command runs as a uid, gid and supplementary groups
+#: SEED (§4): a per-test seed and wall clock (both agents announce it).
+CAP_SEED = 1 << 10
+MAX_SEED = 256
+#: TCP_CONNECT: the connection becomes a byte stream to a guest TCP port (Linux agent only).
+CAP_TCP = 1 << 9
 
 EXEC_STDIN = 1 << 0
 EXEC_SHELL = 1 << 1
+EXEC_USER = 1 << 2
+MAX_GROUPS = 256  # supplementary groups one EXEC_USER may name
 EXIT_SIGNALED = 1 << 0
 EXIT_TIMED_OUT = 1 << 1
 PUT_APPEND = 1 << 0
 FILE_MORE = 1 << 0
+SEED_RESEED = 1 << 0
 
 SIGKILL = 9
 
@@ -70,9 +79,36 @@ class MsgType:
     PUT_FILE = 0x20
     GET_FILE = 0x21
     FILE_DATA = 0x22
+    SEED = 0x40
+    TCP_CONNECT = 0x41
 
 
 TYPE_NAMES = {v: k for k, v in vars(MsgType).items() if not k.startswith("_")}
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One splitmix64 step: (new state, output); ``ag_splitmix64`` in the C header.
+
+    How both agents turn a SEED into numbers (the microguest's ``rand`` built-in,
+    the Linux agent's per-command ``$RANDOM`` seeds), fixed so a seed means the same
+    sequence in every agent.
+    """
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def seed_state(seed: bytes) -> int:
+    """The 64-bit generator state a SEED's bytes give (``ag_seed_state``): FNV-1a, one splitmix step."""
+    h = 0xCBF29CE484222325
+    for byte in seed:
+        h = ((h ^ byte) * 0x100000001B3) & _MASK64
+    return splitmix64(h)[1]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@
 * doorbells: one `ioeventfd` per queue on QueueNotify (datamatch = queue index),
   so a guest kick is a cheap in-kernel signal, not an MMIO exit into Python;
 * interrupts: one `irqfd` per device on its IOAPIC line;
-* one event thread (`selectors`) reading the doorbells and the vsock muxer's
-  host-side readiness, and calling the transports;
+* one event thread (`selectors`) reading the doorbells, the vsock muxer's
+  host-side readiness and the NIC's frames-from-the-network fd, and calling
+  the transports (the NIC's network, libslirp, polls its sockets in a thread
+  of its own: see `devices/virtio/net/slirp.py`);
 * state: device sections for snapshots, restore (chains applied in order so a
   disk's overlay is rebuilt base first), and in-place reset;
 * `quiesced()`: holds the event thread still while the machine is captured or
@@ -35,10 +37,14 @@ from ..boot import BootDevice
 from ..memory import GuestMemory
 from ..snapshot.errors import SnapshotInvalid
 from .mmio_bus import MmioBus
+from .virtio.balloon import PageDiscarder, VirtioBalloon
 from .virtio.blk import VirtioBlock
 from .virtio.device import DeviceStateError
 from .virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport
+from .virtio.net import VirtioNet
+from .virtio.net.wiring import DEFAULT_MAC, build_nic
 from .virtio.vsock import VirtioVsock
+from .virtio.vsock.device import carried_connections
 
 if TYPE_CHECKING:
     from ..kvm import Vm
@@ -67,16 +73,67 @@ class DiskSpec:
     """The image's content digest: snapshots record it and find the image by it."""
 
 
-DeviceSpec = VsockSpec | DiskSpec
+@dataclass(frozen=True)
+class BalloonSpec:
+    """A virtio-balloon device: `Machine.balloon` sizes it; `reporting` offers free page
+    reporting (the guest hands freed memory back to the host); `deflate_on_oom` lets a
+    guest under memory pressure take ballooned pages back (else it shrinks for real)."""
+
+    reporting: bool = True
+    deflate_on_oom: bool = False
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A virtio-net card behind a libslirp network (no root, no tap), egress filtered on the host.
+
+    `allow` is the egress allow-list (``host:port`` / ``cidr:port`` patterns,
+    see `virtio.net.policy`); None lets the guest reach anything the host
+    reaches. The policy is part of the machine's snapshot: a restored machine
+    gets exactly the egress its snapshot was made with.
+    """
+
+    allow: tuple[str, ...] | None = None
+    mac: str = DEFAULT_MAC
+
+    @classmethod
+    def from_setting(cls, network: bool | Sequence[str] | NetSpec | None) -> NetSpec | None:
+        """``network=`` as a user writes it: False/None (no NIC), True (anything), a list."""
+        if isinstance(network, NetSpec):
+            return network
+        if network is None or network is False:
+            return None
+        if network is True:
+            return cls()
+        if isinstance(network, (str, bytes)) or not isinstance(network, Sequence):
+            raise MachineError(
+                f"network= must be False, True or a list of 'host:port' patterns, got {network!r}"
+            )
+        return cls(allow=tuple(network))
+
+
+DeviceSpec = VsockSpec | DiskSpec | BalloonSpec | NetSpec
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (VsockSpec, "vsock"),
+    (DiskSpec, "disk"),
+    (BalloonSpec, "balloon"),
+    (NetSpec, "net"),
+)
+
+
+def spec_kind(spec: DeviceSpec) -> str:
+    """The device kind as snapshots name it."""
+    return next(kind for cls, kind in _KINDS if isinstance(spec, cls))
 
 
 def spec_to_dict(spec: DeviceSpec) -> dict[str, Any]:
-    return {"kind": "vsock" if isinstance(spec, VsockSpec) else "disk", **asdict(spec)}
+    return {"kind": spec_kind(spec), **asdict(spec)}
 
 
 def device_section(index: int, spec: DeviceSpec) -> str:
     """The snapshot section holding the state of the device in slot `index`."""
-    return f"device/{index}-{'vsock' if isinstance(spec, VsockSpec) else 'disk'}"
+    return f"device/{index}-{spec_kind(spec)}"
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
@@ -85,6 +142,11 @@ def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
         return VsockSpec(**fields)
     if data.get("kind") == "disk":
         return DiskSpec(**fields)
+    if data.get("kind") == "balloon":
+        return BalloonSpec(**fields)
+    if data.get("kind") == "net":
+        allow = fields.get("allow")
+        return NetSpec(**{**fields, "allow": None if allow is None else tuple(allow)})
     raise MachineError(f"snapshot names an unknown device kind {data.get('kind')!r}")
 
 
@@ -92,7 +154,8 @@ def spec_from_dict(data: Mapping[str, Any]) -> DeviceSpec:
 
 #: What devices put in a snapshot and expect back; snapshot keys cover it, so a change in
 #: what restore relies on rebuilds cached snapshots. 2: vsock carries its next host port.
-DEVICE_STATE_FORMAT = 2
+#: 3: vsock records its connections (the agent's carried across restore and reset).
+DEVICE_STATE_FORMAT = 3
 
 _BLOB_HEADER = struct.Struct("<I")
 
@@ -185,8 +248,21 @@ class AttachedDevice:
 class DeviceHub:
     """Creates, wires, serves and snapshots the virtio devices of one machine."""
 
-    def __init__(self, vm: Vm, memory: GuestMemory, mmio: MmioBus, specs: Sequence[DeviceSpec]):
+    def __init__(
+        self,
+        vm: Vm,
+        memory: GuestMemory,
+        mmio: MmioBus,
+        specs: Sequence[DeviceSpec],
+        *,
+        discarder: PageDiscarder | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        """`discarder`: how a balloon gives guest pages back (None: straight onto `memory`);
+        `log`: where devices report what the VM's user must see (a refused connection)."""
         self._vm = vm
+        self._discarder = discarder
+        self._log = log
         self.devices: list[AttachedDevice] = []
         self._activity = threading.RLock()
         self._selector = selectors.DefaultSelector()
@@ -207,8 +283,17 @@ class DeviceHub:
     def _attach(
         self, slot: layout.DeviceSlot, spec: DeviceSpec, memory: GuestMemory, mmio: MmioBus
     ) -> None:
+        device: VirtioVsock | VirtioBlock | VirtioBalloon | VirtioNet
         if isinstance(spec, VsockSpec):
-            device: VirtioVsock | VirtioBlock = VirtioVsock(guest_cid=spec.guest_cid)
+            device = VirtioVsock(guest_cid=spec.guest_cid)
+        elif isinstance(spec, BalloonSpec):
+            device = VirtioBalloon(
+                reporting=spec.reporting,
+                deflate_on_oom=spec.deflate_on_oom,
+                discarder=self._discarder,
+            )
+        elif isinstance(spec, NetSpec):
+            device = build_nic(spec.allow, mac=spec.mac, on_refusal=self._log)
         else:
             device = VirtioBlock(
                 spec.path, size=spec.size, read_only=spec.read_only, serial=spec.serial
@@ -225,7 +310,7 @@ class DeviceHub:
             self._selector.register(
                 bell, selectors.EVENT_READ, (True, lambda t=transport, q=queue: t.notify(q))
             )
-        if isinstance(device, VirtioVsock):  # the muxer drains its own wake-up fd
+        if isinstance(device, (VirtioVsock, VirtioNet)):  # each drains its own wake-up fd
             self._selector.register(
                 device.fileno(),
                 selectors.EVENT_READ,
@@ -291,6 +376,20 @@ class DeviceHub:
             raise MachineError("this machine has no vsock device (MachineConfig.vsock=False)")
         return found[0]
 
+    def balloon(self) -> tuple[VirtioBalloon, VirtioMmioTransport]:
+        """The balloon device and its transport (`MachineError` if the machine has none)."""
+        for d in self.devices:
+            if isinstance(d.transport.device, VirtioBalloon):
+                return d.transport.device, d.transport
+        raise MachineError("this machine has no balloon device (MachineConfig.balloon=None)")
+
+    def nic(self) -> VirtioNet:
+        """The machine's network card; `MachineError` if it has none (``network=False``)."""
+        for d in self.devices:
+            if isinstance(d.transport.device, VirtioNet):
+                return d.transport.device
+        raise MachineError("this machine has no network card (network=False)")
+
     def _transport_of(self, device: object) -> VirtioMmioTransport:
         for d in self.devices:
             if d.transport.device is device:
@@ -355,20 +454,29 @@ class DeviceHub:
                 device = d.transport.device
                 if isinstance(device, VirtioBlock):
                     self._disk_marks[d.slot.index] = device.mark()
-                self._leaf_states[d.section] = states[-1]  # vsock: restore tells the guest
+                if isinstance(device, VirtioNet):
+                    device.reset_connections()  # the network behind it starts afresh
+                self._leaf_states[d.section] = states[-1]  # vsock: its connections, for reset
 
     def reset(self) -> None:
         """Return every device to the state it had at restore (disk blocks written since dropped)."""
         with self._activity:
             for d in self.devices:
                 state = dict(self._leaf_states[d.section])
-                state.pop("device", None)  # keep content; roll disks back by mark instead
                 device = d.transport.device
+                # the balloon's state is all state; the NIC's is its MAC and open flows
+                if not isinstance(device, (VirtioBalloon, VirtioNet)):
+                    state.pop("device", None)  # keep content; roll disks back by mark instead
                 if isinstance(device, VirtioBlock):
                     device.discard_to(self._disk_marks[d.slot.index])
                 d.transport.restore_state(state)
                 if isinstance(device, VirtioVsock):
-                    device.transport_reset()
+                    recorded = self._leaf_states[d.section].get("device")
+                    device.rewind_connections(
+                        carried_connections(recorded) if isinstance(recorded, dict) else None
+                    )
+                if isinstance(device, VirtioNet):
+                    device.reset_connections()
 
     # ------------------------------------------------------------------ teardown
 

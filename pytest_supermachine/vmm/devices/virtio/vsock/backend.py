@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Protocol
 
+from .carried import CarriedConnection, CarriedState, OwnerState
 from .connection import PendingConnection
 from .listener import VsockListener
 from .packet import VsockPacket
@@ -79,6 +80,23 @@ class VsockBackend(Protocol):
 
     def close(self) -> None:
         """Release every host resource; the backend is unusable afterwards."""
+        ...
+
+    # -- connections that are part of the machine's state (carried.py) -------------------------
+    def carry(self, host_port: int, guest_port: int, owner: OwnerState) -> None:
+        """Snapshots record this live connection while it is quiet and ``owner()`` has a state."""
+        ...
+
+    def capture_connections(self) -> tuple[list[CarriedState], list[tuple[int, int]]]:
+        """The quiet carried connections, and the (host, guest) ports of every other live one."""
+        ...
+
+    def restore_connections(self, states: list[CarriedState], stale: list[tuple[int, int]]) -> None:
+        """Drop every connection, continue `states`, reset (RST to the guest) `stale` ones."""
+        ...
+
+    def take_carried(self) -> list[CarriedConnection]:
+        """The carried connections restored since the last call: their owners' socket ends."""
         ...
 
     # -- the host API the device forwards ------------------------------------------------------

@@ -62,6 +62,7 @@ from ..device import (
 )
 from ..queue import DescriptorChain, VirtQueue, VirtQueueError
 from .backend import VsockBackend
+from .carried import CarriedConnection, CarriedState, OwnerState, port_pair
 from .connection import PendingConnection
 from .listener import VsockListener
 from .muxer import EPHEMERAL_FIRST, VsockMuxer
@@ -135,6 +136,14 @@ class VirtioVsock(VirtioDevice):
         """Release host resources (epoll fd, sockets); the device is unusable afterwards."""
         self.backend.close()
 
+    def carry(self, host_port: int, guest_port: int, owner: OwnerState) -> None:
+        """Make a live connection part of the machine's state; see `VsockBackend.carry`."""
+        self.backend.carry(host_port, guest_port, owner)
+
+    def take_carried(self) -> list[CarriedConnection]:
+        """Carried connections brought back by the last restore or reset (owners' ends)."""
+        return self.backend.take_carried()
+
     # -- negotiation and config ------------------------------------------------------
     def device_features(self) -> int:
         return 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
@@ -162,13 +171,20 @@ class VirtioVsock(VirtioDevice):
         st = super().state()
         st["guest_cid"] = self.guest_cid
         st["next_host_port"] = self.backend.next_host_port
+        kept, stale = self.backend.capture_connections()
+        st["carried"] = [c.to_dict() for c in kept]
+        st["stale"] = [list(key) for key in stale]
         return st
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        """Load `state()`. Connections are not part of it: the guest is told with a
-        TRANSPORT_RESET event (at the next opportunity) to forget the ones it had.
+        """Load `state()`: the guest's connections continue where the snapshot left them.
 
-        Until the guest has handled that event it still holds the connections of the
+        Carried connections (carried.py) are re-established on the host side with
+        their recorded counters, every other connection the guest holds is reset
+        with RST. A state from before connections were recorded (no ``carried``
+        key) tells the guest with a TRANSPORT_RESET event to forget all it had.
+
+        Until the guest has seen those resets it still holds the connections of the
         snapshot, so host ports carry on from the snapshot's: a new connection never
         lands on a stale one (the guest would answer its REQUEST with RST)."""
         super().restore_state(state)
@@ -183,11 +199,25 @@ class VirtioVsock(VirtioDevice):
                 f"next_host_port={saved_port!r} is not a host vsock port "
                 f"({EPHEMERAL_FIRST}..{U32_MASK - 1})"
             )
+        connections = carried_connections(state)
         self.guest_cid = cid
         self.backend.guest_cid = cid
         if saved_port > self.backend.next_host_port:
             self.backend.next_host_port = saved_port
-        self._reset_event_pending = True
+        self.rewind_connections(connections)
+
+    def rewind_connections(
+        self, connections: tuple[list[CarriedState], list[tuple[int, int]]] | None
+    ) -> None:
+        """Return the host side of the connections to a snapshot's (from `carried_connections`).
+
+        None (a snapshot that recorded none) falls back to `transport_reset`."""
+        if connections is None:
+            self.transport_reset()
+            return
+        self._reset_event_pending = False
+        self._reset_unacked_since = None
+        self.backend.restore_connections(*connections)
 
     def transport_reset(self) -> None:
         """Drop all connections and tell the guest (event queue) to drop its side too."""
@@ -330,4 +360,31 @@ class VirtioVsock(VirtioDevice):
         self.signal_used(queue)
 
 
-__all__ = ["MAX_GUEST_CID", "MIN_GUEST_CID", "QUEUE_SIZES", "RESET_ACK_TIMEOUT", "VirtioVsock"]
+def carried_connections(
+    state: dict[str, Any],
+) -> tuple[list[CarriedState], list[tuple[int, int]]] | None:
+    """The connections a device state records, checked; None if it records none."""
+    if "carried" not in state:
+        return None
+    kept, stale = state.get("carried"), state.get("stale")
+    if not isinstance(kept, list) or not isinstance(stale, list):
+        raise DeviceStateError("carried/stale connections are not lists")
+    try:
+        states = [CarriedState.from_dict(c) for c in kept]
+        ports = [port_pair(p) for p in stale]
+    except ValueError as e:
+        raise DeviceStateError(f"vsock connection: {e}") from None
+    keys = [(s.host_port, s.guest_port) for s in states] + ports
+    if len(set(keys)) != len(keys):
+        raise DeviceStateError("vsock connections recorded twice")
+    return states, ports
+
+
+__all__ = [
+    "MAX_GUEST_CID",
+    "MIN_GUEST_CID",
+    "QUEUE_SIZES",
+    "RESET_ACK_TIMEOUT",
+    "VirtioVsock",
+    "carried_connections",
+]

@@ -36,6 +36,8 @@ import threading
 import time
 from collections import deque
 
+from . import carried
+from .carried import CarriedConnection, CarriedState, OwnerState
 from .connection import ConnectionState, PendingConnection, VsockConnection
 from .errors import VsockConnectionRefused, VsockError
 from .listener import VsockListener
@@ -78,6 +80,10 @@ class VsockMuxer:
         self._starved = False
         self._next_port = EPHEMERAL_FIRST
         self._closed = False
+        #: Connections snapshots carry (see carried.py), with their owner's state callback.
+        self._carry: dict[VsockConnection, OwnerState] = {}
+        #: Carried connections brought back by `restore_connections`, not yet taken.
+        self._revived: list[CarriedConnection] = []
         #: Diagnostics: packets dropped (wrong CID), RSTs sent, credit violations.
         self.stats = {"dropped": 0, "rst_sent": 0, "credit_violations": 0}
 
@@ -171,6 +177,67 @@ class VsockMuxer:
             self._ready.clear()
             for listener in self._listeners.values():
                 listener.discard_queued()
+            for revived in self._revived:
+                revived.socket.close()
+            self._revived = []
+
+    # ------------------------------------------------------------------ carried connections
+
+    def carry(self, host_port: int, guest_port: int, owner: OwnerState) -> None:
+        """Make the live connection (host port, guest port) part of the machine's state.
+
+        Snapshots record it while it is quiet and ``owner()`` returns a state (see
+        carried.py); after restore the owner takes it back with `take_carried`.
+        Raises VsockError if no such connection is live.
+        """
+        with self._lock:
+            conn = self._conns.get((host_port, guest_port))
+            if conn is None:
+                raise VsockError(f"no live vsock connection host:{host_port} guest:{guest_port}")
+            self._carry[conn] = owner
+
+    def capture_connections(self) -> tuple[list[CarriedState], list[tuple[int, int]]]:
+        """The carried connections that are quiet now, and the ports of every other live one."""
+        with self._lock:
+            kept, stale = [], []
+            for conn in self._conns.values():
+                owner = self._carry.get(conn)
+                state = None if owner is None else carried.capture(conn, owner)
+                if state is not None:
+                    kept.append(state)
+                else:
+                    stale.append(conn.key)
+            return kept, stale
+
+    def restore_connections(self, states: list[CarriedState], stale: list[tuple[int, int]]) -> None:
+        """Forget every connection, then continue `states` and reset (RST) `stale` ones.
+
+        The guest's side of each is in the RAM restored with this state: carried ones
+        go on where they were (their owners `take_carried` the new host sockets), stale
+        ones are reset so the guest does not wait on a peer the host no longer has.
+        """
+        with self._lock:
+            self.drop_all()
+            for state in states:
+                ours, user = socket.socketpair()
+                ours.setblocking(False)
+                conn = carried.revive(state, ours, self._guest_cid)
+                self._register(conn)
+                self._settle(conn)
+                self._revived.append(
+                    CarriedConnection(user, state.host_port, state.guest_port, state.owner)
+                )
+            for host_port, guest_port in stale:
+                self._control.append(
+                    VsockPacket(HOST_CID, self._guest_cid, host_port, guest_port, OP_RST)
+                )
+        self._wake()
+
+    def take_carried(self) -> list[CarriedConnection]:
+        """The carried connections restored since the last call (their owners' ends)."""
+        with self._lock:
+            revived, self._revived = self._revived, []
+            return revived
 
     def rx_available(self) -> None:
         """The driver posted rx buffers."""
@@ -383,6 +450,7 @@ class VsockMuxer:
         if not self._is_live(conn):
             return
         del self._conns[conn.key]
+        self._carry.pop(conn, None)
         self._unregister_fd(conn)
         self._ready.pop(conn, None)
         conn.close(error)

@@ -1,0 +1,86 @@
+"""Replay repeats the Linux guest's randomness: ``/dev/urandom`` and busybox ``$RANDOM``.
+
+The plugin tier's other tests run on the microguest; these need the product's
+guest, because what they check is the kernel's CRNG (seeded by the host in guest
+RAM, images/kernel_rng.py) and busybox ash's ``$RANDOM`` (seeded by the agent per
+command). The base snapshot goes to the user cache dir, so only the first session
+pays the boot; each replay run is a restore, an agent connection and one exec.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from smhelpers import USER_CACHE, Project
+
+#: The guest command of each source of randomness.
+SOURCES = {
+    "urandom": "head -c 16 /dev/urandom | od -An -tx1",
+    "RANDOM": "echo $RANDOM $RANDOM $RANDOM",
+}
+
+#: Fails only when the guest prints what an earlier run of it printed (kept in a host
+#: file): the first run records its value and fails, so a replay fails exactly when the
+#: guest repeats that value.
+FAILS_ON_A_REPEATED_VALUE = """
+import json, pathlib
+
+SEEN = pathlib.Path(__file__).with_name("seen.json")
+
+def test_random(microvm):
+    value = microvm.run({command!r}, check=True).stdout.decode()
+    seen = json.loads(SEEN.read_text()) if SEEN.exists() else []
+    SEEN.write_text(json.dumps(seen + [value]))
+    assert seen and value not in seen, f"guest printed {{value!r}}"
+"""
+
+TWO_TESTS_READ_URANDOM = """
+import json, pathlib
+
+def record(name, vm):
+    path = pathlib.Path(__file__).with_name("drawn.json")
+    drawn = json.loads(path.read_text()) if path.exists() else {}
+    drawn[name] = vm.run("head -c 16 /dev/urandom | od -An -tx1", check=True).stdout.decode()
+    path.write_text(json.dumps(drawn))
+
+def test_one(microvm):
+    record("one", microvm)
+
+def test_two(microvm):
+    record("two", microvm)
+"""
+
+
+@pytest.fixture
+def linux_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    """A pytester project on the `linux` image, its snapshots in the user cache."""
+    project = Project(pytester, USER_CACHE, monkeypatch)
+    project.ini("supermachine_image = linux")
+    yield project
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_replay_repeats_the_linux_guests_random_values(linux_project: Project, source: str):
+    project = linux_project
+    project.write(
+        f"test_{source.lower()}_replay.py",
+        FAILS_ON_A_REPEATED_VALUE.format(command=SOURCES[source]),
+    )
+    project.run().assert_outcomes(failed=1)
+    [capsule] = project.capsules()
+    [vm] = project.manifest(capsule)["vms"]
+    assert vm["seed"]["applied"] == "kernel+agent"
+    result = project.cli("replay", str(capsule), "--runs", "5", timeout=900)
+    result.stdout.fnmatch_lines(["supermachine replay: 5/5 runs failed (reproduced)"])
+    first, *replays = json.loads((project.path / "seen.json").read_text())
+    assert replays == [first] * 5
+
+
+def test_two_tests_read_different_urandom_bytes(linux_project: Project):
+    project = linux_project
+    project.write("test_two_linux.py", TWO_TESTS_READ_URANDOM)
+    project.run("--supermachine-pool-size=1").assert_outcomes(passed=2)
+    drawn = json.loads((project.path / "drawn.json").read_text())
+    assert drawn["one"] != drawn["two"]

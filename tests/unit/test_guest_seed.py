@@ -1,0 +1,110 @@
+"""SEED on the wire, the per-handout seeds, and finding the kernel CRNG in a vmlinux."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_supermachine.images.kernel_rng import _elf_symbols, crng_key
+from pytest_supermachine.session.seed import GuestSeeds, handout_seed
+from pytest_supermachine.vmm import agent as P
+from tests.agent_peer import peer_pair
+
+
+def test_seed_payload_is_flags_wall_clock_then_the_seed():
+    payload = P.Seed(b"abc", wall_ns=5, reseed=True).encode_payload()
+    assert payload == struct.pack("<IQ", P.SEED_RESEED, 5) + b"abc"
+    assert P.Seed.decode(payload) == P.Seed(b"abc", 5, True)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        struct.pack("<IQ", 0, 1),  # no seed byte
+        struct.pack("<IQ", 0, 1) + b"x" * (P.MAX_SEED + 1),
+        struct.pack("<IQ", 2, 1) + b"x",  # unknown flag
+        b"\0" * 11,
+    ],
+)
+def test_a_malformed_seed_is_a_protocol_error(payload: bytes):
+    with pytest.raises(P.AgentProtocolError):
+        P.Seed.decode(payload)
+
+
+def test_client_seed_sets_the_agents_generator_and_clock():
+    host, peer = peer_pair()
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wall_ns=1_700_000_000_000_000_000)
+        first = client.run(["rand", "2"]).stdout
+        client.seed(b"per-test")
+        assert client.run(["rand", "2"]).stdout == first
+        client.seed(b"another test")
+        assert client.run(["rand", "2"]).stdout != first
+    assert peer.wall_ns == 1_700_000_000_000_000_000
+    peer.close()
+
+
+def test_client_seed_needs_the_capability():
+    host, peer = peer_pair(capabilities=P.CAP_ALL & ~P.CAP_SEED)
+    with P.AgentClient(host) as client, pytest.raises(P.AgentError, match="seeding"):
+        client.seed(b"x")
+    peer.close()
+
+
+def test_handout_seeds_differ_by_test_and_handout_and_repeat_for_the_same():
+    seeds = {
+        handout_seed(s, nodeid, i)
+        for s in (1, 2)
+        for nodeid in ("t.py::a", "t.py::b")
+        for i in (1, 2)
+    }
+    assert len(seeds) == 8
+    assert handout_seed(7, "t.py::a", 1) == handout_seed(7, "t.py::a", 1)
+
+
+def test_the_seed_option_wins_and_a_replay_uses_the_capsules_seed_and_clock():
+    assert GuestSeeds(None, option=5, session_id="s").session_seed == 5
+    capsule = {
+        "seeds": {"supermachine_seed": 42},
+        "vms": [{"seed": {"handout": 1, "wall_ns": 123}}],
+    }
+    replay = GuestSeeds(None, option=5, session_id="s", replay=capsule)
+    assert replay.session_seed == 42
+    assert replay.for_handout("t.py::a", 1).wall_ns == 123
+    assert replay.for_handout("t.py::a", 1).seed == handout_seed(42, "t.py::a", 1)
+
+
+def test_without_an_option_the_session_seed_follows_the_session_id():
+    a, b = (
+        GuestSeeds(None, option=None, session_id="x"),
+        GuestSeeds(None, option=None, session_id="x"),
+    )
+    assert a.session_seed == b.session_seed
+    assert a.source == "random (this session)"
+    assert GuestSeeds(None, option=None, session_id="y").session_seed != a.session_seed
+
+
+def test_crng_keys_are_32_bytes_and_differ_by_seed():
+    assert len(crng_key(b"a")) == 32
+    assert crng_key(b"a") != crng_key(b"b")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build an ELF")
+def test_symbols_are_read_from_the_elf_symbol_table(tmp_path: Path):
+    source = tmp_path / "s.c"
+    source.write_text(
+        "static long base_crng[6] = {1};\nlong jiffies;\nlong *p(void){return base_crng;}\n"
+    )
+    obj = tmp_path / "s.o"
+    subprocess.run(["gcc", "-c", "-O0", "-o", str(obj), str(source)], check=True)
+    nm = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
+    expected = {
+        line.split()[2]: int(line.split()[0], 16)
+        for line in nm.splitlines()
+        if line.split()[-1] in ("base_crng", "jiffies") and len(line.split()) == 3
+    }
+    assert _elf_symbols(obj, ("base_crng", "jiffies", "missing")) == expected
