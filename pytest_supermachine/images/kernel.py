@@ -168,6 +168,14 @@ PVM_CMDLINE: tuple[str, ...] = (
     # "Write protecting" -> "Run /init" stretch went from ~5 s to 0.16 s). A
     # test VM gains nothing from a write-protected kernel text.
     "rodata=off",
+    # With one vCPU the kernel rewrites each of its ~3000 LOCK prefixes to a NOP at boot
+    # ("SMP alternatives: switching to UP code"), one text_poke() apiece: a page-table
+    # write, two CR3 switches and a TLB flush, all emulated. The prefixes cost nothing
+    # extra under emulation; keep them (images/kernel_recipe/README.md, boot cost).
+    "noreplace-smp",
+    # No clocksource watchdog: a timer every 0.5 s that wakes every idle pooled guest
+    # (each wakeup is emulated kernel work taken from the host's CPUs).
+    "tsc=reliable",
     # Passed to /init's environment, so to every process the agent starts. Guest user code
     # runs natively under kvm_pvm: CPUID and XGETBV show the host's AVX/AVX-512 and XCR0,
     # while this kernel (XSAVE hidden) context-switches only the FXSAVE area, so glibc's

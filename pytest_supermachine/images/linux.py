@@ -36,8 +36,6 @@ BASE_CMDLINE = ("panic=-1", "reboot=k", "quiet", "loglevel=4")
 #: Under PVM the guest kernel runs ~1000x slower: RCU stall warnings are false alarms there,
 #: and printing their stack dumps over the emulated UART stalls the guest for seconds.
 PVM_CMDLINE = ("rcupdate.rcu_cpu_stall_suppress=1",)
-#: Booting under PVM emulation takes minutes; never give it less than this.
-PVM_MIN_READY_TIMEOUT = 900.0
 
 
 def _progress(phase: str, elapsed: float, lines: int) -> None:
@@ -150,12 +148,9 @@ class LinuxImage(Image):
         mounts: Sequence[FsSpec] = (),
     ) -> Machine:
         """Boot to READY; `mounts` are mounted by the guest's init before it says READY."""
-        from ..vmm.kvm import is_nested_pvm  # lazy: the VMM is loaded only to run VMs
         from ..vmm.machine import Machine
 
         kernel, initrd = self.kernel(), self.initramfs()
-        if is_nested_pvm():
-            timeout = max(timeout, PVM_MIN_READY_TIMEOUT)
         # With a NIC, boot_linux adds the ip= that configures it (no DHCP client needed).
         machine = Machine(
             vcpus=vcpus,

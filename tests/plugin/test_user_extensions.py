@@ -121,7 +121,12 @@ def test_ready_timeout_option_bounds_the_wait_for_a_booting_guest(project):
     project.write("test_a.py", USES_A_VM)
     result = project.run("--supermachine-ready-timeout=0.001")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*guest not ready after 0.001 s*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*guest not ready after 0.001 s"
+            " (ready_timeout 0.001 s, command line (--supermachine-ready-timeout))*"
+        ]
+    )
     project.run("--supermachine-ready-timeout=60").assert_outcomes(passed=1)
 
 

@@ -317,6 +317,21 @@ def test_a_signal_is_a_negative_returncode(client):
     assert (r.returncode, r.signal, r.timed_out) == (-11, 11, False)
 
 
+def test_a_command_gets_sigpipe_back_at_its_default_though_the_agent_ignores_it(client):
+    r = client.run("kill -PIPE $$; echo survived")
+    assert (r.returncode, r.stdout) == (-13, b"")
+
+
+def test_a_command_starts_with_no_signal_blocked_or_ignored(client):
+    status = dict(
+        line.split(":\t", 1)
+        for line in client.run("cat /proc/self/status").stdout.decode().splitlines()
+    )
+    glibc_internal = 3 << 31  # signals 32 and 33: glibc's own, no program can set them
+    blocked, ignored = int(status["SigBlk"], 16), int(status["SigIgn"], 16)
+    assert (blocked, ignored & ~glibc_internal) == (0, 0)
+
+
 def test_stderr_is_kept_apart_from_stdout(client):
     r = client.run("echo out; echo oops >&2")
     assert (r.stdout, r.stderr) == (b"out\n", b"oops\n")

@@ -91,6 +91,26 @@ def test_bad_values_name_their_source(name, raw, message):
         resolve(ini={f"supermachine_{name}": raw})
 
 
+@pytest.mark.parametrize("nested_pvm", [False, True])
+def test_a_ready_timeout_that_is_set_is_used_as_given_on_any_host(nested_pvm):
+    s = resolve(env={"SUPERMACHINE_READY_TIMEOUT": "30"})
+    assert s.ready_timeout_in_force(nested_pvm) == (
+        30.0,
+        "environment (SUPERMACHINE_READY_TIMEOUT)",
+    )
+
+
+def test_an_unset_ready_timeout_is_120_s_on_hardware_kvm():
+    assert resolve().ready_timeout_in_force(nested_pvm=False) == (120.0, "default")
+
+
+def test_an_unset_ready_timeout_is_900_s_on_a_nested_pvm_host():
+    assert resolve().ready_timeout_in_force(nested_pvm=True) == (
+        900.0,
+        "default on a nested-PVM host",
+    )
+
+
 def test_relative_paths_resolve_against_their_source(tmp_path):
     s = resolve(
         {"capsule_dir": "caps"},

@@ -235,31 +235,43 @@ static void on_port_fault(int sig)
  * ioperm fails without CONFIG_X86_IOPL_IOPERM or privileges: then nothing.
  * Should the hypervisor fault the access anyway (#GP -> SIGSEGV), the handler
  * catches it: a missing timestamp must never cost the agent.
+ * Returns 1 when the write went through (the VMM has seen readiness), else 0.
  */
-static void port_ready(void)
+static int port_ready(void)
 {
+    int done = 0;
     if (ioperm(SM_CONTROL_PORT, 4, 1) < 0) {
         logmsg("no control port (ioperm: %s): the VMM sees readiness on vsock only",
                strerror(errno));
-        return;
+        return 0;
     }
     struct sigaction sa = {.sa_handler = on_port_fault}, old_segv, old_bus;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &old_segv);
     sigaction(SIGBUS, &sa, &old_bus);
-    if (sigsetjmp(port_fault, 1) == 0)
+    if (sigsetjmp(port_fault, 1) == 0) {
         outl(SM_CTL_READY, SM_CONTROL_PORT);
-    else
+        done = 1;
+    } else {
         logmsg("the control port write faulted: skipped");
+    }
     sigaction(SIGSEGV, &old_segv, NULL);
     sigaction(SIGBUS, &old_bus, NULL);
     ioperm(SM_CONTROL_PORT, 4, 0);
+    return done;
 }
 
-/* The READY connection (doc §6): connect, one frame, close; retried with backoff. */
+/*
+ * The READY connection (doc §6): connect, one frame, close; retried with backoff.
+ * quiet: the VMM already saw readiness on the control port, so a failed READY
+ * connection is no problem worth a console line. That is the normal case after a
+ * restore: the snapshot was taken once the port said ready, with this connection
+ * still in flight to a host listener that the restored machine no longer has.
+ */
 static struct {
     struct addr addr;
     int enabled;
+    int quiet;
     struct watch w;
     int attempts;
     uint64_t retry_at; /* next attempt, or the end of the one in progress; 0 = none */
@@ -274,12 +286,13 @@ static void ready_retry(const char *why)
 {
     watch_close(&ready.w);
     if (++ready.attempts >= READY_ATTEMPTS) {
-        logmsg("READY to %s failed %d times (%s): giving up", ready.addr.text, ready.attempts,
-               why);
+        if (!ready.quiet)
+            logmsg("READY to %s failed %d times (%s): giving up", ready.addr.text,
+                   ready.attempts, why);
         ready.enabled = 0;
         return;
     }
-    if (ready.attempts == 1)
+    if (ready.attempts == 1 && !ready.quiet)
         logmsg("READY to %s: %s (retrying)", ready.addr.text, why);
     uint64_t delay_ms = MIN(25u << ready.attempts, 1000u);
     ready.retry_at = now_ns() + delay_ms * 1000000;
@@ -398,6 +411,12 @@ static void serve_forever(int lfd, int sfd)
             switch (w->kind) {
             case W_LISTEN:
                 conn_accept(w->fd);
+                /* the host found us: a READY still being retried says nothing new */
+                if (ready.enabled) {
+                    watch_close(&ready.w);
+                    ready.enabled = 0;
+                    ready.retry_at = 0;
+                }
                 break;
             case W_CONN:
                 conn_event(w->obj, evs[i].events);
@@ -525,7 +544,7 @@ int main(int argc, char **argv)
     logmsg("listening on %s (%lld ms after boot)", la.text,
            (long long)boot.tv_sec * 1000 + boot.tv_nsec / 1000000);
     if (port_ready_opt == 1 || (port_ready_opt == -1 && vsock))
-        port_ready();
+        ready.quiet = port_ready();
     if (ready.enabled)
         ready_try();
     if (pid1 && init_opt != 0)

@@ -160,6 +160,26 @@ static void close_pair(int p[2])
 }
 
 /*
+ * Signals a command must get back at SIG_DFL: only ignored ones survive execve (handlers
+ * are reset by it), and glibc's posix_spawn child makes one rt_sigaction call per signal
+ * named, each an emulated kernel entry under nested PVM (the full set was 64 calls per
+ * command). So: SIGPIPE (the agent ignores it) and whatever the agent's parent left
+ * ignored, found once here (as the guest's PID 1 nothing is).
+ */
+static sigset_t spawn_sigdefault;
+
+static void find_spawn_sigdefault(void)
+{
+    sigemptyset(&spawn_sigdefault);
+    sigaddset(&spawn_sigdefault, SIGPIPE);
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        if (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
+            sigaddset(&spawn_sigdefault, sig);
+    }
+}
+
+/*
  * A command run as another user (EXEC_USER). posix_spawn cannot change
  * credentials, so this is its vfork-style equivalent for that case: the child
  * shares the agent's memory until it execs (no page-table copy, see the top of
@@ -187,9 +207,9 @@ static int spawn_as_user(pid_t *pidp, const char *prog, const int fds[3],
         struct sigaction dfl;
         memset(&dfl, 0, sizeof(dfl));
         dfl.sa_handler = SIG_DFL;
-        for (int sig = 1; sig < NSIG; sig++)
-            if (sig != SIGKILL && sig != SIGSTOP)
-                sigaction(sig, &dfl, NULL); /* the child's own copy of the dispositions */
+        for (int sig = 1; sig < NSIG; sig++) /* the child's own copy of the dispositions; */
+            if (sigismember(&spawn_sigdefault, sig)) /* handlers are reset by execve */
+                sigaction(sig, &dfl, NULL);
         int step = setsid() < 0;
         for (int i = 0; i < 3 && !step; i++)
             step = dup2(fds[i], i) < 0;
@@ -256,12 +276,11 @@ int proc_spawn(struct conn *c, uint32_t rid, const struct exec_req *req)
     if ((err = posix_spawnattr_init(&attr)))
         goto fail;
     have_attr = 1;
-    sigset_t none, all;
+    sigset_t none;
     sigemptyset(&none);
-    sigfillset(&all);
     /* the agent blocks SIGCHLD (signalfd) and ignores SIGPIPE: give the command defaults */
     posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &all);
+    posix_spawnattr_setsigdefault(&attr, &spawn_sigdefault);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
                                         POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_USEVFORK);
     uint64_t start = now_ns();
@@ -560,6 +579,7 @@ static void finish(struct proc *p, int status)
 
 int proc_signal_fd(void)
 {
+    find_spawn_sigdefault();
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
