@@ -18,7 +18,7 @@ MiB = 1 << 20
 def meminfo(m: Machine) -> dict[str, int]:
     """/proc/meminfo of the guest, in KiB."""
     text = m.run(["/bin/busybox", "cat", "/proc/meminfo"], timeout=300, check=True).stdout
-    return {k: int(v) for k, v in re.findall(rb"^(\w+):\s+(\d+) kB", text, re.M)}
+    return {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text.decode(), re.M)}
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
