@@ -35,14 +35,16 @@ def test_memory_a_test_allocated_and_freed_goes_back_to_the_host(linux):
     size = min(100, free_mib - 24)  # 100 MiB where it fits; the guest keeps some room
     assert size >= 32, f"the guest has only {free_mib} MiB free"
     held_before = linux.memory.host_usage().anonymous
+    # a tmpfs of its own: /tmp's default size (half of RAM) is smaller than the file
     linux.run(
-        f"/bin/busybox dd if=/dev/zero of=/tmp/big bs=1048576 count={size} 2>/dev/null",
+        "/bin/busybox mkdir -p /run/big && /bin/busybox mount -t tmpfs -o size=100% tmpfs /run/big"
+        f" && /bin/busybox dd if=/dev/zero of=/run/big/file bs=1048576 count={size} 2>/dev/null",
         timeout=600,
         check=True,
     )
     held_full = linux.memory.host_usage().anonymous
     assert held_full - held_before >= (size - 8) * MiB  # the file's pages are the guest's now
-    linux.run("/bin/busybox rm /tmp/big", timeout=300, check=True)
+    linux.run("/bin/busybox rm /run/big/file", timeout=300, check=True)
 
     wait_for(
         lambda: linux.memory.host_usage().anonymous - held_before <= 10 * MiB,
