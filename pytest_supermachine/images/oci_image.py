@@ -14,7 +14,8 @@ cost a cache lookup:
    overlay whose writable upper layer is a tmpfs of `disk_mib` MiB, switches root
    into it and keeps serving there. The upper layer lives in guest RAM, so it
    is part of every snapshot and reset with the VM; the ext4 is never written.
-   A full upper layer is ``ENOSPC`` in the guest.
+   A full upper layer (``/tmp`` included: it is the image's own) is ``ENOSPC``
+   in the guest.
 
 The base snapshot key covers the kernel, the initramfs (agent), the command
 line (which carries `disk_mib`), the root filesystem's identity (manifest

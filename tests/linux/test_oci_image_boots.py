@@ -75,9 +75,6 @@ def debian_project(
     yield Project(pytester, USER_CACHE, monkeypatch), pushed.ref
 
 
-@pytest.mark.xfail(
-    reason="issue 14: failed in the clean-clone CI of 2026-12-02 (first Linux run since User/disk_mib/@layer were added); cause not yet found"
-)
 def test_a_debian_image_built_ahead_serves_tests_layers_and_the_factory(debian_project) -> None:
     project, ref = debian_project
     build = ("image", "build", ref, "--disk-mib", "16", "--ready-timeout", "3000")

@@ -1172,6 +1172,27 @@ def test_init_switches_to_a_read_only_ext4_root_under_a_tmpfs_overlay(
 
 @needs_namespaces
 @needs_loop
+def test_overlay_mib_bounds_everything_written_to_the_root_tmp_included(
+    unpacked_initramfs, ext4_disk, tmp_path
+):
+    _image, dev = ext4_disk  # its root has no /tmp: init makes one in the writable layer
+    name = f"@sm-agent-test-{os.getpid()}-overlay-mib"
+    cmdline = f"sm.root={dev} sm.overlay_mib=4"
+    vm = Pid1(unpacked_initramfs, f"unix:{name}", cmdline, net=False, log=tmp_path / "c")
+    try:
+        c = vm.connect()
+        assert c.run("stat -c %a /tmp").stdout == b"1777\n"
+        for path in ("/tmp/big", "/data/big"):
+            full = c.run(f"dd if=/dev/zero of={path} bs=1M count=8")
+            assert full.returncode != 0 and b"No space left on device" in full.stderr, full
+            assert c.run(f"rm {path}").ok
+        c.close()
+    finally:
+        vm.stop()
+
+
+@needs_namespaces
+@needs_loop
 def test_init_with_overlay_off_mounts_the_disk_read_write(unpacked_initramfs, ext4_disk, tmp_path):
     image, dev = ext4_disk
     name = f"@sm-agent-test-{os.getpid()}-rw"

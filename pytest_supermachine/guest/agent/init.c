@@ -17,8 +17,10 @@
  *   3. with sm.root=DEV: mount DEV read-only (sm.rootfstype=, default ext4) as
  *      the lower layer of an overlay whose upper layer is a tmpfs, or, with
  *      sm.overlay=0, DEV read-write by itself (sm.overlay_mib=N caps the tmpfs
- *      upper layer at N MiB: a full upper layer is ENOSPC in the guest); move /dev /proc /sys /run /tmp
- *      into it, bind the initramfs /bin (busybox) at /.supermachine/bin, and
+ *      upper layer at N MiB: a full upper layer is ENOSPC in the guest); move /dev
+ *      /proc /sys /run into it, and /tmp too without an overlay (with one, /tmp is the
+ *      root's own, in the writable layer, as in a container, so the cap covers it),
+ *      bind the initramfs /bin (busybox) at /.supermachine/bin, and
  *      switch root into it (mount --move + chroot, what busybox switch_root
  *      does; the initramfs files stay, ~3 MB, because that bind uses them);
  *   4. with sm.mounts=TAG:MODE:PATH[,...] (the VMM's virtio-fs mounts, vmm/fsmounts.py):
@@ -195,9 +197,22 @@ static int switch_root(const char *dev, const char *fstype, int overlay, unsigne
         logmsg("init: mount %s (%s): %s", dev, fstype, strerror(errno));
         return -1;
     }
-    static const char *const moved[] = {"/dev", "/proc", "/sys", "/run", "/tmp"};
+    static const char *const moved[] = {"/dev", "/proc", "/sys", "/run"};
     for (size_t i = 0; i < sizeof(moved) / sizeof(moved[0]); i++)
         move_into(moved[i]);
+    if (overlay) {
+        /* /tmp is the root's own, in the writable layer as in a container: what is written
+         * there counts against sm.overlay_mib (a tmpfs of its own would be a second, unbounded
+         * budget of half the RAM). A root without one (distroless) gets it, 1777. */
+        if (umount2("/tmp", MNT_DETACH) < 0)
+            logmsg("init: unmount the initramfs /tmp: %s", strerror(errno));
+        if (mkdir(NEWROOT "/tmp", 01777) == 0)
+            chmod(NEWROOT "/tmp", 01777); /* mkdir's mode is masked by the umask */
+        else if (errno != EEXIST)
+            logmsg("init: mkdir /tmp in the new root: %s", strerror(errno));
+    } else {
+        move_into("/tmp");
+    }
     /* busybox for the agent's shell fallback and for debugging: a bind, not a copy */
     if (mkdir(NEWROOT "/.supermachine", 0755) == 0 || errno == EEXIST) {
         mkdir(NEWROOT TOOLS_DIR, 0755);
