@@ -17,8 +17,12 @@ So, with the vCPUs parked, `seed_kernel_crng` writes into the guest:
 
 * ``base_crng.key`` = BLAKE2b(seed) (32 bytes), and ``base_crng.generation`` + 1,
   so every per-CPU CRNG and batch starts over from the seeded key;
-* ``base_crng.birth`` = ``jiffies`` + `RESEED_HOLD_SECONDS`, so the time-based
-  reseed (which would mix the TSC in) does not come during the test;
+* ``base_crng.birth`` = ``jiffies`` + `RESEED_HOLD_TICKS` (centuries), so the
+  time-based reseed (which would mix the TSC in) never comes during the test. Not
+  "an hour from now": the ``jiffies`` read here is the snapshot's, and the guest's
+  clock (TSC) jumps ahead by the snapshot's real age at its first tick after the
+  restore, so a base snapshot more than an hour old reseeded at the test's first
+  read and no replay of it ever repeated a value;
 * ``crng_init`` = ``CRNG_READY`` if the guest had not got there yet (a quiet
   guest without RDRAND collects entropy slowly): otherwise reads would take the
   not-ready path, which extracts from the pool (TSC again), makes ``urandom``
@@ -57,8 +61,10 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 CRNG_READY = 2
 #: ``base_crng``: u8 key[32]; unsigned long birth; unsigned long generation; spinlock_t lock.
 KEY_OFFSET, BIRTH_OFFSET, GENERATION_OFFSET = 0, 32, 40
-#: How long after a handout the kernel's time-based reseed is held off.
-RESEED_HOLD_SECONDS = 3600
+#: How far ahead of the handout's ``jiffies`` the kernel's time-based reseed is put: 2**40
+#: ticks (~350 years at HZ=100, ~35 at HZ=1000), beyond any snapshot's age, and far from
+#: the sign flip of the kernel's wrap-safe ``time_after`` (2**63).
+RESEED_HOLD_TICKS = 1 << 40
 #: The kernel versions whose ``base_crng`` layout and ``crng_init`` this module knows.
 KNOWN_BANNERS = (b"Linux version 6.1.",)
 _SYMBOLS = ("base_crng", "crng_init", "jiffies", "linux_banner")
@@ -155,7 +161,7 @@ def write_crng_state(mem: DeviceMemory, symbols: KernelRngSymbols, seed: bytes) 
     if generation >= (1 << 64) - 1:  # ULONG_MAX marks a per-CPU CRNG never seeded
         generation = 0
     jiffies = mem.guest.read_u64(symbols.jiffies)
-    birth = (jiffies + RESEED_HOLD_SECONDS * symbols.hz) & ((1 << 64) - 1)
+    birth = (jiffies + RESEED_HOLD_TICKS) & ((1 << 64) - 1)
     mem.write(base + KEY_OFFSET, crng_key(seed))
     mem.write(base + BIRTH_OFFSET, struct.pack("<QQ", birth, generation))
     if mem.guest.read_u32(symbols.crng_init) < CRNG_READY:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_supermachine.images.kernel_rng import (
+    RESEED_HOLD_TICKS,
     KernelRngSymbols,
     _elf_symbols,
     crng_key,
@@ -135,9 +136,24 @@ def test_the_crng_gets_the_seeds_key_a_new_generation_and_a_late_birth():
     guest = mem.guest
     assert guest.read(SYMBOLS.base_crng, 32) == crng_key(b"seed")
     assert guest.read_u64(SYMBOLS.base_crng + 40) == 8
-    assert guest.read_u64(SYMBOLS.base_crng + 32) == 1000 + 3600 * SYMBOLS.hz
+    assert guest.read_u64(SYMBOLS.base_crng + 32) == 1000 + RESEED_HOLD_TICKS
     assert guest.read_u32(SYMBOLS.crng_init) == 2  # CRNG_READY
     assert {0x3000 >> 12, 0x5000 >> 12} <= mem.written_pages()  # seen by reset and diffs
+
+
+def kernel_would_reseed(birth: int, jiffies: int, interval: int) -> bool:
+    """Linux 6.1's ``time_is_before_jiffies(birth + interval)`` on 64-bit unsigned longs."""
+    return ((birth + interval - jiffies) & ((1 << 64) - 1)) >= 1 << 63
+
+
+@pytest.mark.parametrize("age_s", [60, 3600 + 1, 86400, 10 * 365 * 86400])
+def test_no_time_based_reseed_however_old_the_restored_snapshot_is(age_s: int):
+    # The host reads the snapshot's jiffies; after the restore the guest's clock jumps
+    # ahead by the snapshot's age. A reseed would mix the TSC in: no replay would repeat.
+    mem = guest_with_a_kernel(b"Linux version 6.1.192 (x@y)")
+    assert write_crng_state(mem, SYMBOLS, b"seed")
+    birth = mem.guest.read_u64(SYMBOLS.base_crng + 32)
+    assert not kernel_would_reseed(birth, 1000 + age_s * SYMBOLS.hz, 60 * SYMBOLS.hz)
 
 
 def test_a_kernel_of_unknown_layout_is_left_alone():
