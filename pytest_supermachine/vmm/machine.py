@@ -345,7 +345,8 @@ class Machine:
         token per attached device appended, so the guest finds exactly the devices
         this machine has; with a NIC the ``ip=`` that configures it (the
         network's addressing: no DHCP client needed); with mounts the ``sm.mounts=``
-        token the agent's init mounts them from (vmm/fsmounts.py). Power-off is the i8042 reset (boot with `reboot=k`),
+        token the agent's init mounts them from (vmm/fsmounts.py); with a reporting balloon
+        the free page reporting order for this RAM size (`balloon.reporting_order`). Power-off is the i8042 reset (boot with `reboot=k`),
         reported as RESET. The MP table describes every vCPU and the IOAPIC.
         """
         self._require(MachineState.CREATED, "boot")
@@ -357,6 +358,7 @@ class Machine:
                 "console=ttyS0",
                 boot.virtio_mmio_cmdline(self.devices.boot_devices()),
                 self._ip_argument(),
+                self._page_reporting_argument(),
                 cmdline_token(self.config.fs_specs()),
             )
             if x
@@ -385,6 +387,16 @@ class Machine:
         regs.rip, regs.rflags = linux.entry, 0x2
         bsp.set_regs(regs)
         return full
+
+    def _page_reporting_argument(self) -> str:
+        """``sm.page_reporting_order=`` for a balloon with free page reporting, else nothing."""
+        if not any(
+            isinstance(d.spec, BalloonSpec) and d.spec.reporting for d in self.devices.devices
+        ):
+            return ""
+        from .devices.virtio.balloon import reporting_order_cmdline
+
+        return reporting_order_cmdline(self.config.mem_mib << 20)
 
     def _ip_argument(self) -> str:
         """``ip=`` for the guest's NIC, or nothing without one."""

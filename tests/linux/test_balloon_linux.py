@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
-
 from pytest_supermachine.vmm.machine import Machine
 
 MiB = 1 << 20
@@ -31,11 +29,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: on the nested-PVM Linux tier the guest's freed pages were not seen going "
-    "back to the host within 120 s (81 MiB freed; inflate/deflate work); not yet understood",
-)
 def test_memory_a_test_allocated_and_freed_goes_back_to_the_host(linux):
     linux.run("true", timeout=300, check=True)
     free_mib = meminfo(linux)["MemFree"] // 1024

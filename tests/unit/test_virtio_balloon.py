@@ -22,10 +22,13 @@ from pytest_supermachine.vmm.devices.virtio.balloon import (
     VirtioBalloon,
 )
 from pytest_supermachine.vmm.devices.virtio.balloon.device import (
+    MAX_REPORTING_ORDER,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
     VIRTIO_BALLOON_F_STATS_VQ,
+    reporting_order,
+    reporting_order_cmdline,
 )
 from pytest_supermachine.vmm.devices.virtio.device import STATUS_DEVICE_NEEDS_RESET
 from pytest_supermachine.vmm.devices.virtio.mmio import (
@@ -275,3 +278,19 @@ def test_hostile_pfns_and_ranges_never_raise_and_touch_only_what_was_named(
     for pfn in range(PAGES_AT >> 12, END >> 12):
         expected = bytes(4096) if pfn in named else b"\x5a" * 4096
         assert g.memory.read(pfn << 12, 4096) == expected, hex(pfn)
+
+
+@pytest.mark.parametrize(
+    ("mem_mib", "order"), [(16, 5), (64, 7), (128, 8), (256, 9), (4096, MAX_REPORTING_ORDER)]
+)
+def test_the_reporting_order_lets_a_guest_report_once_a_quarter_of_its_ram_is_free(
+    mem_mib: int, order: int
+):
+    # Linux reports nothing until 32 chunks of 2**order pages (plus its low watermark)
+    # are free; its own order without huge pages (10: 128 MiB) starved 128 MiB guests.
+    assert reporting_order(mem_mib << 20) == order
+    assert 32 << order <= (mem_mib << 20) // 4096 // 4
+
+
+def test_the_reporting_order_reaches_the_guest_on_its_command_line():
+    assert reporting_order_cmdline(128 << 20) == "sm.page_reporting_order=8"

@@ -6,6 +6,8 @@ from .device import (
     VIRTIO_ID_BALLOON,
     BalloonStats,
     VirtioBalloon,
+    reporting_order,
+    reporting_order_cmdline,
 )
 from .pages import MemoryDiscarder, PageDiscarder
 
@@ -17,4 +19,6 @@ __all__ = [
     "MemoryDiscarder",
     "PageDiscarder",
     "VirtioBalloon",
+    "reporting_order",
+    "reporting_order_cmdline",
 ]
