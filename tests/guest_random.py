@@ -12,7 +12,7 @@ from __future__ import annotations
 #: The guest command of each source of randomness: (image, command).
 SOURCES = {
     "microguest rand": ("microguest", "rand 4"),
-    "linux /dev/urandom": ("linux", "head -c 16 /dev/urandom | od -An -tx1"),
+    "linux /dev/urandom": ("linux", "od -An -N16 -tx1 /dev/urandom"),
     "linux $RANDOM": ("linux", "echo $RANDOM $RANDOM $RANDOM"),
 }
 

@@ -14,7 +14,7 @@ from pytest_supermachine.images.kernel_rng import kernel_rng_symbols
 from pytest_supermachine.images.linux import LinuxImage
 from pytest_supermachine.vmm.machine import Machine
 
-DRAW = "head -c 16 /dev/urandom | od -An -tx1; echo $RANDOM $RANDOM"
+DRAW = "od -An -N16 -tx1 /dev/urandom; echo $RANDOM $RANDOM"
 
 
 def draw(machine: Machine, image: LinuxImage, seed: bytes) -> tuple[str, str]:

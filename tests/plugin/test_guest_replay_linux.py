@@ -29,7 +29,7 @@ import json, pathlib
 def record(name, vm):
     path = pathlib.Path(__file__).with_name("drawn.json")
     drawn = json.loads(path.read_text()) if path.exists() else {}
-    drawn[name] = vm.run("head -c 16 /dev/urandom | od -An -tx1", check=True).stdout.decode()
+    drawn[name] = vm.run("od -An -N16 -tx1 /dev/urandom", check=True).stdout.decode()
     path.write_text(json.dumps(drawn))
 
 def test_one(microvm):
