@@ -12,8 +12,16 @@ guest costs by itself. What is measured, on QEMU's side:
 * reset + exec: `loadvm` of a snapshot taken at ready (QEMU's reset in place: all RAM and
   device state back), then a new connection, HELLO and `busybox true`.
 
-The guest's command line gets `ip=` (static address, no DHCP) and, after `--`, the
-agent's `--listen tcp:0.0.0.0:PORT --ready none`: the only differences from ours.
+The guest's command line gets the virtio-net transport, `ip=` (static address, no DHCP)
+and, after `--`, the agent's `--listen tcp:0.0.0.0:PORT --ready none`: the only
+differences from ours. The transport is named on the command line by us, not by QEMU:
+our kernel has no ACPI, so QEMU's default microvm (acpi=auto: on) describes its
+virtio-mmio devices in tables the guest never reads (no eth0, the agent listens on a
+network that does not exist: the host's connection is accepted by QEMU's user network and
+never answered). With acpi=off QEMU would append `virtio_mmio.device=` itself, but at the
+very end, after `--`, where it becomes an argument of init rather than a kernel
+parameter; so auto-kernel-cmdline is off, the device is pinned to the first transport and
+its address and IRQ are written before the `--`.
 
 `ensure_qemu` installs Debian's qemu-system-x86 with apt-get when it is missing (as
 scripts/bootstrap.sh installs the project's other tools), or raises `PeerUnavailable`
@@ -42,6 +50,9 @@ QEMU_CPU_PVM = (
     "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities"
 )
 GUEST_IP = "10.0.2.15"
+#: QEMU microvm's first virtio-mmio transport (acpi=off, so no second IO-APIC): 512 bytes
+#: at 0xfeb00000, IRQ 5; the net device is pinned to it (`bus=virtio-mmio-bus.0`).
+NET_TRANSPORT = "virtio_mmio.device=512@0xfeb00000:5"
 AGENT_PORT = 5253
 LISTENING = re.compile(rb"sm-agent: listening on tcp:[0-9.]+:\d+")
 
@@ -106,13 +117,14 @@ class QemuGuest:
             capture_output=True,
         )
         guest_cmdline = (
-            f"{cmdline} console=ttyS0 ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
+            f"{cmdline} console=ttyS0 {NET_TRANSPORT}"
+            f" ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
             f" -- --listen tcp:0.0.0.0:{AGENT_PORT} --ready none"
         )
         self.argv = [
             qemu,
             "-M",
-            "microvm,x-option-roms=off,rtc=off",
+            "microvm,x-option-roms=off,rtc=off,acpi=off,auto-kernel-cmdline=off",
             "-accel",
             "kvm",
             "-cpu",
@@ -133,7 +145,7 @@ class QemuGuest:
             "-netdev",
             f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}",
             "-device",
-            "virtio-net-device,netdev=n0",
+            "virtio-net-device,netdev=n0,bus=virtio-mmio-bus.0",
             "-drive",
             f"if=none,id=vmstate,format=qcow2,file={state}",
             "-monitor",
@@ -188,12 +200,15 @@ class QemuGuest:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 return AgentClient(sock, timeout=min(30.0, max(deadline - time.monotonic(), 1)))
-            except (AgentError, OSError):
+            except (AgentError, OSError) as e:
                 # user-mode networking accepts on the host before the guest does; a guest
                 # that is not listening yet shows up as a closed connection: try again
                 sock.close()
                 if time.monotonic() > deadline:
-                    raise
+                    raise PeerUnavailable(
+                        f"no agent HELLO over tcp:127.0.0.1:{self.port} within {timeout:.0f} s"
+                        f" ({type(e).__name__}: {e}); console tail:\n{self.console_tail()}"
+                    ) from e
 
     def monitor(self, command: str, timeout: float = 600.0) -> str:
         """One HMP command; returns its output (QEMU's human monitor, for savevm/loadvm)."""
