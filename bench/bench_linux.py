@@ -254,12 +254,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sm-bench-") as d:
         snap = Path(d) / "linux.snap"
         ours = measure_ours(image, snap, args.reps)
+        try:  # the peer before the soak, so that a failing baseline does not wait for it
+            qemu = None if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
+        except PeerUnavailable as e:
+            raise BenchFailure(f"the QEMU baseline failed: {e}") from None
         soak_pooled = soak(snap, args.soak_pooled, pooled=True)
         soak_fresh = soak(snap, args.soak_fresh, pooled=False)
-    try:
-        qemu = None if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
-    except PeerUnavailable as e:
-        raise BenchFailure(f"the QEMU baseline failed: {e}") from None
     rows: list[tuple[str, dict[str, float] | float, str]] = [
         ("our VMM: kernel load -> agent ready", ours["boot_to_ready_s"], "s"),
         ("our VMM: guest clock at 'Run /init'", ours["init_clock_s"], "s"),
