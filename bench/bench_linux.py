@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -169,6 +170,28 @@ def measure_qemu(image: LinuxImage, qemu: str, reps: int) -> dict[str, object]:
     return result
 
 
+SEGFAULT = re.compile(r"\S+\[\d+\]: segfault at [^\n|]*[^\s|]")
+
+
+def fault_lines(m: Machine) -> list[str]:
+    """The kernel's `segfault at` lines since the machine's last reset or restore.
+
+    They are KERN_INFO, below the console's quiet loglevel, so they are read from the
+    guest's own log (dmesg) right after the failed command, before the next reset.
+    """
+    try:
+        log = m.run(["/bin/busybox", "dmesg"], timeout=EXEC_TIMEOUT).stdout
+    except AgentError as e:
+        return [f"(dmesg failed: {type(e).__name__}: {str(e)[:200]})"]
+    return SEGFAULT.findall(log.decode(errors="replace"))
+
+
+def fault_signature(line: str) -> str:
+    """A `segfault at` line without its pid and stack pointer (what repeats across faults)."""
+    line = re.sub(r"\[\d+\]", "", line)
+    return re.sub(r" sp [0-9a-f]+", "", line)
+
+
 def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
     """Run `true` through the shell `commands` times; return a description of each failure.
 
@@ -185,10 +208,9 @@ def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
             failures.append(f"#{i}: {type(e).__name__}: {str(e)[:200]}; console tail: {tail}")
             return
         if not result.ok:
-            lines = [ln for ln in m.console.splitlines() if "segfault" in ln]
             failures.append(
-                f"#{i}: returncode {result.returncode}; console: "
-                + (" | ".join(lines[-3:]) or "(nothing)")
+                f"#{i}: returncode {result.returncode}; guest log: "
+                + (" | ".join(fault_lines(m)) or "(no 'segfault at' line)")
             )
 
     kind = "reset + `true`" if pooled else "restore + `true`"
@@ -286,6 +308,13 @@ def main() -> None:
     print_side_by_side(ours, qemu)
     for failure in soak_pooled + soak_fresh:
         print(f"soak failure {failure}")
+    signatures = Counter(
+        fault_signature(line)
+        for failure in soak_pooled + soak_fresh
+        for line in SEGFAULT.findall(failure)
+    )
+    for signature, count in signatures.most_common():
+        print(f"soak: {count} x {signature}")
     emit_json("linux", results)
     if soak_pooled or soak_fresh:
         raise SystemExit(1)
