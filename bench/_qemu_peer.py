@@ -9,8 +9,11 @@ guest costs by itself. What is measured, on QEMU's side:
 * exec round trip: `busybox true` through the same agent protocol (`AgentClient`), over
   TCP (virtio-net, QEMU's user-mode network with a host port forwarded to the agent),
   since this host has no vhost-vsock; our VMM uses virtio-vsock;
-* reset + exec: `loadvm` of a snapshot taken at ready (QEMU's reset in place: all RAM and
-  device state back), then a new connection, HELLO and `busybox true`.
+* restore + exec: a new QEMU process started with `-loadvm` of a snapshot taken at ready
+  (`savevm`), then a connection, HELLO and `busybox true`;
+* reset + exec, on hardware KVM only: `loadvm` in the running process (QEMU's reset in
+  place: all RAM and device state back), then the same. Not under kvm_pvm: see
+  `NO_LOADVM_IN_PLACE`.
 
 The guest's command line gets the virtio-net transport, `ip=` (static address, no DHCP)
 and, after `--`, the agent's `--listen tcp:0.0.0.0:PORT --ready none`: the only
@@ -54,6 +57,16 @@ GUEST_IP = "10.0.2.15"
 #: at 0xfeb00000, IRQ 5; the net device is pinned to it (`bus=virtio-mmio-bus.0`).
 NET_TRANSPORT = "virtio_mmio.device=512@0xfeb00000:5"
 AGENT_PORT = 5253
+#: Why QEMU has no reset-in-place number under kvm_pvm (seen here in each of 3 tries, 2 Dec).
+NO_LOADVM_IN_PLACE = (
+    "QEMU's loadvm in a running process breaks the guest under kvm_pvm: once a command has"
+    " run since savevm, the next command after loadvm kills the agent (init[1]: segfault at 0"
+    " ip 0 error 14, kernel panic). kvm_pvm always uses shadow paging; loadvm writes the"
+    " guest's page tables back from QEMU's own mapping of guest RAM, which the shadow MMU"
+    " neither write-protects nor is notified of, so it keeps translations of page tables that"
+    " no longer exist. (Our reset drops the pages with MADV_DONTNEED, whose MMU notifier zaps"
+    " them.) A loadvm right after savevm, with no page-table change between, works."
+)
 LISTENING = re.compile(rb"sm-agent: listening on tcp:[0-9.]+:\d+")
 
 
@@ -106,16 +119,22 @@ class QemuGuest:
         *,
         mem_mib: int,
         cpu: str,
+        state: Path | None = None,
+        loadvm: str | None = None,
     ) -> None:
+        """state: the qcow2 file `savevm` keeps its snapshots in (created when missing; by
+        default one of this guest's own); loadvm: start from that snapshot of it instead of
+        booting (QEMU's restore from file; one process at a time may hold the file)."""
         self._dir = Path(tempfile.mkdtemp(prefix="sm-bench-qemu-"))
         self.port = _free_port()
         self._monitor_path = self._dir / "monitor.sock"
-        state = self._dir / "vmstate.qcow2"  # savevm needs a qcow2 node to keep the snapshot in
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(state), "64M"],
-            check=True,
-            capture_output=True,
-        )
+        state = state or self._dir / "vmstate.qcow2"  # savevm keeps its snapshot in a qcow2 node
+        if not state.exists():
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(state), "64M"],
+                check=True,
+                capture_output=True,
+            )
         guest_cmdline = (
             f"{cmdline} console=ttyS0 {NET_TRANSPORT}"
             f" ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
@@ -150,6 +169,7 @@ class QemuGuest:
             f"if=none,id=vmstate,format=qcow2,file={state}",
             "-monitor",
             f"unix:{self._monitor_path},server=on,wait=off",
+            *(["-loadvm", loadvm] if loadvm else []),
         ]
         self._console = bytearray()
         self._console_cv = threading.Condition()
@@ -196,19 +216,23 @@ class QemuGuest:
         """A handshaken agent client over the forwarded port (retried until the guest answers)."""
         deadline = time.monotonic() + timeout
         while True:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = socket.socket()
             try:
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", self.port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return AgentClient(sock, timeout=min(30.0, max(deadline - time.monotonic(), 1)))
             except (AgentError, OSError) as e:
-                # user-mode networking accepts on the host before the guest does; a guest
-                # that is not listening yet shows up as a closed connection: try again
+                # a QEMU just started has no forwarded port yet (refused), and user-mode
+                # networking accepts on the host before the guest does (a guest not
+                # listening yet shows up as a closed connection): try again
                 sock.close()
-                if time.monotonic() > deadline:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise PeerUnavailable(
                         f"no agent HELLO over tcp:127.0.0.1:{self.port} within {timeout:.0f} s"
                         f" ({type(e).__name__}: {e}); console tail:\n{self.console_tail()}"
                     ) from e
+                time.sleep(0.01)
 
     def monitor(self, command: str, timeout: float = 600.0) -> str:
         """One HMP command; returns its output (QEMU's human monitor, for savevm/loadvm)."""

@@ -10,8 +10,11 @@ Measured on both, with the product's command line (quiet):
 * the guest clock at the kernel's "Run /init" (from dmesg: where the kernel's own time goes);
 * exec round trip: `busybox true` through the agent protocol (ours over virtio-vsock; QEMU
   over TCP through its user-mode network, this host has no vhost-vsock);
+* restore + exec: a new machine from the ready snapshot, then `busybox true` (ours:
+  `Machine.restore`; QEMU: a new process with `-loadvm`, a connection and HELLO);
 * reset + exec: back to the ready snapshot in place, then `busybox true` (ours: `reset()`;
-  QEMU: `loadvm`, a new connection and HELLO).
+  QEMU: `loadvm`, a new connection and HELLO; on hardware KVM only, as QEMU's loadvm in
+  place breaks a kvm_pvm guest: bench/_qemu_peer.py says why, and so does the output).
 
 The targets of issue 11 are printed next to them. The soak runs `true` through the guest's
 shell on machines handed out like the plugin's pool does (reset in place before each
@@ -39,10 +42,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit_json, print_table, summarize
-from _qemu_peer import QEMU_CPU_PVM, PeerUnavailable, QemuGuest, ensure_qemu
+from _qemu_peer import (
+    NO_LOADVM_IN_PLACE,
+    QEMU_CPU_PVM,
+    PeerUnavailable,
+    QemuGuest,
+    ensure_qemu,
+)
 
 from pytest_supermachine.images.linux import LinuxImage
-from pytest_supermachine.vmm.agent import AgentError, RunResult
+from pytest_supermachine.vmm.agent import AgentClient, AgentError, RunResult
 from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 
@@ -118,56 +127,81 @@ def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
     }
 
 
-def measure_qemu(image: LinuxImage, qemu: str, reps: int) -> dict[str, object]:
-    """The same measurements on QEMU (bench/_qemu_peer.py says how each is taken)."""
-    kernel = image.kernel()
-    guest = QemuGuest(
-        qemu,
-        kernel.vmlinux,
-        image.initramfs(),
-        image.cmdline(),
-        mem_mib=image.default_mem_mib,
-        cpu=QEMU_CPU_PVM if is_nested_pvm() else "host",
-    )
-    with guest:
-        to_ready = guest.wait_ready(READY_TIMEOUT)
-        try:  # before any connection, so that loadvm finds none open
-            guest.monitor("savevm ready")
-            no_reset = ""
-        except PeerUnavailable as e:  # then QEMU has no reset + exec number, and says why
-            no_reset = str(e)
+def measure_qemu(
+    image: LinuxImage, qemu: str, reps: int
+) -> tuple[dict[str, object], dict[str, str]]:
+    """The same measurements on QEMU (bench/_qemu_peer.py says how each is taken).
 
-        def timed(client, what: str) -> float:
+    Returns the numbers and, for each measurement QEMU has none of, why.
+    """
+    missing: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="sm-bench-qemu-state-") as d:
+        state = Path(d) / "vmstate.qcow2"
+
+        def start(loadvm: str | None = None) -> QemuGuest:
+            return QemuGuest(
+                qemu,
+                image.kernel().vmlinux,
+                image.initramfs(),
+                image.cmdline(),
+                mem_mib=image.default_mem_mib,
+                cpu=QEMU_CPU_PVM if is_nested_pvm() else "host",
+                state=state,
+                loadvm=loadvm,
+            )
+
+        def timed(guest: QemuGuest, client: AgentClient, what: str) -> float:
             t = time.monotonic()
             checked(client.run(TRUE_ARGV, timeout=EXEC_TIMEOUT), guest.console_tail(), what)
             return time.monotonic() - t
 
-        client = guest.connect()
-        try:
-            dmesg = checked(client.run(["/bin/busybox", "dmesg"]), guest.console_tail(), "dmesg")
-            exec_rt = [timed(client, "exec") for _ in range(reps * reps)]
-        finally:
-            client.close()
-        reset_exec = []
-        for _ in range(0 if no_reset else reps):
-            t = time.monotonic()
-            guest.monitor("loadvm ready")
+        def connect_exec(guest: QemuGuest, what: str) -> None:
             client = guest.connect()
             try:
-                timed(client, "first exec after loadvm")
+                timed(guest, client, what)
             finally:
                 client.close()
-            reset_exec.append(time.monotonic() - t)
+
+        with start() as guest:
+            to_ready = guest.wait_ready(READY_TIMEOUT)
+            try:  # before any connection, so that a restore finds none open
+                guest.monitor("savevm ready")
+            except PeerUnavailable as e:  # then QEMU has no restore or reset number, and says why
+                missing["restore_exec_s"] = missing["reset_exec_s"] = str(e)
+            client = guest.connect()
+            try:
+                dmesg = checked(
+                    client.run(["/bin/busybox", "dmesg"]), guest.console_tail(), "dmesg"
+                )
+                exec_rt = [timed(guest, client, "exec") for _ in range(reps * reps)]
+            finally:
+                client.close()
+            if is_nested_pvm():
+                missing.setdefault("reset_exec_s", NO_LOADVM_IN_PLACE)
+            reset_exec = []
+            for _ in range(0 if "reset_exec_s" in missing else reps):
+                t = time.monotonic()
+                guest.monitor("loadvm ready")
+                connect_exec(guest, "first exec after loadvm")
+                reset_exec.append(time.monotonic() - t)
+        restore_exec = []
+        for _ in range(0 if "restore_exec_s" in missing else reps):
+            t = time.monotonic()
+            with start(loadvm="ready") as guest:
+                connect_exec(guest, "first exec after -loadvm")
+                restore_exec.append(time.monotonic() - t)
     result: dict[str, object] = {
         "boot_to_ready_s": to_ready,
         "init_clock_s": init_clock(dmesg.stdout),
         "exec_s": summarize(exec_rt),
     }
-    if no_reset:
-        print(f"bench_linux: no QEMU reset + exec: {no_reset}", file=sys.stderr)
-    else:
+    if restore_exec:
+        result["restore_exec_s"] = summarize(restore_exec)
+    if reset_exec:
         result["reset_exec_s"] = summarize(reset_exec)
-    return result
+    for key, why in missing.items():
+        print(f"bench_linux: no QEMU {key}: {why}", file=sys.stderr)
+    return result, missing
 
 
 SEGFAULT = re.compile(r"\S+\[\d+\]: segfault at [^\n|]*[^\s|]")
@@ -277,7 +311,9 @@ def main() -> None:
         snap = Path(d) / "linux.snap"
         ours = measure_ours(image, snap, args.reps)
         try:  # the peer before the soak, so that a failing baseline does not wait for it
-            qemu = None if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
+            qemu, qemu_missing = (
+                (None, {}) if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
+            )
         except PeerUnavailable as e:
             raise BenchFailure(f"the QEMU baseline failed: {e}") from None
         soak_pooled = soak(snap, args.soak_pooled, pooled=True)
@@ -301,9 +337,12 @@ def main() -> None:
             ("QEMU microvm: guest clock at 'Run /init'", qemu["init_clock_s"], "s"),
             ("QEMU: exec round trip (agent over TCP)", qemu["exec_s"], "s"),
         ]
+        if "restore_exec_s" in qemu:
+            rows.append(("QEMU: -loadvm (new process) + exec", qemu["restore_exec_s"], "s"))
         if "reset_exec_s" in qemu:
             rows.append(("QEMU: loadvm + connect + exec", qemu["reset_exec_s"], "s"))
         results["qemu"] = {key: round(median(value), 3) for key, value in qemu.items()}
+        results["qemu_missing"] = qemu_missing
     print_table(f"Linux guest ({'nested PVM' if is_nested_pvm() else 'hardware KVM'})", rows)
     print_side_by_side(ours, qemu)
     for failure in soak_pooled + soak_fresh:
