@@ -26,12 +26,14 @@ QEMU (Debian's qemu-system-x86, `-M microvm`, KVM) is installed with apt-get whe
 (bench/_qemu_peer.py); when it cannot be, the benchmark stops saying how, unless
 `--no-qemu` leaves the baseline out. A missing baseline is never printed as a number.
 Prints a table and one JSON line. Under nested PVM this takes long (the guest kernel is
-emulated; other VMs on the machine slow it further: the JSON line has the load average).
+emulated; other VMs on the machine slow it further: the JSON line has the load average
+at the end, and `boot_loadavg_1m` the one when each boot started, ours and QEMU's).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -93,6 +95,7 @@ def init_clock(dmesg: bytes) -> float:
 
 def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
     """Boot to ready (then snapshot), restore -> first exec, exec round trips, reset + exec."""
+    load = os.getloadavg()[0]
     t0 = time.monotonic()
     m = image.boot(1, image.default_mem_mib, timeout=READY_TIMEOUT)
     try:
@@ -120,6 +123,7 @@ def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
             reset_exec.append(time.monotonic() - t)
     return {
         "boot_to_ready_s": to_ready,
+        "boot_loadavg_1m": load,
         "init_clock_s": init_clock(dmesg),
         "restore_exec_s": summarize(restore_exec),
         "exec_s": summarize(exec_rt),
@@ -162,6 +166,7 @@ def measure_qemu(
             finally:
                 client.close()
 
+        load = os.getloadavg()[0]
         with start() as guest:
             to_ready = guest.wait_ready(READY_TIMEOUT)
             try:  # before any connection, so that a restore finds none open
@@ -192,6 +197,7 @@ def measure_qemu(
                 restore_exec.append(time.monotonic() - t)
     result: dict[str, object] = {
         "boot_to_ready_s": to_ready,
+        "boot_loadavg_1m": load,
         "init_clock_s": init_clock(dmesg.stdout),
         "exec_s": summarize(exec_rt),
     }
@@ -285,6 +291,8 @@ def print_side_by_side(ours: dict[str, object], qemu: dict[str, object] | None) 
         q = f"{median(qemu[key]):9.3f}" if qemu and key in qemu else f"{'-':>9}"
         t = f"{TARGETS[key]:8.2f}" if key in TARGETS else f"{'':>8}"
         print(f"{label:<34} {median(ours[key]):9.3f} {q} {t}")
+    q = f"{qemu['boot_loadavg_1m']:9.2f}" if qemu else f"{'-':>9}"
+    print(f"{'(load average at boot, 1 min)':<34} {ours['boot_loadavg_1m']:9.2f} {q}")
 
 
 def main() -> None:
