@@ -9,11 +9,22 @@ guest costs by itself. What is measured, on QEMU's side:
 * exec round trip: `busybox true` through the same agent protocol (`AgentClient`), over
   TCP (virtio-net, QEMU's user-mode network with a host port forwarded to the agent),
   since this host has no vhost-vsock; our VMM uses virtio-vsock;
-* reset + exec: `loadvm` of a snapshot taken at ready (QEMU's reset in place: all RAM and
-  device state back), then a new connection, HELLO and `busybox true`.
+* restore + exec: a new QEMU process started with `-loadvm` of a snapshot taken at ready
+  (`savevm`), then a connection, HELLO and `busybox true`;
+* reset + exec, on hardware KVM only: `loadvm` in the running process (QEMU's reset in
+  place: all RAM and device state back), then the same. Not under kvm_pvm: see
+  `NO_LOADVM_IN_PLACE`.
 
-The guest's command line gets `ip=` (static address, no DHCP) and, after `--`, the
-agent's `--listen tcp:0.0.0.0:PORT --ready none`: the only differences from ours.
+The guest's command line gets the virtio-net transport, `ip=` (static address, no DHCP)
+and, after `--`, the agent's `--listen tcp:0.0.0.0:PORT --ready none`: the only
+differences from ours. The transport is named on the command line by us, not by QEMU:
+our kernel has no ACPI, so QEMU's default microvm (acpi=auto: on) describes its
+virtio-mmio devices in tables the guest never reads (no eth0, the agent listens on a
+network that does not exist: the host's connection is accepted by QEMU's user network and
+never answered). With acpi=off QEMU would append `virtio_mmio.device=` itself, but at the
+very end, after `--`, where it becomes an argument of init rather than a kernel
+parameter; so auto-kernel-cmdline is off, the device is pinned to the first transport and
+its address and IRQ are written before the `--`.
 
 `ensure_qemu` installs Debian's qemu-system-x86 with apt-get when it is missing (as
 scripts/bootstrap.sh installs the project's other tools), or raises `PeerUnavailable`
@@ -42,7 +53,21 @@ QEMU_CPU_PVM = (
     "-rdseed,-rdpid,-popcnt,+tsc-deadline,-arch-capabilities"
 )
 GUEST_IP = "10.0.2.15"
+#: QEMU microvm's first virtio-mmio transport (acpi=off, so no second IO-APIC): 512 bytes
+#: at 0xfeb00000, IRQ 5; the net device is pinned to it (`bus=virtio-mmio-bus.0`).
+NET_TRANSPORT = "virtio_mmio.device=512@0xfeb00000:5"
 AGENT_PORT = 5253
+#: Why QEMU has no reset-in-place number under kvm_pvm (seen here in each of 3 tries, 2 Dec).
+NO_LOADVM_IN_PLACE = (
+    "QEMU's loadvm in a running process breaks the guest under kvm_pvm: once a command has"
+    " run since savevm, the next command after loadvm kills the agent (init[1]: segfault at 0"
+    " ip 0 error 14, kernel panic), while a loadvm right after savevm, with no page-table"
+    " change between, works. The likely cause: kvm_pvm shadows the guest's page tables, and"
+    " loadvm writes them back through QEMU's own mapping of guest RAM, which the shadow MMU"
+    " neither write-protects nor is notified of, so it keeps translations of page tables"
+    " that no longer exist (our reset drops the pages with MADV_DONTNEED, whose MMU notifier"
+    " zaps them)."
+)
 LISTENING = re.compile(rb"sm-agent: listening on tcp:[0-9.]+:\d+")
 
 
@@ -95,24 +120,31 @@ class QemuGuest:
         *,
         mem_mib: int,
         cpu: str,
+        state: Path | None = None,
+        loadvm: str | None = None,
     ) -> None:
+        """state: the qcow2 file `savevm` keeps its snapshots in (created when missing; by
+        default one of this guest's own); loadvm: start from that snapshot of it instead of
+        booting (QEMU's restore from file; one process at a time may hold the file)."""
         self._dir = Path(tempfile.mkdtemp(prefix="sm-bench-qemu-"))
         self.port = _free_port()
         self._monitor_path = self._dir / "monitor.sock"
-        state = self._dir / "vmstate.qcow2"  # savevm needs a qcow2 node to keep the snapshot in
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(state), "64M"],
-            check=True,
-            capture_output=True,
-        )
+        state = state or self._dir / "vmstate.qcow2"  # savevm keeps its snapshot in a qcow2 node
+        if not state.exists():
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(state), "64M"],
+                check=True,
+                capture_output=True,
+            )
         guest_cmdline = (
-            f"{cmdline} console=ttyS0 ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
+            f"{cmdline} console=ttyS0 {NET_TRANSPORT}"
+            f" ip={GUEST_IP}::10.0.2.2:255.255.255.0::eth0:off"
             f" -- --listen tcp:0.0.0.0:{AGENT_PORT} --ready none"
         )
         self.argv = [
             qemu,
             "-M",
-            "microvm,x-option-roms=off,rtc=off",
+            "microvm,x-option-roms=off,rtc=off,acpi=off,auto-kernel-cmdline=off",
             "-accel",
             "kvm",
             "-cpu",
@@ -133,11 +165,12 @@ class QemuGuest:
             "-netdev",
             f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-{GUEST_IP}:{AGENT_PORT}",
             "-device",
-            "virtio-net-device,netdev=n0",
+            "virtio-net-device,netdev=n0,bus=virtio-mmio-bus.0",
             "-drive",
             f"if=none,id=vmstate,format=qcow2,file={state}",
             "-monitor",
             f"unix:{self._monitor_path},server=on,wait=off",
+            *(["-loadvm", loadvm] if loadvm else []),
         ]
         self._console = bytearray()
         self._console_cv = threading.Condition()
@@ -184,16 +217,23 @@ class QemuGuest:
         """A handshaken agent client over the forwarded port (retried until the guest answers)."""
         deadline = time.monotonic() + timeout
         while True:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = socket.socket()
             try:
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", self.port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return AgentClient(sock, timeout=min(30.0, max(deadline - time.monotonic(), 1)))
-            except (AgentError, OSError):
-                # user-mode networking accepts on the host before the guest does; a guest
-                # that is not listening yet shows up as a closed connection: try again
+            except (AgentError, OSError) as e:
+                # a QEMU just started has no forwarded port yet (refused), and user-mode
+                # networking accepts on the host before the guest does (a guest not
+                # listening yet shows up as a closed connection): try again
                 sock.close()
-                if time.monotonic() > deadline:
-                    raise
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise PeerUnavailable(
+                        f"no agent HELLO over tcp:127.0.0.1:{self.port} within {timeout:.0f} s"
+                        f" ({type(e).__name__}: {e}); console tail:\n{self.console_tail()}"
+                    ) from e
+                time.sleep(0.01)
 
     def monitor(self, command: str, timeout: float = 600.0) -> str:
         """One HMP command; returns its output (QEMU's human monitor, for savevm/loadvm)."""

@@ -10,8 +10,11 @@ Measured on both, with the product's command line (quiet):
 * the guest clock at the kernel's "Run /init" (from dmesg: where the kernel's own time goes);
 * exec round trip: `busybox true` through the agent protocol (ours over virtio-vsock; QEMU
   over TCP through its user-mode network, this host has no vhost-vsock);
+* restore + exec: a new machine from the ready snapshot, then `busybox true` (ours:
+  `Machine.restore`; QEMU: a new process with `-loadvm`, a connection and HELLO);
 * reset + exec: back to the ready snapshot in place, then `busybox true` (ours: `reset()`;
-  QEMU: `loadvm`, a new connection and HELLO).
+  QEMU: `loadvm`, a new connection and HELLO; on hardware KVM only, as QEMU's loadvm in
+  place breaks a kvm_pvm guest: bench/_qemu_peer.py says why, and so does the output).
 
 The targets of issue 11 are printed next to them. The soak runs `true` through the guest's
 shell on machines handed out like the plugin's pool does (reset in place before each
@@ -23,25 +26,34 @@ QEMU (Debian's qemu-system-x86, `-M microvm`, KVM) is installed with apt-get whe
 (bench/_qemu_peer.py); when it cannot be, the benchmark stops saying how, unless
 `--no-qemu` leaves the baseline out. A missing baseline is never printed as a number.
 Prints a table and one JSON line. Under nested PVM this takes long (the guest kernel is
-emulated; other VMs on the machine slow it further: the JSON line has the load average).
+emulated; other VMs on the machine slow it further: the JSON line has the load average
+at the end, and `boot_loadavg_1m` the one when each boot started, ours and QEMU's).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit_json, print_table, summarize
-from _qemu_peer import QEMU_CPU_PVM, PeerUnavailable, QemuGuest, ensure_qemu
+from _qemu_peer import (
+    NO_LOADVM_IN_PLACE,
+    QEMU_CPU_PVM,
+    PeerUnavailable,
+    QemuGuest,
+    ensure_qemu,
+)
 
 from pytest_supermachine.images.linux import LinuxImage
-from pytest_supermachine.vmm.agent import AgentError, RunResult
+from pytest_supermachine.vmm.agent import AgentClient, AgentError, RunResult
 from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 
@@ -83,6 +95,7 @@ def init_clock(dmesg: bytes) -> float:
 
 def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
     """Boot to ready (then snapshot), restore -> first exec, exec round trips, reset + exec."""
+    load = os.getloadavg()[0]
     t0 = time.monotonic()
     m = image.boot(1, image.default_mem_mib, timeout=READY_TIMEOUT)
     try:
@@ -110,6 +123,7 @@ def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
             reset_exec.append(time.monotonic() - t)
     return {
         "boot_to_ready_s": to_ready,
+        "boot_loadavg_1m": load,
         "init_clock_s": init_clock(dmesg),
         "restore_exec_s": summarize(restore_exec),
         "exec_s": summarize(exec_rt),
@@ -117,56 +131,105 @@ def measure_ours(image: LinuxImage, snap: Path, reps: int) -> dict[str, object]:
     }
 
 
-def measure_qemu(image: LinuxImage, qemu: str, reps: int) -> dict[str, object]:
-    """The same measurements on QEMU (bench/_qemu_peer.py says how each is taken)."""
-    kernel = image.kernel()
-    guest = QemuGuest(
-        qemu,
-        kernel.vmlinux,
-        image.initramfs(),
-        image.cmdline(),
-        mem_mib=image.default_mem_mib,
-        cpu=QEMU_CPU_PVM if is_nested_pvm() else "host",
-    )
-    with guest:
-        to_ready = guest.wait_ready(READY_TIMEOUT)
-        try:  # before any connection, so that loadvm finds none open
-            guest.monitor("savevm ready")
-            no_reset = ""
-        except PeerUnavailable as e:  # then QEMU has no reset + exec number, and says why
-            no_reset = str(e)
+def measure_qemu(
+    image: LinuxImage, qemu: str, reps: int
+) -> tuple[dict[str, object], dict[str, str]]:
+    """The same measurements on QEMU (bench/_qemu_peer.py says how each is taken).
 
-        def timed(client, what: str) -> float:
+    Returns the numbers and, for each measurement QEMU has none of, why.
+    """
+    missing: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="sm-bench-qemu-state-") as d:
+        state = Path(d) / "vmstate.qcow2"
+
+        def start(loadvm: str | None = None) -> QemuGuest:
+            return QemuGuest(
+                qemu,
+                image.kernel().vmlinux,
+                image.initramfs(),
+                image.cmdline(),
+                mem_mib=image.default_mem_mib,
+                cpu=QEMU_CPU_PVM if is_nested_pvm() else "host",
+                state=state,
+                loadvm=loadvm,
+            )
+
+        def timed(guest: QemuGuest, client: AgentClient, what: str) -> float:
             t = time.monotonic()
             checked(client.run(TRUE_ARGV, timeout=EXEC_TIMEOUT), guest.console_tail(), what)
             return time.monotonic() - t
 
-        client = guest.connect()
-        try:
-            dmesg = checked(client.run(["/bin/busybox", "dmesg"]), guest.console_tail(), "dmesg")
-            exec_rt = [timed(client, "exec") for _ in range(reps * reps)]
-        finally:
-            client.close()
-        reset_exec = []
-        for _ in range(0 if no_reset else reps):
-            t = time.monotonic()
-            guest.monitor("loadvm ready")
+        def connect_exec(guest: QemuGuest, what: str) -> None:
             client = guest.connect()
             try:
-                timed(client, "first exec after loadvm")
+                timed(guest, client, what)
             finally:
                 client.close()
-            reset_exec.append(time.monotonic() - t)
+
+        load = os.getloadavg()[0]
+        with start() as guest:
+            to_ready = guest.wait_ready(READY_TIMEOUT)
+            try:  # before any connection, so that a restore finds none open
+                guest.monitor("savevm ready")
+            except PeerUnavailable as e:  # then QEMU has no restore or reset number, and says why
+                missing["restore_exec_s"] = missing["reset_exec_s"] = str(e)
+            client = guest.connect()
+            try:
+                dmesg = checked(
+                    client.run(["/bin/busybox", "dmesg"]), guest.console_tail(), "dmesg"
+                )
+                exec_rt = [timed(guest, client, "exec") for _ in range(reps * reps)]
+            finally:
+                client.close()
+            if is_nested_pvm():
+                missing.setdefault("reset_exec_s", NO_LOADVM_IN_PLACE)
+            reset_exec = []
+            for _ in range(0 if "reset_exec_s" in missing else reps):
+                t = time.monotonic()
+                guest.monitor("loadvm ready")
+                connect_exec(guest, "first exec after loadvm")
+                reset_exec.append(time.monotonic() - t)
+        restore_exec = []
+        for _ in range(0 if "restore_exec_s" in missing else reps):
+            t = time.monotonic()
+            with start(loadvm="ready") as guest:
+                connect_exec(guest, "first exec after -loadvm")
+                restore_exec.append(time.monotonic() - t)
     result: dict[str, object] = {
         "boot_to_ready_s": to_ready,
+        "boot_loadavg_1m": load,
         "init_clock_s": init_clock(dmesg.stdout),
         "exec_s": summarize(exec_rt),
     }
-    if no_reset:
-        print(f"bench_linux: no QEMU reset + exec: {no_reset}", file=sys.stderr)
-    else:
+    if restore_exec:
+        result["restore_exec_s"] = summarize(restore_exec)
+    if reset_exec:
         result["reset_exec_s"] = summarize(reset_exec)
-    return result
+    for key, why in missing.items():
+        print(f"bench_linux: no QEMU {key}: {why}", file=sys.stderr)
+    return result, missing
+
+
+SEGFAULT = re.compile(r"\S+\[\d+\]: segfault at [^\n|]*[^\s|]")
+
+
+def fault_lines(m: Machine) -> list[str]:
+    """The kernel's `segfault at` lines since the machine's last reset or restore.
+
+    They are KERN_INFO, below the console's quiet loglevel, so they are read from the
+    guest's own log (dmesg) right after the failed command, before the next reset.
+    """
+    try:
+        log = m.run(["/bin/busybox", "dmesg"], timeout=EXEC_TIMEOUT).stdout
+    except AgentError as e:
+        return [f"(dmesg failed: {type(e).__name__}: {str(e)[:200]})"]
+    return SEGFAULT.findall(log.decode(errors="replace"))
+
+
+def fault_signature(line: str) -> str:
+    """A `segfault at` line without its pid and stack pointer (what repeats across faults)."""
+    line = re.sub(r"\[\d+\]", "", line)
+    return re.sub(r" sp [0-9a-f]+", "", line)
 
 
 def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
@@ -185,10 +248,9 @@ def soak(snap: Path, commands: int, *, pooled: bool) -> list[str]:
             failures.append(f"#{i}: {type(e).__name__}: {str(e)[:200]}; console tail: {tail}")
             return
         if not result.ok:
-            lines = [ln for ln in m.console.splitlines() if "segfault" in ln]
             failures.append(
-                f"#{i}: returncode {result.returncode}; console: "
-                + (" | ".join(lines[-3:]) or "(nothing)")
+                f"#{i}: returncode {result.returncode}; guest log: "
+                + (" | ".join(fault_lines(m)) or "(no 'segfault at' line)")
             )
 
     kind = "reset + `true`" if pooled else "restore + `true`"
@@ -229,6 +291,8 @@ def print_side_by_side(ours: dict[str, object], qemu: dict[str, object] | None) 
         q = f"{median(qemu[key]):9.3f}" if qemu and key in qemu else f"{'-':>9}"
         t = f"{TARGETS[key]:8.2f}" if key in TARGETS else f"{'':>8}"
         print(f"{label:<34} {median(ours[key]):9.3f} {q} {t}")
+    q = f"{qemu['boot_loadavg_1m']:9.2f}" if qemu else f"{'-':>9}"
+    print(f"{'(load average at boot, 1 min)':<34} {ours['boot_loadavg_1m']:9.2f} {q}")
 
 
 def main() -> None:
@@ -254,12 +318,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sm-bench-") as d:
         snap = Path(d) / "linux.snap"
         ours = measure_ours(image, snap, args.reps)
+        try:  # the peer before the soak, so that a failing baseline does not wait for it
+            qemu, qemu_missing = (
+                (None, {}) if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
+            )
+        except PeerUnavailable as e:
+            raise BenchFailure(f"the QEMU baseline failed: {e}") from None
         soak_pooled = soak(snap, args.soak_pooled, pooled=True)
         soak_fresh = soak(snap, args.soak_fresh, pooled=False)
-    try:
-        qemu = None if qemu_bin is None else measure_qemu(image, qemu_bin, args.reps)
-    except PeerUnavailable as e:
-        raise BenchFailure(f"the QEMU baseline failed: {e}") from None
     rows: list[tuple[str, dict[str, float] | float, str]] = [
         ("our VMM: kernel load -> agent ready", ours["boot_to_ready_s"], "s"),
         ("our VMM: guest clock at 'Run /init'", ours["init_clock_s"], "s"),
@@ -279,13 +345,23 @@ def main() -> None:
             ("QEMU microvm: guest clock at 'Run /init'", qemu["init_clock_s"], "s"),
             ("QEMU: exec round trip (agent over TCP)", qemu["exec_s"], "s"),
         ]
+        if "restore_exec_s" in qemu:
+            rows.append(("QEMU: -loadvm (new process) + exec", qemu["restore_exec_s"], "s"))
         if "reset_exec_s" in qemu:
             rows.append(("QEMU: loadvm + connect + exec", qemu["reset_exec_s"], "s"))
         results["qemu"] = {key: round(median(value), 3) for key, value in qemu.items()}
+        results["qemu_missing"] = qemu_missing
     print_table(f"Linux guest ({'nested PVM' if is_nested_pvm() else 'hardware KVM'})", rows)
     print_side_by_side(ours, qemu)
     for failure in soak_pooled + soak_fresh:
         print(f"soak failure {failure}")
+    signatures = Counter(
+        fault_signature(line)
+        for failure in soak_pooled + soak_fresh
+        for line in SEGFAULT.findall(failure)
+    )
+    for signature, count in signatures.most_common():
+        print(f"soak: {count} x {signature}")
     emit_json("linux", results)
     if soak_pooled or soak_fresh:
         raise SystemExit(1)
