@@ -1229,7 +1229,7 @@ class Machine:
         machine stops and keeps working across `reset` (connections open at the
         reset are cut). Exposing the same port again returns the same address.
         """
-        from .expose import PortForward
+        from .expose import GUEST_OPEN_TIMEOUT, PortForward
 
         for forward in self._forwards:
             if forward.guest_port == port and forward.tls == tls:
@@ -1239,7 +1239,12 @@ class Machine:
             from .tls import session_certificates
 
             context = session_certificates().server_context()
-        forward = PortForward(port, self.connect_tcp, tls=context, port=host_port)
+        forward = PortForward(
+            port,
+            functools.partial(self.connect_tcp, timeout=GUEST_OPEN_TIMEOUT),
+            tls=context,
+            port=host_port,
+        )
         self._forwards.append(forward)
         return forward.address
 
