@@ -22,6 +22,7 @@ from pytest_supermachine.fixtures.factory import MicrovmFactory
 from pytest_supermachine.session.settings import Settings
 from pytest_supermachine.vmm.agent import AgentRemoteError
 from pytest_supermachine.vmm.machine import Machine
+from pytest_supermachine.vmm.origin import ResetStrategy
 from tests.host_http import HOST_PAGE, host_http_server
 
 PAGE = b"hello from the guest\n"
@@ -124,6 +125,17 @@ def test_an_exposed_port_keeps_working_after_reset(hermetic):
     hermetic.reset()
     hermetic.run(GUEST_HTTPD, check=True)
     assert httpx.get(f"http://{host}:{port}/", timeout=HTTP_TIMEOUT).content == PAGE
+
+
+@pytest.mark.parametrize("strategy", [ResetStrategy.COPY, ResetStrategy.DISCARD])
+def test_the_agent_survives_a_reset_after_it_relayed_a_connection(httpd_guest, strategy):
+    # The agent forks a relay per connect_tcp: its own pages are copy-on-write from then
+    # on, so a reset that leaves stale guest translations behind (KVM's shadow page
+    # tables on nested PVM) sends it to its post-fork copies.
+    with httpd_guest.connect_tcp(8080) as sock:
+        assert http_get(sock).endswith(PAGE)
+    httpd_guest.reset(strategy=strategy)
+    assert httpd_guest.run("echo alive", timeout=120).stdout == b"alive\n"
 
 
 # ------------------------------------------------------------------ egress
