@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 #: How long a client may take for its TLS handshake.
 TLS_HANDSHAKE_TIMEOUT = 30.0
+#: How long opening the guest side of one forwarded connection may take (the machine's
+#: ``connect_tcp`` timeout). The client waiting on it has its own timeout; this one only
+#: stops a guest that never answers. Generous because the guest kernel may be emulated:
+#: on nested PVM a restored guest's first TCP connection took 3.4 s on a quiet host.
+GUEST_OPEN_TIMEOUT = 120.0
 _CHUNK = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 

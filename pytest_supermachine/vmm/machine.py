@@ -233,6 +233,19 @@ class Machine:
             raise
         self.timings.create_seconds = time.monotonic() - t0
 
+    def _register_ram(self, *, again: bool = False) -> None:
+        """Give KVM the RAM slots. `again`: delete each first, which makes KVM drop every
+        translation it built from the guest's page tables (see `reset`)."""
+        assert self.memory is not None
+        for slot, region in enumerate(self.memory.regions):
+            address = self.memory.host_address(slot)
+            log_dirty = self.config.track_dirty_pages
+            if again:
+                self.vm.set_user_memory_region(slot, region.gpa, 0, address, log_dirty=log_dirty)
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, address, log_dirty=log_dirty
+            )
+
     def _build(self, cpuids: Sequence[CpuidTable] | None) -> None:
         cfg = self.config
         self.vm.create_irqchip()
@@ -243,14 +256,7 @@ class Machine:
             raise MachineError(
                 f"memory of {self.memory.size} bytes for a {cfg.mem_mib} MiB machine"
             )
-        for slot, region in enumerate(self.memory.regions):
-            self.vm.set_user_memory_region(
-                slot,
-                region.gpa,
-                region.size,
-                self.memory.host_address(slot),
-                log_dirty=cfg.track_dirty_pages,
-            )
+        self._register_ram()
         self.cpuid = self.kvm.guest_cpuid()
         self.vcpu_cpuid: list[CpuidTable] = (
             list(cpuids)
@@ -845,6 +851,16 @@ class Machine:
             self._origin.reset_memory(
                 strategy or self.config.reset_strategy, self.config.reset_costs
             )
+            if self.kvm.pvm:
+                # kvm_pvm shadows the guest's page tables, and KVM does not see the host
+                # put their pages back (a copy is no event at all; MADV_DONTNEED zaps only
+                # the mappings *of* a page, not those built *from* it): its shadow tables
+                # would keep the guest's post-snapshot mappings. A process that lived
+                # through the reset and had forked since (COW: its stack moved to a
+                # copy) then ran on the copy's bytes: the agent died at ip 0 after a
+                # connect_tcp. A memslot deletion zaps them all (hardware KVM with
+                # EPT/NPT walks the guest's tables itself and needs none of this).
+                self._register_ram(again=True)
             self._origin.state.apply()
             self.devices.reset()
         self._adopt_agent_session()
@@ -1225,7 +1241,7 @@ class Machine:
         machine stops and keeps working across `reset` (connections open at the
         reset are cut). Exposing the same port again returns the same address.
         """
-        from .expose import PortForward
+        from .expose import GUEST_OPEN_TIMEOUT, PortForward
 
         for forward in self._forwards:
             if forward.guest_port == port and forward.tls == tls:
@@ -1235,7 +1251,12 @@ class Machine:
             from .tls import session_certificates
 
             context = session_certificates().server_context()
-        forward = PortForward(port, self.connect_tcp, tls=context, port=host_port)
+        forward = PortForward(
+            port,
+            functools.partial(self.connect_tcp, timeout=GUEST_OPEN_TIMEOUT),
+            tls=context,
+            port=host_port,
+        )
         self._forwards.append(forward)
         return forward.address
 
