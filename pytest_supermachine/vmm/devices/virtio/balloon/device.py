@@ -95,9 +95,11 @@ class BalloonStats:
 
 #: The Linux guest's command-line key for `reporting_order` (applied by guest/agent/init.c).
 REPORTING_ORDER_CMDLINE_KEY = "sm.page_reporting_order"
-#: Linux reports free memory in chunks of 2**order pages; 9 (2 MiB) is its x86 default
-#: with huge pages, and what a guest with enough RAM gets.
-MAX_REPORTING_ORDER = 9
+#: Linux reports free memory in chunks of 2**order pages. At most 8 (1 MiB): a tmpfs
+#: file freed in a guest leaves fragments, and 2 MiB chunks (Linux's x86 default with huge
+#: pages) left 8.5 MiB of 80 MiB freed unreported in a 128 MiB guest, 13.8 MiB of 100 in a
+#: 256 MiB one (bench_devices); 1 MiB chunks left 5.5 MiB.
+MAX_REPORTING_ORDER = 8
 #: Linux's ``PAGE_REPORTING_CAPACITY``: chunks per report.
 _REPORT_CAPACITY = 32
 
@@ -110,7 +112,7 @@ def reporting_order(mem_bytes: int) -> int:
     pages (our kernel has none) it uses ``MAX_ORDER - 1`` = 10: 128 MiB, so a 128 MiB
     guest never reported a page (a test that freed 81 MiB kept it all on the host).
     The largest order up to `MAX_REPORTING_ORDER` whose 32 chunks fit in a quarter of
-    RAM: 128 MiB -> 8 (1 MiB chunks), 256 MiB and more -> 9; at least 0.
+    RAM: 64 MiB -> 7, 128 MiB and more -> 8 (1 MiB chunks); at least 0.
     """
     pages = max(mem_bytes // PAGE_SIZE, 1)
     order = 0
