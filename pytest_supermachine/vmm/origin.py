@@ -186,6 +186,29 @@ class SnapshotOrigin:
         if self.chain.depth > 1:  # host copies: KVM's dirty log does not see them
             self.chain.overlay_diffs(self._memory, chain_pages)
         dirty.clear()
+        self._forget_translations()
+
+    def _forget_translations(self) -> None:
+        """Make KVM drop every translation it derived from guest RAM before the reset.
+
+        The pages went back from the host side (copied, dropped, overlaid), which KVM
+        does not see: its shadow page tables (PVM, this host's nested KVM, uses shadow
+        paging) still mirror the guest's page tables as they were before the reset. A
+        COPY reset leaves them pointing at the pages the guest used since the restore,
+        so a guest process that changed its page tables meanwhile (a fork's copy-on-write,
+        a new mapping) runs on those pages again instead of its snapshot's: seen as a shell
+        that held a virtio-fs file open and died with SIGSEGV at its first step after a
+        reset (issue 15). DISCARD's ``MADV_DONTNEED`` does reach KVM (its mmu notifier),
+        but drops only the entries that map the dropped pages, not those a changed page
+        table left pointing at a page the guest did not write.
+        Deleting and re-adding a slot is the one way userspace has to drop them all
+        (about 0.3-5 ms here; the guest re-faults its working set, as after a restore).
+        The slot's dirty log starts empty, as a reset wants.
+        """
+        for slot, region in enumerate(self._memory.regions):
+            address = self._memory.host_address(slot)
+            self._vm.set_user_memory_region(slot, region.gpa, 0, address, log_dirty=True)
+            self._vm.set_user_memory_region(slot, region.gpa, region.size, address, log_dirty=True)
 
     def close(self) -> None:
         """Unmap the base views and close the chain (after the VM that maps its RAM is gone)."""

@@ -152,9 +152,6 @@ def test_a_writable_mounts_writes_appear_on_the_host(vm: Machine, mounted: Mount
     assert vm.run("cat /out/d/w.txt", timeout=T).stdout == b"from the guest\n"
 
 
-@pytest.mark.xfail(
-    reason="issue 15: after reset the guest's read of a file held open since the snapshot hangs until the command times out (-9); cause not yet found"
-)
 def test_a_file_held_open_across_restore_and_reset_still_reads(vm: Machine, mounted: Mounted):
     (mounted.src / "held.txt").write_bytes(b"held, rewritten on the host\n")
     assert _read_held(vm, "held") == (0, b"held, rewritten on the host\n")
