@@ -21,7 +21,6 @@ import pytest
 from pytest_supermachine.images.linux import LinuxImage
 from pytest_supermachine.mounts import Mount
 from pytest_supermachine.vmm.fsmounts import mount_specs
-from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 from tests.plugin.smhelpers import USER_CACHE, Project
 from tests.unit.test_virtio_fs import SECRET, make_tree
@@ -197,11 +196,6 @@ def test_the_microvm_marker_mounts_a_directory_relative_to_the_rootdir(
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.skipif(
-    is_nested_pvm(),
-    reason="DAX under nested PVM: the guest's DAX window setup (memremap of the window) did "
-    "not finish within minutes here (docs/fs.md, DAX); runs on hardware KVM",
-)
 def test_a_dax_mount_reads_the_host_page_cache_and_stays_current(
     linux_image: LinuxImage, tmp_path: Path
 ):
