@@ -127,9 +127,8 @@ def main() -> None:
         help="without --dax: seconds a boot with a DAX mount gets to reach READY (0: no probe)",
     )
     args = ap.parse_args()
-    kinds = ("fs", "dax", "blk") if args.dax else ("fs", "blk")
-    if args.only:
-        kinds = tuple(k for k in kinds if k in args.only.split(","))
+    booted = ("fs", "dax", "blk") if args.dax else ("fs", "blk")
+    kinds = tuple(k for k in booted if k in args.only.split(",")) if args.only else booted
     image = LinuxImage()
     image.build()
     with tempfile.TemporaryDirectory(prefix="bench-fs-") as tmp:
@@ -159,7 +158,7 @@ def main() -> None:
                     loop = f"for f in /{where}/tree/*; do : <$f; done"
                     record(samples, f"{where} open+close", SMALL_FILES / guest_seconds(vm, loop))
 
-        boots: dict[str, float] = {f"boot, {' + '.join(kinds)}": boot_all}
+        boots: dict[str, float] = {f"boot, {' + '.join(booted)}": boot_all}
         if not args.no_boot_cost:
             variants: list[tuple[str, dict]] = [
                 ("boot, no mounts", {}),
