@@ -21,7 +21,6 @@ import pytest
 from pytest_supermachine.images.linux import LinuxImage
 from pytest_supermachine.mounts import Mount
 from pytest_supermachine.vmm.fsmounts import mount_specs
-from pytest_supermachine.vmm.kvm import is_nested_pvm
 from pytest_supermachine.vmm.machine import Machine
 from tests.plugin.smhelpers import USER_CACHE, Project
 from tests.unit.test_virtio_fs import SECRET, make_tree
@@ -152,9 +151,6 @@ def test_a_writable_mounts_writes_appear_on_the_host(vm: Machine, mounted: Mount
     assert vm.run("cat /out/d/w.txt", timeout=T).stdout == b"from the guest\n"
 
 
-@pytest.mark.xfail(
-    reason="issue 15: after reset the guest's read of a file held open since the snapshot hangs until the command times out (-9); cause not yet found"
-)
 def test_a_file_held_open_across_restore_and_reset_still_reads(vm: Machine, mounted: Mounted):
     (mounted.src / "held.txt").write_bytes(b"held, rewritten on the host\n")
     assert _read_held(vm, "held") == (0, b"held, rewritten on the host\n")
@@ -200,11 +196,6 @@ def test_the_microvm_marker_mounts_a_directory_relative_to_the_rootdir(
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.skipif(
-    is_nested_pvm(),
-    reason="DAX under nested PVM: the guest's DAX window setup (memremap of the window) did "
-    "not finish within minutes here (docs/fs.md, DAX); runs on hardware KVM",
-)
 def test_a_dax_mount_reads_the_host_page_cache_and_stays_current(
     linux_image: LinuxImage, tmp_path: Path
 ):

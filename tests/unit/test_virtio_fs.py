@@ -17,7 +17,7 @@ import pytest
 
 from pytest_supermachine.vmm.devices.virtio.fs import VIRTIO_ID_FS, VirtioFs
 from pytest_supermachine.vmm.devices.virtio.fs.device import SHM_CACHE
-from pytest_supermachine.vmm.devices.virtio.fs.server import FuseServer
+from pytest_supermachine.vmm.devices.virtio.fs.server import NO_FH, FuseServer
 from pytest_supermachine.vmm.devices.virtio.fs.uapi import FUSE, OPCODES
 from pytest_supermachine.vmm.devices.virtio.mmio import REG_DEVICE_ID
 from tests.fuse_guest import ROOT, FuseGuest, fds_under
@@ -642,6 +642,19 @@ def test_setupmapping_maps_the_host_file_into_the_window(dax, tree):
     _, fh = guest.open(node)
     assert setupmapping(guest, node, fh, 1 << 21, 1 << 16, C["FUSE_SETUPMAPPING_FLAG_READ"]) == 0
     assert window.read(1 << 21, 1 << 16) == (tree / "big.bin").read_bytes()[: 1 << 16]
+
+
+def test_setupmapping_without_a_handle_maps_the_nodes_file_as_linux_asks(dax, tree):
+    guest, window = dax
+    node = guest.walk("big.bin")  # Linux's DAX maps per inode: fh = -1, the file is the node
+    assert setupmapping(guest, node, NO_FH, 1 << 21, 1 << 16, C["FUSE_SETUPMAPPING_FLAG_READ"]) == 0
+    assert window.read(1 << 21, 1 << 16) == (tree / "big.bin").read_bytes()[: 1 << 16]
+    state = guest.device.server.state()
+    restored = MmapWindow(1 << 24)
+    server = FuseServer(tree, dax=restored)
+    server.restore_state(state)
+    assert restored.read(1 << 21, 1 << 16) == (tree / "big.bin").read_bytes()[: 1 << 16]
+    server.close()
 
 
 def test_removemapping_unmaps_the_range(dax):

@@ -36,8 +36,8 @@ itself, so mapped ranges are current by construction.
 
 **DAX** is a seam: with a `DaxWindow` (the machine's shared-memory slot) INIT
 offers ``FUSE_MAP_ALIGNMENT`` and SETUPMAPPING/REMOVEMAPPING map ranges of an
-open handle's host fd into the window; the mappings are part of the state and
-re-established by `restore_state`. Without a window both answer ENOSYS.
+open handle's host fd (or, as Linux asks with ``fh = -1``, the node's file) into
+the window; the mappings are part of the state and re-established by `restore_state`. Without a window both answer ENOSYS.
 
 GETXATTR/LISTXATTR/SETXATTR/REMOVEXATTR answer ENOSYS (the guest kernel then
 stops asking); so does every opcode without an ``_op_<name>`` method.
@@ -163,15 +163,22 @@ class Handle:
     fd: int = -1
 
 
+#: The fh of a SETUPMAPPING that names its file by node, not by handle: Linux always
+#: sends it (fs/fuse/dax.c, ``inarg.fh = -1``; its mappings belong to the inode).
+NO_FH = (1 << 64) - 1
+
+
 @dataclass
 class DaxMapping:
-    """One SETUPMAPPING in force: window range, source handle and file offset."""
+    """One SETUPMAPPING in force: window range, source (handle `fh`, or node `nodeid`
+    when `fh` is `NO_FH`) and file offset."""
 
     moffset: int
     length: int
     fh: int
     foffset: int
     writable: bool
+    nodeid: int = 0
 
 
 class FuseServer:
@@ -822,21 +829,36 @@ class FuseServer:
         writable = bool(arg.flags & C["FUSE_SETUPMAPPING_FLAG_WRITE"])
         if writable and not self.writable:
             raise FsError(errno.EROFS)
-        h = self._handle(int(arg.fh), is_dir=False)
-        if writable and h.flags & os.O_ACCMODE == os.O_RDONLY:
-            raise FsError(errno.EBADF, "writable mapping of a read-only handle")
-        mapping = DaxMapping(int(arg.moffset), int(arg.len), h.fh, int(arg.foffset), writable)
+        m = DaxMapping(
+            int(arg.moffset), int(arg.len), int(arg.fh), int(arg.foffset), writable, nodeid
+        )
         align = (1 << DAX_ALIGNMENT_SHIFT) - 1
         if (
-            mapping.length <= 0
-            or (mapping.moffset | mapping.foffset | mapping.length) & align
-            or mapping.moffset + mapping.length > self.dax.size
+            m.length <= 0
+            or (m.moffset | m.foffset | m.length) & align
+            or m.moffset + m.length > self.dax.size
         ):
             raise FsError(errno.EINVAL, "mapping outside the window or unaligned")
-        self.dax.map(mapping.moffset, h.fd, mapping.foffset, mapping.length, writable=writable)
-        self._forget_mappings(mapping.moffset, mapping.length)
-        self.mappings.append(mapping)
+        self._map(m)
+        self._forget_mappings(m.moffset, m.length)
+        self.mappings.append(m)
         return b""
+
+    def _map(self, m: DaxMapping) -> None:
+        """Map `m` into the window from its handle's fd, or (`NO_FH`) from its node's file
+        opened for the call (the mapping keeps the file; the fd is closed)."""
+        assert self.dax is not None
+        if m.fh != NO_FH:
+            h = self._handle(m.fh, is_dir=False)
+            if m.writable and h.flags & os.O_ACCMODE == os.O_RDONLY:
+                raise FsError(errno.EBADF, "writable mapping of a read-only handle")
+            self.dax.map(m.moffset, h.fd, m.foffset, m.length, writable=m.writable)
+            return
+        fd = self._open_file(self._path(m.nodeid), os.O_RDWR if m.writable else os.O_RDONLY)
+        try:
+            self.dax.map(m.moffset, fd, m.foffset, m.length, writable=m.writable)
+        finally:
+            os.close(fd)
 
     def _op_removemapping(self, nodeid: int, body: memoryview, room: int) -> bytes:
         if self.dax is None:
@@ -879,7 +901,9 @@ class FuseServer:
                 for n in self.nodes.values()
             ],
             "handles": [[h.fh, h.nodeid, h.flags, h.is_dir] for h in self.handles.values()],
-            "mappings": [[m.moffset, m.length, m.fh, m.foffset, m.writable] for m in self.mappings],
+            "mappings": [
+                [m.moffset, m.length, m.fh, m.foffset, m.writable, m.nodeid] for m in self.mappings
+            ],
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -887,7 +911,7 @@ class FuseServer:
 
         A node whose path vanished stays in the table and answers ESTALE; a
         handle that cannot be reopened answers ESTALE; DAX mappings of live
-        handles are mapped into the window again.
+        handles and nodes are mapped into the window again.
         """
         self._drop_handles()
         self.minor = int(state.get("minor", 0))
@@ -918,12 +942,18 @@ class FuseServer:
                     )
             self.handles[h.fh] = h
         self.mappings = []
-        for moffset, length, fh, foffset, writable in state.get("mappings", []):
-            m = DaxMapping(int(moffset), int(length), int(fh), int(foffset), bool(writable))
-            h = self.handles.get(m.fh)
-            if self.dax is not None and h is not None and h.fd >= 0:
-                self.dax.map(m.moffset, h.fd, m.foffset, m.length, writable=m.writable)
-                self.mappings.append(m)
+        for moffset, length, fh, foffset, writable, *nodeid in state.get("mappings", []):
+            m = DaxMapping(
+                int(moffset), int(length), int(fh), int(foffset), bool(writable), *nodeid[:1]
+            )
+            if self.dax is None:
+                continue
+            try:
+                self._map(m)
+            except (OSError, FsError) as e:  # the guest reads zeros there, and ESTALE elsewhere
+                log.info("virtio-fs: DAX mapping at %#x is gone after restore: %s", m.moffset, e)
+                continue
+            self.mappings.append(m)
 
     def _drop_handles(self) -> None:
         for h in self.handles.values():
