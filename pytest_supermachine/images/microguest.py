@@ -54,6 +54,13 @@ class MicroguestImage(Image):
             "devices": repr([spec_to_dict(d) for d in self._disks()]) + "+vsock",
         }
 
+    def prepare(self, machine: Machine) -> None:
+        """The microguest's page tables are the identity map the host built: never rewritten.
+
+        So a reset need not make KVM drop its translations (`Machine.guest_writes_page_tables`).
+        """
+        machine.guest_writes_page_tables = False
+
     def boot(
         self, vcpus: int, mem_mib: int, *, timeout: float, network: bool | Sequence[str] = False
     ) -> Machine:
@@ -65,6 +72,7 @@ class MicroguestImage(Image):
                 "(connect_tcp and expose need one too)"
             )
         machine = Machine(vcpus=vcpus, mem_mib=mem_mib, disks=self._disks())
+        self.prepare(machine)
         try:
             machine.boot_direct64(self.elf(), mode=GuestMode.AGENT)
             machine.start()
