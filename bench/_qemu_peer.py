@@ -62,11 +62,11 @@ NO_LOADVM_IN_PLACE = (
     "QEMU's loadvm in a running process breaks the guest under kvm_pvm: once a command has"
     " run since savevm, the next command after loadvm kills the agent (init[1]: segfault at 0"
     " ip 0 error 14, kernel panic), while a loadvm right after savevm, with no page-table"
-    " change between, works. The likely cause: kvm_pvm shadows the guest's page tables, and"
+    " change between, works. The cause: kvm_pvm shadows the guest's page tables, and"
     " loadvm writes them back through QEMU's own mapping of guest RAM, which the shadow MMU"
     " neither write-protects nor is notified of, so it keeps translations of page tables"
-    " that no longer exist (our reset drops the pages with MADV_DONTNEED, whose MMU notifier"
-    " zaps them)."
+    " that no longer exist. Our reset hit the same with a COPY reset and now deletes and"
+    " re-adds the RAM memslots on nested PVM, which drops them all (docs/vmm.md)."
 )
 LISTENING = re.compile(rb"sm-agent: listening on tcp:[0-9.]+:\d+")
 
