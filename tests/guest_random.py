@@ -32,3 +32,26 @@ def test_random(microvm):
 def fails_on_a_repeated_value(command: str) -> str:
     """The module source (see the module docstring); values land in ``seen.json``."""
     return _TEMPLATE.format(command=command)
+
+
+_TWO_TESTS = """
+import json, pathlib
+
+def record(name, vm):
+    path = pathlib.Path(__file__).with_name("drawn.json")
+    drawn = json.loads(path.read_text()) if path.exists() else {{}}
+    drawn[name] = vm.run({command!r}, check=True).stdout.decode()
+    path.write_text(json.dumps(drawn))
+
+def test_one(microvm):
+    record("one", microvm)
+
+def test_two(microvm):
+    record("two", microvm)
+"""
+
+
+def two_tests_drawing(command: str) -> str:
+    """A module of two passing tests, each recording what `command` printed in its guest
+    in ``drawn.json`` beside the module (``{"one": ..., "two": ...}``)."""
+    return _TWO_TESTS.format(command=command)

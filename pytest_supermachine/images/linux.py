@@ -102,7 +102,6 @@ class LinuxImage(Image):
         (``"agent-reseed"``).
         """
         from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
-        from ..vmm.machine import MachineState
         from .kernel_rng import kernel_rng_symbols, seed_kernel_crng
 
         if not hasattr(self, "_rng_symbols"):  # kernel() hashes the recipe: once per image
@@ -110,10 +109,7 @@ class LinuxImage(Image):
         symbols = self._rng_symbols
         kernel = False
         if symbols is not None:
-            if machine.state is MachineState.RUNNING:
-                with machine.paused():
-                    kernel = seed_kernel_crng(machine, symbols, seed)
-            else:
+            with machine.parked():
                 kernel = seed_kernel_crng(machine, symbols, seed)
         agent = machine.agent()
         if not agent.agent.capabilities & CAP_SEED:

@@ -592,6 +592,16 @@ class Machine:
             if self.state is MachineState.PAUSED:
                 self.resume()
 
+    @contextlib.contextmanager
+    def parked(self, timeout: float = 5.0) -> Iterator[Machine]:
+        """Every vCPU parked for the body, whatever the state: a running machine is paused
+        and resumed after (even on error); one that is not running is left as it is."""
+        if self.state is not MachineState.RUNNING:
+            yield self
+            return
+        with self.paused(timeout):
+            yield self
+
     def stop(self) -> None:
         """Stop the guest and release the VM (teardown finishes on the reaper thread)."""
         with self._lock:
@@ -818,15 +828,8 @@ class Machine:
         """Pages changed since the restore or last reset (guest and device writes)."""
         if self._origin is None:
             raise MachineError("dirty pages are tracked only for machines restored from a snapshot")
-        was_running = self.state is MachineState.RUNNING
-        if was_running:
-            self.pause()
-        try:
-            count = self._origin.harvest().count()
-        finally:
-            if was_running:
-                self.resume()
-        return count
+        with self.parked():
+            return self._origin.harvest().count()
 
     def reset(self, *, resume: bool = True, strategy: ResetStrategy | None = None) -> None:
         """Return this machine in place to the snapshot it was restored from.
@@ -939,14 +942,8 @@ class Machine:
         reusing a parked machine. Pauses a running machine for the count."""
         if self._origin is None:
             raise MachineError("reset_choice() needs a machine restored from a snapshot")
-        was_running = self.state is MachineState.RUNNING
-        if was_running:
-            self.pause()
-        try:
+        with self.parked():
             return self._origin.choose(self.config.reset_costs)
-        finally:
-            if was_running:
-                self.resume()
 
     # ------------------------------------------------------------------ the guest agent
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from smhelpers import USER_CACHE, Project
 
-from tests.guest_random import SOURCES, fails_on_a_repeated_value
+from tests.guest_random import SOURCES, fails_on_a_repeated_value, two_tests_drawing
 
 #: Short names (they name the pytester modules, which must be unique per process).
 LINUX_SOURCES = {
@@ -23,21 +23,7 @@ LINUX_SOURCES = {
     "RANDOM": SOURCES["linux $RANDOM"][1],
 }
 
-TWO_TESTS_READ_URANDOM = """
-import json, pathlib
-
-def record(name, vm):
-    path = pathlib.Path(__file__).with_name("drawn.json")
-    drawn = json.loads(path.read_text()) if path.exists() else {}
-    drawn[name] = vm.run("od -An -N16 -tx1 /dev/urandom", check=True).stdout.decode()
-    path.write_text(json.dumps(drawn))
-
-def test_one(microvm):
-    record("one", microvm)
-
-def test_two(microvm):
-    record("two", microvm)
-"""
+TWO_TESTS_READ_URANDOM = two_tests_drawing(LINUX_SOURCES["urandom"])
 
 
 @pytest.fixture

@@ -11,26 +11,12 @@ import json
 
 import pytest
 
-from tests.guest_random import SOURCES, fails_on_a_repeated_value
+from tests.guest_random import SOURCES, fails_on_a_repeated_value, two_tests_drawing
 
 FAILS_ON_A_REPEATED_RANDOM_VALUE = fails_on_a_repeated_value(SOURCES["microguest rand"][1])
 
 #: Two tests that record what their guest drew.
-TWO_TESTS_DRAW = """
-import json, pathlib
-
-def record(name, vm):
-    path = pathlib.Path(__file__).with_name("drawn.json")
-    drawn = json.loads(path.read_text()) if path.exists() else {}
-    drawn[name] = vm.run("rand 4", check=True).stdout.decode()
-    path.write_text(json.dumps(drawn))
-
-def test_one(microvm):
-    record("one", microvm)
-
-def test_two(microvm):
-    record("two", microvm)
-"""
+TWO_TESTS_DRAW = two_tests_drawing(SOURCES["microguest rand"][1])
 
 
 def drawn(project) -> dict[str, str]:

@@ -746,3 +746,16 @@ def test_closing_the_device_releases_every_host_fd(tree):
     assert guest.opendir(ROOT)[0] == 0
     dev.close()
     assert fds_under(str(tree)) == []
+
+
+def test_reading_the_window_outside_it_or_after_close_is_refused():
+    from pytest_supermachine.errors import MachineError
+    from pytest_supermachine.vmm.devices.virtio.fs.window import HostDaxWindow
+
+    window = HostDaxWindow(1 << 16)
+    assert window.read(100, 3) == bytes(3)  # any length inside, pages or not
+    with pytest.raises(OSError, match="outside the DAX window"):
+        window.read((1 << 16) - 2, 3)
+    window.close()
+    with pytest.raises(MachineError, match="closed"):
+        window.read(0, 1)

@@ -85,10 +85,13 @@ class HostDaxWindow:
             0,
         )
 
-    def _check(self, offset: int, length: int) -> None:
+    def _check(self, offset: int, length: int, *, whole_pages: bool = True) -> None:
+        """The one bounds check of the window: ``[offset, +length)`` inside it (and, for
+        mapping and unmapping, whole non-empty pages)."""
         if self.address == 0:
             raise MachineError("the DAX window is closed")
-        if offset < 0 or length <= 0 or offset + length > self._size or (offset | length) % PAGE:
+        outside = offset < 0 or length < 0 or offset + length > self._size
+        if outside or (whole_pages and (length == 0 or (offset | length) % PAGE)):
             raise OSError(errno.EINVAL, f"range {offset:#x}+{length:#x} outside the DAX window")
 
     def map(self, offset: int, fd: int, file_offset: int, length: int, *, writable: bool) -> None:
@@ -113,8 +116,7 @@ class HostDaxWindow:
 
     def read(self, offset: int, length: int) -> bytes:
         """What the guest sees at ``[offset, +length)`` (for tests and diagnostics)."""
-        if self.address == 0 or offset < 0 or length < 0 or offset + length > self._size:
-            raise OSError(errno.EINVAL, f"range {offset:#x}+{length:#x} outside the DAX window")
+        self._check(offset, length, whole_pages=False)
         return ctypes.string_at(self.address + offset, length)
 
     def close(self) -> None:
