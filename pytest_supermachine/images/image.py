@@ -70,15 +70,17 @@ class Image(ABC):
         Called on every machine handed to a test, after `prepare` and before the test
         runs anything. The default sends the agent protocol's SEED (the microguest
         seeds its ``rand`` built-in, an agent sets its clock) if the agent has
-        ``CAP_SEED``. Returns how the guest was seeded, for the failure capsule:
-        ``"agent"``, or ``"none"`` when the agent cannot take a seed.
+        ``CAP_SEED``, without waiting for its answer: the agent applies it before it
+        reads the test's first request, and a failure fails that request
+        (`AgentClient.seed` with ``wait=False``). Returns how the guest was seeded, for
+        the failure capsule: ``"agent"``, or ``"none"`` when the agent cannot take a seed.
         """
         from ..vmm.agent import CAP_SEED  # lazy: the VMM is loaded only to run VMs
 
         agent = machine.agent()
         if not agent.agent.capabilities & CAP_SEED:
             return "none"
-        agent.seed(seed, wall_ns)
+        agent.seed(seed, wall_ns, wait=False)
         return "agent"
 
     def build(self) -> str:

@@ -114,7 +114,7 @@ class LinuxImage(Image):
         agent = machine.agent()
         if not agent.agent.capabilities & CAP_SEED:
             return "kernel" if kernel else "none"
-        agent.seed(seed, wall_ns, reseed=not kernel)
+        agent.seed(seed, wall_ns, reseed=not kernel, wait=False)  # see Image.seed_guest
         return "kernel+agent" if kernel else "agent-reseed"
 
     def disks(self) -> tuple:

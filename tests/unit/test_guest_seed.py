@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,59 @@ def test_client_seed_needs_the_capability():
     host, peer = peer_pair(capabilities=P.CAP_ALL & ~P.CAP_SEED)
     with P.AgentClient(host) as client, pytest.raises(P.AgentError, match="seeding"):
         client.seed(b"x")
+    peer.close()
+
+
+def test_a_posted_seed_is_applied_before_the_next_command():
+    host, peer = peer_pair()
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test")
+        expected = client.run(["rand", "2"]).stdout
+        client.seed(b"per-test", wall_ns=1_700_000_000_000_000_000, wait=False)
+        assert client.run(["rand", "2"]).stdout == expected
+        assert client.session_state() is not None  # the posted request is closed
+    assert peer.wall_ns == 1_700_000_000_000_000_000
+    peer.close()
+
+
+def test_a_posted_seed_that_fails_fails_the_next_call_once():
+    host, peer = peer_pair(seed_errno=errno.EPERM)
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wait=False)
+        with pytest.raises(P.AgentRemoteError, match="seed the guest") as failed:
+            client.run("true")
+        assert failed.value.errno == errno.EPERM
+        assert client.run("true").ok
+    peer.close()
+
+
+def test_settle_waits_for_a_posted_seed_and_raises_its_failure():
+    host, peer = peer_pair(seed_errno=errno.EPERM)
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wait=False)
+        with pytest.raises(P.AgentRemoteError, match="seed the guest"):
+            client.settle()
+        client.settle()  # nothing posted any more
+    peer.close()
+
+
+def test_an_idle_client_carries_its_session_once_the_posted_answer_has_arrived():
+    host, peer = peer_pair()
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wait=False)
+        deadline = time.monotonic() + 10
+        while client.session_state() is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # the peer answers from its own thread
+        assert client.session_state() is not None
+    peer.close()
+
+
+def test_posting_to_an_agent_with_one_slot_waits_for_the_answer():
+    host, peer = peer_pair(max_inflight=1)
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wait=False)
+        assert client.session_state() is not None
+        assert client.run("true").ok
     peer.close()
 
 

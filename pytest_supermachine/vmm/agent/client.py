@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from .errors import (
     AgentError,
@@ -113,6 +113,9 @@ def _fs(value: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> bytes:
     return os.fsencode(value)
 
 
+_T = TypeVar("_T")
+
+
 @dataclass
 class _Request:
     frames: deque[Frame] = field(default_factory=deque)
@@ -165,6 +168,8 @@ class AgentClient:
         self._cv = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
+        self._posted: dict[int, str] = {}  # request id -> what it does, for an ERROR answer
+        self._posted_error: AgentError | None = None  # a posted request's failure, not yet raised
         self._reading = False
         self._failed: tuple[type[AgentError], str, str] | None = None
         self._next_id = 1
@@ -217,11 +222,14 @@ class AgentClient:
         None unless the client is between exchanges: handshaken, not failed, no
         request open, nothing half-read and nothing unread on the socket. The state
         is the agent's HELLO and the next request id: the guest keeps the rest of the
-        session (its own side) in its RAM.
+        session (its own side) in its RAM. Answers to posted requests that have
+        already arrived are taken first (without waiting for any that have not).
         """
+        self._take_arrived_answers()
         with self._cv:
             if (
                 self._failed is not None
+                or self._posted_error is not None
                 or self._requests
                 or self._reading
                 or self._decoder.buffered
@@ -261,6 +269,22 @@ class AgentClient:
         self._next_id = next_id
         self._handshaken = True
 
+    def _take_arrived_answers(self) -> None:
+        """Read what is on the socket now, if nobody else is reading, without waiting."""
+        with self._cv:
+            if not self._posted or self._reading or self._failed is not None:
+                return
+            self._reading = True
+        try:
+            while self._posted and self._poll(select.POLLIN, 0):
+                self._read_some()
+        except AgentError:
+            pass  # the client is failed now; session_state sees it
+        finally:
+            with self._cv:
+                self._reading = False
+                self._cv.notify_all()
+
     def close(self) -> None:
         """Close the connection; calls in progress fail with AgentError."""
         with self._cv:
@@ -297,17 +321,39 @@ class AgentClient:
         return time.perf_counter() - start
 
     def seed(
-        self, seed: bytes, wall_ns: int = 0, *, reseed: bool = False, timeout: float | None = None
+        self,
+        seed: bytes,
+        wall_ns: int = 0,
+        *,
+        reseed: bool = False,
+        timeout: float | None = None,
+        wait: bool = True,
     ) -> None:
         """Send SEED: the agent mixes ``seed`` into the guest's randomness and sets its clock.
 
         ``wall_ns`` (nanoseconds since the epoch; 0 leaves the clock alone) becomes the
-        guest's ``CLOCK_REALTIME``. Returns once the agent has applied both, so every
-        later request sees them. `AgentError` if the agent has no `CAP_SEED`.
+        guest's ``CLOCK_REALTIME``. Returns once the agent has applied both. An agent
+        applies a SEED before it reads the next frame (docs/agent-protocol.md), so every
+        request sent later sees it either way; ``wait=False`` therefore only sends it
+        (see `settle`): its answer is taken by whichever call reads next, and an ERROR
+        answer fails that call. `AgentError` if the agent has no `CAP_SEED`.
         """
         self._require(CAP_SEED, "seeding its randomness")
         deadline = self._deadline(self.timeout if timeout is None else timeout)
-        self._file_request(Seed(bytes(seed), wall_ns, reseed), "seed the guest", deadline)
+        message = Seed(bytes(seed), wall_ns, reseed)
+        if wait:
+            self._file_request(message, "seed the guest", deadline)
+        else:
+            self._post(message, "seed the guest", deadline)
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait (within ``timeout``, else the client's) for the answers of posted requests.
+
+        Raises the first posted request's failure not raised yet (`AgentRemoteError`),
+        `AgentTimeout` if an answer does not come in time.
+        """
+        deadline = self._deadline(self.timeout if timeout is None else timeout)
+        self._wait_until(lambda: True if not self._posted else None, deadline, "posted answers")
 
     def run(
         self,
@@ -522,15 +568,68 @@ class AgentClient:
             if not isinstance(m, Ok):
                 self._fail(AgentProtocolError, f"{what}: answered with {m!r}")
 
+    def _post(self, msg: Message, what: str, deadline: float | None) -> None:
+        """Send a request whose only answer is OK or ERROR, without waiting for it.
+
+        The request keeps its id and inflight slot until the answer is read (`_read_some`
+        settles it). One slot always stays free for a call that waits, so posting never
+        starves one: with the agent's slots all but used up, the posted answers are
+        awaited first.
+        """
+        with self._cv:
+            crowded = len(self._posted) + 1 >= self.agent.max_inflight
+        if crowded:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            self.settle(remaining)
+        rid = self._open()
+        with self._cv:
+            self._posted[rid] = what
+        try:
+            self._send(msg.frame(rid), deadline)
+        except BaseException:
+            with self._cv:
+                self._posted.pop(rid, None)
+            self._close_request(rid)
+            raise
+        if self.agent.max_inflight == 1:  # no slot to spare for the next call
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            self.settle(remaining)
+
+    def _settle_posted(self, rid: int, frame: Frame) -> None:
+        """A posted request's answer arrived: close it; keep an ERROR to raise. Holds ``_cv``."""
+        what = self._posted.pop(rid)
+        del self._requests[rid]
+        self._slots.release()
+        if frame.type == MsgType.OK:
+            return
+        try:
+            msg = decode_message(frame)
+        except AgentProtocolError as exc:
+            msg = exc
+        if isinstance(msg, Error):
+            error: AgentError = AgentRemoteError(what, msg.errno, msg.text)
+        else:
+            error = AgentProtocolError(f"{what}: answered with {msg!r}")
+        if self._posted_error is None:
+            self._posted_error = error
+
+    def _raise_posted_error(self) -> None:
+        """Raise (once) a posted request's failure. Holds ``_cv``."""
+        error, self._posted_error = self._posted_error, None
+        if error is not None:
+            raise error
+
     def _request(self) -> _RequestSlot:
         return _RequestSlot(self)
 
     def _open(self) -> int:
         self._slots.acquire()
         with self._cv:
-            if self._failed is not None:
+            if self._failed is not None or self._posted_error is not None:
                 self._slots.release()
-                self._raise_failed()
+                if self._failed is not None:
+                    self._raise_failed()
+                self._raise_posted_error()
             rid = self._next_id
             while rid == 0 or rid in self._requests:
                 rid = (rid + 1) & 0xFFFFFFFF
@@ -611,12 +710,24 @@ class AgentClient:
 
     def _wait(self, rid: int, deadline: float | None, waiting_for: str) -> Frame:
         """Block until a frame for ``rid`` arrives, reading the socket if nobody else is."""
+        frames = self._requests[rid].frames
+        return self._wait_until(lambda: frames.popleft() if frames else None, deadline, waiting_for)
+
+    def _wait_until(
+        self, take: Callable[[], _T | None], deadline: float | None, waiting_for: str
+    ) -> _T:
+        """Block until ``take()`` (called holding ``_cv``) gives a value, reading if nobody is.
+
+        A posted request's failure read meanwhile is raised here: the call that
+        follows a posted request learns that it failed.
+        """
         while True:
             with self._cv:
                 while True:
-                    req = self._requests[rid]
-                    if req.frames:
-                        return req.frames.popleft()
+                    self._raise_posted_error()
+                    value = take()
+                    if value is not None:
+                        return value
                     if self._failed is not None:
                         self._raise_failed()
                     if not self._reading:
@@ -672,7 +783,9 @@ class AgentClient:
         with self._cv:
             for frame in frames:
                 req = self._requests.get(frame.request_id)
-                if req is not None:
+                if frame.request_id in self._posted:
+                    self._settle_posted(frame.request_id, frame)
+                elif req is not None:
                     req.frames.append(frame)
                 elif frame.request_id == 0:
                     hangup = frame
