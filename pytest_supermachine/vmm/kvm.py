@@ -31,6 +31,10 @@ def _check(rc: int, what: str) -> int:
     return rc
 
 
+#: Offset of the Interrupt Request Register (8 x 32 bits, 16 bytes apart) in the LAPIC page.
+_LAPIC_IRR = 0x200
+
+
 def read_struct(
     fd: int, ctype: str, request: int, what: str, fields: Mapping[str, int] | None = None
 ) -> bytes:
@@ -278,6 +282,19 @@ class Vcpu:
 
     def set_sregs(self, p: Any) -> None:
         _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_SET_SREGS, p), "KVM_SET_SREGS")
+
+    def is_idle(self) -> bool:
+        """Halted with no interrupt waiting in its LAPIC (IRR): nothing to do until an event.
+
+        Ask only while the vCPU is parked (`Machine.pause`)."""
+        mp_state = ffi.new("struct kvm_mp_state *")
+        _check(lib.sm_ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, mp_state), "KVM_GET_MP_STATE")
+        if mp_state.mp_state != lib.KVM_MP_STATE_HALTED:
+            return False
+        lapic = read_struct(self.fd, "struct kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC")
+        return not any(
+            lapic[_LAPIC_IRR + 0x10 * i : _LAPIC_IRR + 0x10 * i + 4] != bytes(4) for i in range(8)
+        )
 
     # --- state KVM hands out in a variable layout (fixed structs: see read_struct)
     def xsave_size(self) -> int:

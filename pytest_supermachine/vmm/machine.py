@@ -582,6 +582,24 @@ class Machine:
         self.state = MachineState.RUNNING
         lib.sm_vm_resume(self._core)
 
+    def wait_idle(self, timeout: float = 0.2) -> bool:
+        """Wait up to ``timeout`` s for the guest to be idle; True if it is, else False.
+
+        Idle: every vCPU halted with no interrupt waiting (`Vcpu.is_idle`). Take a
+        snapshot that machines are reset to (a base, a layer) only then: an interrupt
+        caught pending would be taken again after every restore and reset, a wake-up
+        for nothing just as the next request arrives. A guest that is never idle
+        (a busy loop, a periodic tick) costs ``timeout`` and is snapshotted as it is.
+        A machine that is not running is left alone (False unless it is idle).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.parked():
+                idle = all(vcpu.is_idle() for vcpu in self.vcpus)
+            if idle or self.state is not MachineState.RUNNING or time.monotonic() >= deadline:
+                return idle
+            time.sleep(0.001)
+
     @contextlib.contextmanager
     def paused(self, timeout: float = 5.0) -> Iterator[Machine]:
         """The pause barrier: every vCPU parked for the body, resumed after (even on error)."""
