@@ -1,6 +1,6 @@
 """Plugin benchmark: what a VM per test costs through pytest.
 
-    python bench/bench_plugin.py [--tests 200] [--reps 3] [--linux-tests 5] [--import-reps 20]
+    python bench/bench_plugin.py [--tests 200] [--reps 3] [--linux-tests 5] [--import-reps 40]
 
 Every run names its image (``--supermachine-image``): the modes below run on the
 ``microguest``; one more row runs ``--linux-tests`` tests on the ``linux`` image (the
@@ -17,7 +17,14 @@ runs keep it) so only the first run pays the Linux boot (0 skips the row). One r
 5. ``import cost``: pytest on a suite of plain tests with the plugin loaded (``-p
    supermachine``) against ``-p no:supermachine``, ``--import-reps`` runs of each,
    interleaved: the start-up a suite that never asks for a VM pays for having the
-   plugin installed (wall time, and the child's CPU time, which load skews less).
+   plugin installed (wall time, and the child's CPU time, which load skews less), with
+   ``-q``, in the default invocation (whose report header the plugin adds to), and with
+   ``-q`` and hypothesis's plugin off in both arms (without bytecode pytest rewrites all of
+   hypothesis in every run, a jitter that swamps a few ms). Differences of medians, of
+   minima, and the median of the interleaved pairs' differences with its 95% interval.
+   The bytecode condition is recorded: with ``PYTHONDONTWRITEBYTECODE`` set, every run
+   compiles the plugin's modules from source (and pytest rewrites a wheel-installed
+   plugin's modules again each time), so the same code costs more there.
 
 Each test is ``def test_i(microvm): assert microvm.run("true").ok`` (the ``plain`` tests
 just ``assert True``), so every VM is proven usable. Per-test cost is the median over
@@ -31,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,22 +148,63 @@ def linux_per_test_ms(n: int) -> dict[str, float]:
 
 
 IMPORT_PROBE = """
-import json, time
+import json, sys, time
 import pytest  # loaded by every pytest run before its plugins
 t0 = time.perf_counter()
 import pytest_supermachine.plugin
 t1 = time.perf_counter()
-from pytest_supermachine.doctor import kvm_summary
+from pytest_supermachine.vmm.kvm_device import kvm_summary  # what the report header calls
 kvm_summary()
 t2 = time.perf_counter()
-print(json.dumps({"import_ms": (t1 - t0) * 1e3, "header_probe_ms": (t2 - t1) * 1e3}))
+# pytest rewrites (re-parses and recompiles) every module of a plugin's distribution when
+# the distribution lists them, i.e. a wheel install; an editable install lists none
+from importlib.metadata import entry_points
+files = entry_points(group="pytest11")["supermachine"].dist.files or []
+print(json.dumps({"import_ms": (t1 - t0) * 1e3, "header_probe_ms": (t2 - t1) * 1e3,
+                  "dont_write_bytecode": sys.dont_write_bytecode,
+                  "pycache_prefix": sys.pycache_prefix,
+                  "install": "wheel" if any(f.parts[0] == "pytest_supermachine" for f in files)
+                             else "editable"}))
 """
+
+#: The pytest invocations measured, by sample-name prefix: their flags.
+INVOCATIONS = {
+    "": ("-q",),  # no report header
+    "header_": (),  # the default invocation: the plugin's report header lines too
+    # hypothesis's plugin off in both arms: without bytecode, pytest rewrites all of
+    # hypothesis in every run (~0.5 s here), whose jitter swamps a few ms
+    "quiet_": ("-q", "-p", "no:hypothesispytest"),
+}
+
+
+def bytecode_condition(probe: dict[str, Any]) -> dict[str, Any]:
+    """Under which bytecode condition the children ran (what the import costs depend on)."""
+    return {
+        "dont_write_bytecode": probe["dont_write_bytecode"],
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "pycache_prefix": probe["pycache_prefix"],
+        "install": probe["install"],
+    }
+
+
+def median_ci(samples: list[float]) -> tuple[float, float]:
+    """A distribution-free 95% confidence interval of the median of `samples` (order statistics)."""
+    ordered = sorted(samples)
+    k = max(0, int((len(ordered) - 1.96 * math.sqrt(len(ordered))) / 2))
+    return ordered[k], ordered[len(ordered) - 1 - k]
 
 
 def import_cost(reps: int) -> dict[str, Any]:
-    """Wall and CPU ms of `pytest` on 20 plain tests, with and without the plugin."""
+    """Wall and CPU ms of `pytest` on 20 plain tests, with and without the plugin.
+
+    Each invocation in `INVOCATIONS` ``reps`` times each way, interleaved. CPU is the
+    child's user+sys from ``getrusage``.
+    """
     samples: dict[str, list[float]] = {
-        f"{what}_{mode}": [] for what in ("wall", "cpu") for mode in ("with", "without")
+        f"{prefix}{what}_{mode}": []
+        for prefix in INVOCATIONS
+        for what in ("wall", "cpu")
+        for mode in ("with", "without")
     }
     with tempfile.TemporaryDirectory(prefix="bench-plugin-import-") as tmp:
         root = Path(tmp)
@@ -164,31 +214,93 @@ def import_cost(reps: int) -> dict[str, Any]:
             "@pytest.mark.parametrize('i', range(20))\n"
             "def test_novm(i):\n    assert True\n"
         )
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_novm.py"]
-        for _ in range(reps):  # interleaved, so drift hits both alike
-            for mode, plugin in (("with", "supermachine"), ("without", "no:supermachine")):
-                before, t0 = os.times(), time.perf_counter()
-                subprocess.run([*cmd, "-p", plugin], cwd=root, capture_output=True, check=True)
-                wall, after = time.perf_counter() - t0, os.times()
-                cpu = (after.children_user - before.children_user) + (
-                    after.children_system - before.children_system
-                )
-                samples[f"wall_{mode}"].append(wall * 1e3)
-                samples[f"cpu_{mode}"].append(cpu * 1e3)
+        for _ in range(reps):  # interleaved, so drift hits every arm alike
+            for prefix, flags in INVOCATIONS.items():
+                cmd = [sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider"]
+                for mode, plugin in (("with", "supermachine"), ("without", "no:supermachine")):
+                    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+                    subprocess.run(
+                        [*cmd, "test_novm.py", "-p", plugin],
+                        cwd=root,
+                        capture_output=True,
+                        check=True,
+                    )
+                    wall = time.perf_counter() - t0
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                    samples[f"{prefix}wall_{mode}"].append(wall * 1e3)
+                    samples[f"{prefix}cpu_{mode}"].append(cpu * 1e3)
         # The same cost measured inside one process (precise where a loaded host makes the
         # difference of two whole pytest runs noise): importing the plugin after pytest,
         # and the report header's /dev/kvm probe.
+        probes = []
         for _ in range(reps):
             probe = subprocess.run(
-                [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True
+                [sys.executable, "-c", IMPORT_PROBE],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
             )
-            for key, value in json.loads(probe.stdout).items():
-                samples.setdefault(key, []).append(value)
+            probes.append(json.loads(probe.stdout))
+        for key in ("import_ms", "header_probe_ms"):
+            samples[key] = [p[key] for p in probes]
     out: dict[str, Any] = {k: summarize(v) for k, v in samples.items()}
-    for what in ("wall", "cpu"):  # medians' difference, and minima's (the least noisy)
-        out[f"{what}_added"] = out[f"{what}_with"]["median"] - out[f"{what}_without"]["median"]
-        out[f"{what}_added_min"] = out[f"{what}_with"]["min"] - out[f"{what}_without"]["min"]
+    for prefix in INVOCATIONS:
+        for what in ("wall", "cpu"):
+            with_, without = samples[f"{prefix}{what}_with"], samples[f"{prefix}{what}_without"]
+            # medians' difference, minima's (the least noisy), and the median of each
+            # interleaved pair's difference (drift between pairs cancels)
+            out[f"{prefix}{what}_added"] = statistics.median(with_) - statistics.median(without)
+            out[f"{prefix}{what}_added_min"] = min(with_) - min(without)
+            pairs = [a - b for a, b in zip(with_, without, strict=True)]
+            out[f"{prefix}{what}_added_paired"] = statistics.median(pairs)
+            out[f"{prefix}{what}_added_paired_ci95"] = median_ci(pairs)
+    out["reps"] = reps
+    out["condition"] = bytecode_condition(probes[0])
     return out
+
+
+def bytecode_label(condition: dict[str, Any]) -> str:
+    """The bytecode condition in a few words, for the table's title."""
+    if condition["dont_write_bytecode"]:
+        how = "no bytecode written (PYTHONDONTWRITEBYTECODE): every run compiles from source"
+    elif condition["pycache_prefix"]:
+        how = f"bytecode cached under {condition['pycache_prefix']}"
+    else:
+        how = "bytecode cached in __pycache__"
+    return f"{how}; {condition['install']} install"
+
+
+#: How the table names each invocation of `INVOCATIONS`.
+INVOCATION_NAMES = {"": "-q", "header_": "default (header)", "quiet_": "-q, no hypothesis"}
+
+
+def print_import_cost(imports: dict[str, Any]) -> None:
+    rows: list[tuple[str, dict[str, float] | float, str]] = [
+        ("pytest -q -p supermachine, wall", imports["wall_with"], "ms"),
+        ("pytest -q -p no:supermachine, wall", imports["wall_without"], "ms"),
+    ]
+    for prefix, name in INVOCATION_NAMES.items():
+        rows += [
+            (f"{name}: added, wall (medians)", imports[f"{prefix}wall_added"], "ms"),
+            (f"{name}: added, wall (minima)", imports[f"{prefix}wall_added_min"], "ms"),
+            (f"{name}: added, wall (median of pairs)", imports[f"{prefix}wall_added_paired"], "ms"),
+            (f"{name}: added, CPU user+sys (medians)", imports[f"{prefix}cpu_added"], "ms"),
+            (f"{name}: added, CPU (median of pairs)", imports[f"{prefix}cpu_added_paired"], "ms"),
+        ]
+    rows += [
+        ("in process: import the plugin after pytest", imports["import_ms"], "ms"),
+        ("in process: the header's /dev/kvm probe", imports["header_probe_ms"], "ms"),
+    ]
+    print_table(
+        f"plugin start-up on 20 tests without VMs ({imports['reps']} interleaved runs of each; "
+        f"{bytecode_label(imports['condition'])})",
+        rows,
+    )
+    for prefix, name in INVOCATION_NAMES.items():
+        lo, hi = imports[f"{prefix}wall_added_paired_ci95"]
+        print(f"{name}: wall added, median of pairs, 95% CI [{lo:.1f}, {hi:.1f}] ms")
 
 
 def main() -> None:
@@ -196,7 +308,7 @@ def main() -> None:
     ap.add_argument("--tests", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--linux-tests", type=int, default=5)
-    ap.add_argument("--import-reps", type=int, default=20)
+    ap.add_argument("--import-reps", type=int, default=40)
     args = ap.parse_args()
     imports = import_cost(args.import_reps) if args.import_reps > 0 else None
     n = args.tests
@@ -260,19 +372,7 @@ def main() -> None:
         f"per-test cost through pytest (microguest: median of {args.reps} runs x {n} tests)", rows
     )
     if imports is not None:
-        print_table(
-            f"plugin start-up on 20 tests without VMs ({args.import_reps} runs of each)",
-            [
-                ("pytest -p supermachine, wall", imports["wall_with"], "ms"),
-                ("pytest -p no:supermachine, wall", imports["wall_without"], "ms"),
-                ("added by the plugin, wall (medians)", imports["wall_added"], "ms"),
-                ("added by the plugin, wall (minima)", imports["wall_added_min"], "ms"),
-                ("added by the plugin, CPU user+sys (medians)", imports["cpu_added"], "ms"),
-                ("added by the plugin, CPU user+sys (minima)", imports["cpu_added_min"], "ms"),
-                ("in process: import the plugin after pytest", imports["import_ms"], "ms"),
-                ("in process: the header's /dev/kvm probe", imports["header_probe_ms"], "ms"),
-            ],
-        )
+        print_import_cost(imports)
     print_table("microguest sessions and throughput (median of runs)", session_rows)
     sys.stdout.flush()  # the Linux row may take minutes (a first Linux boot): show these now
     linux = linux_per_test_ms(args.linux_tests) if args.linux_tests > 0 else None

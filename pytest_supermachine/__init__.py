@@ -3,30 +3,29 @@
 Public API only; see README.md and docs/plugin.md. The VMM lives in
 `pytest_supermachine.vmm` and never imports pytest.
 
-``Machine``, ``RunResult`` and the other VMM names are loaded on first access (``layer`` too, as it
-needs pytest), so importing this package loads no C extension, opens no device
-and stays cheap for the ``supermachine`` command.
+Every name here is loaded on first access (``layer`` too, as it needs pytest), so importing
+this package loads no C extension, opens no device and stays cheap for the ``supermachine``
+command and for pytest, which imports it with the plugin in every session (issue 13).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    GuestCrashed,
-    GuestTimeout,
-    KvmError,
-    KvmUnavailableError,
-    MachineError,
-    SupermachineError,
-)
-from .mounts import Mount
-
 if TYPE_CHECKING:
+    from .errors import (
+        GuestCrashed,
+        GuestTimeout,
+        KvmError,
+        KvmUnavailableError,
+        MachineError,
+        SupermachineError,
+    )
     from .fixtures.factory import MicrovmFactory, SnapshotInfo
     from .fixtures.layers import LayerError, layer
     from .images.image import Image
     from .images.registry import register_image
+    from .mounts import Mount
     from .vmm.agent import (
         AgentError,
         AgentFileTooLarge,
@@ -42,6 +41,13 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "SupermachineError": ".errors",
+    "KvmError": ".errors",
+    "KvmUnavailableError": ".errors",
+    "MachineError": ".errors",
+    "GuestCrashed": ".errors",
+    "GuestTimeout": ".errors",
+    "Mount": ".mounts",
     "layer": ".fixtures.layers",
     "LayerError": ".fixtures.layers",
     "Machine": ".vmm.machine",

@@ -19,8 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .package_data import bundled_dir
-
 APP = "pytest-supermachine"
 #: Written last into every `build_once` entry: its presence means the entry is complete.
 MANIFEST_NAME = "manifest.json"
@@ -122,6 +120,8 @@ def bundled_entry(kind: str, key: str) -> Path | None:
 
     Same layout and completeness rule as a cache entry (a manifest), read-only.
     """
+    from .package_data import bundled_dir  # lazy: the report header's cache_dir needs none
+
     entry = bundled_dir() / kind / key
     return entry if (entry / MANIFEST_NAME).is_file() else None
 

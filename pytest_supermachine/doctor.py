@@ -16,7 +16,11 @@ class Check:
 
 
 def kvm_summary() -> str:
-    """One line for pytest's report header; never raises, never creates a VM (no VMM import)."""
+    """`vmm.kvm_device.kvm_summary`: one line about /dev/kvm; never raises, never creates a VM.
+
+    The plugin's report header calls that probe directly (loading this module would add
+    to every session's start-up, issue 13).
+    """
     from .vmm.kvm_device import kvm_summary as summary
 
     return summary()

@@ -26,23 +26,29 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import hookspecs, progress
-from .fixtures.lease import LEASES_KEY
 from .fixtures.microvm import microvm, microvm_factory, microvm_image
 from .session import xdist
 from .session.seed import GuestSeeds
-from .session.settings import MARKER_ARGS, MARKER_NAME, OPTIONS, Settings, add_options
-from .session.state import CAPSULE_KEY, STATE_KEY, SessionState, new_session_id, state_of
+from .session.settings import MARKER_ARGS, MARKER_NAME, Settings, add_options
+from .session.state import (
+    CAPSULE_KEY,
+    LEASES_KEY,
+    STATE_KEY,
+    SessionState,
+    new_session_id,
+    state_of,
+)
 
 if TYPE_CHECKING:
+    from .capsules.capsule import CapsuleWriter
     from .images.image import Image
 
 # Loading this module stays cheap (issue 13: a suite without VM tests pays <= 20 ms for
-# the plugin): capsules, replay, images and the KVM probe are imported where used.
+# the plugin): only what registering options, validating settings and the header need is
+# imported here; what serves VMs (leases, the factory, counters, capsules, replay, images,
+# the KVM probe) is imported where first used, so a session that runs no VM never loads it.
 
 __all__ = ["microvm", "microvm_factory", "microvm_image"]
-
-#: Settings a replay must reproduce when they came from the command line or environment.
-_REPLAYED_SETTINGS = ("image", "vcpus", "mem_mib", "cache_dir")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -109,22 +115,6 @@ def pytest_configure(config: pytest.Config) -> None:
             config.getoption("supermachine_replay_result"),
         )
         config.pluginmanager.register(ReplayPlugin(state.replay), "supermachine-replay")
-    else:
-        from .capsules.capsule import CapsuleWriter
-
-        replay_args: list[str] = []
-        for opt in OPTIONS:
-            source = settings.sources.get(opt.name, "")
-            if opt.name in _REPLAYED_SETTINGS and source.startswith(("command", "environment")):
-                # one word per option (see replay_command: ini discovery and separate values)
-                replay_args.append(f"{opt.cli}={getattr(settings, opt.name)}")
-        state.capsules = CapsuleWriter(
-            state.capsule_dir(),
-            session_id=session_id,
-            retention=settings.capsule_retention,
-            count=settings.capsule_retention_count,
-            replay_args=replay_args,
-        )
     state.seeds = GuestSeeds(
         config,
         option=settings.seed,
@@ -140,6 +130,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     progress.install_sink(None)
+
+
+def _capsule_writer(state: SessionState) -> CapsuleWriter | None:
+    """The session's capsule writer (none in a replay), made when first needed."""
+    if state.replay is not None:
+        return None
+    if state.capsules is None:
+        from .capsules.capsule import CapsuleWriter  # lazy: a session without VMs never writes
+
+        state.capsules = CapsuleWriter.for_session(state)
+    return state.capsules
 
 
 def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
@@ -171,8 +172,8 @@ def _terminal_progress(config: pytest.Config) -> progress.ProgressSink:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from .doctor import kvm_summary
     from .images.registry import canonical_name
+    from .vmm.kvm_device import kvm_summary  # the one VMM module the header loads: a probe
 
     state = state_of(config)
     s = state.settings
@@ -222,9 +223,11 @@ def pytest_runtest_makereport(
     if report.when not in ("setup", "call") or not report.failed:
         return
     leases = [lease for lease in item.stash.get(LEASES_KEY, []) if not lease.released]
+    if not leases or CAPSULE_KEY in item.stash:
+        return
     state = state_of(item.config)
-    writer = state.capsules
-    if not leases or writer is None or not writer.enabled or CAPSULE_KEY in item.stash:
+    writer = _capsule_writer(state)
+    if writer is None or not writer.enabled:
         return
     from .capsules.capsule import read_manifest, report_text
 
@@ -259,25 +262,26 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE_KEY, None)
     if state is None:
         return
-    state.stats.guest_builds.extend(
+    builds = [
         f"{work} ({spent:.0f} s)"
         for work, total in progress.finished().items()
         if (spent := total - state.builds_before.get(work, 0.0)) > 0
-    )
+    ]
+    if builds:
+        state.stats.guest_builds.extend(builds)
     if state.is_worker:
         xdist.send_worker_stats(session.config, state.stats)
         return
-    if (
-        state.capsules is not None
-        and state.replay is None
-        and not session.config.option.collectonly
-    ):
-        state.capsules.apply_retention(state.outcomes)
+    # Retention removes capsules, so there is nothing to do (nor to load) without their directory.
+    if not session.config.option.collectonly and state.capsule_dir().is_dir():
+        writer = _capsule_writer(state)
+        if writer is not None:
+            writer.apply_retention(state.outcomes)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(STATE_KEY, None)
-    if state is None or not state.stats.active:
+    if state is None or state.counts is None or not state.counts.active:
         return
     terminalreporter.write_sep("-", "supermachine")
     for line in state.stats.summary_lines():

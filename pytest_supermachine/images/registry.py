@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from ..errors import SupermachineError
-from .image import Image
+
+if TYPE_CHECKING:
+    from .image import Image  # the report header reads aliases here and loads no image code
 
 
 def _microguest() -> Image:

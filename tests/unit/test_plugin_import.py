@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pytest_supermachine
 
 
@@ -22,6 +24,42 @@ def test_importing_the_plugin_imports_no_vmm_code():
         "print(sorted(m for m in sys.modules if '.vmm' in m or m == '_cffi_backend'))"
     )
     assert out == "[]"
+
+
+#: What serves VMs: loaded when a test first asks for one, never by a session without VMs.
+VM_SERVING_MODULES = {
+    "pytest_supermachine.fixtures.lease",
+    "pytest_supermachine.fixtures.factory",
+    "pytest_supermachine.fixtures.pool",
+    "pytest_supermachine.fixtures.layers",
+    "pytest_supermachine.session.stats",
+    "pytest_supermachine.capsules.capsule",
+    "pytest_supermachine.capsules.replay",
+    "pytest_supermachine.snapshot_store",
+    "pytest_supermachine.mounts",
+    "pytest_supermachine.vmm.machine",
+}
+
+
+@pytest.mark.parametrize("flags", [["-q"], []], ids=["quiet", "with-header"])
+def test_a_session_without_vms_loads_nothing_that_serves_vms(tmp_path, flags):
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert True\n")
+    (tmp_path / "conftest.py").write_text(
+        "import sys\n\n"
+        "def pytest_unconfigure():\n"
+        "    print('LOADED', sorted(m for m in sys.modules if m.startswith('pytest_supermachine')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider", "-p", "supermachine"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("LOADED ")]
+    loaded = set(ast.literal_eval(line.removeprefix("LOADED ")))
+    assert "pytest_supermachine.plugin" in loaded
+    assert loaded & VM_SERVING_MODULES == set()
 
 
 def test_public_api_names_resolve_lazily():
