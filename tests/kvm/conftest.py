@@ -33,3 +33,30 @@ def make_machine(microguest_elf: Path) -> Iterator[Callable[..., Machine]]:
     yield make
     for m in machines:
         m.stop()
+
+
+@pytest.fixture
+def booted(make_machine: Callable[..., Machine]) -> Machine:
+    """A running microguest whose agent is up."""
+    from pytest_supermachine.guest.microguest import GuestMode
+
+    m = make_machine(GuestMode.AGENT)
+    m.start()
+    m.wait_ready(60)
+    return m
+
+
+@pytest.fixture
+def session_snapshot(booted: Machine, tmp_path: Path) -> Path:
+    """A snapshot taken with the agent connected and the guest idle (`Machine.wait_idle`)."""
+    assert booted.run("true").ok
+    assert booted.wait_idle(timeout=5)
+    booted.snapshot(tmp_path / "session.snap")
+    return tmp_path / "session.snap"
+
+
+@pytest.fixture
+def restored(session_snapshot: Path) -> Iterator[Machine]:
+    """A machine restored from `session_snapshot` (stopped after the test)."""
+    with Machine.restore(session_snapshot) as m:
+        yield m

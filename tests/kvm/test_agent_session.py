@@ -9,37 +9,11 @@ connections a machine opened. Where the guest's side is gone, the machine reconn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from pytest_supermachine.errors import GuestCrashed
-from pytest_supermachine.guest.microguest import GuestMode
 from pytest_supermachine.vmm.agent import AgentError
 from pytest_supermachine.vmm.machine import Machine
-
-
-@pytest.fixture
-def booted(make_machine) -> Machine:
-    m = make_machine(GuestMode.AGENT)
-    m.start()
-    m.wait_ready(60)
-    return m
-
-
-@pytest.fixture
-def session_snapshot(booted: Machine, tmp_path: Path) -> Path:
-    """A snapshot taken with the agent connected and idle."""
-    assert booted.run("true").ok
-    booted.snapshot(tmp_path / "session.snap")
-    return tmp_path / "session.snap"
-
-
-@pytest.fixture
-def restored(session_snapshot: Path) -> Iterator[Machine]:
-    with Machine.restore(session_snapshot) as m:
-        yield m
 
 
 def test_a_machine_restored_from_a_session_snapshot_runs_without_connecting(restored):

@@ -9,38 +9,12 @@ interrupt waiting; the plugin snapshots its bases and layers only then.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from pytest_supermachine.guest.microguest import GuestMode
 from pytest_supermachine.vmm.machine import Machine, MachineState
 
 #: How long a restored guest is watched for exits it makes on its own.
 QUIET_WINDOW_S = 0.05
-
-
-@pytest.fixture
-def agent_machine(make_machine) -> Machine:
-    m = make_machine(GuestMode.AGENT)
-    m.start()
-    m.wait_ready(60)
-    assert m.run("true").ok
-    return m
-
-
-@pytest.fixture
-def idle_snapshot(agent_machine: Machine, tmp_path: Path) -> Path:
-    assert agent_machine.wait_idle(timeout=5)
-    agent_machine.snapshot(tmp_path / "idle.snap")
-    return tmp_path / "idle.snap"
-
-
-@pytest.fixture
-def restored(idle_snapshot: Path) -> Iterator[Machine]:
-    with Machine.restore(idle_snapshot) as m:
-        yield m
 
 
 def exits_while_left_alone(machine: Machine) -> int:
@@ -49,19 +23,20 @@ def exits_while_left_alone(machine: Machine) -> int:
     return machine.stats()["exits"] - before
 
 
-def test_wait_idle_finds_an_agent_guest_between_requests_idle(agent_machine: Machine):
-    assert agent_machine.wait_idle(timeout=5)
-    assert agent_machine.state is MachineState.RUNNING  # parked only to look
+def test_wait_idle_finds_an_agent_guest_between_requests_idle(booted: Machine):
+    assert booted.run("true").ok
+    assert booted.wait_idle(timeout=5)
+    assert booted.state is MachineState.RUNNING  # parked only to look
 
 
-def test_wait_idle_leaves_a_paused_machine_paused(agent_machine: Machine):
-    agent_machine.pause()
-    agent_machine.wait_idle(timeout=0.01)
-    assert agent_machine.state is MachineState.PAUSED
+def test_wait_idle_leaves_a_paused_machine_paused(booted: Machine):
+    booted.pause()
+    booted.wait_idle(timeout=0.01)
+    assert booted.state is MachineState.PAUSED
 
 
-def test_an_idle_snapshot_restores_halted_with_no_interrupt_waiting(idle_snapshot: Path):
-    with Machine.restore(idle_snapshot, start=False) as m:
+def test_an_idle_snapshot_restores_halted_with_no_interrupt_waiting(session_snapshot: Path):
+    with Machine.restore(session_snapshot, start=False) as m:
         assert all(vcpu.is_idle() for vcpu in m.vcpus)
 
 
