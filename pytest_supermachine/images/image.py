@@ -22,7 +22,6 @@ with `register_image`, then the bundled ones.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -64,24 +63,6 @@ class Image(ABC):
         image sets `run()`'s defaults and ``machine.image_config``).
         """
         return None
-
-    def warm_up(self, machine: Machine) -> None:
-        """Run, once, what a test's first command needs, just before the base snapshot.
-
-        Every test starts from that snapshot, so what the guest loads here (its shell,
-        the libraries and page cache behind it) no test loads again: on the Linux image
-        under nested PVM a reset + ``run("true")`` took 0.66 s from a base snapshotted
-        straight after boot and 0.41 s from one snapshotted after a first command. The
-        default runs ``true`` (a shell command line on Linux, a built-in on the
-        microguest) as tests would (after `prepare`); a guest that cannot start it
-        (an OCI image without a shell) is snapshotted as it is. An override that leaves
-        the guest different (a file written, a service started) belongs in `key_parts`.
-        """
-        from ..vmm.agent import AgentRemoteError  # lazy: the VMM is loaded only to run VMs
-
-        self.prepare(machine)
-        with contextlib.suppress(AgentRemoteError):
-            machine.run("true")
 
     def seed_guest(self, machine: Machine, seed: bytes, wall_ns: int) -> str:
         """Give a handed-out machine its test's `seed` and wall clock (ns since the epoch).

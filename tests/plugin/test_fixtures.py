@@ -216,38 +216,3 @@ def test_it(microvm, i):
     assert summary_numbers(result)["restored"] == 2
     result = project.run("--supermachine-pool-size=1")
     assert summary_numbers(result)["reset"] == 1
-
-
-def test_the_base_snapshot_is_taken_after_the_images_warm_up(project):
-    project.conftest("""
-import pytest
-from pytest_supermachine.images.microguest import MicroguestImage
-
-class Warmed(MicroguestImage):
-    name = "warmed"
-
-    def key_parts(self, vcpus, mem_mib):  # its warm-up changes the snapshotted guest
-        return {**super().key_parts(vcpus, mem_mib), "warm_up": "writes /warmed"}
-
-    def warm_up(self, machine):
-        super().warm_up(machine)
-        machine.write_file("/warmed", b"before the snapshot")
-
-def pytest_supermachine_image(config, name):
-    return Warmed() if name == "warmed" else None
-""")
-    project.write(
-        "test_a.py",
-        """
-import pytest
-
-@pytest.mark.microvm(image="warmed")
-def test_first(microvm):
-    assert microvm.read_file("/warmed") == b"before the snapshot"
-
-@pytest.mark.microvm(image="warmed")
-def test_after_a_reset(microvm):
-    assert microvm.read_file("/warmed") == b"before the snapshot"
-""",
-    )
-    project.run().assert_outcomes(passed=2)
