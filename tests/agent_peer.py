@@ -20,7 +20,8 @@ env entries, one a line), ``pwd`` (the EXEC's cwd), ``signal N`` (ends as if
 killed by signal N), ``hang`` (never answers, ignores KILL and timeouts: a hung
 guest). An unknown command is ``ERROR ENOENT``, like a failed ``execve``.
 Files live in a dict (`AgentPeer.files`); the last SEED's wall clock in
-`AgentPeer.wall_ns`; ``seed_errno`` makes every SEED fail with that errno.
+`AgentPeer.wall_ns`; ``seed_answer`` answers every SEED with that message instead
+(an ERROR: a guest that cannot take it; anything else: a broken agent).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class AgentPeer:
         max_inflight: int = 8,
         software: bytes = SOFTWARE,
         files: dict[bytes, tuple[int, bytes]] | None = None,
-        seed_errno: int = 0,
+        seed_answer: P.Message | None = None,
     ) -> None:
         self.sock = sock
         sock.setblocking(True)
@@ -78,7 +79,7 @@ class AgentPeer:
         self._closed = False
         self.rng_state = 0
         self.wall_ns = 0
-        self.seed_errno = seed_errno  # nonzero: every SEED is refused with it
+        self.seed_answer = seed_answer  # given: every SEED is answered with it, not applied
 
     def start(self) -> AgentPeer:
         self._thread.start()
@@ -163,8 +164,8 @@ class AgentPeer:
                 raise P.AgentProtocolError(f"request id {rid} is 0 or still open")
         if isinstance(msg, P.Ping):
             self.send(P.Pong(msg.data), rid)
-        elif isinstance(msg, P.Seed) and self.seed_errno:
-            self.send(P.Error(self.seed_errno, b"cannot set the clock"), rid)
+        elif isinstance(msg, P.Seed) and self.seed_answer is not None:
+            self.send(self.seed_answer, rid)
         elif isinstance(msg, P.Seed):
             with self._lock:
                 self.rng_state = P.seed_state(msg.seed)

@@ -590,8 +590,11 @@ class Machine:
         caught pending would be taken again after every restore and reset, a wake-up
         for nothing just as the next request arrives. A guest that is never idle
         (a busy loop, a periodic tick) costs ``timeout`` and is snapshotted as it is.
-        A machine that is not running is left alone (False unless it is idle).
+        A machine that is not running is left alone (False unless it is idle); a stopped
+        one has no vCPUs left to ask (`MachineError`).
         """
+        if self.state is MachineState.STOPPED:
+            raise MachineError("wait_idle(): the machine is stopped; it has no vCPUs to ask")
         deadline = time.monotonic() + timeout
         while True:
             with self.parked():

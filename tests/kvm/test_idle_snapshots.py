@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from pytest_supermachine.errors import MachineError
 from pytest_supermachine.vmm.machine import Machine, MachineState
 
 #: How long a restored guest is watched for exits it makes on its own.
@@ -33,6 +36,12 @@ def test_wait_idle_leaves_a_paused_machine_paused(booted: Machine):
     booted.pause()
     booted.wait_idle(timeout=0.01)
     assert booted.state is MachineState.PAUSED
+
+
+def test_wait_idle_on_a_stopped_machine_says_it_is_stopped(booted: Machine):
+    booted.stop()
+    with pytest.raises(MachineError, match="stopped"):
+        booted.wait_idle()
 
 
 def test_an_idle_snapshot_restores_halted_with_no_interrupt_waiting(session_snapshot: Path):

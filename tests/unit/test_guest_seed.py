@@ -6,7 +6,6 @@ import errno
 import shutil
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from pytest_supermachine.session.seed import GuestSeeds, handout_seed
 from pytest_supermachine.vmm import agent as P
 from pytest_supermachine.vmm.memory import DeviceMemory, GuestMemory
 from tests.agent_peer import peer_pair
+from tests.waiting import wait_until
 
 
 def test_seed_payload_is_flags_wall_clock_then_the_seed():
@@ -64,6 +64,10 @@ def test_client_seed_needs_the_capability():
     peer.close()
 
 
+#: How an agent that cannot set the clock answers a SEED.
+REFUSED = P.Error(errno.EPERM, b"cannot set the clock")
+
+
 def test_a_posted_seed_is_applied_before_the_next_command():
     host, peer = peer_pair()
     with P.AgentClient(host) as client:
@@ -77,7 +81,7 @@ def test_a_posted_seed_is_applied_before_the_next_command():
 
 
 def test_a_posted_seed_that_fails_fails_the_next_call_once():
-    host, peer = peer_pair(seed_errno=errno.EPERM)
+    host, peer = peer_pair(seed_answer=REFUSED)
     with P.AgentClient(host) as client:
         client.seed(b"per-test", wait=False)
         with pytest.raises(P.AgentRemoteError, match="seed the guest") as failed:
@@ -87,8 +91,18 @@ def test_a_posted_seed_that_fails_fails_the_next_call_once():
     peer.close()
 
 
+def test_a_posted_seed_answered_with_neither_ok_nor_error_fails_the_connection():
+    host, peer = peer_pair(seed_answer=P.Pong(b"??"))
+    with P.AgentClient(host) as client:
+        client.seed(b"per-test", wait=False)
+        with pytest.raises(P.AgentProtocolError, match="seed the guest"):
+            client.run("true")
+        assert client.closed
+    peer.close()
+
+
 def test_settle_waits_for_a_posted_seed_and_raises_its_failure():
-    host, peer = peer_pair(seed_errno=errno.EPERM)
+    host, peer = peer_pair(seed_answer=REFUSED)
     with P.AgentClient(host) as client:
         client.seed(b"per-test", wait=False)
         with pytest.raises(P.AgentRemoteError, match="seed the guest"):
@@ -101,10 +115,8 @@ def test_an_idle_client_carries_its_session_once_the_posted_answer_has_arrived()
     host, peer = peer_pair()
     with P.AgentClient(host) as client:
         client.seed(b"per-test", wait=False)
-        deadline = time.monotonic() + 10
-        while client.session_state() is None and time.monotonic() < deadline:
-            time.sleep(0.001)  # the peer answers from its own thread
-        assert client.session_state() is not None
+        # the peer answers from its own thread
+        assert wait_until(lambda: client.session_state() is not None, poll=0.001)
     peer.close()
 
 

@@ -21,7 +21,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +39,7 @@ from pytest_supermachine.vmm.agent import (
     MsgType,
 )
 from tests.environment import needs
+from tests.waiting import wait_until
 
 pytestmark = [
     pytest.mark.unit,
@@ -203,15 +204,6 @@ def raw(agent: AgentProcess) -> Iterator[Raw]:
 
 def exec_frame(rid: int, *argv: str, shell: bool = False, **kw: object) -> bytes:
     return P.Exec(tuple(a.encode() for a in argv), shell=shell, **kw).frame(rid)  # type: ignore[arg-type]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def pid_gone(pid: int) -> bool:

@@ -281,9 +281,7 @@ class AgentClient:
         except AgentError:
             pass  # the client is failed now; session_state sees it
         finally:
-            with self._cv:
-                self._reading = False
-                self._cv.notify_all()
+            self._release_reader()
 
     def close(self) -> None:
         """Close the connection; calls in progress fail with AgentError."""
@@ -595,23 +593,26 @@ class AgentClient:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             self.settle(remaining)
 
-    def _settle_posted(self, rid: int, frame: Frame) -> None:
-        """A posted request's answer arrived: close it; keep an ERROR to raise. Holds ``_cv``."""
+    def _settle_posted(self, rid: int, frame: Frame) -> str | None:
+        """A posted request's answer arrived: close it; keep an ERROR to raise. Holds ``_cv``.
+
+        Returns what is wrong with an answer that is neither OK nor ERROR: a protocol
+        error, which fails the connection (as for a request that waits, `_file_request`).
+        """
         what = self._posted.pop(rid)
         del self._requests[rid]
         self._slots.release()
         if frame.type == MsgType.OK:
-            return
+            return None
         try:
             msg = decode_message(frame)
         except AgentProtocolError as exc:
-            msg = exc
-        if isinstance(msg, Error):
-            error: AgentError = AgentRemoteError(what, msg.errno, msg.text)
-        else:
-            error = AgentProtocolError(f"{what}: answered with {msg!r}")
+            return f"{what}: {exc}"
+        if not isinstance(msg, Error):
+            return f"{what}: answered with {msg!r}"
         if self._posted_error is None:
-            self._posted_error = error
+            self._posted_error = AgentRemoteError(what, msg.errno, msg.text)
+        return None
 
     def _raise_posted_error(self) -> None:
         """Raise (once) a posted request's failure. Holds ``_cv``."""
@@ -744,9 +745,13 @@ class AgentClient:
                 if self._poll(select.POLLIN, remaining):
                     self._read_some()
             finally:
-                with self._cv:
-                    self._reading = False
-                    self._cv.notify_all()
+                self._release_reader()
+
+    def _release_reader(self) -> None:
+        """Give up the reader role (taken by setting ``_reading`` under ``_cv``); wake waiters."""
+        with self._cv:
+            self._reading = False
+            self._cv.notify_all()
 
     def _poll(self, events: int, timeout: float | None) -> int:
         p = select.poll()
@@ -780,11 +785,12 @@ class AgentClient:
         except AgentProtocolError as exc:
             self._fail(AgentProtocolError, str(exc))
         hangup: Frame | None = None
+        broken: str | None = None
         with self._cv:
             for frame in frames:
                 req = self._requests.get(frame.request_id)
                 if frame.request_id in self._posted:
-                    self._settle_posted(frame.request_id, frame)
+                    broken = self._settle_posted(frame.request_id, frame) or broken
                 elif req is not None:
                     req.frames.append(frame)
                 elif frame.request_id == 0:
@@ -792,6 +798,8 @@ class AgentClient:
                     break
                 # else: a late frame of a request we gave up on; dropped
             self._cv.notify_all()
+        if broken is not None:
+            self._fail(AgentProtocolError, broken)
         if hangup is not None:
             # connection-level: an ERROR means the agent is hanging up on us
             reason = f"unexpected {hangup!r}"
@@ -828,9 +836,7 @@ class AgentClient:
                         if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
                             self._read_some()
                     finally:
-                        with self._cv:
-                            self._reading = False
-                            self._cv.notify_all()
+                        self._release_reader()
                 else:
                     self._poll(select.POLLOUT, 0.05 if remaining is None else min(remaining, 0.05))
 
